@@ -1,0 +1,44 @@
+//! Settings of a node's links, with the defaults the design measured.
+
+use std::time::Duration;
+
+use crate::codec::DEFAULT_MAX_FRAME_BYTES;
+use crate::identity::Role;
+
+/// How a node's links behave. Both ends should use the same keep-alive and idle timeout:
+/// QUIC takes the smaller idle timeout of the two.
+#[derive(Debug, Clone)]
+pub struct LinkConfig {
+    /// Interval of keep-alive packets; keep it well below `idle_timeout`.
+    pub keep_alive: Duration,
+    /// Silence after which a peer is considered gone (the silent-peer detection time).
+    pub idle_timeout: Duration,
+    /// Largest frame sent or accepted; a peer that announces a larger one loses its link.
+    pub max_frame_bytes: usize,
+    /// Bytes a stream's sender may have in flight before it waits for the receiver to read:
+    /// the bound on buffering that makes a slow consumer slow its producer.
+    pub stream_window: u32,
+    /// How long a new connection may take for TLS and the Hello exchange.
+    pub handshake_timeout: Duration,
+    /// Requests and streams one peer may have open at once towards this node.
+    pub max_concurrent_streams: u32,
+    /// Incoming messages queued for the application before the link stops reading.
+    pub incoming_capacity: usize,
+    /// Roles allowed to dial this node; others are refused at Hello.
+    pub accept_roles: Vec<Role>,
+}
+
+impl Default for LinkConfig {
+    fn default() -> Self {
+        LinkConfig {
+            keep_alive: Duration::from_secs(1),
+            idle_timeout: Duration::from_secs(5),
+            max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
+            stream_window: 1 << 20,
+            handshake_timeout: Duration::from_secs(5),
+            max_concurrent_streams: 1024,
+            incoming_capacity: 64,
+            accept_roles: Role::ALL.to_vec(),
+        }
+    }
+}

@@ -1,0 +1,627 @@
+//! Cluster identity: the cluster CA, node certificates that carry a node id and a role,
+//! and their storage on disk.
+//!
+//! A node certificate names its node in the subject's common name and its role in the
+//! organizational unit. Both ends of every link read the peer's identity from the
+//! certificate the TLS handshake verified, never from what the peer says about itself.
+
+use std::fmt;
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, PublicKeyData,
+};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// The DNS name every node certificate carries; dialers verify servers against it.
+/// Identity beyond "member of this cluster" comes from the subject, checked after the handshake.
+pub const CLUSTER_SERVER_NAME: &str = "rbee.cluster";
+
+const CA_CERT_FILE: &str = "ca.crt";
+const CA_KEY_FILE: &str = "ca.key";
+const NODE_CERT_FILE: &str = "node.crt";
+const NODE_KEY_FILE: &str = "node.key";
+
+/// What a node is in the cluster. Carried in its certificate and checked on every link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Role {
+    /// The cluster's control node.
+    Queen,
+    /// The daemon on one machine with compute.
+    Hive,
+    /// One loaded model.
+    Worker,
+    /// A CLI or an embedding application.
+    Client,
+}
+
+impl Role {
+    /// Every role, in a fixed order.
+    pub const ALL: [Role; 4] = [Role::Queen, Role::Hive, Role::Worker, Role::Client];
+
+    /// The lower-case name used in certificates and messages.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Queen => "queen",
+            Role::Hive => "hive",
+            Role::Worker => "worker",
+            Role::Client => "client",
+        }
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Role {
+    type Err = IdentityError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Role::ALL
+            .into_iter()
+            .find(|r| r.as_str() == s)
+            .ok_or_else(|| IdentityError::UnknownRole(s.to_string()))
+    }
+}
+
+/// A node's name in the cluster: 1 to 64 characters of ASCII letters, digits, `-`, `_`, `.`,
+/// not starting with `.` (so it is safe as a file name and in a certificate subject).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct NodeId(String);
+
+impl NodeId {
+    /// Longest accepted node id.
+    pub const MAX_LEN: usize = 64;
+
+    /// Validates `id`.
+    pub fn new(id: impl Into<String>) -> Result<Self, IdentityError> {
+        let id = id.into();
+        let valid_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
+        if id.is_empty()
+            || id.len() > Self::MAX_LEN
+            || id.starts_with('.')
+            || !id.chars().all(valid_char)
+        {
+            return Err(IdentityError::InvalidNodeId(id));
+        }
+        Ok(NodeId(id))
+    }
+
+    /// The id as a string.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for NodeId {
+    type Error = IdentityError;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        NodeId::new(s)
+    }
+}
+
+impl From<NodeId> for String {
+    fn from(id: NodeId) -> String {
+        id.0
+    }
+}
+
+impl fmt::Display for NodeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Who is on the other end of a link, as its verified certificate says.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct PeerIdentity {
+    /// The peer's node id.
+    pub node_id: NodeId,
+    /// The peer's role.
+    pub role: Role,
+}
+
+impl fmt::Display for PeerIdentity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}", self.role, self.node_id)
+    }
+}
+
+/// SHA-256 of a CA certificate's DER bytes: what a joining node pins.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Fingerprint(pub [u8; 32]);
+
+impl Fingerprint {
+    /// The fingerprint of `der`.
+    pub fn of(der: &[u8]) -> Self {
+        Fingerprint(Sha256::digest(der).into())
+    }
+}
+
+impl fmt::Display for Fingerprint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&hex::encode(self.0))
+    }
+}
+
+/// Errors of creating, storing, loading and reading identities.
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    /// A file the identity needs does not exist (the node was never initialised or joined).
+    #[error("{} is missing", .0.display())]
+    Missing(PathBuf),
+    /// A file exists but could not be read or written.
+    #[error("cannot access {}: {source}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// What the OS said.
+        source: io::Error,
+    },
+    /// A file holds no valid certificate or key.
+    #[error("{} is not a valid {what}: {reason}", path.display())]
+    Malformed {
+        /// The file.
+        path: PathBuf,
+        /// What it should have held.
+        what: &'static str,
+        /// Why it was refused.
+        reason: String,
+    },
+    /// A node certificate was not issued by this cluster's CA.
+    #[error("{} was not issued by this cluster's CA (fingerprint {ca})", path.display())]
+    Foreign {
+        /// The certificate file.
+        path: PathBuf,
+        /// The CA it was checked against.
+        ca: Fingerprint,
+    },
+    /// A node id that is empty, too long or holds characters other than `[A-Za-z0-9._-]`.
+    #[error("invalid node id {0:?}: use 1-64 of A-Z a-z 0-9 . _ - (not starting with .)")]
+    InvalidNodeId(String),
+    /// A role name that is none of queen, hive, worker, client.
+    #[error("unknown role {0:?}: expected queen, hive, worker or client")]
+    UnknownRole(String),
+    /// A certificate lacks the node id or role rbee puts in its subject.
+    #[error("certificate does not name a node: {0}")]
+    NotANodeCertificate(String),
+    /// Certificate generation failed inside rcgen.
+    #[error("certificate generation failed: {0}")]
+    Generate(#[from] rcgen::Error),
+}
+
+/// The cluster certificate authority. Only the queen holds its private key.
+pub struct ClusterCa {
+    cert_der: CertificateDer<'static>,
+    cert_pem: String,
+    key: KeyPair,
+}
+
+impl fmt::Debug for ClusterCa {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClusterCa")
+            .field("fingerprint", &self.fingerprint())
+            .finish_non_exhaustive()
+    }
+}
+
+fn validity(params: &mut CertificateParams, years: i64) {
+    let now = time::OffsetDateTime::now_utc();
+    // A day of slack before now tolerates clock skew between machines.
+    params.not_before = now - time::Duration::days(1);
+    params.not_after = now + time::Duration::days(365 * years);
+}
+
+impl ClusterCa {
+    /// Creates a new CA named after `cluster_name`.
+    pub fn generate(cluster_name: &str) -> Result<Self, IdentityError> {
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params
+            .distinguished_name
+            .push(DnType::CommonName, format!("rbee cluster CA {cluster_name}"));
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        validity(&mut params, 20);
+        let key = KeyPair::generate()?;
+        let cert = params.self_signed(&key)?;
+        Ok(ClusterCa {
+            cert_pem: cert.pem(),
+            cert_der: cert.der().clone(),
+            key,
+        })
+    }
+
+    /// The CA certificate (DER).
+    pub fn certificate_der(&self) -> &CertificateDer<'static> {
+        &self.cert_der
+    }
+
+    /// What joining nodes pin.
+    pub fn fingerprint(&self) -> Fingerprint {
+        Fingerprint::of(&self.cert_der)
+    }
+
+    /// Issues a certificate for `node_id` in `role`, signed by this CA.
+    pub fn issue(&self, node_id: &NodeId, role: Role) -> Result<NodeIdentity, IdentityError> {
+        let mut params = CertificateParams::new(vec![CLUSTER_SERVER_NAME.to_string()])?;
+        params
+            .distinguished_name
+            .push(DnType::CommonName, node_id.as_str());
+        params
+            .distinguished_name
+            .push(DnType::OrganizationalUnitName, role.as_str());
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        params.use_authority_key_identifier_extension = true;
+        validity(&mut params, 10);
+        let key = KeyPair::generate()?;
+        let issuer = Issuer::from_ca_cert_der(&self.cert_der, &self.key)?;
+        let cert = params.signed_by(&key, &issuer)?;
+        Ok(NodeIdentity {
+            node_id: node_id.clone(),
+            role,
+            cert_der: cert.der().clone(),
+            key_der: PrivatePkcs8KeyDer::from(key.serialize_der()),
+            ca_der: self.cert_der.clone(),
+        })
+    }
+
+    /// Writes `ca.crt` and `ca.key` (mode 0600) into `dir`, creating it.
+    pub fn save(&self, dir: &Path) -> Result<(), IdentityError> {
+        write_file(&dir.join(CA_CERT_FILE), self.cert_pem.as_bytes(), false)?;
+        write_file(&dir.join(CA_KEY_FILE), self.key.serialize_pem().as_bytes(), true)
+    }
+
+    /// Loads the CA that [`ClusterCa::save`] wrote into `dir`.
+    pub fn load(dir: &Path) -> Result<Self, IdentityError> {
+        let cert_path = dir.join(CA_CERT_FILE);
+        let key_path = dir.join(CA_KEY_FILE);
+        let cert_der = read_cert(&cert_path)?;
+        let key_pem = read_text(&key_path)?;
+        let key = KeyPair::from_pem(&key_pem).map_err(|e| IdentityError::Malformed {
+            path: key_path.clone(),
+            what: "private key",
+            reason: e.to_string(),
+        })?;
+        let (_, cert) =
+            x509_parser::parse_x509_certificate(&cert_der).map_err(|e| malformed(&cert_path, e))?;
+        if cert.public_key().subject_public_key.data.as_ref() != key.der_bytes() {
+            return Err(IdentityError::Malformed {
+                path: key_path,
+                what: "CA key",
+                reason: "it does not belong to the CA certificate beside it".into(),
+            });
+        }
+        Ok(ClusterCa {
+            cert_pem: pem_encode(&cert_der),
+            cert_der,
+            key,
+        })
+    }
+
+    /// Whether `dir` holds a saved CA.
+    pub fn exists(dir: &Path) -> bool {
+        dir.join(CA_CERT_FILE).exists() && dir.join(CA_KEY_FILE).exists()
+    }
+}
+
+/// A node's certificate and key, with the CA certificate it trusts.
+pub struct NodeIdentity {
+    node_id: NodeId,
+    role: Role,
+    cert_der: CertificateDer<'static>,
+    key_der: PrivatePkcs8KeyDer<'static>,
+    ca_der: CertificateDer<'static>,
+}
+
+impl Clone for NodeIdentity {
+    fn clone(&self) -> Self {
+        NodeIdentity {
+            node_id: self.node_id.clone(),
+            role: self.role,
+            cert_der: self.cert_der.clone(),
+            key_der: self.key_der.clone_key(),
+            ca_der: self.ca_der.clone(),
+        }
+    }
+}
+
+impl fmt::Debug for NodeIdentity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NodeIdentity")
+            .field("node_id", &self.node_id)
+            .field("role", &self.role)
+            .field("ca", &self.ca_fingerprint())
+            .finish_non_exhaustive()
+    }
+}
+
+impl NodeIdentity {
+    /// This node's id.
+    pub fn node_id(&self) -> &NodeId {
+        &self.node_id
+    }
+
+    /// This node's role.
+    pub fn role(&self) -> Role {
+        self.role
+    }
+
+    /// This node as a peer sees it.
+    pub fn peer_identity(&self) -> PeerIdentity {
+        PeerIdentity {
+            node_id: self.node_id.clone(),
+            role: self.role,
+        }
+    }
+
+    /// The fingerprint of the CA this node trusts.
+    pub fn ca_fingerprint(&self) -> Fingerprint {
+        Fingerprint::of(&self.ca_der)
+    }
+
+    pub(crate) fn cert_der(&self) -> CertificateDer<'static> {
+        self.cert_der.clone()
+    }
+
+    pub(crate) fn key_der(&self) -> PrivateKeyDer<'static> {
+        PrivateKeyDer::Pkcs8(self.key_der.clone_key())
+    }
+
+    pub(crate) fn ca_der(&self) -> CertificateDer<'static> {
+        self.ca_der.clone()
+    }
+
+    /// Writes `node.crt`, `node.key` (mode 0600) and `ca.crt` into `dir`, creating it.
+    pub fn save(&self, dir: &Path) -> Result<(), IdentityError> {
+        write_file(&dir.join(CA_CERT_FILE), pem_encode(&self.ca_der).as_bytes(), false)?;
+        write_file(&dir.join(NODE_CERT_FILE), pem_encode(&self.cert_der).as_bytes(), false)?;
+        let key_pem = pem::encode(&pem::Pem::new("PRIVATE KEY", self.key_der.secret_pkcs8_der()));
+        write_file(&dir.join(NODE_KEY_FILE), key_pem.as_bytes(), true)
+    }
+
+    /// Loads what [`NodeIdentity::save`] wrote into `dir`, checking that the node certificate
+    /// was issued by the CA beside it and names a node.
+    pub fn load(dir: &Path) -> Result<Self, IdentityError> {
+        let ca_path = dir.join(CA_CERT_FILE);
+        let cert_path = dir.join(NODE_CERT_FILE);
+        let key_path = dir.join(NODE_KEY_FILE);
+        let ca_der = read_cert(&ca_path)?;
+        let cert_der = read_cert(&cert_path)?;
+        let key_pem = read_text(&key_path)?;
+        let key_der = pem::parse(&key_pem)
+            .ok()
+            .filter(|p| p.tag() == "PRIVATE KEY")
+            .map(|p| PrivatePkcs8KeyDer::from(p.into_contents()))
+            .ok_or_else(|| IdentityError::Malformed {
+                path: key_path.clone(),
+                what: "private key",
+                reason: "expected a PEM block 'PRIVATE KEY' (PKCS#8)".into(),
+            })?;
+
+        let (_, ca) = x509_parser::parse_x509_certificate(&ca_der).map_err(|e| malformed(&ca_path, e))?;
+        let (_, cert) =
+            x509_parser::parse_x509_certificate(&cert_der).map_err(|e| malformed(&cert_path, e))?;
+        if cert.verify_signature(Some(ca.public_key())).is_err() {
+            return Err(IdentityError::Foreign {
+                path: cert_path,
+                ca: Fingerprint::of(&ca_der),
+            });
+        }
+        let key = KeyPair::try_from(&key_der).map_err(|e| IdentityError::Malformed {
+            path: key_path.clone(),
+            what: "private key",
+            reason: e.to_string(),
+        })?;
+        if cert.public_key().subject_public_key.data.as_ref() != key.der_bytes() {
+            return Err(IdentityError::Malformed {
+                path: key_path,
+                what: "node key",
+                reason: "it does not belong to the node certificate beside it".into(),
+            });
+        }
+        let peer = peer_identity_of(&cert_der)?;
+        Ok(NodeIdentity {
+            node_id: peer.node_id,
+            role: peer.role,
+            cert_der,
+            key_der,
+            ca_der,
+        })
+    }
+
+    /// Whether `dir` holds a saved node identity.
+    pub fn exists(dir: &Path) -> bool {
+        dir.join(NODE_CERT_FILE).exists() && dir.join(NODE_KEY_FILE).exists()
+    }
+}
+
+/// Reads the node id and role out of a node certificate (already verified by TLS).
+pub fn peer_identity_of(cert_der: &[u8]) -> Result<PeerIdentity, IdentityError> {
+    let (_, cert) = x509_parser::parse_x509_certificate(cert_der)
+        .map_err(|e| IdentityError::NotANodeCertificate(e.to_string()))?;
+    let subject = cert.subject();
+    let field = |mut it: Box<dyn Iterator<Item = &x509_parser::x509::AttributeTypeAndValue<'_>> + '_>,
+                 name: &str| {
+        it.next()
+            .and_then(|a| a.as_str().ok())
+            .map(str::to_string)
+            .ok_or_else(|| IdentityError::NotANodeCertificate(format!("no {name} in subject")))
+    };
+    let node_id = NodeId::new(field(Box::new(subject.iter_common_name()), "common name")?)?;
+    let role = field(Box::new(subject.iter_organizational_unit()), "role (OU)")?.parse()?;
+    Ok(PeerIdentity { node_id, role })
+}
+
+fn malformed(path: &Path, e: impl fmt::Display) -> IdentityError {
+    IdentityError::Malformed {
+        path: path.to_path_buf(),
+        what: "certificate",
+        reason: e.to_string(),
+    }
+}
+
+fn pem_encode(der: &[u8]) -> String {
+    pem::encode(&pem::Pem::new("CERTIFICATE", der.to_vec()))
+}
+
+fn read_text(path: &Path) -> Result<String, IdentityError> {
+    fs::read_to_string(path).map_err(|source| match source.kind() {
+        io::ErrorKind::NotFound => IdentityError::Missing(path.to_path_buf()),
+        _ => IdentityError::Io {
+            path: path.to_path_buf(),
+            source,
+        },
+    })
+}
+
+fn read_cert(path: &Path) -> Result<CertificateDer<'static>, IdentityError> {
+    let text = read_text(path)?;
+    pem::parse(&text)
+        .ok()
+        .filter(|p| p.tag() == "CERTIFICATE")
+        .map(|p| CertificateDer::from(p.into_contents()))
+        .ok_or_else(|| malformed(path, "expected a PEM block 'CERTIFICATE'"))
+}
+
+/// Writes atomically (temp file + rename) so a crash never leaves half a key behind;
+/// secrets are created with mode 0600 before any byte is written.
+fn write_file(path: &Path, bytes: &[u8], secret: bool) -> Result<(), IdentityError> {
+    let io_err = |source| IdentityError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    if let Some(dir) = path.parent() {
+        fs::create_dir_all(dir).map_err(io_err)?;
+    }
+    let tmp = path.with_extension("tmp");
+    let mut options = fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(if secret { 0o600 } else { 0o644 });
+    }
+    let mut file = options.open(&tmp).map_err(io_err)?;
+    io::Write::write_all(&mut file, bytes).map_err(io_err)?;
+    file.sync_all().map_err(io_err)?;
+    fs::rename(&tmp, path).map_err(io_err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(s: &str) -> NodeId {
+        NodeId::new(s).unwrap()
+    }
+
+    #[test]
+    fn node_ids_are_validated() {
+        for bad in ["", "a/b", "..", ".hidden", "a b", "nul\0", &"x".repeat(65)] {
+            assert!(NodeId::new(bad).is_err(), "{bad:?} accepted");
+        }
+        for good in ["hive-1", "gpu_box.local", "Q"] {
+            assert!(NodeId::new(good).is_ok(), "{good:?} refused");
+        }
+    }
+
+    #[test]
+    fn issued_certificate_names_node_and_role() {
+        let ca = ClusterCa::generate("test").unwrap();
+        let node = ca.issue(&id("hive-7"), Role::Hive).unwrap();
+        let peer = peer_identity_of(&node.cert_der).unwrap();
+        assert_eq!(peer.node_id, id("hive-7"));
+        assert_eq!(peer.role, Role::Hive);
+        assert_eq!(node.ca_fingerprint(), ca.fingerprint());
+    }
+
+    #[test]
+    fn identity_round_trips_through_disk_with_private_keys_0600() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = ClusterCa::generate("test").unwrap();
+        ca.save(dir.path()).unwrap();
+        let node = ca.issue(&id("queen"), Role::Queen).unwrap();
+        node.save(dir.path()).unwrap();
+
+        let loaded = NodeIdentity::load(dir.path()).unwrap();
+        assert_eq!(loaded.peer_identity(), node.peer_identity());
+        assert_eq!(loaded.cert_der, node.cert_der);
+        let ca2 = ClusterCa::load(dir.path()).unwrap();
+        assert_eq!(ca2.fingerprint(), ca.fingerprint());
+        // The reloaded CA can still issue certificates that chain to the same root.
+        let other = ca2.issue(&id("w1"), Role::Worker).unwrap();
+        let (_, c) = x509_parser::parse_x509_certificate(&other.cert_der).unwrap();
+        let (_, root) = x509_parser::parse_x509_certificate(&ca.cert_der).unwrap();
+        assert!(c.verify_signature(Some(root.public_key())).is_ok());
+
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            for f in [CA_KEY_FILE, NODE_KEY_FILE] {
+                let mode = fs::metadata(dir.path().join(f)).unwrap().permissions().mode();
+                assert_eq!(mode & 0o777, 0o600, "{f}");
+            }
+        }
+    }
+
+    #[test]
+    fn missing_files_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        match NodeIdentity::load(dir.path()) {
+            Err(IdentityError::Missing(p)) => assert!(p.ends_with(CA_CERT_FILE)),
+            other => panic!("expected Missing, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn certificate_from_another_ca_is_foreign() {
+        let dir = tempfile::tempdir().unwrap();
+        let ours = ClusterCa::generate("ours").unwrap();
+        let theirs = ClusterCa::generate("theirs").unwrap();
+        ours.issue(&id("n1"), Role::Hive).unwrap().save(dir.path()).unwrap();
+        // Put a certificate issued by another CA beside our CA.
+        let foreign = theirs.issue(&id("n1"), Role::Hive).unwrap();
+        write_file(
+            &dir.path().join(NODE_CERT_FILE),
+            pem_encode(&foreign.cert_der).as_bytes(),
+            false,
+        )
+        .unwrap();
+        assert!(matches!(
+            NodeIdentity::load(dir.path()),
+            Err(IdentityError::Foreign { .. })
+        ));
+    }
+
+    #[test]
+    fn garbage_and_unreadable_files_are_clear_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = ClusterCa::generate("t").unwrap();
+        ca.issue(&id("n1"), Role::Hive).unwrap().save(dir.path()).unwrap();
+        fs::write(dir.path().join(NODE_CERT_FILE), "not a pem").unwrap();
+        let err = NodeIdentity::load(dir.path()).unwrap_err();
+        assert!(matches!(err, IdentityError::Malformed { .. }), "{err}");
+        assert!(err.to_string().contains("node.crt"));
+
+        // A directory where a file should be cannot be read.
+        fs::remove_file(dir.path().join(NODE_CERT_FILE)).unwrap();
+        fs::create_dir(dir.path().join(NODE_CERT_FILE)).unwrap();
+        assert!(matches!(
+            NodeIdentity::load(dir.path()),
+            Err(IdentityError::Io { .. })
+        ));
+    }
+}

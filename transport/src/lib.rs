@@ -1,0 +1,25 @@
+//! rbee's node link: typed messages and token streams between nodes over mutual-TLS QUIC.
+//!
+//! The transport knows nothing of queens or hives. It gives each node an identity under the
+//! cluster CA ([`identity`]), an [`Endpoint`] that dials and accepts authenticated peers, and
+//! per peer a [`Link`] with `call`, `cast` and streams; a [`PeerProxy`] actor turns the loss
+//! of a link into an ordinary supervision event.
+
+pub mod backoff;
+pub mod codec;
+pub mod config;
+pub mod endpoint;
+pub mod error;
+pub mod hello;
+pub mod identity;
+pub mod link;
+pub mod proxy;
+
+pub use backoff::Backoff;
+pub use config::LinkConfig;
+pub use endpoint::{ALPN, Endpoint, Established};
+pub use error::{CloseCause, LinkError};
+pub use hello::PROTOCOL_VERSION;
+pub use identity::{ClusterCa, Fingerprint, IdentityError, NodeId, NodeIdentity, PeerIdentity, Role};
+pub use link::{Incoming, Link, LinkIncoming, Protocol, Responder, StreamReceiver, StreamSender, Wire};
+pub use proxy::{PeerLost, PeerProxy, ProxyMsg};
