@@ -1,1 +1,9 @@
+//! rbee's supervision tree. This crate holds the restart strategy every parent uses;
+//! the queen, hive and worker actors build on it.
 
+pub mod supervisor;
+
+pub use supervisor::{
+    ChildEvent, ChildInfo, ChildSpec, Decision, Escalated, Restart, RestartIntensity, RestartPolicy, Supervisor,
+    SupervisorArgs, SupervisorMsg,
+};

@@ -11,6 +11,7 @@ use rustls::pki_types::CertificateDer;
 use rustls::server::WebPkiClientVerifier;
 use tokio::sync::{Semaphore, mpsc};
 
+use crate::backoff::Backoff;
 use crate::codec::encode_frame_bytes;
 use crate::config::LinkConfig;
 use crate::error::{CloseCause, LinkError, close_code};
@@ -217,6 +218,37 @@ impl<P: Protocol> Endpoint<P> {
         tokio::time::timeout(self.config.handshake_timeout, handshake)
             .await
             .map_err(|_| LinkError::HandshakeTimeout(addr))?
+    }
+
+    /// Dials `addr` until a link is established, waiting `backoff`'s delays between
+    /// attempts. Gives up at once on a permanent refusal (see [`LinkError::is_permanent`])
+    /// and after `max_attempts` attempts if given.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: dropping the future stops dialing.
+    pub async fn connect_with_retry(
+        &self,
+        addr: SocketAddr,
+        expect: &[Role],
+        backoff: &mut Backoff,
+        max_attempts: Option<u32>,
+    ) -> Result<Established<P>, LinkError> {
+        let mut attempts = 0u32;
+        loop {
+            attempts += 1;
+            match self.connect(addr, expect).await {
+                Ok(established) => {
+                    backoff.reset();
+                    return Ok(established);
+                }
+                Err(e) if e.is_permanent() || max_attempts.is_some_and(|m| attempts >= m) => return Err(e),
+                Err(e) => {
+                    let delay = backoff.next_delay();
+                    tracing::debug!(%addr, error = %e, ?delay, "dial failed; retrying");
+                    tokio::time::sleep(delay).await;
+                }
+            }
+        }
     }
 
     /// The next peer that connected and passed the handshake, or the error of one that

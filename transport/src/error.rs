@@ -139,3 +139,21 @@ pub enum LinkError {
     #[error(transparent)]
     Codec(#[from] CodecError),
 }
+
+impl LinkError {
+    /// Whether dialing again cannot help: the peer or this node refuses the other for what it
+    /// is (version, role, identity, certificate), not for a passing condition.
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            LinkError::Endpoint(_)
+            | LinkError::Identity(_)
+            | LinkError::VersionMismatch { .. }
+            | LinkError::RoleMismatch { .. }
+            | LinkError::IdentityMismatch { .. } => true,
+            LinkError::Closed { cause, .. } => {
+                matches!(cause, CloseCause::Rejected(_) | CloseCause::Transport(_))
+            }
+            _ => false,
+        }
+    }
+}
