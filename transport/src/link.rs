@@ -329,6 +329,15 @@ pub struct LinkIncoming<P: Protocol> {
     _shared: Arc<Shared>,
 }
 
+impl<P: Protocol> fmt::Debug for LinkIncoming<P> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LinkIncoming")
+            .field("peer", &self._shared.peer)
+            .field("queued", &self.rx.len())
+            .finish()
+    }
+}
+
 impl<P: Protocol> LinkIncoming<P> {
     /// The next incoming message; `None` once the link is closed and everything was taken.
     ///
@@ -429,7 +438,8 @@ impl<T> Drop for Responder<T> {
 /// than the stream window, so a slow consumer slows the producer.
 ///
 /// Ends with [`StreamSender::finish`]; dropping it unfinished cancels the stream, which the
-/// receiver observes as [`LinkError::Cancelled`].
+/// receiver observes as [`LinkError::Cancelled`] (items it has not read yet may be discarded:
+/// a cancelled stream carries no promise about its tail).
 pub struct StreamSender<T> {
     send: quinn::SendStream,
     conn: quinn::Connection,
