@@ -11,7 +11,8 @@ use crate::identity::Role;
 pub struct LinkConfig {
     /// Interval of keep-alive packets; keep it well below `idle_timeout`.
     pub keep_alive: Duration,
-    /// Silence after which a peer is considered gone (the silent-peer detection time).
+    /// Silence after which a peer is considered gone: the silent-peer detection time.
+    /// Must be at least twice `keep_alive`.
     pub idle_timeout: Duration,
     /// Largest frame sent or accepted; a peer that announces a larger one loses its link.
     pub max_frame_bytes: usize,

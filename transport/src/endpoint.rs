@@ -44,8 +44,17 @@ fn crypto_provider() -> Arc<rustls::crypto::CryptoProvider> {
 }
 
 fn transport_config(config: &LinkConfig) -> Result<Arc<quinn::TransportConfig>, LinkError> {
+    if config.idle_timeout < config.keep_alive * 2 {
+        return Err(LinkError::Endpoint(format!(
+            "idle timeout {:?} must be at least twice the keep-alive {:?}",
+            config.idle_timeout, config.keep_alive
+        )));
+    }
     let mut t = quinn::TransportConfig::default();
-    let idle = quinn::IdleTimeout::try_from(config.idle_timeout)
+    // A keep-alive sent after the peer's last packet restarts QUIC's idle timer (RFC 9000
+    // §10.1), so QUIC detects silence up to one keep-alive late. Shortening QUIC's timer by
+    // that much makes `idle_timeout` the promise: a silent peer is lost within it.
+    let idle = quinn::IdleTimeout::try_from(config.idle_timeout - config.keep_alive)
         .map_err(|e| LinkError::Endpoint(format!("idle timeout: {e}")))?;
     t.max_idle_timeout(Some(idle))
         .keep_alive_interval(Some(config.keep_alive))
@@ -340,4 +349,164 @@ async fn accept_handshake<P: Protocol>(
         config.incoming_capacity,
         config.max_frame_bytes,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    //! Peers that misbehave below the typed API: another protocol version, garbage and
+    //! oversized frames. Real QUIC on 127.0.0.1.
+
+    use std::time::Duration;
+
+    use serde::{Deserialize, Serialize};
+
+    use super::*;
+    use crate::codec::encode_frame;
+    use crate::hello::PROTOCOL_VERSION;
+    use crate::identity::{ClusterCa, NodeId};
+    use crate::link::Incoming;
+
+    struct P;
+    #[derive(Serialize, Deserialize)]
+    enum Req {
+        Echo(u32),
+    }
+    impl Protocol for P {
+        type Request = Req;
+        type Response = u32;
+        type Event = u32;
+        type Open = u32;
+        type Item = u32;
+    }
+
+    fn node(ca: &ClusterCa, id: &str, role: Role) -> NodeIdentity {
+        ca.issue(&NodeId::new(id).unwrap(), role).unwrap()
+    }
+
+    fn loopback() -> SocketAddr {
+        "127.0.0.1:0".parse().unwrap()
+    }
+
+    /// A listening node that answers `Echo(n)` with `n + 1` on every link it accepts and
+    /// reports how each link ended.
+    fn echo_server(ca: &ClusterCa, config: LinkConfig) -> (SocketAddr, mpsc::Receiver<Result<CloseCause, String>>) {
+        let endpoint = Endpoint::<P>::bind(node(ca, "queen", Role::Queen), loopback(), config).unwrap();
+        let addr = endpoint.local_addr().unwrap();
+        let (tx, rx) = mpsc::channel(16);
+        tokio::spawn(async move {
+            while let Some(accepted) = endpoint.accept().await {
+                let tx = tx.clone();
+                match accepted {
+                    Ok((link, mut incoming)) => {
+                        tokio::spawn(async move {
+                            while let Some(msg) = incoming.next().await {
+                                if let Incoming::Call { request: Req::Echo(n), responder } = msg {
+                                    let _ = responder.respond(n + 1).await;
+                                }
+                            }
+                            let _ = tx.send(Ok(link.closed().await)).await;
+                        });
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(e.to_string())).await;
+                    }
+                }
+            }
+        });
+        (addr, rx)
+    }
+
+    /// Dials with raw quinn and sends `hello` as the first frame; returns the connection and
+    /// the control stream.
+    async fn raw_dial(
+        identity: &NodeIdentity,
+        addr: SocketAddr,
+        hello: &[u8],
+    ) -> (quinn::Connection, quinn::SendStream, quinn::RecvStream) {
+        let mut endpoint = quinn::Endpoint::client(loopback()).unwrap();
+        endpoint.set_default_client_config(client_config(identity, &LinkConfig::default()).unwrap());
+        let conn = endpoint
+            .connect(addr, CLUSTER_SERVER_NAME)
+            .unwrap()
+            .await
+            .unwrap();
+        let (mut send, recv) = conn.open_bi().await.unwrap();
+        send.write_all(&encode_frame_bytes(hello)).await.unwrap();
+        (conn, send, recv)
+    }
+
+    async fn within<T>(rx: &mut mpsc::Receiver<T>) -> T {
+        tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .expect("in time")
+            .expect("open")
+    }
+
+    #[tokio::test]
+    async fn a_peer_of_another_protocol_version_is_refused_with_both_versions_named() {
+        let ca = ClusterCa::generate("t").unwrap();
+        let (addr, mut events) = echo_server(&ca, LinkConfig::default());
+        let hive = node(&ca, "hive-1", Role::Hive);
+        let mut hello = Hello::ours(&hive.peer_identity()).encode();
+        hello[4..8].copy_from_slice(&(PROTOCOL_VERSION + 1).to_be_bytes());
+        let (conn, _send, _recv) = raw_dial(&hive, addr, &hello).await;
+
+        let expected = format!(
+            "protocol version mismatch: peer speaks {}, this node speaks {PROTOCOL_VERSION}",
+            PROTOCOL_VERSION + 1
+        );
+        // The dialer is told why in the close reason...
+        match CloseCause::from(conn.closed().await) {
+            CloseCause::Rejected(reason) => assert_eq!(reason, expected),
+            other => panic!("{other:?}"),
+        }
+        // ...and the listener reports the refusal.
+        assert_eq!(within(&mut events).await, Err(expected));
+    }
+
+    #[tokio::test]
+    async fn garbage_and_oversized_frames_close_only_that_link() {
+        let ca = ClusterCa::generate("t").unwrap();
+        let config = LinkConfig {
+            max_frame_bytes: 1024,
+            ..LinkConfig::default()
+        };
+        let (addr, mut events) = echo_server(&ca, config.clone());
+        let good = Endpoint::<P>::client(node(&ca, "good", Role::Hive), loopback(), config).unwrap();
+        let (good_link, _good_incoming) = good.connect(addr, &[Role::Queen]).await.unwrap();
+
+        let bad = node(&ca, "bad", Role::Hive);
+        let cases: [(&str, Vec<u8>); 2] = [
+            ("undecodable frame", encode_frame_bytes(&[0xff; 16])),
+            ("exceeds the limit of 1024 bytes", encode_frame_bytes(&[0u8; 4096])),
+        ];
+        for (expect, frame) in cases {
+            let hello = Hello::ours(&bad.peer_identity()).encode();
+            let (conn, _control, mut control_recv) = raw_dial(&bad, addr, &hello).await;
+            // Finish the handshake properly: read the server's Hello.
+            let mut decoder = crate::codec::FrameDecoder::new(1024);
+            while decoder.next_frame().unwrap().is_none() {
+                let chunk = control_recv.read_chunk(1024, true).await.unwrap().unwrap();
+                decoder.extend(&chunk.bytes);
+            }
+            let (mut send, _recv) = conn.open_bi().await.unwrap();
+            send.write_all(&frame).await.unwrap();
+
+            match CloseCause::from(conn.closed().await) {
+                CloseCause::ProtocolViolation(reason) => assert!(reason.contains(expect), "{reason}"),
+                other => panic!("{other:?}"),
+            }
+            match within(&mut events).await {
+                Ok(CloseCause::Local(_)) | Ok(CloseCause::ProtocolViolation(_)) => {}
+                other => panic!("{other:?}"),
+            }
+            // The other peer is still served.
+            let reply = good_link.call(Req::Echo(41), Duration::from_secs(5)).await.unwrap();
+            assert_eq!(reply, 42);
+        }
+        assert!(good_link.close_cause().is_none());
+        // An oversized frame is refused on the sending side too, before it is written.
+        let huge = vec![7u32; 1024];
+        assert!(encode_frame(&huge, 1024).is_err());
+    }
 }
