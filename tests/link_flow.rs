@@ -33,7 +33,10 @@ async fn a_consumer_that_stops_reading_holds_the_producer_back() {
     // At most one window in QUIC's flow control plus one window read into our decoder.
     let bound = 2 * u64::from(window) / smallest_frame + 2;
     let in_flight = sent - 10;
-    assert!(in_flight <= bound, "{in_flight} items in flight, bound {bound}");
+    assert!(
+        in_flight <= bound,
+        "{in_flight} items in flight, bound {bound}"
+    );
     assert!(sent < total, "the producer was not held back");
 
     // Reading on lets it finish, with nothing lost.
@@ -49,7 +52,10 @@ async fn a_consumer_that_stops_reading_holds_the_producer_back() {
 async fn dropping_the_receiver_is_observed_by_an_idle_producer_within_100ms() {
     let cluster = Cluster::new("t");
     let mut server = start_server(cluster.identity("w", Role::Worker), LinkConfig::default());
-    let client = client(cluster.identity("queen", Role::Queen), LinkConfig::default());
+    let client = client(
+        cluster.identity("queen", Role::Queen),
+        LinkConfig::default(),
+    );
     let (link, _incoming) = client.connect(server.addr, &[Role::Worker]).await.unwrap();
 
     // A slow producer (one item per second) is idle between items when the consumer leaves.
@@ -64,7 +70,10 @@ async fn dropping_the_receiver_is_observed_by_an_idle_producer_within_100ms() {
     drop(stream);
     let observed_at = recv_within(&mut server.cancelled, 5).await;
     let delay = observed_at.duration_since(dropped_at);
-    assert!(delay < Duration::from_millis(100), "observed after {delay:?}");
+    assert!(
+        delay < Duration::from_millis(100),
+        "observed after {delay:?}"
+    );
     assert_eq!(server.stats.streams_cancelled.load(Ordering::SeqCst), 1);
 }
 
@@ -72,7 +81,10 @@ async fn dropping_the_receiver_is_observed_by_an_idle_producer_within_100ms() {
 async fn dropping_the_sender_is_observed_by_the_receiver_within_100ms() {
     let cluster = Cluster::new("t");
     let mut server = start_server(cluster.identity("w", Role::Worker), LinkConfig::default());
-    let client = client(cluster.identity("queen", Role::Queen), LinkConfig::default());
+    let client = client(
+        cluster.identity("queen", Role::Queen),
+        LinkConfig::default(),
+    );
     let (link, _incoming) = client.connect(server.addr, &[Role::Worker]).await.unwrap();
 
     let open = OpenTokens {
@@ -89,5 +101,8 @@ async fn dropping_the_sender_is_observed_by_the_receiver_within_100ms() {
     assert!(matches!(end, Err(LinkError::Cancelled)), "{end:?}");
     let dropped_at = recv_within(&mut server.cancelled, 5).await;
     let delay = observed_at.duration_since(dropped_at);
-    assert!(delay < Duration::from_millis(100), "observed after {delay:?}");
+    assert!(
+        delay < Duration::from_millis(100),
+        "observed after {delay:?}"
+    );
 }

@@ -10,8 +10,14 @@ use rbee_transport::{Backoff, LinkConfig, LinkError, Role};
 #[tokio::test]
 async fn typed_call_and_cast_between_two_nodes() {
     let cluster = Cluster::new("t");
-    let mut server = start_server(cluster.identity("queen", Role::Queen), LinkConfig::default());
-    let client = client(cluster.identity("hive-1", Role::Hive), LinkConfig::default());
+    let mut server = start_server(
+        cluster.identity("queen", Role::Queen),
+        LinkConfig::default(),
+    );
+    let client = client(
+        cluster.identity("hive-1", Role::Hive),
+        LinkConfig::default(),
+    );
     let (link, _incoming) = client.connect(server.addr, &[Role::Queen]).await.unwrap();
     assert_eq!(link.peer().role, Role::Queen);
     assert_eq!(link.peer().node_id.as_str(), "queen");
@@ -26,18 +32,27 @@ async fn typed_call_and_cast_between_two_nodes() {
         link.cast(format!("event {i}")).await.unwrap();
     }
     for i in 0..3 {
-        assert_eq!(recv_within(&mut server.casts, 5).await, format!("event {i}"));
+        assert_eq!(
+            recv_within(&mut server.casts, 5).await,
+            format!("event {i}")
+        );
     }
 }
 
 #[tokio::test]
 async fn a_request_dropped_unanswered_fails_at_once_not_at_the_timeout() {
     let cluster = Cluster::new("t");
-    let server = start_server(cluster.identity("queen", Role::Queen), LinkConfig::default());
+    let server = start_server(
+        cluster.identity("queen", Role::Queen),
+        LinkConfig::default(),
+    );
     let client = client(cluster.identity("c", Role::Client), LinkConfig::default());
     let (link, _incoming) = client.connect(server.addr, &[Role::Queen]).await.unwrap();
     let started = std::time::Instant::now();
-    let err = link.call(Request::Ignore, Duration::from_secs(30)).await.unwrap_err();
+    let err = link
+        .call(Request::Ignore, Duration::from_secs(30))
+        .await
+        .unwrap_err();
     assert!(matches!(err, LinkError::Unanswered), "{err}");
     assert!(started.elapsed() < Duration::from_secs(30));
 }
@@ -46,7 +61,10 @@ async fn a_request_dropped_unanswered_fails_at_once_not_at_the_timeout() {
 async fn a_stream_of_10000_items_arrives_complete_and_in_order() {
     let cluster = Cluster::new("t");
     let server = start_server(cluster.identity("w", Role::Worker), LinkConfig::default());
-    let client = client(cluster.identity("queen", Role::Queen), LinkConfig::default());
+    let client = client(
+        cluster.identity("queen", Role::Queen),
+        LinkConfig::default(),
+    );
     let (link, _incoming) = client.connect(server.addr, &[Role::Worker]).await.unwrap();
     let mut stream = link.open_stream(OpenTokens::fast(10_000)).await.unwrap();
     let mut expected = 0;
@@ -60,15 +78,23 @@ async fn a_stream_of_10000_items_arrives_complete_and_in_order() {
 #[tokio::test]
 async fn a_dialer_reconnects_with_backoff_and_says_hello_again() {
     let cluster = Cluster::new("t");
-    let server = start_server(cluster.identity("queen", Role::Queen), LinkConfig::default());
+    let server = start_server(
+        cluster.identity("queen", Role::Queen),
+        LinkConfig::default(),
+    );
     let addr = server.addr;
-    let client = client(cluster.identity("hive-1", Role::Hive), LinkConfig::default());
+    let client = client(
+        cluster.identity("hive-1", Role::Hive),
+        LinkConfig::default(),
+    );
     let (link, _incoming) = client.connect(addr, &[Role::Queen]).await.unwrap();
 
     // The queen goes away; the link sees it.
     server.endpoint.close("restarting");
     server.endpoint.wait_idle().await;
-    let cause = tokio::time::timeout(Duration::from_secs(2), link.closed()).await.unwrap();
+    let cause = tokio::time::timeout(Duration::from_secs(2), link.closed())
+        .await
+        .unwrap();
     assert!(cause.to_string().contains("restarting"), "{cause}");
     drop(server);
 
@@ -84,7 +110,11 @@ async fn a_dialer_reconnects_with_backoff_and_says_hello_again() {
     let queen_again = cluster.identity("queen", Role::Queen);
     let endpoint = loop {
         // The old socket is released asynchronously.
-        match rbee_transport::Endpoint::<TestProtocol>::bind(queen_again.clone(), addr, LinkConfig::default()) {
+        match rbee_transport::Endpoint::<TestProtocol>::bind(
+            queen_again.clone(),
+            addr,
+            LinkConfig::default(),
+        ) {
             Ok(e) => break e,
             Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
         }

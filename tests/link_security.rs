@@ -15,7 +15,7 @@ async fn a_node_with_a_certificate_from_another_ca_is_rejected_and_reaches_nothi
 
     let intruder = client(theirs.identity("hive-x", Role::Hive), LinkConfig::default());
     let result = intruder.connect(server.addr, &[Role::Queen]).await;
-    let err = result.err().expect("a foreign node must not link");
+    let err = result.expect_err("a foreign node must not link");
     // Refused in the TLS handshake: the server's certificate is unknown to the intruder too.
     assert!(err.is_permanent(), "{err}");
 
@@ -29,7 +29,9 @@ async fn a_node_with_a_certificate_from_another_ca_is_rejected_and_reaches_nothi
     let member = client(ours.identity("hive-1", Role::Hive), LinkConfig::default());
     let (link, _incoming) = member.connect(server.addr, &[Role::Queen]).await.unwrap();
     assert_eq!(
-        link.call(Request::Echo("ok".into()), Duration::from_secs(5)).await.unwrap(),
+        link.call(Request::Echo("ok".into()), Duration::from_secs(5))
+            .await
+            .unwrap(),
         "echo: ok"
     );
 }
@@ -43,20 +45,34 @@ async fn a_role_the_listener_does_not_accept_is_refused_with_the_reason() {
     };
     let mut server = start_server(cluster.identity("queen", Role::Queen), config);
     let worker = client(cluster.identity("w1", Role::Worker), LinkConfig::default());
-    let err = worker.connect(server.addr, &[Role::Queen]).await.unwrap_err();
+    let err = worker
+        .connect(server.addr, &[Role::Queen])
+        .await
+        .unwrap_err();
     assert!(err.is_permanent(), "{err}");
     assert!(
-        err.to_string().contains("role mismatch: peer is a worker, expected hive"),
+        err.to_string()
+            .contains("role mismatch: peer is a worker, expected hive"),
         "{err}"
     );
-    assert!(recv_within(&mut server.refused, 5).await.contains("role mismatch"));
+    assert!(
+        recv_within(&mut server.refused, 5)
+            .await
+            .contains("role mismatch")
+    );
 }
 
 #[tokio::test]
 async fn a_dialer_refuses_a_peer_in_the_wrong_role() {
     let cluster = Cluster::new("t");
-    let server = start_server(cluster.identity("hive-1", Role::Hive), LinkConfig::default());
+    let server = start_server(
+        cluster.identity("hive-1", Role::Hive),
+        LinkConfig::default(),
+    );
     let c = client(cluster.identity("c", Role::Client), LinkConfig::default());
     let err = c.connect(server.addr, &[Role::Queen]).await.unwrap_err();
-    assert_eq!(err.to_string(), "role mismatch: peer is a hive, expected queen");
+    assert_eq!(
+        err.to_string(),
+        "role mismatch: peer is a hive, expected queen"
+    );
 }

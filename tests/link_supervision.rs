@@ -12,8 +12,12 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use ractor::{Actor, ActorRef};
-use rbee_actors::{ChildEvent, ChildSpec, Restart, RestartPolicy, Supervisor, SupervisorArgs, SupervisorMsg};
-use rbee_transport::{Endpoint, LinkConfig, LinkError, NodeIdentity, PeerProxy, ProxyMsg, Role, StreamReceiver};
+use rbee_actors::{
+    ChildEvent, ChildSpec, Restart, RestartPolicy, Supervisor, SupervisorArgs, SupervisorMsg,
+};
+use rbee_transport::{
+    Endpoint, LinkConfig, LinkError, NodeIdentity, PeerProxy, ProxyMsg, Role, StreamReceiver,
+};
 use tokio::sync::mpsc;
 
 const PEER_DIR_ENV: &str = "RBEE_TEST_PEER_DIR";
@@ -48,7 +52,8 @@ async fn supervised_proxy(
         let endpoint = endpoint.clone();
         Box::pin(async move {
             let (link, _incoming) = endpoint.connect(addr, &[Role::Worker]).await?;
-            let (proxy, _) = Actor::spawn_linked(None, PeerProxy::default(), link, supervisor).await?;
+            let (proxy, _) =
+                Actor::spawn_linked(None, PeerProxy::default(), link, supervisor).await?;
             Ok(proxy.get_cell())
         })
     });
@@ -59,15 +64,24 @@ async fn supervised_proxy(
         observer: Some(events_tx),
     };
     let (supervisor, _) = Actor::spawn(None, Supervisor, args).await.unwrap();
-    assert!(matches!(recv_within(&mut events, 5).await, ChildEvent::Started { .. }));
+    assert!(matches!(
+        recv_within(&mut events, 5).await,
+        ChildEvent::Started { .. }
+    ));
     let children = ractor::call_t!(supervisor, SupervisorMsg::Children, 1000).unwrap();
     let proxy: ActorRef<ProxyMsg<TestProtocol>> = children[0].actor.clone().unwrap().into();
     (supervisor, proxy, events)
 }
 
-async fn open_through(proxy: &ActorRef<ProxyMsg<TestProtocol>>, open: OpenTokens) -> StreamReceiver<Token> {
+async fn open_through(
+    proxy: &ActorRef<ProxyMsg<TestProtocol>>,
+    open: OpenTokens,
+) -> StreamReceiver<Token> {
     proxy
-        .call(|reply| ProxyMsg::OpenStream { open, reply }, Some(Duration::from_secs(5)))
+        .call(
+            |reply| ProxyMsg::OpenStream { open, reply },
+            Some(Duration::from_secs(5)),
+        )
         .await
         .unwrap()
         .unwrap()
@@ -81,7 +95,10 @@ async fn a_peer_killed_with_sigkill_fails_its_proxy_within_the_idle_timeout() {
     }
     let cluster = Cluster::new("t");
     let dir = tempfile::tempdir().unwrap();
-    cluster.identity("peer-1", Role::Worker).save(dir.path()).unwrap();
+    cluster
+        .identity("peer-1", Role::Worker)
+        .save(dir.path())
+        .unwrap();
     let mut child = Command::new(std::env::current_exe().unwrap())
         .args([
             "--exact",
@@ -102,7 +119,10 @@ async fn a_peer_killed_with_sigkill_fails_its_proxy_within_the_idle_timeout() {
     let addr = format!("127.0.0.1:{port}").parse().unwrap();
 
     let config = fast_detection();
-    let endpoint = Arc::new(client(cluster.identity("queen", Role::Queen), config.clone()));
+    let endpoint = Arc::new(client(
+        cluster.identity("queen", Role::Queen),
+        config.clone(),
+    ));
     let (supervisor, proxy, mut events) = supervised_proxy(endpoint, addr).await;
 
     // A stream is in flight when the peer dies.
@@ -129,7 +149,10 @@ async fn a_peer_killed_with_sigkill_fails_its_proxy_within_the_idle_timeout() {
         other => panic!("{other:?}"),
     }
     let limit = config.idle_timeout + config.keep_alive;
-    assert!(detected_after <= limit, "detected after {detected_after:?}, limit {limit:?}");
+    assert!(
+        detected_after <= limit,
+        "detected after {detected_after:?}, limit {limit:?}"
+    );
     eprintln!("SIGKILLed peer detected after {detected_after:?}");
 
     // The stream that was in flight ends with a typed error, not a hang.
@@ -139,27 +162,42 @@ async fn a_peer_killed_with_sigkill_fails_its_proxy_within_the_idle_timeout() {
             other => break other,
         }
     };
-    assert!(matches!(end, Some(Err(LinkError::Closed { .. }))), "{end:?}");
+    assert!(
+        matches!(end, Some(Err(LinkError::Closed { .. }))),
+        "{end:?}"
+    );
     supervisor.stop(None);
 }
 
 #[tokio::test]
 async fn a_graceful_close_is_seen_at_once() {
     let cluster = Cluster::new("t");
-    let server = start_server(cluster.identity("peer-2", Role::Worker), LinkConfig::default());
-    let endpoint = Arc::new(client(cluster.identity("queen", Role::Queen), LinkConfig::default()));
+    let server = start_server(
+        cluster.identity("peer-2", Role::Worker),
+        LinkConfig::default(),
+    );
+    let endpoint = Arc::new(client(
+        cluster.identity("queen", Role::Queen),
+        LinkConfig::default(),
+    ));
     let (supervisor, _proxy, mut events) = supervised_proxy(endpoint, server.addr).await;
 
     server.endpoint.close("shutting down");
     let closed_at = Instant::now();
     match recv_within(&mut events, 5).await {
         ChildEvent::Failed { error, .. } => {
-            assert!(error.contains("closed by the peer (shutting down)"), "{error}");
+            assert!(
+                error.contains("closed by the peer (shutting down)"),
+                "{error}"
+            );
         }
         other => panic!("{other:?}"),
     }
     // "At once" means without waiting for any timeout: far below the 1 s keep-alive.
     let detected_after = closed_at.elapsed();
-    assert!(detected_after < Duration::from_millis(500), "{detected_after:?}");
+    assert!(
+        detected_after < Duration::from_millis(500),
+        "{detected_after:?}"
+    );
     supervisor.stop(None);
 }

@@ -4,6 +4,6 @@
 pub mod supervisor;
 
 pub use supervisor::{
-    ChildEvent, ChildInfo, ChildSpec, Decision, Escalated, Restart, RestartIntensity, RestartPolicy, Supervisor,
-    SupervisorArgs, SupervisorMsg,
+    ChildEvent, ChildInfo, ChildSpec, Decision, Escalated, Restart, RestartIntensity,
+    RestartPolicy, Supervisor, SupervisorArgs, SupervisorMsg,
 };

@@ -13,7 +13,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
-use ractor::{Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
+use ractor::{
+    Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent,
+};
 use rbee_transport::Backoff;
 use tokio::sync::mpsc;
 
@@ -88,7 +90,13 @@ impl RestartIntensity {
 
     /// Decides about `child`, which exited at `now` (`failed` if it panicked, returned an
     /// error or could not start).
-    pub fn on_exit(&mut self, child: &str, failed: bool, restart: Restart, now: Instant) -> Decision {
+    pub fn on_exit(
+        &mut self,
+        child: &str,
+        failed: bool,
+        restart: Restart,
+        now: Instant,
+    ) -> Decision {
         let wanted = match restart {
             Restart::Permanent => true,
             Restart::Transient => failed,
@@ -126,7 +134,9 @@ impl RestartIntensity {
 }
 
 /// Starts a child linked to the supervisor cell it is given, returning the child's cell.
-pub type StartFn = Arc<dyn Fn(ActorCell) -> BoxFuture<'static, Result<ActorCell, ActorProcessingErr>> + Send + Sync>;
+pub type StartFn = Arc<
+    dyn Fn(ActorCell) -> BoxFuture<'static, Result<ActorCell, ActorProcessingErr>> + Send + Sync,
+>;
 
 /// A child the [`Supervisor`] keeps running.
 #[derive(Clone)]
@@ -152,7 +162,10 @@ impl ChildSpec {
     /// A child started by `start`, an async function of the supervisor's cell.
     pub fn new<F>(name: impl Into<String>, restart: Restart, start: F) -> Self
     where
-        F: Fn(ActorCell) -> BoxFuture<'static, Result<ActorCell, ActorProcessingErr>> + Send + Sync + 'static,
+        F: Fn(ActorCell) -> BoxFuture<'static, Result<ActorCell, ActorProcessingErr>>
+            + Send
+            + Sync
+            + 'static,
     {
         ChildSpec {
             name: name.into(),
@@ -288,7 +301,11 @@ fn notify(observer: &Option<mpsc::Sender<ChildEvent>>, event: ChildEvent) {
 }
 
 impl SupervisorState {
-    async fn start(&mut self, myself: &ActorRef<SupervisorMsg>, name: &str) -> Result<ActorCell, String> {
+    async fn start(
+        &mut self,
+        myself: &ActorRef<SupervisorMsg>,
+        name: &str,
+    ) -> Result<ActorCell, String> {
         let Some(child) = self.children.get_mut(name) else {
             return Err(format!("no child named {name}"));
         };
@@ -296,9 +313,12 @@ impl SupervisorState {
             Ok(cell) => {
                 child.cell = Some(cell.clone());
                 self.running.insert(cell.get_id(), name.to_string());
-                notify(&self.observer, ChildEvent::Started {
-                    child: name.to_string(),
-                });
+                notify(
+                    &self.observer,
+                    ChildEvent::Started {
+                        child: name.to_string(),
+                    },
+                );
                 Ok(cell)
             }
             Err(e) => Err(e.to_string()),
@@ -306,7 +326,12 @@ impl SupervisorState {
     }
 
     /// Applies the restart policy to a child that exited; `Err` escalates.
-    fn on_exit(&mut self, myself: &ActorRef<SupervisorMsg>, name: &str, error: Option<String>) -> Result<(), Escalated> {
+    fn on_exit(
+        &mut self,
+        myself: &ActorRef<SupervisorMsg>,
+        name: &str,
+        error: Option<String>,
+    ) -> Result<(), Escalated> {
         let Some(child) = self.children.get_mut(name) else {
             return Ok(());
         };
@@ -314,23 +339,35 @@ impl SupervisorState {
         let failed = error.is_some();
         if let Some(e) = error {
             child.last_error = Some(e.clone());
-            notify(&self.observer, ChildEvent::Failed {
-                child: name.to_string(),
-                error: e,
-            });
+            notify(
+                &self.observer,
+                ChildEvent::Failed {
+                    child: name.to_string(),
+                    error: e,
+                },
+            );
         } else {
-            notify(&self.observer, ChildEvent::Stopped {
-                child: name.to_string(),
-            });
+            notify(
+                &self.observer,
+                ChildEvent::Stopped {
+                    child: name.to_string(),
+                },
+            );
         }
         let restart = child.spec.restart;
-        match self.intensity.on_exit(name, failed, restart, Instant::now()) {
+        match self
+            .intensity
+            .on_exit(name, failed, restart, Instant::now())
+        {
             Decision::Restart { after } => {
                 child.restarts += 1;
-                notify(&self.observer, ChildEvent::Restarting {
-                    child: name.to_string(),
-                    after,
-                });
+                notify(
+                    &self.observer,
+                    ChildEvent::Restarting {
+                        child: name.to_string(),
+                        after,
+                    },
+                );
                 let name = name.to_string();
                 myself.send_after(after, move || SupervisorMsg::RestartDue(name));
                 Ok(())
@@ -341,10 +378,13 @@ impl SupervisorState {
             }
             Decision::Escalate { restarts } => {
                 let last_error = child.last_error.clone().unwrap_or_default();
-                notify(&self.observer, ChildEvent::Escalated {
-                    child: name.to_string(),
-                    restarts,
-                });
+                notify(
+                    &self.observer,
+                    ChildEvent::Escalated {
+                        child: name.to_string(),
+                        restarts,
+                    },
+                );
                 Err(Escalated {
                     child: name.to_string(),
                     restarts,
@@ -360,7 +400,11 @@ impl Actor for Supervisor {
     type State = SupervisorState;
     type Arguments = SupervisorArgs;
 
-    async fn pre_start(&self, myself: ActorRef<Self::Msg>, args: SupervisorArgs) -> Result<Self::State, ActorProcessingErr> {
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        args: SupervisorArgs,
+    ) -> Result<Self::State, ActorProcessingErr> {
         let mut state = SupervisorState {
             intensity: RestartIntensity::new(args.policy),
             children: HashMap::new(),
@@ -383,15 +427,27 @@ impl Actor for Supervisor {
         Ok(state)
     }
 
-    async fn post_stop(&self, myself: ActorRef<Self::Msg>, _: &mut Self::State) -> Result<(), ActorProcessingErr> {
+    async fn post_stop(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        _: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
         // Children may hold GPUs or streams: let their post_stop run.
         myself
-            .stop_children_and_wait(Some("supervisor stopping".into()), Some(Duration::from_secs(10)))
+            .stop_children_and_wait(
+                Some("supervisor stopping".into()),
+                Some(Duration::from_secs(10)),
+            )
             .await;
         Ok(())
     }
 
-    async fn handle(&self, myself: ActorRef<Self::Msg>, msg: Self::Msg, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        msg: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
         match msg {
             SupervisorMsg::StartChild(spec, reply) => {
                 let name = spec.name.clone();
@@ -420,7 +476,9 @@ impl Actor for Supervisor {
                         state.intensity.forget(&name);
                         if let Some(cell) = child.cell {
                             state.running.remove(&cell.get_id());
-                            let _ = cell.stop_and_wait(Some("stopped by supervisor".into()), None).await;
+                            let _ = cell
+                                .stop_and_wait(Some("stopped by supervisor".into()), None)
+                                .await;
                         }
                         true
                     }
@@ -468,7 +526,10 @@ impl Actor for Supervisor {
         };
         if let Err(escalated) = state.on_exit(&myself, &name, error) {
             myself
-                .stop_children_and_wait(Some("supervisor escalating".into()), Some(Duration::from_secs(10)))
+                .stop_children_and_wait(
+                    Some("supervisor escalating".into()),
+                    Some(Duration::from_secs(10)),
+                )
                 .await;
             return Err(Box::new(escalated));
         }
@@ -515,10 +576,22 @@ mod tests {
     fn restart_kinds() {
         let mut r = RestartIntensity::new(RestartPolicy::default());
         let now = Instant::now();
-        assert_eq!(r.on_exit("a", false, Restart::Transient, now), Decision::Forget);
-        assert!(matches!(r.on_exit("a", true, Restart::Transient, now), Decision::Restart { .. }));
-        assert_eq!(r.on_exit("b", true, Restart::Temporary, now), Decision::Forget);
-        assert!(matches!(r.on_exit("c", false, Restart::Permanent, now), Decision::Restart { .. }));
+        assert_eq!(
+            r.on_exit("a", false, Restart::Transient, now),
+            Decision::Forget
+        );
+        assert!(matches!(
+            r.on_exit("a", true, Restart::Transient, now),
+            Decision::Restart { .. }
+        ));
+        assert_eq!(
+            r.on_exit("b", true, Restart::Temporary, now),
+            Decision::Forget
+        );
+        assert!(matches!(
+            r.on_exit("c", false, Restart::Permanent, now),
+            Decision::Restart { .. }
+        ));
     }
 
     /// A child that fails when told to.
@@ -530,7 +603,12 @@ mod tests {
         async fn pre_start(&self, _: ActorRef<()>, _: ()) -> Result<(), ActorProcessingErr> {
             Ok(())
         }
-        async fn handle(&self, _: ActorRef<()>, _: (), _: &mut ()) -> Result<(), ActorProcessingErr> {
+        async fn handle(
+            &self,
+            _: ActorRef<()>,
+            _: (),
+            _: &mut (),
+        ) -> Result<(), ActorProcessingErr> {
             Err("boom".into())
         }
     }
@@ -544,7 +622,12 @@ mod tests {
         async fn pre_start(&self, _: ActorRef<()>, _: ()) -> Result<(), ActorProcessingErr> {
             Ok(())
         }
-        async fn handle_supervisor_evt(&self, _: ActorRef<()>, e: SupervisionEvent, _: &mut ()) -> Result<(), ActorProcessingErr> {
+        async fn handle_supervisor_evt(
+            &self,
+            _: ActorRef<()>,
+            e: SupervisionEvent,
+            _: &mut (),
+        ) -> Result<(), ActorProcessingErr> {
             if let SupervisionEvent::ActorFailed(_, err) = e {
                 let _ = self.0.send(err.to_string()).await;
             }
@@ -571,30 +654,50 @@ mod tests {
                 initial_backoff: Duration::from_millis(5),
                 max_backoff: Duration::from_millis(20),
             },
-            children: vec![ChildSpec::actor("fragile", Restart::Permanent, || (Fragile, ()))],
+            children: vec![ChildSpec::actor("fragile", Restart::Permanent, || {
+                (Fragile, ())
+            })],
             observer: Some(events_tx),
         };
         let (sup, _) = Actor::spawn_linked(None, Supervisor, args, parent.get_cell())
             .await
             .unwrap();
-        assert!(matches!(next_event(&mut events).await, ChildEvent::Started { .. }));
+        assert!(matches!(
+            next_event(&mut events).await,
+            ChildEvent::Started { .. }
+        ));
 
         for round in 1..=2 {
             let children = call_t!(sup, SupervisorMsg::Children, 1000).unwrap();
             let first = children[0].actor.clone().expect("child running");
             first.send_message(()).unwrap();
-            assert!(matches!(next_event(&mut events).await, ChildEvent::Failed { error, .. } if error.contains("boom")));
-            assert!(matches!(next_event(&mut events).await, ChildEvent::Restarting { .. }));
-            assert!(matches!(next_event(&mut events).await, ChildEvent::Started { .. }));
+            assert!(
+                matches!(next_event(&mut events).await, ChildEvent::Failed { error, .. } if error.contains("boom"))
+            );
+            assert!(matches!(
+                next_event(&mut events).await,
+                ChildEvent::Restarting { .. }
+            ));
+            assert!(matches!(
+                next_event(&mut events).await,
+                ChildEvent::Started { .. }
+            ));
             let children = call_t!(sup, SupervisorMsg::Children, 1000).unwrap();
             assert_eq!(children[0].restarts, round);
-            assert_ne!(children[0].actor.as_ref().unwrap().get_id(), first.get_id(), "a new actor");
+            assert_ne!(
+                children[0].actor.as_ref().unwrap().get_id(),
+                first.get_id(),
+                "a new actor"
+            );
         }
 
         // The third failure within the period exceeds max_restarts = 2.
         let children = call_t!(sup, SupervisorMsg::Children, 1000).unwrap();
         children[0].actor.clone().unwrap().send_message(()).unwrap();
-        assert!(matches!(next_event(&mut events).await, ChildEvent::Failed { .. }));
+        assert!(matches!(
+            next_event(&mut events).await,
+            ChildEvent::Failed { .. }
+        ));
         assert_eq!(
             next_event(&mut events).await,
             ChildEvent::Escalated {
@@ -606,7 +709,10 @@ mod tests {
             .await
             .unwrap()
             .unwrap();
-        assert!(escalation.contains("fragile exceeded 2 restarts"), "{escalation}");
+        assert!(
+            escalation.contains("fragile exceeded 2 restarts"),
+            "{escalation}"
+        );
         assert!(escalation.contains("boom"), "{escalation}");
         parent.stop(None);
     }
@@ -621,13 +727,26 @@ mod tests {
         };
         let (sup, _) = Actor::spawn(None, Supervisor, args).await.unwrap();
         let spec = ChildSpec::actor("w", Restart::Permanent, || (Fragile, ()));
-        call_t!(sup, SupervisorMsg::StartChild, 1000, spec).unwrap().unwrap();
-        assert!(matches!(next_event(&mut events).await, ChildEvent::Started { .. }));
+        call_t!(sup, SupervisorMsg::StartChild, 1000, spec)
+            .unwrap()
+            .unwrap();
+        assert!(matches!(
+            next_event(&mut events).await,
+            ChildEvent::Started { .. }
+        ));
         assert!(call_t!(sup, SupervisorMsg::StopChild, 1000, "w".into()).unwrap());
-        assert!(call_t!(sup, SupervisorMsg::Children, 1000).unwrap().is_empty());
+        assert!(
+            call_t!(sup, SupervisorMsg::Children, 1000)
+                .unwrap()
+                .is_empty()
+        );
         assert!(!call_t!(sup, SupervisorMsg::StopChild, 1000, "w".into()).unwrap());
         // Nothing further happens to it.
-        assert!(tokio::time::timeout(Duration::from_millis(300), events.recv()).await.is_err());
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), events.recv())
+                .await
+                .is_err()
+        );
         sup.stop(None);
     }
 }

@@ -173,7 +173,12 @@ pub fn start_server(identity: NodeIdentity, config: LinkConfig) -> Server {
         while let Some(result) = ep.accept().await {
             match result {
                 Ok((_link, incoming)) => {
-                    tokio::spawn(serve_link(incoming, casts_tx.clone(), st.clone(), cancelled_tx.clone()));
+                    tokio::spawn(serve_link(
+                        incoming,
+                        casts_tx.clone(),
+                        st.clone(),
+                        cancelled_tx.clone(),
+                    ));
                 }
                 Err(e) => {
                     let _ = refused_tx.try_send(e.to_string());

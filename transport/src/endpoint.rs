@@ -30,12 +30,15 @@ const ACCEPT_BACKLOG: usize = 64;
 /// A link just established, with the receiver of what the peer sends.
 pub type Established<P> = (Link<P>, LinkIncoming<P>);
 
+/// Outcomes of incoming handshakes, in the order they finished.
+type AcceptQueue<P> = tokio::sync::Mutex<mpsc::Receiver<Result<Established<P>, LinkError>>>;
+
 /// A node's QUIC endpoint: dials peers and, when bound to listen, accepts them.
 pub struct Endpoint<P: Protocol> {
     endpoint: quinn::Endpoint,
     identity: Arc<NodeIdentity>,
     config: Arc<LinkConfig>,
-    accepted: Option<tokio::sync::Mutex<mpsc::Receiver<Result<Established<P>, LinkError>>>>,
+    accepted: Option<AcceptQueue<P>>,
     _protocol: PhantomData<fn() -> P>,
 }
 
@@ -59,7 +62,11 @@ fn transport_config(config: &LinkConfig) -> Result<Arc<quinn::TransportConfig>, 
     t.max_idle_timeout(Some(idle))
         .keep_alive_interval(Some(config.keep_alive))
         .stream_receive_window(config.stream_window.into())
-        .receive_window((config.stream_window as u64 * 8).try_into().unwrap_or(quinn::VarInt::MAX))
+        .receive_window(
+            (config.stream_window as u64 * 8)
+                .try_into()
+                .unwrap_or(quinn::VarInt::MAX),
+        )
         .send_window(config.stream_window as u64 * 8)
         .max_concurrent_bidi_streams(config.max_concurrent_streams.into())
         .max_concurrent_uni_streams(0u32.into());
@@ -74,7 +81,10 @@ fn roots(identity: &NodeIdentity) -> Result<Arc<RootCertStore>, LinkError> {
     Ok(Arc::new(roots))
 }
 
-fn server_config(identity: &NodeIdentity, config: &LinkConfig) -> Result<quinn::ServerConfig, LinkError> {
+fn server_config(
+    identity: &NodeIdentity,
+    config: &LinkConfig,
+) -> Result<quinn::ServerConfig, LinkError> {
     let tls_err = |e: rustls::Error| LinkError::Endpoint(format!("TLS server config: {e}"));
     let verifier = WebPkiClientVerifier::builder_with_provider(roots(identity)?, crypto_provider())
         .build()
@@ -92,7 +102,10 @@ fn server_config(identity: &NodeIdentity, config: &LinkConfig) -> Result<quinn::
     Ok(server)
 }
 
-fn client_config(identity: &NodeIdentity, config: &LinkConfig) -> Result<quinn::ClientConfig, LinkError> {
+fn client_config(
+    identity: &NodeIdentity,
+    config: &LinkConfig,
+) -> Result<quinn::ClientConfig, LinkError> {
     let tls_err = |e: rustls::Error| LinkError::Endpoint(format!("TLS client config: {e}"));
     let mut tls = rustls::ClientConfig::builder_with_provider(crypto_provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
@@ -127,7 +140,11 @@ fn reject(conn: &quinn::Connection, err: LinkError) -> LinkError {
 impl<P: Protocol> Endpoint<P> {
     /// An endpoint that only dials, on an ephemeral port of `bind` (use `127.0.0.1:0` or
     /// `0.0.0.0:0`).
-    pub fn client(identity: NodeIdentity, bind: SocketAddr, config: LinkConfig) -> Result<Self, LinkError> {
+    pub fn client(
+        identity: NodeIdentity,
+        bind: SocketAddr,
+        config: LinkConfig,
+    ) -> Result<Self, LinkError> {
         let mut endpoint = quinn::Endpoint::client(bind)
             .map_err(|e| LinkError::Endpoint(format!("bind {bind}: {e}")))?;
         endpoint.set_default_client_config(client_config(&identity, &config)?);
@@ -143,7 +160,11 @@ impl<P: Protocol> Endpoint<P> {
     /// An endpoint that listens on `addr` and can dial too. Must be called within a tokio
     /// runtime: the handshakes of incoming connections run in the background, so a slow or
     /// hostile peer never delays another.
-    pub fn bind(identity: NodeIdentity, addr: SocketAddr, config: LinkConfig) -> Result<Self, LinkError> {
+    pub fn bind(
+        identity: NodeIdentity,
+        addr: SocketAddr,
+        config: LinkConfig,
+    ) -> Result<Self, LinkError> {
         let mut endpoint = quinn::Endpoint::server(server_config(&identity, &config)?, addr)
             .map_err(|e| LinkError::Endpoint(format!("bind {addr}: {e}")))?;
         endpoint.set_default_client_config(client_config(&identity, &config)?);
@@ -184,7 +205,11 @@ impl<P: Protocol> Endpoint<P> {
 
     /// Dials `addr`, verifies the peer against the cluster CA, and exchanges Hellos; the
     /// peer must be in one of `expect` roles.
-    pub async fn connect(&self, addr: SocketAddr, expect: &[Role]) -> Result<Established<P>, LinkError> {
+    pub async fn connect(
+        &self,
+        addr: SocketAddr,
+        expect: &[Role],
+    ) -> Result<Established<P>, LinkError> {
         let handshake = async {
             let connecting = self
                 .endpoint
@@ -203,10 +228,12 @@ impl<P: Protocol> Endpoint<P> {
                 cause: e.into(),
             })?;
             let hello = encode_frame_bytes(&Hello::ours(&self.identity.peer_identity()).encode());
-            send.write_all(&hello).await.map_err(|e| LinkError::Closed {
-                peer: addr.to_string(),
-                cause: CloseCause::Transport(e.to_string()),
-            })?;
+            send.write_all(&hello)
+                .await
+                .map_err(|e| LinkError::Closed {
+                    peer: addr.to_string(),
+                    cause: CloseCause::Transport(e.to_string()),
+                })?;
             let mut reader = FrameReader::new(recv, conn.clone(), self.config.max_frame_bytes);
             let reply = match reader.next_payload().await {
                 Ok(Some(payload)) => payload,
@@ -250,7 +277,9 @@ impl<P: Protocol> Endpoint<P> {
                     backoff.reset();
                     return Ok(established);
                 }
-                Err(e) if e.is_permanent() || max_attempts.is_some_and(|m| attempts >= m) => return Err(e),
+                Err(e) if e.is_permanent() || max_attempts.is_some_and(|m| attempts >= m) => {
+                    return Err(e);
+                }
                 Err(e) => {
                     let delay = backoff.next_delay();
                     tracing::debug!(%addr, error = %e, ?delay, "dial failed; retrying");
@@ -389,8 +418,12 @@ mod tests {
 
     /// A listening node that answers `Echo(n)` with `n + 1` on every link it accepts and
     /// reports how each link ended.
-    fn echo_server(ca: &ClusterCa, config: LinkConfig) -> (SocketAddr, mpsc::Receiver<Result<CloseCause, String>>) {
-        let endpoint = Endpoint::<P>::bind(node(ca, "queen", Role::Queen), loopback(), config).unwrap();
+    fn echo_server(
+        ca: &ClusterCa,
+        config: LinkConfig,
+    ) -> (SocketAddr, mpsc::Receiver<Result<CloseCause, String>>) {
+        let endpoint =
+            Endpoint::<P>::bind(node(ca, "queen", Role::Queen), loopback(), config).unwrap();
         let addr = endpoint.local_addr().unwrap();
         let (tx, rx) = mpsc::channel(16);
         tokio::spawn(async move {
@@ -400,7 +433,11 @@ mod tests {
                     Ok((link, mut incoming)) => {
                         tokio::spawn(async move {
                             while let Some(msg) = incoming.next().await {
-                                if let Incoming::Call { request: Req::Echo(n), responder } = msg {
+                                if let Incoming::Call {
+                                    request: Req::Echo(n),
+                                    responder,
+                                } = msg
+                                {
                                     let _ = responder.respond(n + 1).await;
                                 }
                             }
@@ -424,7 +461,8 @@ mod tests {
         hello: &[u8],
     ) -> (quinn::Connection, quinn::SendStream, quinn::RecvStream) {
         let mut endpoint = quinn::Endpoint::client(loopback()).unwrap();
-        endpoint.set_default_client_config(client_config(identity, &LinkConfig::default()).unwrap());
+        endpoint
+            .set_default_client_config(client_config(identity, &LinkConfig::default()).unwrap());
         let conn = endpoint
             .connect(addr, CLUSTER_SERVER_NAME)
             .unwrap()
@@ -472,13 +510,17 @@ mod tests {
             ..LinkConfig::default()
         };
         let (addr, mut events) = echo_server(&ca, config.clone());
-        let good = Endpoint::<P>::client(node(&ca, "good", Role::Hive), loopback(), config).unwrap();
+        let good =
+            Endpoint::<P>::client(node(&ca, "good", Role::Hive), loopback(), config).unwrap();
         let (good_link, _good_incoming) = good.connect(addr, &[Role::Queen]).await.unwrap();
 
         let bad = node(&ca, "bad", Role::Hive);
         let cases: [(&str, Vec<u8>); 2] = [
             ("undecodable frame", encode_frame_bytes(&[0xff; 16])),
-            ("exceeds the limit of 1024 bytes", encode_frame_bytes(&[0u8; 4096])),
+            (
+                "exceeds the limit of 1024 bytes",
+                encode_frame_bytes(&[0u8; 4096]),
+            ),
         ];
         for (expect, frame) in cases {
             let hello = Hello::ours(&bad.peer_identity()).encode();
@@ -493,7 +535,9 @@ mod tests {
             send.write_all(&frame).await.unwrap();
 
             match CloseCause::from(conn.closed().await) {
-                CloseCause::ProtocolViolation(reason) => assert!(reason.contains(expect), "{reason}"),
+                CloseCause::ProtocolViolation(reason) => {
+                    assert!(reason.contains(expect), "{reason}")
+                }
                 other => panic!("{other:?}"),
             }
             match within(&mut events).await {
@@ -501,7 +545,10 @@ mod tests {
                 other => panic!("{other:?}"),
             }
             // The other peer is still served.
-            let reply = good_link.call(Req::Echo(41), Duration::from_secs(5)).await.unwrap();
+            let reply = good_link
+                .call(Req::Echo(41), Duration::from_secs(5))
+                .await
+                .unwrap();
             assert_eq!(reply, 42);
         }
         assert!(good_link.close_cause().is_none());

@@ -42,10 +42,9 @@ impl Hello {
         out.extend_from_slice(&MAGIC);
         out.extend_from_slice(&self.version.to_be_bytes());
         // Encoding a NodeId and a Role cannot fail.
-        if let Ok(body) = bincode::serde::encode_to_vec(
-            (&self.node_id, self.role),
-            bincode::config::standard(),
-        ) {
+        if let Ok(body) =
+            bincode::serde::encode_to_vec((&self.node_id, self.role), bincode::config::standard())
+        {
             out.extend_from_slice(&body);
         }
         out
@@ -144,6 +143,9 @@ mod tests {
         let honest = Hello::ours(&cert);
         honest.check(&cert, &Role::ALL).unwrap();
         let err = honest.check(&cert, &[Role::Hive]).unwrap_err();
-        assert_eq!(err.to_string(), "role mismatch: peer is a worker, expected hive");
+        assert_eq!(
+            err.to_string(),
+            "role mismatch: peer is a worker, expected hive"
+        );
     }
 }

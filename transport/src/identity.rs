@@ -225,9 +225,10 @@ impl ClusterCa {
     /// Creates a new CA named after `cluster_name`.
     pub fn generate(cluster_name: &str) -> Result<Self, IdentityError> {
         let mut params = CertificateParams::new(Vec::<String>::new())?;
-        params
-            .distinguished_name
-            .push(DnType::CommonName, format!("rbee cluster CA {cluster_name}"));
+        params.distinguished_name.push(
+            DnType::CommonName,
+            format!("rbee cluster CA {cluster_name}"),
+        );
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
         validity(&mut params, 20);
@@ -281,7 +282,11 @@ impl ClusterCa {
     /// Writes `ca.crt` and `ca.key` (mode 0600) into `dir`, creating it.
     pub fn save(&self, dir: &Path) -> Result<(), IdentityError> {
         write_file(&dir.join(CA_CERT_FILE), self.cert_pem.as_bytes(), false)?;
-        write_file(&dir.join(CA_KEY_FILE), self.key.serialize_pem().as_bytes(), true)
+        write_file(
+            &dir.join(CA_KEY_FILE),
+            self.key.serialize_pem().as_bytes(),
+            true,
+        )
     }
 
     /// Loads the CA that [`ClusterCa::save`] wrote into `dir`.
@@ -386,9 +391,20 @@ impl NodeIdentity {
 
     /// Writes `node.crt`, `node.key` (mode 0600) and `ca.crt` into `dir`, creating it.
     pub fn save(&self, dir: &Path) -> Result<(), IdentityError> {
-        write_file(&dir.join(CA_CERT_FILE), pem_encode(&self.ca_der).as_bytes(), false)?;
-        write_file(&dir.join(NODE_CERT_FILE), pem_encode(&self.cert_der).as_bytes(), false)?;
-        let key_pem = pem::encode(&pem::Pem::new("PRIVATE KEY", self.key_der.secret_pkcs8_der()));
+        write_file(
+            &dir.join(CA_CERT_FILE),
+            pem_encode(&self.ca_der).as_bytes(),
+            false,
+        )?;
+        write_file(
+            &dir.join(NODE_CERT_FILE),
+            pem_encode(&self.cert_der).as_bytes(),
+            false,
+        )?;
+        let key_pem = pem::encode(&pem::Pem::new(
+            "PRIVATE KEY",
+            self.key_der.secret_pkcs8_der(),
+        ));
         write_file(&dir.join(NODE_KEY_FILE), key_pem.as_bytes(), true)
     }
 
@@ -411,7 +427,8 @@ impl NodeIdentity {
                 reason: "expected a PEM block 'PRIVATE KEY' (PKCS#8)".into(),
             })?;
 
-        let (_, ca) = x509_parser::parse_x509_certificate(&ca_der).map_err(|e| malformed(&ca_path, e))?;
+        let (_, ca) =
+            x509_parser::parse_x509_certificate(&ca_der).map_err(|e| malformed(&ca_path, e))?;
         let (_, cert) =
             x509_parser::parse_x509_certificate(&cert_der).map_err(|e| malformed(&cert_path, e))?;
         if cert.verify_signature(Some(ca.public_key())).is_err() {
@@ -453,13 +470,14 @@ pub fn peer_identity_of(cert_der: &[u8]) -> Result<PeerIdentity, IdentityError> 
     let (_, cert) = x509_parser::parse_x509_certificate(cert_der)
         .map_err(|e| IdentityError::NotANodeCertificate(e.to_string()))?;
     let subject = cert.subject();
-    let field = |mut it: Box<dyn Iterator<Item = &x509_parser::x509::AttributeTypeAndValue<'_>> + '_>,
-                 name: &str| {
-        it.next()
-            .and_then(|a| a.as_str().ok())
-            .map(str::to_string)
-            .ok_or_else(|| IdentityError::NotANodeCertificate(format!("no {name} in subject")))
-    };
+    let field =
+        |mut it: Box<dyn Iterator<Item = &x509_parser::x509::AttributeTypeAndValue<'_>> + '_>,
+         name: &str| {
+            it.next()
+                .and_then(|a| a.as_str().ok())
+                .map(str::to_string)
+                .ok_or_else(|| IdentityError::NotANodeCertificate(format!("no {name} in subject")))
+        };
     let node_id = NodeId::new(field(Box::new(subject.iter_common_name()), "common name")?)?;
     let role = field(Box::new(subject.iter_organizational_unit()), "role (OU)")?.parse()?;
     Ok(PeerIdentity { node_id, role })
@@ -571,7 +589,10 @@ mod tests {
         {
             use std::os::unix::fs::PermissionsExt;
             for f in [CA_KEY_FILE, NODE_KEY_FILE] {
-                let mode = fs::metadata(dir.path().join(f)).unwrap().permissions().mode();
+                let mode = fs::metadata(dir.path().join(f))
+                    .unwrap()
+                    .permissions()
+                    .mode();
                 assert_eq!(mode & 0o777, 0o600, "{f}");
             }
         }
@@ -591,7 +612,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let ours = ClusterCa::generate("ours").unwrap();
         let theirs = ClusterCa::generate("theirs").unwrap();
-        ours.issue(&id("n1"), Role::Hive).unwrap().save(dir.path()).unwrap();
+        ours.issue(&id("n1"), Role::Hive)
+            .unwrap()
+            .save(dir.path())
+            .unwrap();
         // Put a certificate issued by another CA beside our CA.
         let foreign = theirs.issue(&id("n1"), Role::Hive).unwrap();
         write_file(
@@ -610,7 +634,10 @@ mod tests {
     fn garbage_and_unreadable_files_are_clear_errors() {
         let dir = tempfile::tempdir().unwrap();
         let ca = ClusterCa::generate("t").unwrap();
-        ca.issue(&id("n1"), Role::Hive).unwrap().save(dir.path()).unwrap();
+        ca.issue(&id("n1"), Role::Hive)
+            .unwrap()
+            .save(dir.path())
+            .unwrap();
         fs::write(dir.path().join(NODE_CERT_FILE), "not a pem").unwrap();
         let err = NodeIdentity::load(dir.path()).unwrap_err();
         assert!(matches!(err, IdentityError::Malformed { .. }), "{err}");

@@ -20,6 +20,10 @@ pub use config::LinkConfig;
 pub use endpoint::{ALPN, Endpoint, Established};
 pub use error::{CloseCause, LinkError};
 pub use hello::PROTOCOL_VERSION;
-pub use identity::{ClusterCa, Fingerprint, IdentityError, NodeId, NodeIdentity, PeerIdentity, Role};
-pub use link::{Incoming, Link, LinkIncoming, Protocol, Responder, StreamReceiver, StreamSender, Wire};
+pub use identity::{
+    ClusterCa, Fingerprint, IdentityError, NodeId, NodeIdentity, PeerIdentity, Role,
+};
+pub use link::{
+    Incoming, Link, LinkIncoming, Protocol, Responder, StreamReceiver, StreamSender, Wire,
+};
 pub use proxy::{PeerLost, PeerProxy, ProxyMsg};

@@ -92,7 +92,9 @@ impl FrameReader {
     /// The next frame decoded as `T`.
     pub(crate) async fn next<T: DeserializeOwned>(&mut self) -> Result<Option<T>, LinkError> {
         match self.next_payload().await? {
-            Some(frame) => decode_payload(&frame).map(Some).map_err(|e| self.violation(e)),
+            Some(frame) => decode_payload(&frame)
+                .map(Some)
+                .map_err(|e| self.violation(e)),
             None => Ok(None),
         }
     }
@@ -230,12 +232,18 @@ impl<P: Protocol> Link<P> {
     ///
     /// # Cancel safety
     /// Dropping the future resets the request's stream; the peer sees its responder fail.
-    pub async fn call(&self, request: P::Request, timeout: Duration) -> Result<P::Response, LinkError> {
+    pub async fn call(
+        &self,
+        request: P::Request,
+        timeout: Duration,
+    ) -> Result<P::Response, LinkError> {
         let conn = &self.shared.conn;
         let exchange = async {
             let (mut send, recv) = conn.open_bi().await.map_err(|e| open_error(conn, e))?;
             let frame = encode_frame(&OpenFrame::<_, ()>::Call(request), self.shared.max_frame)?;
-            send.write_all(&frame).await.map_err(|e| write_error(conn, e))?;
+            send.write_all(&frame)
+                .await
+                .map_err(|e| write_error(conn, e))?;
             let _ = send.finish();
             let mut reader = FrameReader::new(recv, conn.clone(), self.shared.max_frame);
             match reader.next::<P::Response>().await {
@@ -268,7 +276,9 @@ impl<P: Protocol> Link<P> {
         let conn = &self.shared.conn;
         let (mut send, recv) = conn.open_bi().await.map_err(|e| open_error(conn, e))?;
         let frame = encode_frame(&OpenFrame::<(), _>::Stream(open), self.shared.max_frame)?;
-        send.write_all(&frame).await.map_err(|e| write_error(conn, e))?;
+        send.write_all(&frame)
+            .await
+            .map_err(|e| write_error(conn, e))?;
         let _ = send.finish();
         Ok(StreamReceiver {
             reader: FrameReader::new(recv, conn.clone(), self.shared.max_frame),
@@ -278,7 +288,9 @@ impl<P: Protocol> Link<P> {
 
     /// Closes the link at once, telling the peer `reason`.
     pub fn close(&self, reason: &str) {
-        self.shared.conn.close(close_code::NORMAL, reason.as_bytes());
+        self.shared
+            .conn
+            .close(close_code::NORMAL, reason.as_bytes());
     }
 
     /// Resolves when the link is closed, with the cause.
@@ -368,7 +380,11 @@ async fn read_casts<P: Protocol>(mut control: FrameReader, tx: mpsc::Sender<Inco
     }
 }
 
-async fn accept_requests<P: Protocol>(conn: quinn::Connection, tx: mpsc::Sender<Incoming<P>>, max_frame: usize) {
+async fn accept_requests<P: Protocol>(
+    conn: quinn::Connection,
+    tx: mpsc::Sender<Incoming<P>>,
+    max_frame: usize,
+) {
     while let Ok((send, recv)) = conn.accept_bi().await {
         let tx = tx.clone();
         let conn = conn.clone();

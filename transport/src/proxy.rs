@@ -69,7 +69,11 @@ impl<P: Protocol> Actor for PeerProxy<P> {
     type State = ProxyState<P>;
     type Arguments = Link<P>;
 
-    async fn pre_start(&self, myself: ActorRef<Self::Msg>, link: Link<P>) -> Result<Self::State, ActorProcessingErr> {
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        link: Link<P>,
+    ) -> Result<Self::State, ActorProcessingErr> {
         let closed = link.closed();
         let watcher = tokio::spawn(async move {
             let cause = closed.await;
@@ -78,7 +82,11 @@ impl<P: Protocol> Actor for PeerProxy<P> {
         Ok(ProxyState { link, watcher })
     }
 
-    async fn post_stop(&self, _: ActorRef<Self::Msg>, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
+    async fn post_stop(
+        &self,
+        _: ActorRef<Self::Msg>,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
         state.watcher.abort();
         // The proxy owns the relationship with the peer: stopping it ends the link.
         state.link.close("proxy stopped");
