@@ -132,6 +132,14 @@ fn verified_peer(conn: &quinn::Connection) -> Result<PeerIdentity, LinkError> {
     Ok(peer_identity_of(leaf)?)
 }
 
+/// The link to `addr` failed during the handshake.
+fn closed_at(addr: SocketAddr, cause: impl Into<CloseCause>) -> LinkError {
+    LinkError::Closed {
+        peer: addr.to_string(),
+        cause: cause.into(),
+    }
+}
+
 fn reject(conn: &quinn::Connection, err: LinkError) -> LinkError {
     conn.close(close_code::HANDSHAKE_REJECTED, err.to_string().as_bytes());
     err
@@ -218,22 +226,13 @@ impl<P: Protocol> Endpoint<P> {
                     addr,
                     reason: e.to_string(),
                 })?;
-            let conn = connecting.await.map_err(|e| LinkError::Closed {
-                peer: addr.to_string(),
-                cause: CloseCause::from(e),
-            })?;
+            let conn = connecting.await.map_err(|e| closed_at(addr, e))?;
             let peer = verified_peer(&conn)?;
-            let (mut send, recv) = conn.open_bi().await.map_err(|e| LinkError::Closed {
-                peer: addr.to_string(),
-                cause: e.into(),
-            })?;
+            let (mut send, recv) = conn.open_bi().await.map_err(|e| closed_at(addr, e))?;
             let hello = encode_frame_bytes(&Hello::ours(&self.identity.peer_identity()).encode());
             send.write_all(&hello)
                 .await
-                .map_err(|e| LinkError::Closed {
-                    peer: addr.to_string(),
-                    cause: CloseCause::Transport(e.to_string()),
-                })?;
+                .map_err(|e| closed_at(addr, CloseCause::Transport(e.to_string())))?;
             let mut reader = FrameReader::new(recv, conn.clone(), self.config.max_frame_bytes);
             let reply = match reader.next_payload().await {
                 Ok(Some(payload)) => payload,
@@ -346,15 +345,9 @@ async fn accept_handshake<P: Protocol>(
     config: &LinkConfig,
 ) -> Result<Established<P>, LinkError> {
     let addr = incoming.remote_address();
-    let conn = incoming.await.map_err(|e| LinkError::Closed {
-        peer: addr.to_string(),
-        cause: e.into(),
-    })?;
+    let conn = incoming.await.map_err(|e| closed_at(addr, e))?;
     let peer = verified_peer(&conn).map_err(|e| reject(&conn, e))?;
-    let (mut send, recv) = conn.accept_bi().await.map_err(|e| LinkError::Closed {
-        peer: addr.to_string(),
-        cause: e.into(),
-    })?;
+    let (mut send, recv) = conn.accept_bi().await.map_err(|e| closed_at(addr, e))?;
     let mut reader = FrameReader::new(recv, conn.clone(), config.max_frame_bytes);
     let payload = match reader.next_payload().await {
         Ok(Some(payload)) => payload,
@@ -366,10 +359,9 @@ async fn accept_handshake<P: Protocol>(
         .check(&peer, &config.accept_roles)
         .map_err(|e| reject(&conn, e))?;
     let ours = encode_frame_bytes(&Hello::ours(&identity.peer_identity()).encode());
-    send.write_all(&ours).await.map_err(|e| LinkError::Closed {
-        peer: addr.to_string(),
-        cause: CloseCause::Transport(e.to_string()),
-    })?;
+    send.write_all(&ours)
+        .await
+        .map_err(|e| closed_at(addr, CloseCause::Transport(e.to_string())))?;
     Ok(Link::start(
         conn,
         peer,

@@ -139,10 +139,6 @@ fn write_error(conn: &quinn::Connection, e: quinn::WriteError) -> LinkError {
     }
 }
 
-fn open_error(conn: &quinn::Connection, e: quinn::ConnectionError) -> LinkError {
-    closed(conn, e)
-}
-
 struct Shared {
     conn: quinn::Connection,
     peer: PeerIdentity,
@@ -239,7 +235,7 @@ impl<P: Protocol> Link<P> {
     ) -> Result<P::Response, LinkError> {
         let conn = &self.shared.conn;
         let exchange = async {
-            let (mut send, recv) = conn.open_bi().await.map_err(|e| open_error(conn, e))?;
+            let (mut send, recv) = conn.open_bi().await.map_err(|e| closed(conn, e))?;
             let frame = encode_frame(&OpenFrame::<_, ()>::Call(request), self.shared.max_frame)?;
             send.write_all(&frame)
                 .await
@@ -274,7 +270,7 @@ impl<P: Protocol> Link<P> {
     /// Dropping the returned receiver stops the stream; the peer's sender observes it.
     pub async fn open_stream(&self, open: P::Open) -> Result<StreamReceiver<P::Item>, LinkError> {
         let conn = &self.shared.conn;
-        let (mut send, recv) = conn.open_bi().await.map_err(|e| open_error(conn, e))?;
+        let (mut send, recv) = conn.open_bi().await.map_err(|e| closed(conn, e))?;
         let frame = encode_frame(&OpenFrame::<(), _>::Stream(open), self.shared.max_frame)?;
         send.write_all(&frame)
             .await
