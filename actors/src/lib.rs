@@ -2,6 +2,7 @@
 //! the queen, hive and worker actors build on it.
 
 pub mod supervisor;
+pub mod worker;
 
 pub use supervisor::{
     ChildEvent, ChildInfo, ChildSpec, Decision, Escalated, Restart, RestartIntensity,

@@ -1,0 +1,6 @@
+//! The parts of generation that do not depend on a model: turning logits into a token,
+//! ending on stop sequences, and emitting text that is always whole UTF-8.
+
+pub mod sampling;
+pub mod stop;
+pub mod utf8;
