@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use rbee_transport::codec::encode_frame;
-use rbee_transport::{LinkConfig, LinkError, Role};
+use rbee_transport::{LinkConfig, LinkError};
 
 #[tokio::test]
 async fn a_consumer_that_stops_reading_holds_the_producer_back() {
@@ -16,10 +16,12 @@ async fn a_consumer_that_stops_reading_holds_the_producer_back() {
         stream_window: window,
         ..LinkConfig::default()
     };
-    let cluster = Cluster::new("t");
-    let server = start_server(cluster.identity("w", Role::Worker), config.clone());
-    let client = client(cluster.identity("queen", Role::Queen), config);
-    let (link, _incoming) = client.connect(server.addr, &[Role::Worker]).await.unwrap();
+    let Pair {
+        server,
+        link,
+        client: _client,
+        incoming: _incoming,
+    } = queen_to_worker(config).await;
 
     let total = 100_000;
     let mut stream = link.open_stream(OpenTokens::fast(total)).await.unwrap();
@@ -50,13 +52,12 @@ async fn a_consumer_that_stops_reading_holds_the_producer_back() {
 
 #[tokio::test]
 async fn dropping_the_receiver_is_observed_by_an_idle_producer_within_100ms() {
-    let cluster = Cluster::new("t");
-    let mut server = start_server(cluster.identity("w", Role::Worker), LinkConfig::default());
-    let client = client(
-        cluster.identity("queen", Role::Queen),
-        LinkConfig::default(),
-    );
-    let (link, _incoming) = client.connect(server.addr, &[Role::Worker]).await.unwrap();
+    let Pair {
+        mut server,
+        link,
+        client: _client,
+        incoming: _incoming,
+    } = queen_to_worker(LinkConfig::default()).await;
 
     // A slow producer (one item per second) is idle between items when the consumer leaves.
     let open = OpenTokens {
@@ -79,13 +80,12 @@ async fn dropping_the_receiver_is_observed_by_an_idle_producer_within_100ms() {
 
 #[tokio::test]
 async fn dropping_the_sender_is_observed_by_the_receiver_within_100ms() {
-    let cluster = Cluster::new("t");
-    let mut server = start_server(cluster.identity("w", Role::Worker), LinkConfig::default());
-    let client = client(
-        cluster.identity("queen", Role::Queen),
-        LinkConfig::default(),
-    );
-    let (link, _incoming) = client.connect(server.addr, &[Role::Worker]).await.unwrap();
+    let Pair {
+        mut server,
+        link,
+        client: _client,
+        incoming: _incoming,
+    } = queen_to_worker(LinkConfig::default()).await;
 
     let open = OpenTokens {
         count: 1000,

@@ -59,13 +59,12 @@ async fn a_request_dropped_unanswered_fails_at_once_not_at_the_timeout() {
 
 #[tokio::test]
 async fn a_stream_of_10000_items_arrives_complete_and_in_order() {
-    let cluster = Cluster::new("t");
-    let server = start_server(cluster.identity("w", Role::Worker), LinkConfig::default());
-    let client = client(
-        cluster.identity("queen", Role::Queen),
-        LinkConfig::default(),
-    );
-    let (link, _incoming) = client.connect(server.addr, &[Role::Worker]).await.unwrap();
+    let Pair {
+        server: _server,
+        link,
+        client: _client,
+        incoming: _incoming,
+    } = queen_to_worker(LinkConfig::default()).await;
     let mut stream = link.open_stream(OpenTokens::fast(10_000)).await.unwrap();
     let mut expected = 0;
     while let Some(item) = stream.next().await {

@@ -8,7 +8,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use rbee_transport::{
-    ClusterCa, Endpoint, Incoming, LinkConfig, LinkIncoming, NodeId, NodeIdentity, Protocol, Role,
+    ClusterCa, Endpoint, Incoming, Link, LinkConfig, LinkIncoming, NodeId, NodeIdentity, Protocol,
+    Role,
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
@@ -206,4 +207,25 @@ pub async fn recv_within<T>(rx: &mut mpsc::Receiver<T>, secs: u64) -> T {
         .await
         .expect("nothing arrived in time")
         .expect("channel closed")
+}
+
+/// A queen linked to a serving worker: the usual pair of the stream tests.
+pub struct Pair {
+    pub server: Server,
+    pub link: Link<TestProtocol>,
+    pub client: Endpoint<TestProtocol>,
+    pub incoming: LinkIncoming<TestProtocol>,
+}
+
+pub async fn queen_to_worker(config: LinkConfig) -> Pair {
+    let cluster = Cluster::new("t");
+    let server = start_server(cluster.identity("w", Role::Worker), config.clone());
+    let client = client(cluster.identity("queen", Role::Queen), config);
+    let (link, incoming) = client.connect(server.addr, &[Role::Worker]).await.unwrap();
+    Pair {
+        server,
+        link,
+        client,
+        incoming,
+    }
 }
