@@ -202,10 +202,7 @@ impl<P: Protocol> Link<P> {
             shared: shared.clone(),
             _protocol: PhantomData,
         };
-        let incoming = LinkIncoming {
-            rx,
-            _shared: shared,
-        };
+        let incoming = LinkIncoming { rx, shared };
         (link, incoming)
     }
 
@@ -334,13 +331,13 @@ impl<P: Protocol> fmt::Debug for Incoming<P> {
 /// The receiving half of a link: what the peer sends, in a bounded queue.
 pub struct LinkIncoming<P: Protocol> {
     rx: mpsc::Receiver<Incoming<P>>,
-    _shared: Arc<Shared>,
+    shared: Arc<Shared>,
 }
 
 impl<P: Protocol> fmt::Debug for LinkIncoming<P> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("LinkIncoming")
-            .field("peer", &self._shared.peer)
+            .field("peer", &self.shared.peer)
             .field("queued", &self.rx.len())
             .finish()
     }

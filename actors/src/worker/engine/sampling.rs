@@ -180,11 +180,16 @@ impl Sampler {
             .enumerate()
             .map(|(i, &l)| (i as u32, ((l - max) * inv_t).exp()))
             .collect();
-        // Stable order: by probability, then by token id, so equal seeds replay exactly.
-        probs.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-        if self.params.top_k > 0 {
-            probs.truncate(self.params.top_k);
+        // A total order (probability, then token id), so equal seeds replay exactly.
+        let order = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+        let k = self.params.top_k;
+        if k > 0 && k < probs.len() {
+            // Runs once per token over the whole vocabulary: partition out the top k in
+            // linear time and sort only those.
+            probs.select_nth_unstable_by(k - 1, order);
+            probs.truncate(k);
         }
+        probs.sort_unstable_by(order);
         if self.params.min_p > 0.0 {
             // The best token has probability 1 after the shift by `max`.
             let floor = probs[0].1 * self.params.min_p;
