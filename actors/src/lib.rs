@@ -1,6 +1,7 @@
 //! rbee's supervision tree. This crate holds the restart strategy every parent uses;
 //! the queen, hive and worker actors build on it.
 
+pub mod paths;
 pub mod supervisor;
 pub mod worker;
 

@@ -1,7 +1,11 @@
 //! The worker: one loaded model that streams tokens.
 //!
-//! Built so far: the model-independent parts of its engine (sampling, stop sequences,
-//! UTF-8-safe streaming of token bytes). Model loading, the actor and the process mode are
-//! not built yet.
+//! - [`engine`]: candle models, tokenizer, chat template, sampling and the generation
+//!   pipeline, all synchronous.
+//! - [`actor`]: the supervised ractor actor that owns the sessions and runs generations on
+//!   blocking threads.
+//! - [`api`]: the request and event types a client sends and receives.
 
+pub mod actor;
+pub mod api;
 pub mod engine;

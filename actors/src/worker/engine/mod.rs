@@ -1,7 +1,12 @@
-//! The parts of generation that do not depend on a model: turning logits into a token,
-//! ending on stop sequences, and emitting text that is always whole UTF-8.
+//! The worker's engine: a model loaded with candle, its tokenizer and chat template, and the
+//! generation pipeline that turns a request into a stream of events.
 
+pub mod convert;
+pub mod loader;
 pub mod model;
+pub mod pipeline;
 pub mod sampling;
 pub mod stop;
+pub mod template;
+pub mod tokenizer;
 pub mod utf8;

@@ -1,23 +1,28 @@
-//! A llama-architecture GGUF model loaded with candle, and generation over it with the
-//! KV cache at the right absolute positions.
+//! A model loaded with candle, and generation over it with the KV cache at the right
+//! absolute positions.
 //!
-//! The architecture comes from the file's `general.architecture`, never from its name. This
-//! first slice supports `llama` (SmolLM2, Llama, Mistral-style GGUFs); other architectures
-//! are refused with their name.
+//! GGUF files load through candle's quantized models (`llama`, `qwen2`, `qwen3`);
+//! safetensors directories through its full-precision ones (`llama`, `mistral`, `qwen2`).
+//! The architecture always comes from the file (`general.architecture`, or config.json's
+//! `model_type`), never from its name.
 
-use std::fs::File;
-use std::io::BufReader;
+use std::io::{Read, Seek};
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 
 use candle_core::quantized::gguf_file;
-use candle_core::{Device, Tensor};
-use candle_transformers::models::quantized_llama::{MAX_SEQ_LEN, ModelWeights};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use candle_transformers::models::{
+    llama, mistral, quantized_llama, quantized_qwen2, quantized_qwen3, qwen2,
+};
 
 use super::sampling::{Sampler, SamplingError};
 
 /// Architectures this build loads from GGUF.
-pub const SUPPORTED_ARCHITECTURES: &[&str] = &["llama"];
+pub const GGUF_ARCHITECTURES: &[&str] = &["llama", "qwen2", "qwen3"];
+/// Architectures this build loads from safetensors (config.json's `model_type`).
+pub const SAFETENSORS_ARCHITECTURES: &[&str] = &["llama", "mistral", "qwen2"];
 
 /// Errors of loading a model and generating with it.
 #[derive(Debug, thiserror::Error)]
@@ -30,19 +35,27 @@ pub enum EngineError {
         /// What the OS said.
         source: std::io::Error,
     },
-    /// The file is not a readable GGUF (bad magic, truncated header, bad tensor table).
-    #[error("{} is not a readable GGUF file: {reason}", path.display())]
-    InvalidGguf {
-        /// The file.
+    /// The file is not a readable GGUF (bad magic, truncated header, bad tensor table), or
+    /// a safetensors directory's files do not hold the model its config describes.
+    #[error("{} is not a loadable model: {reason}", path.display())]
+    Invalid {
+        /// The file or directory.
         path: PathBuf,
         /// What was wrong.
         reason: String,
     },
     /// The file's architecture is not one this build runs.
-    #[error("unsupported architecture {0:?}: this build runs {SUPPORTED_ARCHITECTURES:?}")]
-    UnsupportedArchitecture(String),
+    #[error(
+        "unsupported {format} architecture {architecture:?}: this build runs GGUF {GGUF_ARCHITECTURES:?} and safetensors {SAFETENSORS_ARCHITECTURES:?}"
+    )]
+    UnsupportedArchitecture {
+        /// `gguf` or `safetensors`.
+        format: &'static str,
+        /// The architecture the file names.
+        architecture: String,
+    },
     /// A metadata key the architecture needs is absent or of the wrong type.
-    #[error("GGUF metadata {0} is missing or not a number")]
+    #[error("model metadata {0} is missing or of the wrong type")]
     MissingMetadata(String),
     /// Prompt plus requested tokens do not fit the model's context; refused before any work.
     #[error(
@@ -72,13 +85,13 @@ fn compute(e: candle_core::Error) -> EngineError {
 }
 
 /// Why a generation ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum FinishReason {
-    /// An end-of-sequence token (or, above this layer, a stop sequence).
+    /// An end-of-sequence token or a stop sequence.
     Stop,
     /// `max_tokens` were generated.
     Length,
-    /// The consumer asked to stop.
+    /// The consumer went away or asked to stop.
     Cancelled,
 }
 
@@ -91,61 +104,221 @@ pub struct Generation {
     pub finish: FinishReason,
 }
 
-/// A loaded GGUF model. Cloning is cheap (weights are shared); each clone has its own KV
-/// cache, so keep a pristine copy and clone it per session.
-#[derive(Clone)]
-pub struct GgufModel {
-    weights: ModelWeights,
+/// candle's model types; each keeps its own KV cache.
+enum Backend {
+    QuantizedLlama(quantized_llama::ModelWeights),
+    QuantizedQwen2(Box<quantized_qwen2::ModelWeights>),
+    QuantizedQwen3(quantized_qwen3::ModelWeights),
+    Llama {
+        model: llama::Llama,
+        cache: llama::Cache,
+        /// An empty cache to reset to (llama's cache lives outside the model).
+        empty: llama::Cache,
+    },
+    Mistral(mistral::Model),
+    Qwen2(qwen2::ModelForCausalLM),
+}
+
+impl Backend {
+    fn forward(&mut self, input: &Tensor, position: usize) -> candle_core::Result<Tensor> {
+        match self {
+            Backend::QuantizedLlama(m) => m.forward(input, position),
+            Backend::QuantizedQwen2(m) => m.forward(input, position),
+            Backend::QuantizedQwen3(m) => m.forward(input, position),
+            Backend::Llama { model, cache, .. } => model.forward(input, position, cache),
+            Backend::Mistral(m) => m.forward(input, position),
+            Backend::Qwen2(m) => m.forward(input, position),
+        }
+    }
+
+    fn clear_kv_cache(&mut self) {
+        match self {
+            Backend::QuantizedLlama(m) => m.clear_kv_cache(),
+            Backend::QuantizedQwen2(m) => m.clear_kv_cache(),
+            Backend::QuantizedQwen3(m) => m.clear_kv_cache(),
+            Backend::Llama { cache, empty, .. } => *cache = empty.clone(),
+            Backend::Mistral(m) => m.clear_kv_cache(),
+            Backend::Qwen2(m) => m.clear_kv_cache(),
+        }
+    }
+
+    /// A second session on the same weights, when candle's type allows it.
+    fn try_clone(&self) -> Option<Backend> {
+        Some(match self {
+            Backend::QuantizedLlama(m) => Backend::QuantizedLlama(m.clone()),
+            Backend::QuantizedQwen2(_) => return None,
+            Backend::QuantizedQwen3(m) => Backend::QuantizedQwen3(m.clone()),
+            Backend::Llama { model, empty, .. } => Backend::Llama {
+                model: model.clone(),
+                cache: empty.clone(),
+                empty: empty.clone(),
+            },
+            Backend::Mistral(m) => Backend::Mistral(m.clone()),
+            Backend::Qwen2(m) => Backend::Qwen2(m.clone()),
+        })
+    }
+}
+
+/// A loaded model with its own KV cache.
+pub struct Model {
+    backend: Backend,
     architecture: String,
     context_length: usize,
     device: Device,
 }
 
-impl std::fmt::Debug for GgufModel {
+impl std::fmt::Debug for Model {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("GgufModel")
+        f.debug_struct("Model")
             .field("architecture", &self.architecture)
             .field("context_length", &self.context_length)
             .finish_non_exhaustive()
     }
 }
 
-impl GgufModel {
-    /// Loads `path` onto `device`.
-    pub fn load(path: &Path, device: &Device) -> Result<Self, EngineError> {
-        let io = |source| EngineError::Io {
-            path: path.to_path_buf(),
-            source,
-        };
-        let invalid = |e: candle_core::Error| EngineError::InvalidGguf {
-            path: path.to_path_buf(),
-            reason: e.to_string(),
-        };
-        let mut reader = BufReader::new(File::open(path).map_err(io)?);
-        let content = gguf_file::Content::read(&mut reader).map_err(invalid)?;
-        let architecture = content
-            .metadata
-            .get("general.architecture")
-            .and_then(|v| v.to_string().ok())
-            .cloned()
-            .ok_or_else(|| EngineError::MissingMetadata("general.architecture".into()))?;
-        if !SUPPORTED_ARCHITECTURES.contains(&architecture.as_str()) {
-            return Err(EngineError::UnsupportedArchitecture(architecture));
-        }
+/// `general.architecture` of a GGUF.
+pub fn gguf_architecture(content: &gguf_file::Content) -> Result<String, EngineError> {
+    content
+        .metadata
+        .get("general.architecture")
+        .and_then(|v| v.to_string().ok())
+        .cloned()
+        .ok_or_else(|| EngineError::MissingMetadata("general.architecture".into()))
+}
+
+impl Model {
+    /// Loads the GGUF whose header is `content` (read from `reader`, the file at `path`).
+    pub fn from_gguf<R: Read + Seek>(
+        path: &Path,
+        content: gguf_file::Content,
+        reader: &mut R,
+        device: &Device,
+    ) -> Result<Self, EngineError> {
+        let architecture = gguf_architecture(&content)?;
         let key = format!("{architecture}.context_length");
         let declared = content
             .metadata
             .get(&key)
             .and_then(|v| v.to_u32().ok())
             .ok_or(EngineError::MissingMetadata(key))? as usize;
-        // candle's rotary table stops at MAX_SEQ_LEN positions.
-        let context_length = declared.min(MAX_SEQ_LEN);
-        let weights = ModelWeights::from_gguf(content, &mut reader, device).map_err(invalid)?;
-        Ok(GgufModel {
-            weights,
+        let invalid = |e: candle_core::Error| EngineError::Invalid {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        };
+        let (backend, context_length) = match architecture.as_str() {
+            // candle's llama rotary table stops at MAX_SEQ_LEN positions.
+            "llama" => (
+                Backend::QuantizedLlama(
+                    quantized_llama::ModelWeights::from_gguf(content, reader, device)
+                        .map_err(invalid)?,
+                ),
+                declared.min(quantized_llama::MAX_SEQ_LEN),
+            ),
+            "qwen2" => (
+                Backend::QuantizedQwen2(Box::new(
+                    quantized_qwen2::ModelWeights::from_gguf(content, reader, device)
+                        .map_err(invalid)?,
+                )),
+                declared,
+            ),
+            "qwen3" => (
+                Backend::QuantizedQwen3(
+                    quantized_qwen3::ModelWeights::from_gguf(content, reader, device)
+                        .map_err(invalid)?,
+                ),
+                declared,
+            ),
+            _ => {
+                return Err(EngineError::UnsupportedArchitecture {
+                    format: "gguf",
+                    architecture,
+                });
+            }
+        };
+        Ok(Model {
+            backend,
             architecture,
             context_length,
             device: device.clone(),
+        })
+    }
+
+    /// Loads a safetensors model: `config` is config.json's text, `weights` the
+    /// `.safetensors` files. Weights are memory-mapped and computed in F32 on the CPU.
+    pub fn from_safetensors(
+        dir: &Path,
+        config: &str,
+        weights: &[PathBuf],
+        device: &Device,
+    ) -> Result<Self, EngineError> {
+        let invalid = |reason: String| EngineError::Invalid {
+            path: dir.to_path_buf(),
+            reason,
+        };
+        let header: serde_json::Value =
+            serde_json::from_str(config).map_err(|e| invalid(format!("config.json: {e}")))?;
+        let architecture = header
+            .get("model_type")
+            .and_then(|v| v.as_str())
+            .ok_or_else(|| EngineError::MissingMetadata("config.json model_type".into()))?
+            .to_string();
+        let parse_err = |e: serde_json::Error| invalid(format!("config.json: {e}"));
+        let dtype = if device.is_cpu() {
+            DType::F32
+        } else {
+            DType::BF16
+        };
+        // SAFETY: the files are mapped read-only; rbee never writes a model it has loaded
+        // (the model store replaces files by rename, which keeps an open mapping intact).
+        let vb = unsafe { VarBuilder::from_mmaped_safetensors(weights, dtype, device) }
+            .map_err(|e| invalid(e.to_string()))?;
+        let cfail = |e: candle_core::Error| invalid(e.to_string());
+        let (backend, context_length) = match architecture.as_str() {
+            "llama" => {
+                let cfg: llama::LlamaConfig = serde_json::from_str(config).map_err(parse_err)?;
+                let cfg = cfg.into_config(false);
+                let empty = llama::Cache::new(true, dtype, &cfg, device).map_err(cfail)?;
+                let model = llama::Llama::load(vb, &cfg).map_err(cfail)?;
+                let backend = Backend::Llama {
+                    model,
+                    cache: empty.clone(),
+                    empty,
+                };
+                (backend, cfg.max_position_embeddings)
+            }
+            "mistral" => {
+                let cfg: mistral::Config = serde_json::from_str(config).map_err(parse_err)?;
+                let model = mistral::Model::new(&cfg, vb).map_err(cfail)?;
+                (Backend::Mistral(model), cfg.max_position_embeddings)
+            }
+            "qwen2" => {
+                let cfg: qwen2::Config = serde_json::from_str(config).map_err(parse_err)?;
+                let model = qwen2::ModelForCausalLM::new(&cfg, vb).map_err(cfail)?;
+                (Backend::Qwen2(model), cfg.max_position_embeddings)
+            }
+            _ => {
+                return Err(EngineError::UnsupportedArchitecture {
+                    format: "safetensors",
+                    architecture,
+                });
+            }
+        };
+        Ok(Model {
+            backend,
+            architecture,
+            context_length,
+            device: device.clone(),
+        })
+    }
+
+    /// Another session on the same weights with an empty KV cache, or `None` when candle's
+    /// type for this architecture cannot share its weights (quantized qwen2).
+    pub fn try_clone(&self) -> Option<Model> {
+        Some(Model {
+            backend: self.backend.try_clone()?,
+            architecture: self.architecture.clone(),
+            context_length: self.context_length,
+            device: self.device.clone(),
         })
     }
 
@@ -165,16 +338,32 @@ impl GgufModel {
         let input = Tensor::new(tokens, &self.device)
             .and_then(|t| t.unsqueeze(0))
             .map_err(compute)?;
-        self.weights
+        self.backend
             .forward(&input, position)
-            .and_then(|logits| logits.squeeze(0))
+            .and_then(|logits| logits.flatten_all())
+            .and_then(|logits| logits.to_dtype(DType::F32))
             .and_then(|logits| logits.to_vec1::<f32>())
             .map_err(compute)
     }
 
+    /// Refuses a request whose prompt plus `max_tokens` does not fit the context.
+    pub fn check_fits(&self, prompt: usize, max_tokens: usize) -> Result<(), EngineError> {
+        if prompt == 0 {
+            return Err(EngineError::EmptyPrompt);
+        }
+        if prompt.saturating_add(max_tokens) > self.context_length {
+            return Err(EngineError::ContextExceeded {
+                prompt,
+                max_tokens,
+                context: self.context_length,
+            });
+        }
+        Ok(())
+    }
+
     /// Generates up to `max_tokens` after `prompt`, ending early on any of `eos` or when
     /// `on_token` breaks (cancellation, observed between tokens). Starts from an empty KV
-    /// cache.
+    /// cache. `on_prefilled` runs once the prompt has been processed.
     pub fn generate(
         &mut self,
         prompt: &[u32],
@@ -183,17 +372,8 @@ impl GgufModel {
         eos: &[u32],
         mut on_token: impl FnMut(u32) -> ControlFlow<()>,
     ) -> Result<Generation, EngineError> {
-        if prompt.is_empty() {
-            return Err(EngineError::EmptyPrompt);
-        }
-        if prompt.len() + max_tokens > self.context_length {
-            return Err(EngineError::ContextExceeded {
-                prompt: prompt.len(),
-                max_tokens,
-                context: self.context_length,
-            });
-        }
-        self.weights.clear_kv_cache();
+        self.check_fits(prompt.len(), max_tokens)?;
+        self.backend.clear_kv_cache();
         let mut history = prompt.to_vec();
         let mut logits = self.forward(prompt, 0)?;
         let mut generated = Vec::new();
@@ -228,45 +408,46 @@ impl GgufModel {
 
     /// Logits after `tokens` computed from scratch, without reusing any cache.
     pub fn logits_uncached(&mut self, tokens: &[u32]) -> Result<Vec<f32>, EngineError> {
-        self.weights.clear_kv_cache();
+        self.backend.clear_kv_cache();
         let logits = self.forward(tokens, 0);
-        self.weights.clear_kv_cache();
+        self.backend.clear_kv_cache();
         logits
     }
 }
 
 #[cfg(test)]
 pub(crate) mod tests {
+    use std::fs::File;
+    use std::io::BufReader;
+
     use candle_core::quantized::{GgmlDType, QTensor, gguf_file::Value};
 
     use super::*;
     use crate::worker::engine::sampling::SamplingParams;
+    use crate::worker::engine::tokenizer::tests::{TINY_VOCAB, tiny_tokenizer_metadata};
 
-    const VOCAB: usize = 64;
-    const DIM: usize = 32;
-    const HIDDEN: usize = 64;
+    const DIM: usize = 64;
+    const HIDDEN: usize = 128;
     const HEADS: u32 = 4;
     const KV_HEADS: u32 = 2;
+    const HEAD_DIM: usize = DIM / HEADS as usize;
 
-    /// Writes a tiny random llama GGUF (2 layers, 64-token vocabulary) to `path`.
-    pub(crate) fn write_tiny_llama(path: &Path, architecture: &str, context: u32) {
+    /// Writes a tiny random GGUF of `architecture` (2 layers, the byte-level vocabulary of
+    /// the tokenizer tests, its tokenizer in the metadata) with tensors in `dtype`.
+    pub(crate) fn write_tiny_gguf(path: &Path, architecture: &str, context: u32, dtype: GgmlDType) {
         let dev = Device::Cpu;
-        let kv_dim = DIM / HEADS as usize * KV_HEADS as usize;
+        let kv_dim = HEAD_DIM * KV_HEADS as usize;
         let random = |shape: &[usize]| {
             let t = Tensor::randn(0f32, 0.5, shape, &dev).unwrap();
-            QTensor::quantize(&t, GgmlDType::F32).unwrap()
+            QTensor::quantize(&t, dtype).unwrap()
         };
-        let ones = |n: usize| {
-            QTensor::quantize(
-                &Tensor::ones(n, candle_core::DType::F32, &dev).unwrap(),
-                GgmlDType::F32,
-            )
-            .unwrap()
-        };
+        let f32_of = |t: Tensor| QTensor::quantize(&t, GgmlDType::F32).unwrap();
+        let ones = |n: usize| f32_of(Tensor::ones(n, DType::F32, &dev).unwrap());
+        let bias = |n: usize| f32_of(Tensor::randn(0f32, 0.1, n, &dev).unwrap());
         let mut tensors: Vec<(String, QTensor)> = vec![
-            ("token_embd.weight".into(), random(&[VOCAB, DIM])),
+            ("token_embd.weight".into(), random(&[TINY_VOCAB, DIM])),
             ("output_norm.weight".into(), ones(DIM)),
-            ("output.weight".into(), random(&[VOCAB, DIM])),
+            ("output.weight".into(), random(&[TINY_VOCAB, DIM])),
         ];
         for l in 0..2 {
             let p = format!("blk.{l}");
@@ -279,35 +460,89 @@ pub(crate) mod tests {
             tensors.push((format!("{p}.ffn_up.weight"), random(&[HIDDEN, DIM])));
             tensors.push((format!("{p}.attn_norm.weight"), ones(DIM)));
             tensors.push((format!("{p}.ffn_norm.weight"), ones(DIM)));
+            if architecture == "qwen2" {
+                tensors.push((format!("{p}.attn_q.bias"), bias(DIM)));
+                tensors.push((format!("{p}.attn_k.bias"), bias(kv_dim)));
+                tensors.push((format!("{p}.attn_v.bias"), bias(kv_dim)));
+            }
+            if architecture == "qwen3" {
+                tensors.push((format!("{p}.attn_q_norm.weight"), ones(HEAD_DIM)));
+                tensors.push((format!("{p}.attn_k_norm.weight"), ones(HEAD_DIM)));
+            }
         }
         let a = architecture;
-        let metadata: Vec<(String, Value)> = vec![
+        let mut metadata: Vec<(String, Value)> = vec![
             ("general.architecture".into(), Value::String(a.into())),
             (format!("{a}.context_length"), Value::U32(context)),
             (format!("{a}.attention.head_count"), Value::U32(HEADS)),
             (format!("{a}.attention.head_count_kv"), Value::U32(KV_HEADS)),
+            (
+                format!("{a}.attention.key_length"),
+                Value::U32(HEAD_DIM as u32),
+            ),
             (format!("{a}.block_count"), Value::U32(2)),
             (format!("{a}.embedding_length"), Value::U32(DIM as u32)),
             (
                 format!("{a}.rope.dimension_count"),
-                Value::U32(DIM as u32 / HEADS),
+                Value::U32(HEAD_DIM as u32),
             ),
+            (format!("{a}.rope.freq_base"), Value::F32(10000.0)),
             (
                 format!("{a}.attention.layer_norm_rms_epsilon"),
                 Value::F32(1e-5),
             ),
         ];
+        metadata.extend(tiny_tokenizer_metadata("smollm"));
+        metadata.push((
+            "tokenizer.chat_template".into(),
+            Value::String(crate::worker::engine::template::tests::CHATML.into()),
+        ));
         let metadata: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
         let tensors: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
         let mut file = File::create(path).unwrap();
         gguf_file::write(&mut file, &metadata, &tensors).unwrap();
     }
 
-    fn tiny(context: u32) -> (tempfile::TempDir, GgufModel) {
+    /// Writes a tiny random F32 llama GGUF.
+    pub(crate) fn write_tiny_llama(path: &Path, context: u32) {
+        write_tiny_gguf(path, "llama", context, GgmlDType::F32);
+    }
+
+    pub(crate) fn load_gguf(path: &Path) -> Result<Model, EngineError> {
+        let mut reader = BufReader::new(File::open(path).map_err(|source| EngineError::Io {
+            path: path.into(),
+            source,
+        })?);
+        let content = gguf_file::Content::read(&mut reader).map_err(|e| EngineError::Invalid {
+            path: path.into(),
+            reason: e.to_string(),
+        })?;
+        Model::from_gguf(path, content, &mut reader, &Device::Cpu)
+    }
+
+    /// Writes a tiny random llama as safetensors + config.json into `dir`.
+    pub(crate) fn write_tiny_safetensors_llama(dir: &Path) -> PathBuf {
+        let config = serde_json::json!({
+            "model_type": "llama",
+            "hidden_size": DIM, "intermediate_size": HIDDEN, "vocab_size": TINY_VOCAB,
+            "num_hidden_layers": 2, "num_attention_heads": HEADS, "num_key_value_heads": KV_HEADS,
+            "rms_norm_eps": 1e-5, "max_position_embeddings": 128, "tie_word_embeddings": false,
+        });
+        let cfg: llama::LlamaConfig = serde_json::from_value(config.clone()).unwrap();
+        let varmap = candle_nn::VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+        llama::Llama::load(vb, &cfg.into_config(false)).unwrap();
+        let weights = dir.join("model.safetensors");
+        varmap.save(&weights).unwrap();
+        std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+        weights
+    }
+
+    fn tiny(context: u32) -> (tempfile::TempDir, Model) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("tiny.gguf");
-        write_tiny_llama(&path, "llama", context);
-        let model = GgufModel::load(&path, &Device::Cpu).unwrap();
+        write_tiny_llama(&path, context);
+        let model = load_gguf(&path).unwrap();
         (dir, model)
     }
 
@@ -316,10 +551,7 @@ pub(crate) mod tests {
         s.sample(&mut logits.to_vec(), &[]).unwrap()
     }
 
-    #[test]
-    fn tokens_with_the_kv_cache_equal_tokens_without_it() {
-        let (_dir, mut model) = tiny(256);
-        assert_eq!(model.architecture(), "llama");
+    fn assert_cache_matches_recompute(model: &mut Model) {
         let prompt = [1, 5, 9, 2];
         let mut sampler = Sampler::new(SamplingParams::greedy()).unwrap();
         let cached = model
@@ -333,12 +565,55 @@ pub(crate) mod tests {
             .unwrap();
         assert_eq!(cached.finish, FinishReason::Length);
         assert_eq!(cached.tokens.len(), 12);
-
         let mut sequence = prompt.to_vec();
         for &expected in &cached.tokens {
             let next = argmax(&model.logits_uncached(&sequence).unwrap());
-            assert_eq!(next, expected, "diverged after {} tokens", sequence.len());
+            assert_eq!(
+                next,
+                expected,
+                "{}: diverged after {} tokens",
+                model.architecture(),
+                sequence.len()
+            );
             sequence.push(next);
+        }
+    }
+
+    #[test]
+    fn tokens_with_the_kv_cache_equal_tokens_without_it_for_every_gguf_architecture() {
+        let dir = tempfile::tempdir().unwrap();
+        for arch in GGUF_ARCHITECTURES {
+            let path = dir.path().join(format!("{arch}.gguf"));
+            write_tiny_gguf(&path, arch, 256, GgmlDType::F32);
+            let mut model = load_gguf(&path).unwrap();
+            assert_eq!(model.architecture(), *arch);
+            assert_cache_matches_recompute(&mut model);
+        }
+    }
+
+    #[test]
+    fn a_safetensors_llama_loads_and_its_cache_matches_recompute() {
+        let dir = tempfile::tempdir().unwrap();
+        let weights = write_tiny_safetensors_llama(dir.path());
+        let config = std::fs::read_to_string(dir.path().join("config.json")).unwrap();
+        let mut model = Model::from_safetensors(
+            dir.path(),
+            &config,
+            std::slice::from_ref(&weights),
+            &Device::Cpu,
+        )
+        .unwrap();
+        assert_eq!(model.context_length(), 128);
+        assert_cache_matches_recompute(&mut model);
+        let mut clone = model.try_clone().unwrap();
+        assert_cache_matches_recompute(&mut clone);
+
+        let gpt = config.replace("\"llama\"", "\"gpt_neox\"");
+        match Model::from_safetensors(dir.path(), &gpt, &[weights], &Device::Cpu) {
+            Err(EngineError::UnsupportedArchitecture { architecture, .. }) => {
+                assert_eq!(architecture, "gpt_neox")
+            }
+            other => panic!("{other:?}"),
         }
     }
 
@@ -346,7 +621,7 @@ pub(crate) mod tests {
     fn the_same_seed_gives_the_same_tokens() {
         let (_dir, model) = tiny(256);
         let run = |seed| {
-            let mut m = model.clone();
+            let mut m = model.try_clone().unwrap();
             let params = SamplingParams {
                 temperature: 1.0,
                 seed: Some(seed),
@@ -436,22 +711,17 @@ pub(crate) mod tests {
     fn unsupported_architectures_and_broken_files_are_named() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("m.gguf");
-        write_tiny_llama(&path, "mamba", 64);
-        match GgufModel::load(&path, &Device::Cpu) {
-            Err(EngineError::UnsupportedArchitecture(a)) => assert_eq!(a, "mamba"),
+        write_tiny_gguf(&path, "mamba", 64, GgmlDType::F32);
+        match load_gguf(&path) {
+            Err(EngineError::UnsupportedArchitecture { architecture, .. }) => {
+                assert_eq!(architecture, "mamba")
+            }
             other => panic!("{other:?}"),
         }
-        // A GGUF cut inside its header.
-        write_tiny_llama(&path, "llama", 64);
+        // A GGUF cut inside its tensor data.
+        write_tiny_llama(&path, 64);
         let bytes = std::fs::read(&path).unwrap();
-        std::fs::write(&path, &bytes[..40]).unwrap();
-        assert!(matches!(
-            GgufModel::load(&path, &Device::Cpu),
-            Err(EngineError::InvalidGguf { .. })
-        ));
-        assert!(matches!(
-            GgufModel::load(&dir.path().join("absent.gguf"), &Device::Cpu),
-            Err(EngineError::Io { .. })
-        ));
+        std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
+        assert!(matches!(load_gguf(&path), Err(EngineError::Invalid { .. })));
     }
 }

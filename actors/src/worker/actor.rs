@@ -1,0 +1,466 @@
+//! The worker actor: loading → ready ⇄ busy → draining.
+//!
+//! Loading and generation run on blocking threads, so the actor answers `Status` while the
+//! model loads or computes. Each generation takes a session (its own KV cache over the
+//! shared weights) from the pool and gives it back when it ends; with every slot taken a
+//! request is refused with `Busy` (queueing is the queen's job, which sees all workers).
+//! A token stream is a bounded channel: a slow consumer slows generation, a dropped one
+//! stops it before the next token.
+
+use std::ops::ControlFlow;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+use super::api::{ErrorKind, FinishReason, GenerateRequest, GenerationError, GenerationEvent};
+use super::engine::loader::{self, LoadOptions, LoadProgress, ModelInfo};
+use super::engine::model::Model;
+use super::engine::pipeline::{self, Outcome, Vocabulary};
+use super::engine::template::ChatTemplate;
+use super::engine::tokenizer::ModelTokenizer;
+
+/// Events buffered between a generation and its consumer: enough to ride out a consumer's
+/// hiccup, small enough that a stalled consumer stalls generation.
+pub const STREAM_CAPACITY: usize = 32;
+
+/// The worker actor.
+pub struct Worker;
+
+/// What a worker loads and who hears about it.
+pub struct WorkerArgs {
+    /// A GGUF file or a safetensors directory.
+    pub model: PathBuf,
+    /// Slots, requantization.
+    pub options: LoadOptions,
+    /// Receives loading progress (at most one report per percent per step).
+    pub progress: Option<mpsc::UnboundedSender<LoadProgress>>,
+}
+
+/// The phase a worker is in.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub enum Phase {
+    /// Loading its model; the last progress report, if any.
+    Loading(Option<LoadProgress>),
+    /// Loaded, no sequence generating.
+    Ready,
+    /// At least one sequence generating.
+    Busy,
+    /// Finishing what it has; takes nothing new and stops when idle.
+    Draining,
+}
+
+/// A worker's answer to `Status`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WorkerStatus {
+    /// Where it stands.
+    pub phase: Phase,
+    /// The model, once loaded.
+    pub model: Option<ModelInfo>,
+    /// Sequences served at once.
+    pub slots: usize,
+    /// Sequences generating now.
+    pub active: usize,
+    /// Tokens generated since start, over all requests.
+    pub generated_tokens: u64,
+    /// How the most recent generation ended (`None` if it failed or none ended yet).
+    pub last_finish: Option<FinishReason>,
+}
+
+/// Messages of the worker actor.
+pub enum WorkerMsg {
+    /// Generate for `request`, sending events to `events` (use [`STREAM_CAPACITY`]).
+    Generate(GenerateRequest, mpsc::Sender<GenerationEvent>),
+    /// Where the worker stands.
+    Status(RpcReplyPort<WorkerStatus>),
+    /// Take no new requests; stop once the running ones end.
+    Drain,
+    /// Internal: a loading step advanced.
+    Progress(LoadProgress),
+    /// Internal: loading ended.
+    Loaded(Result<Box<loader::LoadedModel>, String>),
+    /// Internal: a generation ended and gives its session back.
+    Finished(Box<Model>, Outcome),
+}
+
+/// What every session shares.
+struct Shared {
+    tokenizer: ModelTokenizer,
+    template: Option<ChatTemplate>,
+}
+
+/// Set when the worker stops: running generations end with an error at their next token.
+struct StopSignal(Arc<AtomicBool>);
+
+impl Drop for StopSignal {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Release);
+    }
+}
+
+/// The worker's state.
+pub struct WorkerState {
+    phase: Phase,
+    slots: usize,
+    idle: Vec<Model>,
+    shared: Option<Arc<Shared>>,
+    info: Option<ModelInfo>,
+    generated_tokens: u64,
+    last_finish: Option<FinishReason>,
+    stopping: StopSignal,
+}
+
+impl WorkerState {
+    fn active(&self) -> usize {
+        if self.shared.is_some() {
+            self.slots - self.idle.len()
+        } else {
+            0
+        }
+    }
+
+    fn status(&self) -> WorkerStatus {
+        WorkerStatus {
+            phase: self.phase,
+            model: self.info.clone(),
+            slots: self.slots,
+            active: self.active(),
+            generated_tokens: self.generated_tokens,
+            last_finish: self.last_finish,
+        }
+    }
+}
+
+/// Calls `progress` at most once per percent of each step, and always at a step's ends.
+fn throttled(mut report: impl FnMut(LoadProgress)) -> impl FnMut(LoadProgress) {
+    let mut last: Option<LoadProgress> = None;
+    move |p: LoadProgress| {
+        let new_step = last.is_none_or(|l| l.step != p.step);
+        let moved = last.is_none_or(|l| p.fraction - l.fraction >= 0.01);
+        if new_step || moved || p.fraction >= 1.0 {
+            last = Some(p);
+            report(p);
+        }
+    }
+}
+
+impl Actor for Worker {
+    type Msg = WorkerMsg;
+    type State = WorkerState;
+    type Arguments = WorkerArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<WorkerMsg>,
+        args: WorkerArgs,
+    ) -> Result<WorkerState, ActorProcessingErr> {
+        let slots = args.options.slots;
+        let me = myself.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut report = throttled(|p| {
+                if let Some(tx) = &args.progress {
+                    let _ = tx.send(p);
+                }
+                let _ = me.cast(WorkerMsg::Progress(p));
+            });
+            let result = loader::load(&args.model, &args.options, &mut report)
+                .map(Box::new)
+                .map_err(|e| e.to_string());
+            let _ = me.cast(WorkerMsg::Loaded(result));
+        });
+        Ok(WorkerState {
+            phase: Phase::Loading(None),
+            slots,
+            idle: Vec::new(),
+            shared: None,
+            info: None,
+            generated_tokens: 0,
+            last_finish: None,
+            stopping: StopSignal(Arc::new(AtomicBool::new(false))),
+        })
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<WorkerMsg>,
+        msg: WorkerMsg,
+        state: &mut WorkerState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            WorkerMsg::Status(reply) => {
+                let _ = reply.send(state.status());
+            }
+            WorkerMsg::Progress(p) => {
+                if let Phase::Loading(_) = state.phase {
+                    state.phase = Phase::Loading(Some(p));
+                }
+            }
+            WorkerMsg::Loaded(Err(e)) => {
+                return Err(format!("loading the model failed: {e}").into());
+            }
+            WorkerMsg::Loaded(Ok(loaded)) => {
+                let loaded = *loaded;
+                state.idle = loaded.sessions;
+                state.info = Some(loaded.info);
+                state.shared = Some(Arc::new(Shared {
+                    tokenizer: loaded.tokenizer,
+                    template: loaded.template,
+                }));
+                if state.phase != Phase::Draining {
+                    state.phase = Phase::Ready;
+                } else {
+                    myself.stop(Some("drained".into()));
+                }
+            }
+            WorkerMsg::Generate(request, events) => {
+                start_generation(myself, state, request, events)
+            }
+            WorkerMsg::Finished(session, outcome) => {
+                state.idle.push(*session);
+                state.generated_tokens += outcome.completion_tokens as u64;
+                state.last_finish = outcome.finish;
+                if state.phase == Phase::Draining {
+                    if state.active() == 0 {
+                        myself.stop(Some("drained".into()));
+                    }
+                } else if state.active() == 0 {
+                    state.phase = Phase::Ready;
+                }
+            }
+            WorkerMsg::Drain => {
+                let loading = matches!(state.phase, Phase::Loading(_));
+                state.phase = Phase::Draining;
+                if !loading && state.active() == 0 {
+                    myself.stop(Some("drained".into()));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn refuse(events: &mpsc::Sender<GenerationEvent>, kind: ErrorKind, message: &str) {
+    // The consumer waits for exactly this event; a full channel cannot happen on a new one.
+    let _ = events.try_send(GenerationEvent::Error(GenerationError::new(kind, message)));
+}
+
+fn start_generation(
+    myself: ActorRef<WorkerMsg>,
+    state: &mut WorkerState,
+    request: GenerateRequest,
+    events: mpsc::Sender<GenerationEvent>,
+) {
+    match state.phase {
+        Phase::Loading(_) => return refuse(&events, ErrorKind::NotReady, "the model is loading"),
+        Phase::Draining => return refuse(&events, ErrorKind::Draining, "the worker is draining"),
+        Phase::Ready | Phase::Busy => {}
+    }
+    let (Some(shared), Some(mut session)) = (state.shared.clone(), state.idle.pop()) else {
+        return refuse(
+            &events,
+            ErrorKind::Busy,
+            &format!("all {} slots are generating", state.slots),
+        );
+    };
+    state.phase = Phase::Busy;
+    let stopping = state.stopping.0.clone();
+    tokio::task::spawn_blocking(move || {
+        let vocabulary = Vocabulary {
+            tokenizer: &shared.tokenizer,
+            template: shared.template.as_ref(),
+        };
+        let outcome = pipeline::run(&mut session, &vocabulary, &request, |event| {
+            if stopping.load(Ordering::Acquire) {
+                let stopped = GenerationError::new(ErrorKind::WorkerLost, "the worker stopped");
+                let _ = events.blocking_send(GenerationEvent::Error(stopped));
+                return ControlFlow::Break(());
+            }
+            match events.blocking_send(event) {
+                Ok(()) => ControlFlow::Continue(()),
+                Err(_) => ControlFlow::Break(()),
+            }
+        });
+        let _ = myself.cast(WorkerMsg::Finished(Box::new(session), outcome));
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use ractor::call_t;
+
+    use super::*;
+    use crate::worker::api::SamplingParams;
+    use crate::worker::engine::model::tests::write_tiny_llama;
+
+    async fn spawn(
+        context: u32,
+        slots: usize,
+    ) -> (tempfile::TempDir, ActorRef<WorkerMsg>, Vec<LoadProgress>) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tiny.gguf");
+        write_tiny_llama(&path, context);
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let args = WorkerArgs {
+            model: path,
+            options: LoadOptions {
+                slots,
+                ..LoadOptions::default()
+            },
+            progress: Some(tx),
+        };
+        let (worker, _) = Actor::spawn(None, Worker, args).await.unwrap();
+        let status = wait_for(&worker, |s| s.phase == Phase::Ready).await;
+        assert_eq!(status.slots, slots);
+        let mut progress = Vec::new();
+        while let Ok(p) = rx.try_recv() {
+            progress.push(p);
+        }
+        (dir, worker, progress)
+    }
+
+    async fn status(worker: &ActorRef<WorkerMsg>) -> WorkerStatus {
+        call_t!(worker, WorkerMsg::Status, 1000).unwrap()
+    }
+
+    async fn wait_for(
+        worker: &ActorRef<WorkerMsg>,
+        done: impl Fn(&WorkerStatus) -> bool,
+    ) -> WorkerStatus {
+        for _ in 0..500 {
+            let s = status(worker).await;
+            if done(&s) {
+                return s;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("worker never reached the state: {:?}", status(worker).await);
+    }
+
+    fn long_request() -> GenerateRequest {
+        GenerateRequest {
+            sampling: SamplingParams::greedy(),
+            ..GenerateRequest::text("In", 3000)
+        }
+    }
+
+    #[tokio::test]
+    async fn loads_reports_progress_and_streams_to_one_terminal_event() {
+        let (_d, worker, progress) = spawn(256, 1).await;
+        assert!(!progress.is_empty());
+        let (tx, mut rx) = mpsc::channel(STREAM_CAPACITY);
+        let request = GenerateRequest {
+            sampling: SamplingParams::greedy(),
+            ..GenerateRequest::text("In", 10)
+        };
+        worker.cast(WorkerMsg::Generate(request, tx)).unwrap();
+        let mut events = Vec::new();
+        while let Some(e) = rx.recv().await {
+            events.push(e);
+        }
+        assert_eq!(events.iter().filter(|e| e.is_terminal()).count(), 1);
+        assert!(matches!(events.last(), Some(GenerationEvent::Done(_))));
+        let s = wait_for(&worker, |s| s.phase == Phase::Ready).await;
+        assert_eq!(s.generated_tokens, 10);
+        assert_eq!(s.last_finish, Some(FinishReason::Length));
+    }
+
+    #[tokio::test]
+    async fn dropping_the_stream_stops_generation_within_one_token() {
+        let (_d, worker, _) = spawn(4096, 1).await;
+        let (tx, mut rx) = mpsc::channel(STREAM_CAPACITY);
+        worker
+            .cast(WorkerMsg::Generate(long_request(), tx))
+            .unwrap();
+        for _ in 0..3 {
+            assert!(matches!(
+                rx.recv().await,
+                Some(GenerationEvent::Token { .. })
+            ));
+        }
+        let busy = status(&worker).await;
+        assert_eq!((busy.phase, busy.active), (Phase::Busy, 1));
+        drop(rx);
+        let s = wait_for(&worker, |s| s.phase == Phase::Ready).await;
+        assert_eq!(s.last_finish, Some(FinishReason::Cancelled));
+        // 3 read + at most a full channel generated ahead + the one whose send failed.
+        assert!(
+            s.generated_tokens <= (3 + STREAM_CAPACITY + 1) as u64,
+            "{} tokens generated of 3000",
+            s.generated_tokens
+        );
+    }
+
+    #[tokio::test]
+    async fn busy_slots_and_draining_are_refused_with_typed_errors() {
+        let (_d, worker, _) = spawn(4096, 1).await;
+        let (tx, mut rx) = mpsc::channel(STREAM_CAPACITY);
+        worker
+            .cast(WorkerMsg::Generate(long_request(), tx))
+            .unwrap();
+        assert!(rx.recv().await.is_some());
+        let (tx2, mut rx2) = mpsc::channel(STREAM_CAPACITY);
+        worker
+            .cast(WorkerMsg::Generate(long_request(), tx2))
+            .unwrap();
+        match rx2.recv().await {
+            Some(GenerationEvent::Error(e)) => assert_eq!(e.kind, ErrorKind::Busy),
+            other => panic!("{other:?}"),
+        }
+        worker.cast(WorkerMsg::Drain).unwrap();
+        let (tx3, mut rx3) = mpsc::channel(STREAM_CAPACITY);
+        worker
+            .cast(WorkerMsg::Generate(long_request(), tx3))
+            .unwrap();
+        match rx3.recv().await {
+            Some(GenerationEvent::Error(e)) => assert_eq!(e.kind, ErrorKind::Draining),
+            other => panic!("{other:?}"),
+        }
+        // The running stream is finished, not cut; then the worker stops by itself.
+        drop(rx);
+        for _ in 0..500 {
+            if worker.get_status() == ractor::ActorStatus::Stopped {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("a drained worker did not stop");
+    }
+
+    #[tokio::test]
+    async fn two_slots_generate_at_once() {
+        let (_d, worker, _) = spawn(4096, 2).await;
+        let (tx1, mut rx1) = mpsc::channel(STREAM_CAPACITY);
+        let (tx2, mut rx2) = mpsc::channel(STREAM_CAPACITY);
+        worker
+            .cast(WorkerMsg::Generate(long_request(), tx1))
+            .unwrap();
+        worker
+            .cast(WorkerMsg::Generate(long_request(), tx2))
+            .unwrap();
+        let a = rx1.recv().await;
+        let b = rx2.recv().await;
+        assert!(matches!(a, Some(GenerationEvent::Token { .. })), "{a:?}");
+        assert!(matches!(b, Some(GenerationEvent::Token { .. })), "{b:?}");
+        assert_eq!(status(&worker).await.active, 2);
+    }
+
+    #[tokio::test]
+    async fn a_model_that_does_not_load_fails_the_actor() {
+        let args = WorkerArgs {
+            model: PathBuf::from("/nonexistent/model.gguf"),
+            options: LoadOptions::default(),
+            progress: None,
+        };
+        let (worker, handle) = Actor::spawn(None, Worker, args).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(5), handle)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(worker.get_status(), ractor::ActorStatus::Stopped);
+    }
+}

@@ -1,0 +1,188 @@
+//! What a worker is asked and what it answers: the types that cross from a client to a
+//! worker, in process or over a node link.
+
+use serde::{Deserialize, Serialize};
+
+pub use super::engine::model::FinishReason;
+pub use super::engine::sampling::SamplingParams;
+pub use super::engine::template::ChatMessage;
+
+/// Longest prompt text accepted, in bytes (the context bounds tokens; this bounds work
+/// before tokenization).
+pub const MAX_PROMPT_BYTES: usize = 1 << 20;
+/// Most stop sequences per request.
+pub const MAX_STOP_SEQUENCES: usize = 16;
+/// Longest stop sequence, in bytes.
+pub const MAX_STOP_BYTES: usize = 256;
+
+/// What to continue.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Prompt {
+    /// Raw text, tokenized as is (with the tokenizer's own BOS, if it adds one).
+    Text(String),
+    /// A conversation, rendered with the model's chat template.
+    Chat(Vec<ChatMessage>),
+}
+
+/// One generation request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GenerateRequest {
+    /// What to continue.
+    pub prompt: Prompt,
+    /// How to pick tokens.
+    pub sampling: SamplingParams,
+    /// Most tokens to generate (at least 1).
+    pub max_tokens: usize,
+    /// Texts that end generation when produced; they are not emitted.
+    pub stop: Vec<String>,
+}
+
+impl GenerateRequest {
+    /// A chat request with default sampling.
+    pub fn chat(messages: Vec<ChatMessage>, max_tokens: usize) -> Self {
+        GenerateRequest {
+            prompt: Prompt::Chat(messages),
+            sampling: SamplingParams::default(),
+            max_tokens,
+            stop: Vec::new(),
+        }
+    }
+
+    /// A completion request with default sampling.
+    pub fn text(prompt: impl Into<String>, max_tokens: usize) -> Self {
+        GenerateRequest {
+            prompt: Prompt::Text(prompt.into()),
+            sampling: SamplingParams::default(),
+            max_tokens,
+            stop: Vec::new(),
+        }
+    }
+
+    /// Refuses what is out of bounds before any work.
+    pub fn validate(&self) -> Result<(), GenerationError> {
+        let invalid =
+            |message: String| Err(GenerationError::new(ErrorKind::InvalidRequest, message));
+        let prompt_bytes = match &self.prompt {
+            Prompt::Text(text) => text.len(),
+            Prompt::Chat(messages) => messages
+                .iter()
+                .map(|m| m.content.len() + m.role.len())
+                .sum(),
+        };
+        if prompt_bytes > MAX_PROMPT_BYTES {
+            return invalid(format!(
+                "prompt of {prompt_bytes} bytes exceeds the limit of {MAX_PROMPT_BYTES}"
+            ));
+        }
+        if matches!(&self.prompt, Prompt::Chat(m) if m.is_empty()) {
+            return invalid("a chat prompt needs at least one message".into());
+        }
+        if self.max_tokens == 0 {
+            return invalid("max_tokens must be at least 1".into());
+        }
+        if self.stop.len() > MAX_STOP_SEQUENCES {
+            return invalid(format!(
+                "{} stop sequences exceed the limit of {MAX_STOP_SEQUENCES}",
+                self.stop.len()
+            ));
+        }
+        if let Some(long) = self.stop.iter().find(|s| s.len() > MAX_STOP_BYTES) {
+            return invalid(format!(
+                "a stop sequence of {} bytes exceeds the limit of {MAX_STOP_BYTES}",
+                long.len()
+            ));
+        }
+        self.sampling.validate().or_else(|e| invalid(e.to_string()))
+    }
+}
+
+/// One event of a generation stream. Every stream ends with exactly one `Done` or `Error`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum GenerationEvent {
+    /// A generated token and the text it completes (empty while a multi-byte character or
+    /// a possible stop sequence is unfinished; that text comes with a later event).
+    Token {
+        /// 0 for the first generated token.
+        index: u32,
+        /// The token id.
+        id: u32,
+        /// Text released with this token.
+        text: String,
+    },
+    /// Text released at the end without a new token: the tail held back while it could
+    /// still have begun a stop sequence.
+    Text(String),
+    /// The generation ended normally.
+    Done(GenerationStats),
+    /// The generation failed or was refused.
+    Error(GenerationError),
+}
+
+impl GenerationEvent {
+    /// True for `Done` and `Error`.
+    pub fn is_terminal(&self) -> bool {
+        matches!(self, GenerationEvent::Done(_) | GenerationEvent::Error(_))
+    }
+}
+
+/// End-of-stream statistics.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GenerationStats {
+    /// Why it ended.
+    pub finish: FinishReason,
+    /// Tokens in the prompt (after the chat template).
+    pub prompt_tokens: usize,
+    /// Tokens generated (an end-of-sequence token is not counted).
+    pub completion_tokens: usize,
+    /// From the request's start to the first generated token.
+    pub time_to_first_token_ms: f64,
+    /// Prompt tokens per second of prefill.
+    pub prefill_tokens_per_s: f64,
+    /// Generated tokens per second after the first.
+    pub decode_tokens_per_s: f64,
+    /// The sampler's seed (drawn at random when the request had none).
+    pub seed: u64,
+}
+
+/// What kind of failure ended a stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ErrorKind {
+    /// The request is malformed or out of bounds.
+    InvalidRequest,
+    /// Prompt plus max_tokens do not fit the model's context.
+    ContextExceeded,
+    /// A chat prompt was sent to a model without a chat template.
+    NoChatTemplate,
+    /// Every slot of the worker is generating.
+    Busy,
+    /// The worker is still loading its model.
+    NotReady,
+    /// The worker is draining and takes no new requests.
+    Draining,
+    /// The model computation failed.
+    Compute,
+    /// The worker went away mid-stream (process died, link lost).
+    WorkerLost,
+    /// A bug: the worker failed in a way it did not expect.
+    Internal,
+}
+
+/// A typed failure.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{kind:?}: {message}")]
+pub struct GenerationError {
+    /// What kind of failure.
+    pub kind: ErrorKind,
+    /// What happened, for a person.
+    pub message: String,
+}
+
+impl GenerationError {
+    /// An error of `kind`.
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        GenerationError {
+            kind,
+            message: message.into(),
+        }
+    }
+}

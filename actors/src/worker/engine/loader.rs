@@ -1,0 +1,483 @@
+//! From a path to a ready model: format detection, requantization, weights, tokenizer and
+//! chat template, with progress reported step by step.
+
+use std::fs::File;
+use std::io::{BufReader, Read};
+use std::path::{Path, PathBuf};
+
+use candle_core::Device;
+use candle_core::quantized::gguf_file;
+use serde::{Deserialize, Serialize};
+
+use super::convert::{self, ConvertError};
+use super::model::{EngineError, Model, gguf_architecture};
+use super::template::{ChatTemplate, TemplateError};
+use super::tokenizer::{ModelTokenizer, TokenizerError};
+
+/// How to load a model.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// Sequences served at once; each gets its own KV cache over shared weights.
+    pub slots: usize,
+    /// Requantize Q4_1/Q5_0/Q5_1 GGUF weights to Q8_0 (cached) for candle's SIMD kernels.
+    pub requantize: bool,
+    /// Where the Q8_0 copy goes when the model's own directory is not writable.
+    pub fallback_cache_dir: PathBuf,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions {
+            slots: 1,
+            requantize: true,
+            fallback_cache_dir: crate::paths::cache_dir().join("requantized"),
+        }
+    }
+}
+
+/// A step of loading.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LoadStep {
+    /// Hashing the source to find or name its Q8_0 copy.
+    Checksum,
+    /// Requantizing slow tensors to Q8_0 (first load only).
+    Requantize,
+    /// Reading the weights.
+    Weights,
+    /// Building the tokenizer and chat template.
+    Tokenizer,
+}
+
+/// Where loading stands: the step and how far it is (0 to 1).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct LoadProgress {
+    /// The current step.
+    pub step: LoadStep,
+    /// Fraction of that step done.
+    pub fraction: f32,
+}
+
+/// What was loaded.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelInfo {
+    /// The path the worker was given.
+    pub path: String,
+    /// `gguf` or `safetensors`.
+    pub format: String,
+    /// Architecture named by the file.
+    pub architecture: String,
+    /// Context length in force.
+    pub context_length: usize,
+    /// The most common weight type as loaded (`Q8_0`, `F32`, ...).
+    pub quantization: String,
+    /// The source's weight type when it was requantized.
+    pub requantized_from: Option<String>,
+}
+
+/// Errors of loading a model.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// The path is neither a GGUF file nor a directory with config.json.
+    #[error(
+        "{} is not a model: expected a .gguf file or a directory with config.json, tokenizer.json and *.safetensors",
+        .0.display()
+    )]
+    NotAModel(PathBuf),
+    /// A file of a safetensors model is missing.
+    #[error("{} is missing from the model directory", .0.display())]
+    Missing(PathBuf),
+    /// More than one slot asked of a model whose weights candle cannot share.
+    #[error(
+        "{architecture} GGUF models serve one sequence at a time in this build; ask for 1 slot"
+    )]
+    SlotsUnsupported {
+        /// The architecture.
+        architecture: String,
+    },
+    /// Zero slots asked.
+    #[error("a worker needs at least one slot")]
+    NoSlots,
+    /// Reading the weights failed.
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    /// The tokenizer could not be built.
+    #[error(transparent)]
+    Tokenizer(#[from] TokenizerError),
+    /// The chat template does not compile.
+    #[error(transparent)]
+    Template(#[from] TemplateError),
+    /// Requantization failed.
+    #[error(transparent)]
+    Convert(#[from] ConvertError),
+}
+
+/// A model ready to serve: one session per slot, and what turns text into tokens and back.
+pub struct LoadedModel {
+    /// One independent session per slot.
+    pub sessions: Vec<Model>,
+    /// The tokenizer.
+    pub tokenizer: ModelTokenizer,
+    /// The chat template, when the model has one.
+    pub template: Option<ChatTemplate>,
+    /// What was loaded.
+    pub info: ModelInfo,
+}
+
+/// Loads the model at `path`, reporting each step to `progress`.
+pub fn load(
+    path: &Path,
+    options: &LoadOptions,
+    progress: &mut dyn FnMut(LoadProgress),
+) -> Result<LoadedModel, LoadError> {
+    if options.slots == 0 {
+        return Err(LoadError::NoSlots);
+    }
+    let device = Device::Cpu;
+    let mut loaded = if path.is_dir() {
+        load_safetensors(path, &device, progress)?
+    } else if path.is_file() {
+        load_gguf(path, options, &device, progress)?
+    } else {
+        return Err(LoadError::NotAModel(path.to_path_buf()));
+    };
+    while loaded.sessions.len() < options.slots {
+        let session =
+            loaded.sessions[0]
+                .try_clone()
+                .ok_or_else(|| LoadError::SlotsUnsupported {
+                    architecture: loaded.info.architecture.clone(),
+                })?;
+        loaded.sessions.push(session);
+    }
+    Ok(loaded)
+}
+
+fn read_gguf(path: &Path) -> Result<(gguf_file::Content, BufReader<File>), EngineError> {
+    let mut reader = BufReader::new(File::open(path).map_err(|source| EngineError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?);
+    let content = gguf_file::Content::read(&mut reader).map_err(|e| EngineError::Invalid {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    Ok((content, reader))
+}
+
+/// The most common type among the weight matrices.
+fn dominant_dtype(content: &gguf_file::Content) -> String {
+    let mut counts: Vec<(String, usize)> = Vec::new();
+    for info in content.tensor_infos.values() {
+        if info.shape.rank() < 2 {
+            continue;
+        }
+        let name = format!("{:?}", info.ggml_dtype);
+        match counts.iter_mut().find(|(n, _)| *n == name) {
+            Some((_, c)) => *c += 1,
+            None => counts.push((name, 1)),
+        }
+    }
+    counts
+        .into_iter()
+        .max_by_key(|(_, c)| *c)
+        .map(|(n, _)| n)
+        .unwrap_or_else(|| "none".into())
+}
+
+fn load_gguf(
+    path: &Path,
+    options: &LoadOptions,
+    device: &Device,
+    progress: &mut dyn FnMut(LoadProgress),
+) -> Result<LoadedModel, LoadError> {
+    let (mut content, mut reader) = read_gguf(path)?;
+    // Refuse an unknown architecture before hashing or converting anything.
+    let architecture = gguf_architecture(&content)?;
+    if !super::model::GGUF_ARCHITECTURES.contains(&architecture.as_str()) {
+        return Err(EngineError::UnsupportedArchitecture {
+            format: "gguf",
+            architecture,
+        }
+        .into());
+    }
+    let mut requantized_from = None;
+    let mut weights_path = path.to_path_buf();
+    if options.requantize && device.is_cpu() && convert::has_slow_tensors(&content) {
+        let sha = convert::sha256_file(path, &mut |fraction| {
+            progress(LoadProgress {
+                step: LoadStep::Checksum,
+                fraction,
+            })
+        })
+        .map_err(|source| EngineError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let target = convert::cached_path(path, &sha, &options.fallback_cache_dir);
+        if !convert::is_valid_copy(&target, &sha) {
+            convert::write_q8_0_copy(path, &content, &mut reader, &sha, &target, &mut |f| {
+                progress(LoadProgress {
+                    step: LoadStep::Requantize,
+                    fraction: f,
+                })
+            })?;
+        }
+        requantized_from = Some(dominant_dtype(&content));
+        weights_path = target;
+        (content, reader) = read_gguf(&weights_path)?;
+    }
+    progress(LoadProgress {
+        step: LoadStep::Tokenizer,
+        fraction: 0.0,
+    });
+    let tokenizer = ModelTokenizer::from_gguf(&content, &path.with_file_name("tokenizer.json"))?;
+    let template = content
+        .metadata
+        .get("tokenizer.chat_template")
+        .and_then(|v| v.to_string().ok())
+        .map(|source| ChatTemplate::new(source, tokenizer.bos_text(), tokenizer.eos_text()))
+        .transpose()?;
+    progress(LoadProgress {
+        step: LoadStep::Weights,
+        fraction: 0.0,
+    });
+    let quantization = dominant_dtype(&content);
+    let model = Model::from_gguf(&weights_path, content, &mut reader, device)?;
+    progress(LoadProgress {
+        step: LoadStep::Weights,
+        fraction: 1.0,
+    });
+    let info = ModelInfo {
+        path: path.display().to_string(),
+        format: "gguf".into(),
+        architecture: model.architecture().into(),
+        context_length: model.context_length(),
+        quantization,
+        requantized_from,
+    };
+    Ok(LoadedModel {
+        sessions: vec![model],
+        tokenizer,
+        template,
+        info,
+    })
+}
+
+fn read_text(path: &Path) -> Result<String, LoadError> {
+    if !path.is_file() {
+        return Err(LoadError::Missing(path.to_path_buf()));
+    }
+    let mut text = String::new();
+    File::open(path)
+        .and_then(|mut f| f.read_to_string(&mut text))
+        .map_err(|source| EngineError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    Ok(text)
+}
+
+/// Token ids under `key` in a config (a number or a list of numbers).
+fn ids_at(config: &serde_json::Value, key: &str) -> Vec<u32> {
+    match config.get(key) {
+        Some(serde_json::Value::Number(n)) => n.as_u64().map(|n| n as u32).into_iter().collect(),
+        Some(serde_json::Value::Array(a)) => a
+            .iter()
+            .filter_map(|v| v.as_u64().map(|n| n as u32))
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// `chat_template` of a tokenizer_config.json: a string, or a list of named templates of
+/// which `default` (or the first) is taken.
+fn chat_template_of(config: &serde_json::Value) -> Option<String> {
+    match config.get("chat_template")? {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Array(list) => list
+            .iter()
+            .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
+            .or_else(|| list.first())
+            .and_then(|t| t.get("template"))
+            .and_then(|t| t.as_str())
+            .map(str::to_string),
+        _ => None,
+    }
+}
+
+fn load_safetensors(
+    dir: &Path,
+    device: &Device,
+    progress: &mut dyn FnMut(LoadProgress),
+) -> Result<LoadedModel, LoadError> {
+    let config_text = read_text(&dir.join("config.json"))?;
+    let config: serde_json::Value =
+        serde_json::from_str(&config_text).map_err(|e| EngineError::Invalid {
+            path: dir.join("config.json"),
+            reason: e.to_string(),
+        })?;
+    let mut weights: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|source| EngineError::Io {
+            path: dir.to_path_buf(),
+            source,
+        })?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .collect();
+    weights.sort();
+    if weights.is_empty() {
+        return Err(LoadError::Missing(dir.join("model.safetensors")));
+    }
+    progress(LoadProgress {
+        step: LoadStep::Tokenizer,
+        fraction: 0.0,
+    });
+    let mut eos = ids_at(&config, "eos_token_id");
+    let generation = dir.join("generation_config.json");
+    if generation.is_file()
+        && let Ok(g) = serde_json::from_str::<serde_json::Value>(&read_text(&generation)?)
+    {
+        for id in ids_at(&g, "eos_token_id") {
+            if !eos.contains(&id) {
+                eos.push(id);
+            }
+        }
+    }
+    let bos = ids_at(&config, "bos_token_id").first().copied();
+    let tokenizer = ModelTokenizer::from_file(&dir.join("tokenizer.json"), &eos, bos)?;
+    let tokenizer_config = dir.join("tokenizer_config.json");
+    let template = if tokenizer_config.is_file() {
+        serde_json::from_str::<serde_json::Value>(&read_text(&tokenizer_config)?)
+            .ok()
+            .and_then(|c| chat_template_of(&c))
+            .map(|s| ChatTemplate::new(&s, tokenizer.bos_text(), tokenizer.eos_text()))
+            .transpose()?
+    } else {
+        None
+    };
+    progress(LoadProgress {
+        step: LoadStep::Weights,
+        fraction: 0.0,
+    });
+    let model = Model::from_safetensors(dir, &config_text, &weights, device)?;
+    progress(LoadProgress {
+        step: LoadStep::Weights,
+        fraction: 1.0,
+    });
+    let info = ModelInfo {
+        path: dir.display().to_string(),
+        format: "safetensors".into(),
+        architecture: model.architecture().into(),
+        context_length: model.context_length(),
+        quantization: if device.is_cpu() { "F32" } else { "BF16" }.into(),
+        requantized_from: None,
+    };
+    Ok(LoadedModel {
+        sessions: vec![model],
+        tokenizer,
+        template,
+        info,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::worker::engine::model::tests::{write_tiny_gguf, write_tiny_safetensors_llama};
+    use candle_core::quantized::GgmlDType;
+
+    fn options(slots: usize) -> LoadOptions {
+        LoadOptions {
+            slots,
+            requantize: true,
+            fallback_cache_dir: PathBuf::from("/nonexistent"),
+        }
+    }
+
+    #[test]
+    fn a_q4_1_gguf_is_requantized_once_with_progress_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.gguf");
+        write_tiny_gguf(&path, "llama", 128, GgmlDType::Q4_1);
+        let mut steps = Vec::new();
+        let loaded = load(&path, &options(2), &mut |p| steps.push(p)).unwrap();
+        assert_eq!(loaded.sessions.len(), 2);
+        assert_eq!(loaded.info.quantization, "Q8_0");
+        assert_eq!(loaded.info.requantized_from.as_deref(), Some("Q4_1"));
+        assert!(loaded.template.is_some());
+        let seen: Vec<LoadStep> = steps.iter().map(|p| p.step).collect();
+        for step in [
+            LoadStep::Checksum,
+            LoadStep::Requantize,
+            LoadStep::Tokenizer,
+            LoadStep::Weights,
+        ] {
+            assert!(seen.contains(&step), "{step:?} not reported: {seen:?}");
+        }
+        assert!(steps.iter().all(|p| (0.0..=1.0).contains(&p.fraction)));
+
+        // Second load: the cached copy is reused, nothing is requantized.
+        let mut again = Vec::new();
+        load(&path, &options(1), &mut |p| again.push(p.step)).unwrap();
+        assert!(!again.contains(&LoadStep::Requantize));
+        assert!(again.contains(&LoadStep::Checksum));
+    }
+
+    #[test]
+    fn a_safetensors_directory_loads_with_its_tokenizer_and_template() {
+        let dir = tempfile::tempdir().unwrap();
+        write_tiny_safetensors_llama(dir.path());
+        // Without tokenizer.json the directory is refused by name.
+        match load(dir.path(), &options(1), &mut |_| {}) {
+            Err(LoadError::Tokenizer(TokenizerError::File { path, .. })) => {
+                assert!(path.ends_with("tokenizer.json"))
+            }
+            Err(other) => panic!("{other}"),
+            Ok(_) => panic!("loaded without a tokenizer"),
+        }
+        let gguf = dir.path().join("t.gguf");
+        write_tiny_gguf(&gguf, "llama", 64, GgmlDType::F32);
+        let (content, _) = read_gguf(&gguf).unwrap();
+        let tokenizer = ModelTokenizer::from_gguf(&content, &dir.path().join("none")).unwrap();
+        tokenizer
+            .inner()
+            .save(dir.path().join("tokenizer.json"), false)
+            .unwrap();
+        std::fs::remove_file(&gguf).unwrap();
+        std::fs::write(
+            dir.path().join("tokenizer_config.json"),
+            serde_json::json!({"chat_template": [{"name": "default", "template": "{{ messages[0].content }}"}]})
+                .to_string(),
+        )
+        .unwrap();
+        let loaded = load(dir.path(), &options(2), &mut |_| {}).unwrap();
+        assert_eq!(loaded.info.format, "safetensors");
+        assert_eq!(loaded.info.architecture, "llama");
+        assert_eq!(loaded.sessions.len(), 2);
+        assert!(loaded.template.is_some());
+        assert_eq!(loaded.tokenizer.encode("In", false).unwrap(), vec![257]);
+    }
+
+    #[test]
+    fn what_is_not_a_model_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(matches!(
+            load(&dir.path().join("nothing"), &options(1), &mut |_| {}),
+            Err(LoadError::NotAModel(_))
+        ));
+        assert!(matches!(
+            load(dir.path(), &options(1), &mut |_| {}),
+            Err(LoadError::Missing(p)) if p.ends_with("config.json")
+        ));
+        let path = dir.path().join("m.gguf");
+        write_tiny_gguf(&path, "qwen2", 64, GgmlDType::F32);
+        assert!(matches!(
+            load(&path, &options(2), &mut |_| {}),
+            Err(LoadError::SlotsUnsupported { .. })
+        ));
+        assert!(matches!(
+            load(&path, &options(0), &mut |_| {}),
+            Err(LoadError::NoSlots)
+        ));
+    }
+}

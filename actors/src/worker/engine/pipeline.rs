@@ -1,0 +1,367 @@
+//! One request through one session: prompt → tokens → generation → events.
+//!
+//! Whatever happens, [`run`] emits exactly one terminal event (`Done` or `Error`) after
+//! its token events, unless the consumer is already gone.
+
+use std::ops::ControlFlow;
+use std::time::Instant;
+
+use super::model::{EngineError, FinishReason, Model};
+use super::sampling::Sampler;
+use super::stop::StopMatcher;
+use super::template::ChatTemplate;
+use super::tokenizer::ModelTokenizer;
+use super::utf8::Utf8Buffer;
+use crate::worker::api::{
+    ErrorKind, GenerateRequest, GenerationError, GenerationEvent, GenerationStats, Prompt,
+};
+
+/// What the model needs besides its session: shared by every slot.
+pub struct Vocabulary<'a> {
+    /// The tokenizer.
+    pub tokenizer: &'a ModelTokenizer,
+    /// The chat template, when the model has one.
+    pub template: Option<&'a ChatTemplate>,
+}
+
+/// How a request ended, for the worker's bookkeeping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Outcome {
+    /// Why it ended; `None` when it failed or was refused.
+    pub finish: Option<FinishReason>,
+    /// Tokens generated.
+    pub completion_tokens: usize,
+}
+
+/// Token ids of the request's prompt.
+pub fn prompt_tokens(
+    vocabulary: &Vocabulary<'_>,
+    prompt: &Prompt,
+) -> Result<Vec<u32>, GenerationError> {
+    let encode = |text: &str, add_special| {
+        vocabulary
+            .tokenizer
+            .encode(text, add_special)
+            .map_err(|e| GenerationError::new(ErrorKind::InvalidRequest, e.to_string()))
+    };
+    match prompt {
+        Prompt::Text(text) => encode(text, true),
+        Prompt::Chat(messages) => {
+            let template = vocabulary.template.ok_or_else(|| {
+                GenerationError::new(
+                    ErrorKind::NoChatTemplate,
+                    "this model has no chat template: send a raw text prompt",
+                )
+            })?;
+            let text = template
+                .render(messages)
+                .map_err(|e| GenerationError::new(ErrorKind::InvalidRequest, e.to_string()))?;
+            // The template already wrote any BOS it wants.
+            encode(&text, false)
+        }
+    }
+}
+
+fn engine_error(e: EngineError) -> GenerationError {
+    let kind = match e {
+        EngineError::ContextExceeded { .. } => ErrorKind::ContextExceeded,
+        EngineError::EmptyPrompt | EngineError::Sampling(_) => ErrorKind::InvalidRequest,
+        _ => ErrorKind::Compute,
+    };
+    GenerationError::new(kind, e.to_string())
+}
+
+/// Runs `request` on `session`, handing each event to `emit`; `emit` breaking means the
+/// consumer is gone, and generation stops before the next token.
+pub fn run(
+    session: &mut Model,
+    vocabulary: &Vocabulary<'_>,
+    request: &GenerateRequest,
+    mut emit: impl FnMut(GenerationEvent) -> ControlFlow<()>,
+) -> Outcome {
+    let started = Instant::now();
+    let failed = |e: GenerationError, emit: &mut dyn FnMut(GenerationEvent) -> ControlFlow<()>| {
+        let _ = emit(GenerationEvent::Error(e));
+        Outcome {
+            finish: None,
+            completion_tokens: 0,
+        }
+    };
+    if let Err(e) = request.validate() {
+        return failed(e, &mut emit);
+    }
+    let prompt = match prompt_tokens(vocabulary, &request.prompt) {
+        Ok(p) => p,
+        Err(e) => return failed(e, &mut emit),
+    };
+    if let Err(e) = session.check_fits(prompt.len(), request.max_tokens) {
+        return failed(engine_error(e), &mut emit);
+    }
+    let mut sampler = match Sampler::new(request.sampling.clone()) {
+        Ok(s) => s,
+        Err(e) => return failed(engine_error(e.into()), &mut emit),
+    };
+
+    let mut utf8 = Utf8Buffer::new();
+    let mut stops = StopMatcher::new(request.stop.iter().cloned());
+    let mut first_token_at = None;
+    let mut stopped_by_text = false;
+    let mut consumer_gone = false;
+    let mut index = 0u32;
+    let generation = session.generate(
+        &prompt,
+        &mut sampler,
+        request.max_tokens,
+        vocabulary.tokenizer.end_of_sequence(),
+        |id| {
+            first_token_at.get_or_insert_with(Instant::now);
+            let check = stops.push(&utf8.push(vocabulary.tokenizer.bytes(id)));
+            let event = GenerationEvent::Token {
+                index,
+                id,
+                text: check.emit,
+            };
+            index += 1;
+            if emit(event).is_break() {
+                consumer_gone = true;
+                return ControlFlow::Break(());
+            }
+            if check.stopped {
+                stopped_by_text = true;
+                return ControlFlow::Break(());
+            }
+            ControlFlow::Continue(())
+        },
+    );
+    let generation = match generation {
+        Ok(g) => g,
+        Err(e) => {
+            let outcome = failed(engine_error(e), &mut emit);
+            return Outcome {
+                completion_tokens: index as usize,
+                ..outcome
+            };
+        }
+    };
+    let finish = if stopped_by_text {
+        FinishReason::Stop
+    } else {
+        generation.finish
+    };
+    let completion_tokens = generation.tokens.len();
+    let outcome = Outcome {
+        finish: Some(finish),
+        completion_tokens,
+    };
+    if consumer_gone {
+        return outcome;
+    }
+    if !stopped_by_text {
+        // Bytes of an unfinished character become U+FFFD; held-back text is ordinary.
+        let mut tail = stops.push(&utf8.finish()).emit;
+        tail.push_str(&stops.finish());
+        if !tail.is_empty() && emit(GenerationEvent::Text(tail)).is_break() {
+            return outcome;
+        }
+    }
+    let ended = Instant::now();
+    let first = first_token_at.unwrap_or(ended);
+    let prefill_secs = first.duration_since(started).as_secs_f64();
+    let decode_secs = ended.duration_since(first).as_secs_f64();
+    let _ = emit(GenerationEvent::Done(GenerationStats {
+        finish,
+        prompt_tokens: prompt.len(),
+        completion_tokens,
+        time_to_first_token_ms: prefill_secs * 1000.0,
+        prefill_tokens_per_s: rate(prompt.len(), prefill_secs),
+        decode_tokens_per_s: rate(completion_tokens.saturating_sub(1), decode_secs),
+        seed: sampler.seed(),
+    }));
+    outcome
+}
+
+fn rate(count: usize, secs: f64) -> f64 {
+    if secs > 0.0 { count as f64 / secs } else { 0.0 }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::worker::api::{ChatMessage, SamplingParams};
+    use crate::worker::engine::loader::{LoadOptions, LoadedModel, load};
+    use crate::worker::engine::model::tests::write_tiny_llama;
+
+    fn tiny(context: u32) -> (tempfile::TempDir, LoadedModel) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tiny.gguf");
+        write_tiny_llama(&path, context);
+        let loaded = load(&path, &LoadOptions::default(), &mut |_| {}).unwrap();
+        (dir, loaded)
+    }
+
+    fn collect(loaded: &mut LoadedModel, request: &GenerateRequest) -> Vec<GenerationEvent> {
+        let vocabulary = Vocabulary {
+            tokenizer: &loaded.tokenizer,
+            template: loaded.template.as_ref(),
+        };
+        let mut events = Vec::new();
+        run(&mut loaded.sessions[0], &vocabulary, request, |e| {
+            events.push(e);
+            ControlFlow::Continue(())
+        });
+        events
+    }
+
+    fn text_of(events: &[GenerationEvent]) -> String {
+        events
+            .iter()
+            .filter_map(|e| match e {
+                GenerationEvent::Token { text, .. } | GenerationEvent::Text(text) => {
+                    Some(text.as_str())
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn stats(events: &[GenerationEvent]) -> &GenerationStats {
+        assert_eq!(events.iter().filter(|e| e.is_terminal()).count(), 1);
+        match events.last() {
+            Some(GenerationEvent::Done(s)) => s,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// Greedy raw-text request without repetition penalty (tiny models repeat a lot).
+    fn greedy(max_tokens: usize) -> GenerateRequest {
+        GenerateRequest {
+            sampling: SamplingParams::greedy(),
+            ..GenerateRequest::text("In the", max_tokens)
+        }
+    }
+
+    #[test]
+    fn max_tokens_ends_with_length_and_stats() {
+        let (_d, mut loaded) = tiny(256);
+        let events = collect(&mut loaded, &greedy(20));
+        let s = stats(&events);
+        assert_eq!(s.finish, FinishReason::Length);
+        assert_eq!(s.completion_tokens, 20);
+        assert_eq!(s.prompt_tokens, 4, "\"In the\" = In, Ġt, h, e");
+        assert_eq!(s.seed, 0);
+        let tokens = events
+            .iter()
+            .filter(|e| matches!(e, GenerationEvent::Token { .. }))
+            .count();
+        assert_eq!(tokens, 20);
+    }
+
+    #[test]
+    fn a_stop_sequence_spanning_two_tokens_ends_with_stop_and_is_not_emitted() {
+        let (_d, mut loaded) = tiny(256);
+        // Find two neighbouring tokens whose text meets at a boundary, then stop there.
+        let events = collect(&mut loaded, &greedy(40));
+        let pieces: Vec<String> = events
+            .iter()
+            .filter_map(|e| match e {
+                GenerationEvent::Token { id, .. } => {
+                    Some(String::from_utf8_lossy(loaded.tokenizer.bytes(*id)).into_owned())
+                }
+                _ => None,
+            })
+            .collect();
+        let full: String = pieces.concat();
+        let mut offset = 0;
+        let mut chosen = None;
+        for pair in pieces.windows(2) {
+            offset += pair[0].len();
+            let (Some(last), Some(first)) = (pair[0].chars().last(), pair[1].chars().next()) else {
+                continue;
+            };
+            if last == char::REPLACEMENT_CHARACTER || first == char::REPLACEMENT_CHARACTER {
+                continue;
+            }
+            let stop = format!("{last}{first}");
+            if full.find(&stop) == Some(offset - last.len_utf8()) {
+                chosen = Some((stop, offset - last.len_utf8()));
+                break;
+            }
+        }
+        let (stop, at) = chosen.expect("some token boundary begins a first occurrence");
+        let request = GenerateRequest {
+            stop: vec![stop.clone()],
+            ..greedy(40)
+        };
+        let events = collect(&mut loaded, &request);
+        assert_eq!(stats(&events).finish, FinishReason::Stop);
+        let text = text_of(&events);
+        assert_eq!(text, full[..at]);
+        assert!(!text.contains(&stop));
+    }
+
+    #[test]
+    fn the_chat_template_is_applied_and_refusals_are_typed() {
+        let (_d, mut loaded) = tiny(256);
+        let chat = GenerateRequest {
+            sampling: SamplingParams::greedy(),
+            ..GenerateRequest::chat(
+                vec![ChatMessage {
+                    role: "user".into(),
+                    content: "Hi".into(),
+                }],
+                1,
+            )
+        };
+        let vocabulary = Vocabulary {
+            tokenizer: &loaded.tokenizer,
+            template: loaded.template.as_ref(),
+        };
+        let tokens = prompt_tokens(&vocabulary, &chat.prompt).unwrap();
+        assert_eq!(tokens[0], 258, "starts with <|im_start|>");
+        assert_eq!(
+            tokens.iter().filter(|t| **t == 259).count(),
+            2,
+            "two <|im_end|>"
+        );
+
+        // One token more than the context holds: refused before any token.
+        let long = GenerateRequest {
+            max_tokens: 256 - tokens.len() + 1,
+            ..chat.clone()
+        };
+        let events = collect(&mut loaded, &long);
+        match events.as_slice() {
+            [GenerationEvent::Error(e)] => assert_eq!(e.kind, ErrorKind::ContextExceeded),
+            other => panic!("{other:?}"),
+        }
+        let zero = GenerateRequest {
+            max_tokens: 0,
+            ..chat
+        };
+        match collect(&mut loaded, &zero).as_slice() {
+            [GenerationEvent::Error(e)] => assert_eq!(e.kind, ErrorKind::InvalidRequest),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_consumer_that_goes_away_stops_generation_at_once() {
+        let (_d, mut loaded) = tiny(256);
+        let vocabulary = Vocabulary {
+            tokenizer: &loaded.tokenizer,
+            template: loaded.template.as_ref(),
+        };
+        let mut seen = 0;
+        let outcome = run(&mut loaded.sessions[0], &vocabulary, &greedy(100), |_| {
+            seen += 1;
+            if seen == 4 {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            }
+        });
+        assert_eq!(outcome.finish, Some(FinishReason::Cancelled));
+        assert_eq!(outcome.completion_tokens, 4);
+        assert_eq!(seen, 4, "nothing is emitted after the consumer left");
+    }
+}
