@@ -1,6 +1,9 @@
 //! rbee's supervision tree. This crate holds the restart strategy every parent uses;
 //! the queen, hive and worker actors build on it.
 
+pub mod checksum;
+pub mod models;
+pub mod panic;
 pub mod paths;
 pub mod supervisor;
 pub mod worker;

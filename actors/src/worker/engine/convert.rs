@@ -13,7 +13,6 @@ use std::path::{Path, PathBuf};
 use candle_core::Device;
 use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
-use sha2::{Digest, Sha256};
 
 /// Quantizations candle has no x86 SIMD kernel for.
 pub const SLOW_ON_CPU: &[GgmlDType] = &[GgmlDType::Q4_1, GgmlDType::Q5_0, GgmlDType::Q5_1];
@@ -48,29 +47,6 @@ pub fn has_slow_tensors(content: &gguf_file::Content) -> bool {
         .tensor_infos
         .values()
         .any(|t| SLOW_ON_CPU.contains(&t.ggml_dtype))
-}
-
-/// The SHA-256 of `path` as lowercase hex; `progress` gets the fraction read.
-pub fn sha256_file(path: &Path, progress: &mut dyn FnMut(f32)) -> Result<String, std::io::Error> {
-    let mut file = File::open(path)?;
-    let total = file.metadata()?.len().max(1);
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut done = 0u64;
-    loop {
-        let n = file.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-        done += n as u64;
-        progress(done as f32 / total as f32);
-    }
-    Ok(hasher
-        .finalize()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect())
 }
 
 /// Where the Q8_0 copy of `source` with checksum `sha256` lives: beside the source when
@@ -185,7 +161,7 @@ mod tests {
         let content = gguf_file::Content::read(&mut reader).unwrap();
         assert!(has_slow_tensors(&content));
 
-        let sha = sha256_file(&source, &mut |_| {}).unwrap();
+        let sha = crate::checksum::sha256_file(&source, &mut |_| {}).unwrap();
         let target = cached_path(&source, &sha, Path::new("/unused"));
         assert_eq!(target.parent(), Some(dir.path()));
         assert!(!is_valid_copy(&target, &sha));

@@ -203,7 +203,7 @@ fn load_gguf(
     let mut requantized_from = None;
     let mut weights_path = path.to_path_buf();
     if options.requantize && device.is_cpu() && convert::has_slow_tensors(&content) {
-        let sha = convert::sha256_file(path, &mut |fraction| {
+        let sha = crate::checksum::sha256_file(path, &mut |fraction| {
             progress(LoadProgress {
                 step: LoadStep::Checksum,
                 fraction,

@@ -437,17 +437,36 @@ pub(crate) mod tests {
     pub(crate) fn write_tiny_gguf(path: &Path, architecture: &str, context: u32, dtype: GgmlDType) {
         let dev = Device::Cpu;
         let kv_dim = HEAD_DIM * KV_HEADS as usize;
-        let random = |shape: &[usize]| {
-            let t = Tensor::randn(0f32, 0.5, shape, &dev).unwrap();
-            QTensor::quantize(&t, dtype).unwrap()
+        // Seeded, so a tiny model is the same in every run.
+        let rng =
+            std::cell::RefCell::new(<rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(7));
+        let values = |shape: &[usize], scale: f32| {
+            use rand::Rng;
+            let n = shape.iter().product();
+            let v: Vec<f32> = (0..n)
+                .map(|_| rng.borrow_mut().random_range(-scale..scale))
+                .collect();
+            Tensor::from_vec(v, shape, &dev).unwrap()
         };
+        let random = |shape: &[usize]| QTensor::quantize(&values(shape, 0.9), dtype).unwrap();
         let f32_of = |t: Tensor| QTensor::quantize(&t, GgmlDType::F32).unwrap();
         let ones = |n: usize| f32_of(Tensor::ones(n, DType::F32, &dev).unwrap());
-        let bias = |n: usize| f32_of(Tensor::randn(0f32, 0.1, n, &dev).unwrap());
+        let bias = |n: usize| f32_of(values(&[n], 0.2));
+        // The special tokens' logits are 0, so greedy decoding never ends by itself.
+        let specials = TINY_VOCAB - 258;
+        let output = Tensor::cat(
+            &[
+                values(&[258, DIM], 0.9),
+                Tensor::zeros((specials, DIM), DType::F32, &dev).unwrap(),
+            ],
+            0,
+        )
+        .unwrap();
+        let output = QTensor::quantize(&output, dtype).unwrap();
         let mut tensors: Vec<(String, QTensor)> = vec![
             ("token_embd.weight".into(), random(&[TINY_VOCAB, DIM])),
             ("output_norm.weight".into(), ones(DIM)),
-            ("output.weight".into(), random(&[TINY_VOCAB, DIM])),
+            ("output.weight".into(), output),
         ];
         for l in 0..2 {
             let p = format!("blk.{l}");

@@ -259,38 +259,41 @@ mod tests {
     #[test]
     fn a_stop_sequence_spanning_two_tokens_ends_with_stop_and_is_not_emitted() {
         let (_d, mut loaded) = tiny(256);
-        // Find two neighbouring tokens whose text meets at a boundary, then stop there.
-        let events = collect(&mut loaded, &greedy(40));
-        let pieces: Vec<String> = events
+        let events = collect(&mut loaded, &greedy(60));
+        let full = text_of(&events);
+        // Two neighbouring single-byte ASCII tokens whose boundary begins the first
+        // occurrence of their two characters: stop there. ASCII bytes complete any pending
+        // character, so the text up to such a token is final.
+        let mut through = String::new();
+        let mut chosen = None;
+        let tokens: Vec<(u32, &str)> = events
             .iter()
             .filter_map(|e| match e {
-                GenerationEvent::Token { id, .. } => {
-                    Some(String::from_utf8_lossy(loaded.tokenizer.bytes(*id)).into_owned())
-                }
+                GenerationEvent::Token { id, text, .. } => Some((*id, text.as_str())),
                 _ => None,
             })
             .collect();
-        let full: String = pieces.concat();
-        let mut offset = 0;
-        let mut chosen = None;
-        for pair in pieces.windows(2) {
-            offset += pair[0].len();
-            let (Some(last), Some(first)) = (pair[0].chars().last(), pair[1].chars().next()) else {
-                continue;
-            };
-            if last == char::REPLACEMENT_CHARACTER || first == char::REPLACEMENT_CHARACTER {
-                continue;
-            }
-            let stop = format!("{last}{first}");
-            if full.find(&stop) == Some(offset - last.len_utf8()) {
-                chosen = Some((stop, offset - last.len_utf8()));
-                break;
+        for pair in tokens.windows(2) {
+            through.push_str(pair[0].1);
+            let (a, b) = (
+                loaded.tokenizer.bytes(pair[0].0),
+                loaded.tokenizer.bytes(pair[1].0),
+            );
+            if let ([x], [y]) = (a, b)
+                && x.is_ascii()
+                && y.is_ascii()
+            {
+                let stop = format!("{}{}", *x as char, *y as char);
+                if full.find(&stop) == Some(through.len() - 1) {
+                    chosen = Some((stop, through.len() - 1));
+                    break;
+                }
             }
         }
-        let (stop, at) = chosen.expect("some token boundary begins a first occurrence");
+        let (stop, at) = chosen.expect("a boundary between two ASCII tokens");
         let request = GenerateRequest {
             stop: vec![stop.clone()],
-            ..greedy(40)
+            ..greedy(60)
         };
         let events = collect(&mut loaded, &request);
         assert_eq!(stats(&events).finish, FinishReason::Stop);
