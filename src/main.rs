@@ -1,38 +1,26 @@
-//! The `rbee` binary. Its commands arrive with the worker, hive and queen; until then it
-//! says so instead of pretending.
+//! The `rbee` binary.
 
 use std::process::ExitCode;
 
-const USAGE: &str = "\
-rbee — one LLM inference cluster from the GPUs and CPUs of several machines
+use clap::Parser;
 
-Built so far: the node link (mutual-TLS QUIC) and the supervision tree, as libraries.
-No command is available yet: `rbee run`, `rbee queen`, `rbee hive` and the rest arrive
-with the worker, hive and queen.
-
-Options:
-  -h, --help       this text
-  -V, --version    the version";
+mod cli;
 
 fn main() -> ExitCode {
-    let arg = std::env::args().nth(1);
-    match arg.as_deref() {
-        Some("-h" | "--help") => {
-            println!("{USAGE}");
-            ExitCode::SUCCESS
+    rbee::actors::panic::install_cheap_hook();
+    let args = cli::Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("rbee: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
         }
-        Some("-V" | "--version") => {
-            println!("rbee {}", env!("CARGO_PKG_VERSION"));
-            ExitCode::SUCCESS
-        }
-        Some(command) => {
-            eprintln!("rbee: `{command}` is not available yet: this build has the node link only.");
-            eprintln!("hint: run `rbee --help` to see what is built.");
-            ExitCode::from(2)
-        }
-        None => {
-            eprintln!("{USAGE}");
-            ExitCode::from(2)
+    };
+    match runtime.block_on(cli::run(args)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("rbee: {e:#}");
+            ExitCode::FAILURE
         }
     }
 }

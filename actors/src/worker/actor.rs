@@ -36,8 +36,72 @@ pub struct WorkerArgs {
     pub model: PathBuf,
     /// Slots, requantization.
     pub options: LoadOptions,
-    /// Receives loading progress (at most one report per percent per step).
-    pub progress: Option<mpsc::UnboundedSender<LoadProgress>>,
+    /// Hears how loading goes: progress (at most one report per percent per step), then
+    /// `Ready` or `Failed`. Bounded by construction, so unbounded is safe.
+    pub progress: Option<mpsc::UnboundedSender<LoadEvent>>,
+}
+
+/// How loading goes, for whoever asked for the worker.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum LoadEvent {
+    /// A step advanced.
+    Progress(LoadProgress),
+    /// The model is loaded; the worker takes requests.
+    Ready(ModelInfo),
+    /// Loading failed; the worker actor stops with this error.
+    Failed(String),
+}
+
+/// Errors of [`start`].
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The actor could not be spawned.
+    #[error("cannot start the worker actor: {0}")]
+    Spawn(String),
+    /// The model did not load.
+    #[error("{0}")]
+    Load(String),
+}
+
+/// A worker whose model is loaded.
+pub struct StartedWorker {
+    /// The actor.
+    pub worker: ActorRef<WorkerMsg>,
+    /// What it loaded.
+    pub info: ModelInfo,
+    /// Completes when the actor has stopped.
+    pub stopped: tokio::task::JoinHandle<()>,
+}
+
+/// Spawns a worker and waits until its model is loaded; `on_progress` hears each step.
+pub async fn start(
+    model: PathBuf,
+    options: LoadOptions,
+    mut on_progress: impl FnMut(LoadProgress),
+) -> Result<StartedWorker, StartError> {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let args = WorkerArgs {
+        model,
+        options,
+        progress: Some(tx),
+    };
+    let (worker, stopped) = Actor::spawn(None, Worker, args)
+        .await
+        .map_err(|e| StartError::Spawn(e.to_string()))?;
+    while let Some(event) = rx.recv().await {
+        match event {
+            LoadEvent::Progress(p) => on_progress(p),
+            LoadEvent::Ready(info) => {
+                return Ok(StartedWorker {
+                    worker,
+                    info,
+                    stopped,
+                });
+            }
+            LoadEvent::Failed(e) => return Err(StartError::Load(e)),
+        }
+    }
+    Err(StartError::Load("the worker stopped while loading".into()))
 }
 
 /// The phase a worker is in.
@@ -103,6 +167,7 @@ impl Drop for StopSignal {
 
 /// The worker's state.
 pub struct WorkerState {
+    progress: Option<mpsc::UnboundedSender<LoadEvent>>,
     phase: Phase,
     slots: usize,
     idle: Vec<Model>,
@@ -159,10 +224,11 @@ impl Actor for Worker {
     ) -> Result<WorkerState, ActorProcessingErr> {
         let slots = args.options.slots;
         let me = myself.clone();
+        let progress = args.progress.clone();
         tokio::task::spawn_blocking(move || {
             let mut report = throttled(|p| {
-                if let Some(tx) = &args.progress {
-                    let _ = tx.send(p);
+                if let Some(tx) = &progress {
+                    let _ = tx.send(LoadEvent::Progress(p));
                 }
                 let _ = me.cast(WorkerMsg::Progress(p));
             });
@@ -172,6 +238,7 @@ impl Actor for Worker {
             let _ = me.cast(WorkerMsg::Loaded(result));
         });
         Ok(WorkerState {
+            progress: args.progress,
             phase: Phase::Loading(None),
             slots,
             idle: Vec::new(),
@@ -199,10 +266,16 @@ impl Actor for Worker {
                 }
             }
             WorkerMsg::Loaded(Err(e)) => {
+                if let Some(tx) = state.progress.take() {
+                    let _ = tx.send(LoadEvent::Failed(e.clone()));
+                }
                 return Err(format!("loading the model failed: {e}").into());
             }
             WorkerMsg::Loaded(Ok(loaded)) => {
                 let loaded = *loaded;
+                if let Some(tx) = state.progress.take() {
+                    let _ = tx.send(LoadEvent::Ready(loaded.info.clone()));
+                }
                 state.idle = loaded.sessions;
                 state.info = Some(loaded.info);
                 state.shared = Some(Arc::new(Shared {
@@ -317,7 +390,7 @@ mod tests {
         let status = wait_for(&worker, |s| s.phase == Phase::Ready).await;
         assert_eq!(status.slots, slots);
         let mut progress = Vec::new();
-        while let Ok(p) = rx.try_recv() {
+        while let Ok(LoadEvent::Progress(p)) = rx.try_recv() {
             progress.push(p);
         }
         (dir, worker, progress)
@@ -450,17 +523,26 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_model_that_does_not_load_fails_the_actor() {
+    async fn a_model_that_does_not_load_fails_the_actor_and_says_why() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
         let args = WorkerArgs {
             model: PathBuf::from("/nonexistent/model.gguf"),
             options: LoadOptions::default(),
-            progress: None,
+            progress: Some(tx),
         };
         let (worker, handle) = Actor::spawn(None, Worker, args).await.unwrap();
+        match rx.recv().await {
+            Some(LoadEvent::Failed(e)) => assert!(e.contains("/nonexistent/model.gguf"), "{e}"),
+            other => panic!("{other:?}"),
+        }
         tokio::time::timeout(Duration::from_secs(5), handle)
             .await
             .unwrap()
             .unwrap();
         assert_eq!(worker.get_status(), ractor::ActorStatus::Stopped);
+        let err = start(PathBuf::from("/nonexistent/m.gguf"), LoadOptions::default(), |_| {})
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StartError::Load(_)), "{err}");
     }
 }

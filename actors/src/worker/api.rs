@@ -35,6 +35,9 @@ pub struct GenerateRequest {
     pub max_tokens: usize,
     /// Texts that end generation when produced; they are not emitted.
     pub stop: Vec<String>,
+    /// Keep generating past end-of-sequence tokens until `max_tokens` (for benchmarks).
+    #[serde(default)]
+    pub ignore_eos: bool,
 }
 
 impl GenerateRequest {
@@ -45,6 +48,7 @@ impl GenerateRequest {
             sampling: SamplingParams::default(),
             max_tokens,
             stop: Vec::new(),
+            ignore_eos: false,
         }
     }
 
@@ -55,6 +59,7 @@ impl GenerateRequest {
             sampling: SamplingParams::default(),
             max_tokens,
             stop: Vec::new(),
+            ignore_eos: false,
         }
     }
 

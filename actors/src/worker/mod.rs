@@ -5,7 +5,9 @@
 //! - [`actor`]: the supervised ractor actor that owns the sessions and runs generations on
 //!   blocking threads.
 //! - [`api`]: the request and event types a client sends and receives.
+//! - [`remote`]: the worker over the node link (process mode) and its client.
 
 pub mod actor;
 pub mod api;
 pub mod engine;
+pub mod remote;

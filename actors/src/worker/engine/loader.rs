@@ -62,6 +62,8 @@ pub struct LoadProgress {
 pub struct ModelInfo {
     /// The path the worker was given.
     pub path: String,
+    /// The file or directory the weights were read from (the Q8_0 copy when requantized).
+    pub weights: String,
     /// `gguf` or `safetensors`.
     pub format: String,
     /// Architecture named by the file.
@@ -249,6 +251,7 @@ fn load_gguf(
     });
     let info = ModelInfo {
         path: path.display().to_string(),
+        weights: weights_path.display().to_string(),
         format: "gguf".into(),
         architecture: model.architecture().into(),
         context_length: model.context_length(),
@@ -366,6 +369,7 @@ fn load_safetensors(
     });
     let info = ModelInfo {
         path: dir.display().to_string(),
+        weights: dir.display().to_string(),
         format: "safetensors".into(),
         architecture: model.architecture().into(),
         context_length: model.context_length(),

@@ -108,11 +108,16 @@ pub fn run(
     let mut stopped_by_text = false;
     let mut consumer_gone = false;
     let mut index = 0u32;
+    let eos = if request.ignore_eos {
+        &[][..]
+    } else {
+        vocabulary.tokenizer.end_of_sequence()
+    };
     let generation = session.generate(
         &prompt,
         &mut sampler,
         request.max_tokens,
-        vocabulary.tokenizer.end_of_sequence(),
+        eos,
         |id| {
             first_token_at.get_or_insert_with(Instant::now);
             let check = stops.push(&utf8.push(vocabulary.tokenizer.bytes(id)));

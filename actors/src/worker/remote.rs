@@ -1,0 +1,216 @@
+//! A worker reachable over the node link: the protocol, the serving side (a worker
+//! process), and the client side (a hive or queen streaming from it).
+//!
+//! One QUIC stream per generation: its flow control is the backpressure, a reset by the
+//! consumer stops the generation before the next token, and a link that dies mid-stream
+//! ends the consumer's stream with a typed `WorkerLost` error instead of a hang.
+
+use std::time::Duration;
+
+use ractor::{ActorRef, call_t};
+use rbee_transport::{Endpoint, Incoming, Link, LinkError, LinkIncoming, Protocol, StreamReceiver};
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+use super::actor::{STREAM_CAPACITY, WorkerMsg, WorkerStatus};
+use super::api::{ErrorKind, GenerateRequest, GenerationError, GenerationEvent};
+
+/// The worker link's messages.
+pub struct WorkerProtocol;
+
+/// Calls a worker answers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WorkerRequest {
+    /// Where the worker stands.
+    Status,
+    /// Take no new requests, stop when idle.
+    Drain,
+}
+
+/// Answers to [`WorkerRequest`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum WorkerResponse {
+    /// The status.
+    Status(WorkerStatus),
+    /// Draining has begun.
+    Draining,
+    /// The worker actor is gone.
+    Unavailable(String),
+}
+
+impl Protocol for WorkerProtocol {
+    type Request = WorkerRequest;
+    type Response = WorkerResponse;
+    type Event = ();
+    type Open = GenerateRequest;
+    type Item = GenerationEvent;
+}
+
+/// How long a status call to the local actor may take.
+const ACTOR_CALL_MS: u64 = 2000;
+
+/// Serves `worker` to every peer that connects to `endpoint`, until the endpoint closes.
+pub async fn serve(endpoint: Endpoint<WorkerProtocol>, worker: ActorRef<WorkerMsg>) {
+    while let Some(accepted) = endpoint.accept().await {
+        match accepted {
+            Ok((_link, incoming)) => {
+                tokio::spawn(serve_link(incoming, worker.clone()));
+            }
+            Err(e) => tracing::warn!("refused a peer: {e}"),
+        }
+    }
+}
+
+async fn serve_link(mut incoming: LinkIncoming<WorkerProtocol>, worker: ActorRef<WorkerMsg>) {
+    while let Some(message) = incoming.next().await {
+        match message {
+            Incoming::Cast(()) => {}
+            Incoming::Call { request, responder } => {
+                let worker = worker.clone();
+                tokio::spawn(async move {
+                    let response = answer(&worker, request).await;
+                    let _ = responder.respond(response).await;
+                });
+            }
+            Incoming::Stream { open, sender } => {
+                tokio::spawn(stream_generation(worker.clone(), open, sender));
+            }
+        }
+    }
+}
+
+async fn answer(worker: &ActorRef<WorkerMsg>, request: WorkerRequest) -> WorkerResponse {
+    match request {
+        WorkerRequest::Status => match call_t!(worker, WorkerMsg::Status, ACTOR_CALL_MS) {
+            Ok(status) => WorkerResponse::Status(status),
+            Err(e) => WorkerResponse::Unavailable(e.to_string()),
+        },
+        WorkerRequest::Drain => match worker.cast(WorkerMsg::Drain) {
+            Ok(()) => WorkerResponse::Draining,
+            Err(e) => WorkerResponse::Unavailable(e.to_string()),
+        },
+    }
+}
+
+/// Forwards one generation's events to the peer's stream. When the peer resets the stream,
+/// the channel to the generation is dropped, which stops it before its next token.
+async fn stream_generation(
+    worker: ActorRef<WorkerMsg>,
+    request: GenerateRequest,
+    mut sender: rbee_transport::StreamSender<GenerationEvent>,
+) {
+    let (tx, mut rx) = mpsc::channel(STREAM_CAPACITY);
+    if worker.cast(WorkerMsg::Generate(request, tx)).is_err() {
+        let gone = GenerationError::new(ErrorKind::WorkerLost, "the worker actor is gone");
+        let _ = sender.send(&GenerationEvent::Error(gone)).await;
+        let _ = sender.finish();
+        return;
+    }
+    let cancelled = sender.cancelled();
+    tokio::pin!(cancelled);
+    loop {
+        let event = tokio::select! {
+            event = rx.recv() => event,
+            () = &mut cancelled => return,
+        };
+        let Some(event) = event else {
+            // The generation ended without a terminal event: the actor died under it.
+            let gone = GenerationError::new(ErrorKind::WorkerLost, "the worker stopped mid-stream");
+            let _ = sender.send(&GenerationEvent::Error(gone)).await;
+            let _ = sender.finish();
+            return;
+        };
+        let terminal = event.is_terminal();
+        if sender.send(&event).await.is_err() {
+            return;
+        }
+        if terminal {
+            let _ = sender.finish();
+            return;
+        }
+    }
+}
+
+/// A worker on the other end of a link.
+#[derive(Clone)]
+pub struct RemoteWorker {
+    link: Link<WorkerProtocol>,
+}
+
+impl RemoteWorker {
+    /// Wraps an established link to a worker.
+    pub fn new(link: Link<WorkerProtocol>) -> Self {
+        RemoteWorker { link }
+    }
+
+    /// The link.
+    pub fn link(&self) -> &Link<WorkerProtocol> {
+        &self.link
+    }
+
+    /// The worker's status.
+    pub async fn status(&self, timeout: Duration) -> Result<WorkerStatus, RemoteError> {
+        match self.link.call(WorkerRequest::Status, timeout).await? {
+            WorkerResponse::Status(s) => Ok(s),
+            other => Err(RemoteError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// Asks the worker to drain.
+    pub async fn drain(&self, timeout: Duration) -> Result<(), RemoteError> {
+        match self.link.call(WorkerRequest::Drain, timeout).await? {
+            WorkerResponse::Draining => Ok(()),
+            other => Err(RemoteError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// Starts a generation. Dropping the returned stream cancels it.
+    pub async fn generate(&self, request: GenerateRequest) -> Result<RemoteGeneration, RemoteError> {
+        Ok(RemoteGeneration {
+            stream: self.link.open_stream(request).await?,
+            ended: false,
+        })
+    }
+}
+
+/// Errors of calling a remote worker.
+#[derive(Debug, thiserror::Error)]
+pub enum RemoteError {
+    /// The link failed.
+    #[error(transparent)]
+    Link(#[from] LinkError),
+    /// The worker answered something that does not fit the call.
+    #[error("the worker answered out of protocol: {0}")]
+    Unexpected(String),
+}
+
+/// The events of a generation on a remote worker.
+pub struct RemoteGeneration {
+    stream: StreamReceiver<GenerationEvent>,
+    ended: bool,
+}
+
+impl RemoteGeneration {
+    /// The next event; `None` after the terminal one. A link failure or a stream that ends
+    /// early becomes a final `Error` of kind `WorkerLost`, so exactly one terminal event
+    /// always arrives.
+    ///
+    /// # Cancel safety
+    /// Cancel safe.
+    pub async fn next(&mut self) -> Option<GenerationEvent> {
+        if self.ended {
+            return None;
+        }
+        let event = match self.stream.next().await {
+            Some(Ok(event)) => event,
+            Some(Err(e)) => lost(format!("the link to the worker failed: {e}")),
+            None => lost("the worker ended the stream without a result".into()),
+        };
+        self.ended = event.is_terminal();
+        Some(event)
+    }
+}
+
+fn lost(message: String) -> GenerationEvent {
+    GenerationEvent::Error(GenerationError::new(ErrorKind::WorkerLost, message))
+}

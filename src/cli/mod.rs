@@ -1,0 +1,75 @@
+//! Command-line interface: parsing and one module per command.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+mod bench;
+mod run;
+mod worker;
+
+/// rbee: one LLM inference cluster from the GPUs and CPUs of several machines.
+#[derive(Debug, Parser)]
+#[command(name = "rbee", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Answer PROMPT with a model in this process (SmolLM2-135M-Instruct by default,
+    /// fetched on first use); without PROMPT, chat interactively.
+    Run(run::RunArgs),
+    /// Run one worker as its own process, serving a model over the node link.
+    Worker(worker::WorkerArgs),
+    /// Measure performance and print a table.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
+}
+
+/// Which model to load and how.
+#[derive(Debug, Clone, Args)]
+pub struct ModelArgs {
+    /// A GGUF file or a safetensors directory (default: SmolLM2-135M-Instruct, fetched into
+    /// the cache directory on first use).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Sequences served at once.
+    #[arg(long, default_value_t = 1)]
+    slots: usize,
+    /// Keep Q4_1/Q5_0/Q5_1 weights as they are instead of requantizing them to Q8_0.
+    #[arg(long)]
+    no_requantize: bool,
+}
+
+impl ModelArgs {
+    /// The model path, fetching the default model when none was given.
+    fn path(&self) -> anyhow::Result<PathBuf> {
+        match &self.model {
+            Some(path) => Ok(path.clone()),
+            None => {
+                eprintln!("rbee: using the default model SmolLM2-135M-Instruct");
+                Ok(rbee::actors::models::ensure_default_model()?)
+            }
+        }
+    }
+
+    fn options(&self) -> rbee::actors::worker::engine::loader::LoadOptions {
+        rbee::actors::worker::engine::loader::LoadOptions {
+            slots: self.slots,
+            requantize: !self.no_requantize,
+            ..Default::default()
+        }
+    }
+}
+
+/// Runs the parsed command.
+pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Run(args) => run::run(args).await,
+        Command::Worker(args) => worker::run(args).await,
+        Command::Bench(command) => bench::run(command).await,
+    }
+}
