@@ -9,7 +9,10 @@ mod cli;
 fn main() -> ExitCode {
     rbee::actors::panic::install_cheap_hook();
     let args = cli::Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("rbee: cannot start the async runtime: {e}");

@@ -59,7 +59,10 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<ExitCode> {
 }
 
 async fn engine(args: EngineArgs) -> anyhow::Result<ExitCode> {
-    anyhow::ensure!(args.tokens >= 2 && args.rounds >= 1, "need --tokens >= 2 and --rounds >= 1");
+    anyhow::ensure!(
+        args.tokens >= 2 && args.rounds >= 1,
+        "need --tokens >= 2 and --rounds >= 1"
+    );
     let path = args.model.path()?;
     let shipped = worker(&path, false).await?;
     let requantized = worker(&path, true).await?;
@@ -74,7 +77,10 @@ async fn engine(args: EngineArgs) -> anyhow::Result<ExitCode> {
             let bare = tokio::task::spawn_blocking(move || bare_loop(&weights, &ids, tokens));
             results[w][0].push(bare.await??);
             let (speed, prompt_tokens) = through_actor(&started.worker, args.tokens).await?;
-            anyhow::ensure!(prompt_tokens == prompt.len(), "the paths saw different prompts");
+            anyhow::ensure!(
+                prompt_tokens == prompt.len(),
+                "the paths saw different prompts"
+            );
             results[w][1].push(speed);
         }
     }
@@ -95,8 +101,15 @@ async fn engine(args: EngineArgs) -> anyhow::Result<ExitCode> {
         let (bp, bd) = medians(bare);
         let (ap, ad) = medians(actor);
         let q = &started.info.quantization;
-        println!("{q:<8} {:<14} {bp:>14.1} {bd:>13.1} {:>15}", "bare candle", "1.000");
-        println!("{q:<8} {:<14} {ap:>14.1} {ad:>13.1} {:>15.3}", "actor+stream", ad / bd);
+        println!(
+            "{q:<8} {:<14} {bp:>14.1} {bd:>13.1} {:>15}",
+            "bare candle", "1.000"
+        );
+        println!(
+            "{q:<8} {:<14} {ap:>14.1} {ad:>13.1} {:>15.3}",
+            "actor+stream",
+            ad / bd
+        );
     }
     for started in [shipped, requantized] {
         started.worker.stop(None);

@@ -74,7 +74,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         };
         let ok = answer(&worker, request(prompt)).await?.is_some();
         worker.stop(None);
-        return Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE });
+        return Ok(if ok {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        });
     }
     let mut conversation = Vec::new();
     let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();

@@ -72,10 +72,7 @@ async fn serve(args: WorkerArgs) -> anyhow::Result<()> {
     let endpoint = Endpoint::<WorkerProtocol>::bind(identity, args.listen, config)?;
     let listen = endpoint.local_addr()?;
     let path = args.model.path()?;
-    let started = actor::start(path, args.model.options(), |p| {
-        report(&Report::Loading(p))
-    })
-    .await?;
+    let started = actor::start(path, args.model.options(), |p| report(&Report::Loading(p))).await?;
     let (worker, info, mut stopped) = (started.worker, started.info, started.stopped);
     report(&Report::Ready {
         listen,

@@ -64,6 +64,7 @@ pub enum StartError {
 }
 
 /// A worker whose model is loaded.
+#[derive(Debug)]
 pub struct StartedWorker {
     /// The actor.
     pub worker: ActorRef<WorkerMsg>,
@@ -345,18 +346,28 @@ fn start_generation(
             tokenizer: &shared.tokenizer,
             template: shared.template.as_ref(),
         };
+        let mut terminal = None;
         let outcome = pipeline::run(&mut session, &vocabulary, &request, |event| {
             if stopping.load(Ordering::Acquire) {
                 let stopped = GenerationError::new(ErrorKind::WorkerLost, "the worker stopped");
                 let _ = events.blocking_send(GenerationEvent::Error(stopped));
                 return ControlFlow::Break(());
             }
+            if event.is_terminal() {
+                terminal = Some(event);
+                return ControlFlow::Continue(());
+            }
             match events.blocking_send(event) {
                 Ok(()) => ControlFlow::Continue(()),
                 Err(_) => ControlFlow::Break(()),
             }
         });
+        // The slot is given back before the consumer hears the end, so a request sent
+        // right after `Done` finds it free.
         let _ = myself.cast(WorkerMsg::Finished(Box::new(session), outcome));
+        if let Some(event) = terminal {
+            let _ = events.blocking_send(event);
+        }
     });
 }
 
@@ -430,15 +441,26 @@ mod tests {
             sampling: SamplingParams::greedy(),
             ..GenerateRequest::text("In", 10)
         };
-        worker.cast(WorkerMsg::Generate(request, tx)).unwrap();
+        worker
+            .cast(WorkerMsg::Generate(request.clone(), tx))
+            .unwrap();
         let mut events = Vec::new();
         while let Some(e) = rx.recv().await {
             events.push(e);
         }
         assert_eq!(events.iter().filter(|e| e.is_terminal()).count(), 1);
         assert!(matches!(events.last(), Some(GenerationEvent::Done(_))));
+        // The one slot is free as soon as `Done` arrives.
+        let (tx, mut rx) = mpsc::channel(STREAM_CAPACITY);
+        worker.cast(WorkerMsg::Generate(request, tx)).unwrap();
+        let first = rx.recv().await;
+        assert!(
+            matches!(first, Some(GenerationEvent::Token { .. })),
+            "{first:?}"
+        );
+        while rx.recv().await.is_some() {}
         let s = wait_for(&worker, |s| s.phase == Phase::Ready).await;
-        assert_eq!(s.generated_tokens, 10);
+        assert_eq!(s.generated_tokens, 20);
         assert_eq!(s.last_finish, Some(FinishReason::Length));
     }
 
@@ -540,9 +562,13 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(worker.get_status(), ractor::ActorStatus::Stopped);
-        let err = start(PathBuf::from("/nonexistent/m.gguf"), LoadOptions::default(), |_| {})
-            .await
-            .unwrap_err();
+        let err = start(
+            PathBuf::from("/nonexistent/m.gguf"),
+            LoadOptions::default(),
+            |_| {},
+        )
+        .await
+        .unwrap_err();
         assert!(matches!(err, StartError::Load(_)), "{err}");
     }
 }

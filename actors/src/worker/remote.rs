@@ -165,7 +165,10 @@ impl RemoteWorker {
     }
 
     /// Starts a generation. Dropping the returned stream cancels it.
-    pub async fn generate(&self, request: GenerateRequest) -> Result<RemoteGeneration, RemoteError> {
+    pub async fn generate(
+        &self,
+        request: GenerateRequest,
+    ) -> Result<RemoteGeneration, RemoteError> {
         Ok(RemoteGeneration {
             stream: self.link.open_stream(request).await?,
             ended: false,

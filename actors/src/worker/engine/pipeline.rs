@@ -113,31 +113,25 @@ pub fn run(
     } else {
         vocabulary.tokenizer.end_of_sequence()
     };
-    let generation = session.generate(
-        &prompt,
-        &mut sampler,
-        request.max_tokens,
-        eos,
-        |id| {
-            first_token_at.get_or_insert_with(Instant::now);
-            let check = stops.push(&utf8.push(vocabulary.tokenizer.bytes(id)));
-            let event = GenerationEvent::Token {
-                index,
-                id,
-                text: check.emit,
-            };
-            index += 1;
-            if emit(event).is_break() {
-                consumer_gone = true;
-                return ControlFlow::Break(());
-            }
-            if check.stopped {
-                stopped_by_text = true;
-                return ControlFlow::Break(());
-            }
-            ControlFlow::Continue(())
-        },
-    );
+    let generation = session.generate(&prompt, &mut sampler, request.max_tokens, eos, |id| {
+        first_token_at.get_or_insert_with(Instant::now);
+        let check = stops.push(&utf8.push(vocabulary.tokenizer.bytes(id)));
+        let event = GenerationEvent::Token {
+            index,
+            id,
+            text: check.emit,
+        };
+        index += 1;
+        if emit(event).is_break() {
+            consumer_gone = true;
+            return ControlFlow::Break(());
+        }
+        if check.stopped {
+            stopped_by_text = true;
+            return ControlFlow::Break(());
+        }
+        ControlFlow::Continue(())
+    });
     let generation = match generation {
         Ok(g) => g,
         Err(e) => {
