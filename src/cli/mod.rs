@@ -22,6 +22,13 @@ enum Command {
     /// Answer PROMPT with a model in this process (SmolLM2-135M-Instruct by default,
     /// fetched on first use); without PROMPT, chat interactively.
     Run(run::RunArgs),
+    /// Fetch a model into this machine's cache and print its path. Only the default model
+    /// (`smollm2-135m`) is known until the hive's model store exists.
+    Pull {
+        /// The model to fetch.
+        #[arg(default_value = DEFAULT_MODEL_NAME)]
+        model: String,
+    },
     /// Run one worker as its own process, serving a model over the node link.
     Worker(worker::WorkerArgs),
     /// Measure performance and print a table.
@@ -65,10 +72,24 @@ impl ModelArgs {
     }
 }
 
+/// The name `rbee pull` knows the default model by.
+const DEFAULT_MODEL_NAME: &str = "smollm2-135m";
+
+fn pull(model: &str) -> anyhow::Result<ExitCode> {
+    anyhow::ensure!(
+        model == DEFAULT_MODEL_NAME,
+        "unknown model {model:?}: this build can pull only {DEFAULT_MODEL_NAME} (the model store arrives with the hive)"
+    );
+    let path = rbee::actors::models::ensure_default_model()?;
+    println!("{}", path.display());
+    Ok(ExitCode::SUCCESS)
+}
+
 /// Runs the parsed command.
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Run(args) => run::run(args).await,
+        Command::Pull { model } => pull(&model),
         Command::Worker(args) => worker::run(args).await,
         Command::Bench(command) => bench::run(command).await,
     }
