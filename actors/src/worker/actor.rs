@@ -491,6 +491,27 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_killed_worker_ends_its_streams_with_a_typed_error() {
+        let (_d, worker, _) = spawn(4096, 1).await;
+        let (tx, mut rx) = mpsc::channel(STREAM_CAPACITY);
+        worker.cast(WorkerMsg::Generate(long_request(), tx)).unwrap();
+        assert!(matches!(rx.recv().await, Some(GenerationEvent::Token { .. })));
+        worker.kill();
+        let last = loop {
+            match tokio::time::timeout(Duration::from_secs(5), rx.recv()).await {
+                Ok(Some(GenerationEvent::Token { .. })) => continue,
+                Ok(other) => break other,
+                Err(_) => panic!("the stream hung after its worker was killed"),
+            }
+        };
+        match last {
+            Some(GenerationEvent::Error(e)) => assert_eq!(e.kind, ErrorKind::WorkerLost),
+            other => panic!("{other:?}"),
+        }
+        assert!(rx.recv().await.is_none());
+    }
+
+    #[tokio::test]
     async fn busy_slots_and_draining_are_refused_with_typed_errors() {
         let (_d, worker, _) = spawn(4096, 1).await;
         let (tx, mut rx) = mpsc::channel(STREAM_CAPACITY);
