@@ -494,8 +494,13 @@ mod tests {
     async fn a_killed_worker_ends_its_streams_with_a_typed_error() {
         let (_d, worker, _) = spawn(4096, 1).await;
         let (tx, mut rx) = mpsc::channel(STREAM_CAPACITY);
-        worker.cast(WorkerMsg::Generate(long_request(), tx)).unwrap();
-        assert!(matches!(rx.recv().await, Some(GenerationEvent::Token { .. })));
+        worker
+            .cast(WorkerMsg::Generate(long_request(), tx))
+            .unwrap();
+        assert!(matches!(
+            rx.recv().await,
+            Some(GenerationEvent::Token { .. })
+        ));
         worker.kill();
         let last = loop {
             match tokio::time::timeout(Duration::from_secs(5), rx.recv()).await {
