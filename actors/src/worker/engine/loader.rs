@@ -154,7 +154,8 @@ pub fn load(
     Ok(loaded)
 }
 
-fn read_gguf(path: &Path) -> Result<(gguf_file::Content, BufReader<File>), EngineError> {
+/// The header of the GGUF at `path`, and the reader positioned after it.
+pub(crate) fn read_gguf(path: &Path) -> Result<(gguf_file::Content, BufReader<File>), EngineError> {
     let mut reader = BufReader::new(File::open(path).map_err(|source| EngineError::Io {
         path: path.to_path_buf(),
         source,

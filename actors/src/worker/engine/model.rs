@@ -235,12 +235,16 @@ impl Model {
                 });
             }
         };
-        Ok(Model {
+        Ok(Model::new(backend, architecture, context_length, device))
+    }
+
+    fn new(backend: Backend, architecture: String, context_length: usize, device: &Device) -> Self {
+        Model {
             backend,
             architecture,
             context_length,
             device: device.clone(),
-        })
+        }
     }
 
     /// Loads a safetensors model: `config` is config.json's text, `weights` the
@@ -303,12 +307,7 @@ impl Model {
                 });
             }
         };
-        Ok(Model {
-            backend,
-            architecture,
-            context_length,
-            device: device.clone(),
-        })
+        Ok(Model::new(backend, architecture, context_length, device))
     }
 
     /// Another session on the same weights with an empty KV cache, or `None` when candle's
@@ -418,7 +417,6 @@ impl Model {
 #[cfg(test)]
 pub(crate) mod tests {
     use std::fs::File;
-    use std::io::BufReader;
 
     use candle_core::quantized::{GgmlDType, QTensor, gguf_file::Value};
 
@@ -528,14 +526,7 @@ pub(crate) mod tests {
     }
 
     pub(crate) fn load_gguf(path: &Path) -> Result<Model, EngineError> {
-        let mut reader = BufReader::new(File::open(path).map_err(|source| EngineError::Io {
-            path: path.into(),
-            source,
-        })?);
-        let content = gguf_file::Content::read(&mut reader).map_err(|e| EngineError::Invalid {
-            path: path.into(),
-            reason: e.to_string(),
-        })?;
+        let (content, mut reader) = crate::worker::engine::loader::read_gguf(path)?;
         Model::from_gguf(path, content, &mut reader, &Device::Cpu)
     }
 
