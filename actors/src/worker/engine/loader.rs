@@ -388,7 +388,7 @@ fn load_safetensors(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::worker::engine::model::tests::{write_tiny_gguf, write_tiny_safetensors_llama};
+    use crate::worker::engine::model::tests::{write_tiny_gguf, write_tiny_safetensors};
     use candle_core::quantized::GgmlDType;
 
     fn options(slots: usize) -> LoadOptions {
@@ -431,7 +431,7 @@ mod tests {
     #[test]
     fn a_safetensors_directory_loads_with_its_tokenizer_and_template() {
         let dir = tempfile::tempdir().unwrap();
-        write_tiny_safetensors_llama(dir.path());
+        write_tiny_safetensors(dir.path(), "llama");
         // Without tokenizer.json the directory is refused by name.
         match load(dir.path(), &options(1), &mut |_| {}) {
             Err(LoadError::Tokenizer(TokenizerError::File { path, .. })) => {

@@ -530,18 +530,35 @@ pub(crate) mod tests {
         Model::from_gguf(path, content, &mut reader, &Device::Cpu)
     }
 
-    /// Writes a tiny random llama as safetensors + config.json into `dir`.
-    pub(crate) fn write_tiny_safetensors_llama(dir: &Path) -> PathBuf {
+    /// Writes a tiny random model of `architecture` as safetensors + config.json into `dir`.
+    pub(crate) fn write_tiny_safetensors(dir: &Path, architecture: &str) -> PathBuf {
         let config = serde_json::json!({
-            "model_type": "llama",
+            "model_type": architecture,
             "hidden_size": DIM, "intermediate_size": HIDDEN, "vocab_size": TINY_VOCAB,
             "num_hidden_layers": 2, "num_attention_heads": HEADS, "num_key_value_heads": KV_HEADS,
             "rms_norm_eps": 1e-5, "max_position_embeddings": 128, "tie_word_embeddings": false,
+            "rope_theta": 10000.0, "hidden_act": "silu", "sliding_window": 128,
+            "max_window_layers": 2, "use_sliding_window": false,
         });
-        let cfg: llama::LlamaConfig = serde_json::from_value(config.clone()).unwrap();
         let varmap = candle_nn::VarMap::new();
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
-        llama::Llama::load(vb, &cfg.into_config(false)).unwrap();
+        let parse = || config.clone();
+        match architecture {
+            "llama" => {
+                let cfg: llama::LlamaConfig = serde_json::from_value(parse()).unwrap();
+                llama::Llama::load(vb, &cfg.into_config(false)).map(drop)
+            }
+            "mistral" => {
+                let cfg: mistral::Config = serde_json::from_value(parse()).unwrap();
+                mistral::Model::new(&cfg, vb).map(drop)
+            }
+            "qwen2" => {
+                let cfg: qwen2::Config = serde_json::from_value(parse()).unwrap();
+                qwen2::ModelForCausalLM::new(&cfg, vb).map(drop)
+            }
+            other => panic!("no tiny {other}"),
+        }
+        .unwrap();
         let weights = dir.join("model.safetensors");
         varmap.save(&weights).unwrap();
         std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
@@ -602,22 +619,27 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn a_safetensors_llama_loads_and_its_cache_matches_recompute() {
-        let dir = tempfile::tempdir().unwrap();
-        let weights = write_tiny_safetensors_llama(dir.path());
-        let config = std::fs::read_to_string(dir.path().join("config.json")).unwrap();
-        let mut model = Model::from_safetensors(
-            dir.path(),
-            &config,
-            std::slice::from_ref(&weights),
-            &Device::Cpu,
-        )
-        .unwrap();
-        assert_eq!(model.context_length(), 128);
-        assert_cache_matches_recompute(&mut model);
-        let mut clone = model.try_clone().unwrap();
-        assert_cache_matches_recompute(&mut clone);
+    fn every_safetensors_architecture_loads_and_its_cache_matches_recompute() {
+        for arch in SAFETENSORS_ARCHITECTURES {
+            let dir = tempfile::tempdir().unwrap();
+            let weights = write_tiny_safetensors(dir.path(), arch);
+            let config = std::fs::read_to_string(dir.path().join("config.json")).unwrap();
+            let weights = std::slice::from_ref(&weights);
+            let mut model =
+                Model::from_safetensors(dir.path(), &config, weights, &Device::Cpu).unwrap();
+            assert_eq!(model.architecture(), *arch);
+            assert_eq!(model.context_length(), 128);
+            assert_cache_matches_recompute(&mut model);
+            let mut clone = model.try_clone().unwrap();
+            assert_cache_matches_recompute(&mut clone);
+        }
+    }
 
+    #[test]
+    fn an_unknown_safetensors_architecture_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let weights = write_tiny_safetensors(dir.path(), "llama");
+        let config = std::fs::read_to_string(dir.path().join("config.json")).unwrap();
         let gpt = config.replace("\"llama\"", "\"gpt_neox\"");
         match Model::from_safetensors(dir.path(), &gpt, &[weights], &Device::Cpu) {
             Err(EngineError::UnsupportedArchitecture { architecture, .. }) => {
