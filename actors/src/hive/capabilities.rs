@@ -79,7 +79,7 @@ pub const NVML_LIBRARY: &str = "libnvidia-ml.so.1";
 /// Reads the capabilities; `nvml_library` overrides the NVML library path (tests, odd
 /// installs); `store` is where models are kept (for free disk).
 pub fn probe(nvml_library: Option<&OsStr>, store: &Path) -> Capabilities {
-    let (ram_total, ram_available) = memory().unwrap_or((0, 0));
+    let (ram_total, ram_available) = probe_memory().unwrap_or((0, 0));
     Capabilities {
         gpu: probe_gpus(nvml_library),
         cpu: cpu(),
@@ -196,7 +196,7 @@ fn simd_built() -> Vec<String> {
 }
 
 /// `(MemTotal, MemAvailable)` in bytes from `/proc/meminfo`.
-fn memory() -> Option<(u64, u64)> {
+pub fn probe_memory() -> Option<(u64, u64)> {
     parse_meminfo(&std::fs::read_to_string("/proc/meminfo").ok()?)
 }
 

@@ -7,3 +7,4 @@
 
 pub mod capabilities;
 pub mod store;
+pub mod workers;

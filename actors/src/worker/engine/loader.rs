@@ -165,6 +165,13 @@ pub struct ModelSummary {
     pub quantization: String,
     /// Context length the file declares.
     pub context_length: usize,
+    /// KV-cache bytes one token of context takes (F32 keys and values, every layer).
+    pub kv_bytes_per_token: u64,
+}
+
+/// KV-cache bytes per token: layers × 2 (K and V) × KV heads × head size × 4 bytes.
+fn kv_bytes(layers: u64, kv_heads: u64, hidden: u64, heads: u64) -> u64 {
+    layers * 2 * kv_heads * (hidden / heads.max(1)) * 4
 }
 
 /// Describes the model at `path` from its headers, refusing what this build cannot load.
@@ -185,11 +192,27 @@ pub fn inspect(path: &Path) -> Result<ModelSummary, LoadError> {
             .get(&key)
             .and_then(|v| v.to_u32().ok())
             .ok_or(EngineError::MissingMetadata(key))? as usize;
+        let number = |key: &str| {
+            content
+                .metadata
+                .get(&format!("{architecture}.{key}"))
+                .and_then(|v| v.to_u32().ok())
+                .map(u64::from)
+                .ok_or_else(|| EngineError::MissingMetadata(format!("{architecture}.{key}")))
+        };
+        let heads = number("attention.head_count")?;
+        let kv_bytes_per_token = kv_bytes(
+            number("block_count")?,
+            number("attention.head_count_kv").unwrap_or(heads),
+            number("embedding_length")?,
+            heads,
+        );
         return Ok(ModelSummary {
             format: "gguf".into(),
             quantization: dominant_dtype(&content),
             architecture,
             context_length,
+            kv_bytes_per_token,
         });
     }
     if !path.is_dir() {
@@ -220,7 +243,21 @@ pub fn inspect(path: &Path) -> Result<ModelSummary, LoadError> {
         }
         .into());
     }
+    let number = |key: &str| {
+        config
+            .get(key)
+            .and_then(|v| v.as_u64())
+            .ok_or_else(|| EngineError::MissingMetadata(format!("config.json {key}")))
+    };
+    let heads = number("num_attention_heads")?;
+    let kv_bytes_per_token = kv_bytes(
+        number("num_hidden_layers")?,
+        number("num_key_value_heads").unwrap_or(heads),
+        number("hidden_size")?,
+        heads,
+    );
     Ok(ModelSummary {
+        kv_bytes_per_token,
         format: "safetensors".into(),
         architecture,
         quantization: config

@@ -1,0 +1,665 @@
+//! The hive's workers: spawned for models in the store, supervised one for one, stopped by
+//! request or when idle.
+//!
+//! Every worker is a child actor linked to the hive. A worker that fails (its model does
+//! not load, it panics) is restarted with exponential backoff; past the restart intensity
+//! it is marked failed with its last error and left alone. A spawn that cannot fit in
+//! memory is refused before anything starts. This slice runs workers in-process; worker
+//! child processes (`rbee worker`) and their adoption after a hive restart come next.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use ractor::{
+    Actor, ActorCell, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent, call_t,
+};
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+use super::store::{ModelId, ModelStore, StoreError};
+use crate::supervisor::{Decision, Restart, RestartIntensity, RestartPolicy};
+use crate::worker::actor::{Phase, Worker, WorkerArgs, WorkerMsg, WorkerStatus};
+use crate::worker::api::{ErrorKind, GenerateRequest, GenerationError, GenerationEvent};
+use crate::worker::engine::loader::LoadOptions;
+
+/// Memory a model needs beyond its files: weights are held once more while loading.
+const MEMORY_HEADROOM: f64 = 1.2;
+
+/// When an idle worker is stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum IdleTimeout {
+    /// After serving nothing for this long.
+    After(Duration),
+    /// As soon as it has served a request and is idle.
+    AfterEachRequest,
+    /// Never.
+    Never,
+}
+
+impl Default for IdleTimeout {
+    /// Five minutes.
+    fn default() -> Self {
+        IdleTimeout::After(Duration::from_secs(300))
+    }
+}
+
+/// What to run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SpawnRequest {
+    /// A ready model of the store.
+    pub model: ModelId,
+    /// Sequences served at once.
+    pub slots: usize,
+    /// When to stop it for idleness.
+    pub idle_timeout: IdleTimeout,
+}
+
+/// A worker's state as the hive sees it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum WorkerState {
+    /// Running; the worker's own status.
+    Running(WorkerStatus),
+    /// Waiting to be started again after a failure.
+    Restarting,
+    /// Exceeded the restart intensity; not retried.
+    Failed,
+}
+
+/// A worker as listed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WorkerInfo {
+    /// The hive's name for it (`<model>-<n>`).
+    pub id: String,
+    /// Its model.
+    pub model: ModelId,
+    /// Device it runs on.
+    pub device: String,
+    /// Where it stands.
+    pub state: WorkerState,
+    /// Memory the preflight reserved for it, in bytes.
+    pub memory_bytes: u64,
+    /// Seconds since it was spawned.
+    pub uptime_secs: u64,
+    /// Restarts so far.
+    pub restarts: u32,
+    /// The error of its last failure.
+    pub last_error: Option<String>,
+}
+
+/// Errors of the hive's worker operations.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum HiveError {
+    /// The model is not ready in the store.
+    #[error("{0}")]
+    Model(String),
+    /// Preflight: the worker would not fit.
+    #[error(
+        "{model} needs {needed} bytes (weights × {MEMORY_HEADROOM} + KV cache for {context} tokens × {slots} slots) but {available} are available"
+    )]
+    DoesNotFit {
+        /// The model.
+        model: ModelId,
+        /// Bytes needed.
+        needed: u64,
+        /// Bytes available.
+        available: u64,
+        /// Context per slot.
+        context: usize,
+        /// Slots asked.
+        slots: usize,
+    },
+    /// No worker by that id.
+    #[error("no worker {0}")]
+    NoWorker(String),
+    /// The worker actor could not be started.
+    #[error("the worker did not start: {0}")]
+    Start(String),
+}
+
+impl From<StoreError> for HiveError {
+    fn from(e: StoreError) -> Self {
+        HiveError::Model(e.to_string())
+    }
+}
+
+/// Messages of the hive's worker manager.
+pub enum HiveMsg {
+    /// Starts a worker; replies once it is spawned (its model loads in the background).
+    Spawn(SpawnRequest, RpcReplyPort<Result<WorkerInfo, HiveError>>),
+    /// Drains a worker (up to the drain timeout, then kills it) and forgets it.
+    Stop(String, RpcReplyPort<Result<(), HiveError>>),
+    /// Lists the workers.
+    List(RpcReplyPort<Vec<WorkerInfo>>),
+    /// Runs a generation on a worker.
+    Generate(String, GenerateRequest, mpsc::Sender<GenerationEvent>),
+    /// Internal: a backoff delay elapsed.
+    RestartDue(String),
+    /// Internal: time to look for idle workers.
+    IdleCheck,
+}
+
+/// How the hive's worker manager starts.
+pub struct HiveArgs {
+    /// Where models are.
+    pub store: ModelStore,
+    /// Restart limits per worker.
+    pub policy: RestartPolicy,
+    /// Memory the hive may give to workers; `None` reads the machine's available RAM.
+    pub memory_budget: Option<u64>,
+    /// How long a stopping worker may finish its requests before it is killed.
+    pub drain_timeout: Duration,
+    /// How often idle timeouts are checked.
+    pub idle_check: Duration,
+}
+
+/// The worker manager actor.
+pub struct Hive;
+
+struct Managed {
+    spec: SpawnRequest,
+    path: PathBuf,
+    actor: Option<ActorRef<WorkerMsg>>,
+    failed: bool,
+    memory_bytes: u64,
+    spawned: Instant,
+    restarts: u32,
+    last_error: Option<String>,
+    /// Requests seen at the last idle check, and since when that count has not moved.
+    requests_seen: u64,
+    idle_since: Instant,
+}
+
+/// The worker manager's state.
+pub struct HiveState {
+    args: HiveArgs,
+    intensity: RestartIntensity,
+    workers: HashMap<String, Managed>,
+    next_number: u64,
+}
+
+impl Actor for Hive {
+    type Msg = HiveMsg;
+    type State = HiveState;
+    type Arguments = HiveArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<HiveMsg>,
+        args: HiveArgs,
+    ) -> Result<HiveState, ActorProcessingErr> {
+        myself.send_interval(args.idle_check, || HiveMsg::IdleCheck);
+        Ok(HiveState {
+            intensity: RestartIntensity::new(args.policy.clone()),
+            args,
+            workers: HashMap::new(),
+            next_number: 1,
+        })
+    }
+
+    async fn post_stop(
+        &self,
+        myself: ActorRef<HiveMsg>,
+        _: &mut HiveState,
+    ) -> Result<(), ActorProcessingErr> {
+        // Workers release their memory (and, later, GPUs) before the hive is gone.
+        myself
+            .stop_children_and_wait(Some("hive stopping".into()), Some(Duration::from_secs(10)))
+            .await;
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<HiveMsg>,
+        msg: HiveMsg,
+        state: &mut HiveState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            HiveMsg::Spawn(request, reply) => {
+                let result = spawn(&myself, state, request).await;
+                let _ = reply.send(result);
+            }
+            HiveMsg::Stop(id, reply) => {
+                let result = match state.workers.remove(&id) {
+                    Some(managed) => {
+                        state.intensity.forget(&id);
+                        if let Some(actor) = managed.actor {
+                            tokio::spawn(drain_then_kill(actor, state.args.drain_timeout));
+                        }
+                        Ok(())
+                    }
+                    None => Err(HiveError::NoWorker(id)),
+                };
+                let _ = reply.send(result);
+            }
+            HiveMsg::List(reply) => {
+                let mut list = Vec::new();
+                for (id, managed) in &state.workers {
+                    list.push(info(id, managed).await);
+                }
+                list.sort_by(|a, b| a.id.cmp(&b.id));
+                let _ = reply.send(list);
+            }
+            HiveMsg::Generate(id, request, events) => {
+                match state.workers.get(&id).and_then(|m| m.actor.clone()) {
+                    Some(actor) => {
+                        if let Err(e) = actor.cast(WorkerMsg::Generate(request, events.clone())) {
+                            let _ = events.try_send(lost(&id, &e.to_string()));
+                        }
+                    }
+                    None => {
+                        let _ = events.try_send(lost(&id, "no running worker by that id"));
+                    }
+                }
+            }
+            HiveMsg::RestartDue(id) => {
+                if let Some(managed) = state.workers.get(&id)
+                    && managed.actor.is_none()
+                    && !managed.failed
+                {
+                    let (spec, path) = (managed.spec.clone(), managed.path.clone());
+                    let actor = start_worker(&myself, &spec, &path).await;
+                    if let Some(managed) = state.workers.get_mut(&id) {
+                        match actor {
+                            Ok(actor) => managed.actor = Some(actor),
+                            Err(e) => {
+                                managed.failed = true;
+                                managed.last_error = Some(e.to_string());
+                            }
+                        }
+                    }
+                }
+            }
+            HiveMsg::IdleCheck => stop_idle(state).await,
+        }
+        Ok(())
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        myself: ActorRef<HiveMsg>,
+        event: SupervisionEvent,
+        state: &mut HiveState,
+    ) -> Result<(), ActorProcessingErr> {
+        let (cell, error) = match event {
+            SupervisionEvent::ActorFailed(cell, err) => (cell, Some(err.to_string())),
+            SupervisionEvent::ActorTerminated(cell, _, _) => (cell, None),
+            _ => return Ok(()),
+        };
+        let Some((id, managed)) = find(&mut state.workers, &cell) else {
+            // A worker that was stopped on purpose and already forgotten.
+            return Ok(());
+        };
+        managed.actor = None;
+        let id = id.clone();
+        let Some(error) = error else {
+            // It stopped by itself (drained): nothing to restart.
+            state.workers.remove(&id);
+            return Ok(());
+        };
+        managed.last_error = Some(error);
+        match state
+            .intensity
+            .on_exit(&id, true, Restart::Transient, Instant::now())
+        {
+            Decision::Restart { after } => {
+                managed.restarts += 1;
+                myself.send_after(after, move || HiveMsg::RestartDue(id));
+            }
+            Decision::Escalate { .. } | Decision::Forget => managed.failed = true,
+        }
+        Ok(())
+    }
+}
+
+fn find<'a>(
+    workers: &'a mut HashMap<String, Managed>,
+    cell: &ActorCell,
+) -> Option<(&'a String, &'a mut Managed)> {
+    workers.iter_mut().find(|(_, m)| {
+        m.actor
+            .as_ref()
+            .is_some_and(|a| a.get_id() == cell.get_id())
+    })
+}
+
+fn lost(id: &str, why: &str) -> GenerationEvent {
+    GenerationEvent::Error(GenerationError::new(
+        ErrorKind::WorkerLost,
+        format!("worker {id}: {why}"),
+    ))
+}
+
+async fn spawn(
+    myself: &ActorRef<HiveMsg>,
+    state: &mut HiveState,
+    request: SpawnRequest,
+) -> Result<WorkerInfo, HiveError> {
+    let store = &state.args.store;
+    let manifest = store.get(&request.model)?;
+    let path = store.model_path(&request.model)?;
+    let weights: u64 = manifest.files.iter().map(|f| f.size).sum();
+    let context = manifest.summary.context_length;
+    let slots = request.slots.max(1);
+    let kv = manifest.summary.kv_bytes_per_token * context as u64 * slots as u64;
+    let needed = (weights as f64 * MEMORY_HEADROOM) as u64 + kv;
+    let reserved: u64 = state
+        .workers
+        .values()
+        .filter(|m| m.actor.is_some())
+        .map(|m| m.memory_bytes)
+        .sum();
+    let available = state
+        .args
+        .memory_budget
+        .map(|budget| budget.saturating_sub(reserved))
+        .unwrap_or_else(|| {
+            super::capabilities::probe_memory().map_or(0, |(_, available)| available)
+        });
+    if needed > available {
+        return Err(HiveError::DoesNotFit {
+            model: request.model,
+            needed,
+            available,
+            context,
+            slots,
+        });
+    }
+    let actor = start_worker(myself, &request, &path)
+        .await
+        .map_err(|e| HiveError::Start(e.to_string()))?;
+    let id = format!("{}-{}", request.model, state.next_number);
+    state.next_number += 1;
+    let managed = Managed {
+        spec: request,
+        path,
+        actor: Some(actor),
+        failed: false,
+        memory_bytes: needed,
+        spawned: Instant::now(),
+        restarts: 0,
+        last_error: None,
+        requests_seen: 0,
+        idle_since: Instant::now(),
+    };
+    let listed = info(&id, &managed).await;
+    state.workers.insert(id, managed);
+    Ok(listed)
+}
+
+async fn start_worker(
+    hive: &ActorRef<HiveMsg>,
+    spec: &SpawnRequest,
+    path: &std::path::Path,
+) -> Result<ActorRef<WorkerMsg>, ractor::SpawnErr> {
+    let args = WorkerArgs {
+        model: path.to_path_buf(),
+        options: LoadOptions {
+            slots: spec.slots.max(1),
+            ..LoadOptions::default()
+        },
+        progress: None,
+    };
+    let (actor, _) = Actor::spawn_linked(None, Worker, args, hive.get_cell()).await?;
+    Ok(actor)
+}
+
+async fn info(id: &str, managed: &Managed) -> WorkerInfo {
+    let state = match (&managed.actor, managed.failed) {
+        (_, true) => WorkerState::Failed,
+        (Some(actor), false) => match call_t!(actor, WorkerMsg::Status, 1000) {
+            Ok(status) => WorkerState::Running(status),
+            Err(_) => WorkerState::Restarting,
+        },
+        (None, false) => WorkerState::Restarting,
+    };
+    WorkerInfo {
+        id: id.to_string(),
+        model: managed.spec.model.clone(),
+        device: "cpu".into(),
+        state,
+        memory_bytes: managed.memory_bytes,
+        uptime_secs: managed.spawned.elapsed().as_secs(),
+        restarts: managed.restarts,
+        last_error: managed.last_error.clone(),
+    }
+}
+
+async fn drain_then_kill(actor: ActorRef<WorkerMsg>, timeout: Duration) {
+    let _ = actor.cast(WorkerMsg::Drain);
+    let deadline = Instant::now() + timeout;
+    while actor.get_status() != ractor::ActorStatus::Stopped {
+        if Instant::now() >= deadline {
+            // Its streams end with a WorkerLost error (the worker's stop signal).
+            actor.kill();
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Stops workers whose idle timeout has passed.
+async fn stop_idle(state: &mut HiveState) {
+    let now = Instant::now();
+    let mut expired = Vec::new();
+    for (id, managed) in state.workers.iter_mut() {
+        let Some(actor) = &managed.actor else {
+            continue;
+        };
+        let Ok(status) = call_t!(actor, WorkerMsg::Status, 1000) else {
+            continue;
+        };
+        if status.phase != Phase::Ready {
+            managed.idle_since = now;
+            continue;
+        }
+        let served = status.requests != managed.requests_seen;
+        if served {
+            managed.requests_seen = status.requests;
+            managed.idle_since = now;
+        }
+        let stop = match managed.spec.idle_timeout {
+            IdleTimeout::Never => false,
+            IdleTimeout::AfterEachRequest => status.requests > 0,
+            IdleTimeout::After(limit) => now.duration_since(managed.idle_since) >= limit,
+        };
+        if stop {
+            expired.push(id.clone());
+        }
+    }
+    for id in expired {
+        if let Some(managed) = state.workers.remove(&id) {
+            state.intensity.forget(&id);
+            tracing::info!("stopping idle worker {id}");
+            if let Some(actor) = managed.actor {
+                tokio::spawn(drain_then_kill(actor, state.args.drain_timeout));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::worker::actor::STREAM_CAPACITY;
+    use crate::worker::api::SamplingParams;
+    use crate::worker::engine::model::tests::write_tiny_llama;
+
+    struct Setup {
+        _data: tempfile::TempDir,
+        hive: ActorRef<HiveMsg>,
+        store: ModelStore,
+    }
+
+    async fn hive(memory_budget: Option<u64>) -> Setup {
+        let data = tempfile::tempdir().unwrap();
+        let store = ModelStore::open(data.path()).unwrap();
+        let source = data.path().join("tiny.gguf");
+        write_tiny_llama(&source, 256);
+        store
+            .import(&source, &ModelId::new("tiny").unwrap())
+            .unwrap();
+        let args = HiveArgs {
+            store: store.clone(),
+            policy: RestartPolicy {
+                max_restarts: 2,
+                period: Duration::from_secs(30),
+                initial_backoff: Duration::from_millis(10),
+                max_backoff: Duration::from_millis(50),
+            },
+            memory_budget,
+            drain_timeout: Duration::from_secs(2),
+            idle_check: Duration::from_millis(50),
+        };
+        let (hive, _) = Actor::spawn(None, Hive, args).await.unwrap();
+        Setup {
+            _data: data,
+            hive,
+            store,
+        }
+    }
+
+    fn request(idle_timeout: IdleTimeout) -> SpawnRequest {
+        SpawnRequest {
+            model: ModelId::new("tiny").unwrap(),
+            slots: 1,
+            idle_timeout,
+        }
+    }
+
+    async fn list(hive: &ActorRef<HiveMsg>) -> Vec<WorkerInfo> {
+        call_t!(hive, HiveMsg::List, 2000).unwrap()
+    }
+
+    async fn wait_until(
+        hive: &ActorRef<HiveMsg>,
+        what: &str,
+        done: impl Fn(&[WorkerInfo]) -> bool,
+    ) -> Vec<WorkerInfo> {
+        for _ in 0..300 {
+            let workers = list(hive).await;
+            if done(&workers) {
+                return workers;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("{what}: {:?}", list(hive).await);
+    }
+
+    fn ready(w: &WorkerInfo) -> bool {
+        matches!(&w.state, WorkerState::Running(s) if s.phase == Phase::Ready)
+    }
+
+    async fn generate(hive: &ActorRef<HiveMsg>, id: &str) -> Vec<GenerationEvent> {
+        let (tx, mut rx) = mpsc::channel(STREAM_CAPACITY);
+        let request = GenerateRequest {
+            sampling: SamplingParams::greedy(),
+            ..GenerateRequest::text("In", 5)
+        };
+        hive.cast(HiveMsg::Generate(id.into(), request, tx))
+            .unwrap();
+        let mut events = Vec::new();
+        while let Some(e) = rx.recv().await {
+            events.push(e);
+        }
+        events
+    }
+
+    #[tokio::test]
+    async fn a_spawned_worker_answers_is_listed_and_stops_on_request() {
+        let s = hive(None).await;
+        let spawned = call_t!(s.hive, HiveMsg::Spawn, 2000, request(IdleTimeout::Never))
+            .unwrap()
+            .unwrap();
+        assert_eq!(spawned.id, "tiny-1");
+        assert!(spawned.memory_bytes > 0);
+        wait_until(&s.hive, "the worker becomes ready", |w| {
+            w.len() == 1 && ready(&w[0])
+        })
+        .await;
+        let events = generate(&s.hive, "tiny-1").await;
+        assert!(
+            matches!(events.last(), Some(GenerationEvent::Done(_))),
+            "{events:?}"
+        );
+
+        call_t!(s.hive, HiveMsg::Stop, 2000, "tiny-1".into())
+            .unwrap()
+            .unwrap();
+        assert!(list(&s.hive).await.is_empty());
+        let gone = call_t!(s.hive, HiveMsg::Stop, 2000, "tiny-1".into()).unwrap();
+        assert_eq!(gone, Err(HiveError::NoWorker("tiny-1".into())));
+        match generate(&s.hive, "tiny-1").await.as_slice() {
+            [GenerationEvent::Error(e)] => assert_eq!(e.kind, ErrorKind::WorkerLost),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_spawn_that_cannot_fit_is_refused_before_anything_starts() {
+        let s = hive(Some(1_000)).await;
+        let refused = call_t!(s.hive, HiveMsg::Spawn, 2000, request(IdleTimeout::Never)).unwrap();
+        match refused {
+            Err(HiveError::DoesNotFit {
+                needed, available, ..
+            }) => assert!(needed > available && available == 1_000),
+            other => panic!("{other:?}"),
+        }
+        assert!(list(&s.hive).await.is_empty());
+        let unknown = SpawnRequest {
+            model: ModelId::new("absent").unwrap(),
+            ..request(IdleTimeout::Never)
+        };
+        assert!(matches!(
+            call_t!(s.hive, HiveMsg::Spawn, 2000, unknown).unwrap(),
+            Err(HiveError::Model(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_worker_that_always_fails_to_load_is_marked_failed_with_its_error() {
+        let s = hive(None).await;
+        // Damage the stored weights after the import (the header still reads).
+        let path = s.store.model_path(&ModelId::new("tiny").unwrap()).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
+        call_t!(s.hive, HiveMsg::Spawn, 2000, request(IdleTimeout::Never))
+            .unwrap()
+            .unwrap();
+        let workers = wait_until(&s.hive, "the worker is marked failed", |w| {
+            w.len() == 1 && w[0].state == WorkerState::Failed
+        })
+        .await;
+        assert_eq!(workers[0].restarts, 2, "restarted up to the intensity");
+        let error = workers[0].last_error.as_deref().unwrap();
+        assert!(error.contains("loading the model failed"), "{error}");
+    }
+
+    #[tokio::test]
+    async fn idle_workers_stop_after_their_timeout() {
+        let s = hive(None).await;
+        let after = IdleTimeout::After(Duration::from_millis(300));
+        call_t!(s.hive, HiveMsg::Spawn, 2000, request(after))
+            .unwrap()
+            .unwrap();
+        call_t!(s.hive, HiveMsg::Spawn, 2000, request(IdleTimeout::Never))
+            .unwrap()
+            .unwrap();
+        call_t!(
+            s.hive,
+            HiveMsg::Spawn,
+            2000,
+            request(IdleTimeout::AfterEachRequest)
+        )
+        .unwrap()
+        .unwrap();
+        wait_until(&s.hive, "three ready workers", |w| {
+            w.len() == 3 && w.iter().all(ready)
+        })
+        .await;
+        generate(&s.hive, "tiny-3").await;
+        let left = wait_until(&s.hive, "the idle workers stop", |w| w.len() == 1).await;
+        assert_eq!(left[0].id, "tiny-2", "the one that never idles out");
+    }
+}
