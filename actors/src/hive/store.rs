@@ -155,16 +155,6 @@ pub struct ModelStore {
     root: PathBuf,
 }
 
-/// The data directory: `$RBEE_HOME`, else the user's data directory + `rbee`.
-pub fn data_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("RBEE_HOME").filter(|d| !d.is_empty()) {
-        return PathBuf::from(dir);
-    }
-    dirs::data_dir()
-        .unwrap_or_else(std::env::temp_dir)
-        .join("rbee")
-}
-
 impl ModelStore {
     /// The store under `data_dir/models`.
     pub fn open(data_dir: &Path) -> Result<Self, StoreError> {

@@ -57,6 +57,10 @@ pub struct LoadProgress {
     pub fraction: f32,
 }
 
+fn report(progress: &mut dyn FnMut(LoadProgress), step: LoadStep, fraction: f32) {
+    progress(LoadProgress { step, fraction });
+}
+
 /// What was loaded.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ModelInfo {
@@ -341,10 +345,7 @@ fn load_gguf(
     let mut weights_path = path.to_path_buf();
     if options.requantize && device.is_cpu() && convert::has_slow_tensors(&content) {
         let sha = crate::checksum::sha256_file(path, &mut |fraction| {
-            progress(LoadProgress {
-                step: LoadStep::Checksum,
-                fraction,
-            })
+            report(progress, LoadStep::Checksum, fraction)
         })
         .map_err(|source| EngineError::Io {
             path: path.to_path_buf(),
@@ -353,20 +354,14 @@ fn load_gguf(
         let target = convert::cached_path(path, &sha, &options.fallback_cache_dir);
         if !convert::is_valid_copy(&target, &sha) {
             convert::write_q8_0_copy(path, &content, &mut reader, &sha, &target, &mut |f| {
-                progress(LoadProgress {
-                    step: LoadStep::Requantize,
-                    fraction: f,
-                })
+                report(progress, LoadStep::Requantize, f)
             })?;
         }
         requantized_from = Some(dominant_dtype(&content));
         weights_path = target;
         (content, reader) = read_gguf(&weights_path)?;
     }
-    progress(LoadProgress {
-        step: LoadStep::Tokenizer,
-        fraction: 0.0,
-    });
+    report(progress, LoadStep::Tokenizer, 0.0);
     let tokenizer = ModelTokenizer::from_gguf(&content, &path.with_file_name("tokenizer.json"))?;
     let template = content
         .metadata
@@ -374,16 +369,10 @@ fn load_gguf(
         .and_then(|v| v.to_string().ok())
         .map(|source| ChatTemplate::new(source, tokenizer.bos_text(), tokenizer.eos_text()))
         .transpose()?;
-    progress(LoadProgress {
-        step: LoadStep::Weights,
-        fraction: 0.0,
-    });
+    report(progress, LoadStep::Weights, 0.0);
     let quantization = dominant_dtype(&content);
     let model = Model::from_gguf(&weights_path, content, &mut reader, device)?;
-    progress(LoadProgress {
-        step: LoadStep::Weights,
-        fraction: 1.0,
-    });
+    report(progress, LoadStep::Weights, 1.0);
     let info = ModelInfo {
         path: path.display().to_string(),
         weights: weights_path.display().to_string(),
@@ -458,10 +447,7 @@ fn load_safetensors(
     if weights.is_empty() {
         return Err(LoadError::Missing(dir.join("model.safetensors")));
     }
-    progress(LoadProgress {
-        step: LoadStep::Tokenizer,
-        fraction: 0.0,
-    });
+    report(progress, LoadStep::Tokenizer, 0.0);
     let mut eos = ids_at(&config, "eos_token_id");
     let generation = dir.join("generation_config.json");
     if generation.is_file()
@@ -485,15 +471,9 @@ fn load_safetensors(
     } else {
         None
     };
-    progress(LoadProgress {
-        step: LoadStep::Weights,
-        fraction: 0.0,
-    });
+    report(progress, LoadStep::Weights, 0.0);
     let model = Model::from_safetensors(dir, &config_text, &weights, device)?;
-    progress(LoadProgress {
-        step: LoadStep::Weights,
-        fraction: 1.0,
-    });
+    report(progress, LoadStep::Weights, 1.0);
     let info = ModelInfo {
         path: dir.display().to_string(),
         weights: dir.display().to_string(),
