@@ -66,8 +66,8 @@ pub struct ModelTokenizer {
 }
 
 impl ModelTokenizer {
-    /// The tokenizer stored in a GGUF's metadata. `tokenizer_json` is used instead when the
-    /// file exists (it is the authoritative form when both are present).
+    /// The tokenizer stored in a GGUF's metadata; `tokenizer_json` (beside the file) is
+    /// used only when the GGUF holds no vocabulary rbee can rebuild (SentencePiece).
     pub fn from_gguf(
         content: &gguf_file::Content,
         tokenizer_json: &Path,
@@ -82,21 +82,24 @@ impl ModelTokenizer {
         };
         let eos = declared("tokenizer.ggml.eos_token_id");
         let bos = declared("tokenizer.ggml.bos_token_id");
-        if tokenizer_json.is_file() {
-            return Self::from_file(tokenizer_json, &eos, bos.first().copied());
-        }
-        let kind = content
-            .metadata
-            .get("tokenizer.ggml.model")
-            .and_then(|v| v.to_string().ok())
-            .cloned()
-            .unwrap_or_else(|| "none".into());
-        let mut inner = tokenizers::Tokenizer::from_gguf(content).map_err(|_| {
-            TokenizerError::UnsupportedGguf {
-                kind,
-                expected: tokenizer_json.to_path_buf(),
+        let mut inner = match tokenizers::Tokenizer::from_gguf(content) {
+            Ok(inner) => inner,
+            Err(_) if tokenizer_json.is_file() => {
+                return Self::from_file(tokenizer_json, &eos, bos.first().copied());
             }
-        })?;
+            Err(_) => {
+                let kind = content
+                    .metadata
+                    .get("tokenizer.ggml.model")
+                    .and_then(|v| v.to_string().ok())
+                    .cloned()
+                    .unwrap_or_else(|| "none".into());
+                return Err(TokenizerError::UnsupportedGguf {
+                    kind,
+                    expected: tokenizer_json.to_path_buf(),
+                });
+            }
+        };
         let pre = content
             .metadata
             .get("tokenizer.ggml.pre")
@@ -372,5 +375,17 @@ pub(crate) mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn a_sentencepiece_gguf_falls_back_to_the_tokenizer_json_beside_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let json = dir.path().join("tokenizer.json");
+        tiny("smollm").inner().save(&json, false).unwrap();
+        let mut metadata = tiny_tokenizer_metadata("smollm");
+        metadata[0].1 = Value::String("llama".into());
+        let t = ModelTokenizer::from_gguf(&content(metadata), &json).unwrap();
+        assert_eq!(t.encode("In", false).unwrap(), vec![257]);
+        assert_eq!(t.end_of_sequence(), &[259]);
     }
 }
