@@ -22,8 +22,8 @@ enum Command {
     /// Answer PROMPT with a model in this process (SmolLM2-135M-Instruct by default,
     /// fetched on first use); without PROMPT, chat interactively.
     Run(run::RunArgs),
-    /// Fetch a model into this machine's cache and print its path. Only the default model
-    /// (`smollm2-135m`) is known until the hive's model store exists.
+    /// Fetch a model into this machine's cache and print its path. This build can pull
+    /// only the default model (`smollm2-135m`).
     Pull {
         /// The model to fetch.
         #[arg(default_value = DEFAULT_MODEL_NAME)]
@@ -78,7 +78,7 @@ const DEFAULT_MODEL_NAME: &str = "smollm2-135m";
 fn pull(model: &str) -> anyhow::Result<ExitCode> {
     anyhow::ensure!(
         model == DEFAULT_MODEL_NAME,
-        "unknown model {model:?}: this build can pull only {DEFAULT_MODEL_NAME} (the model store arrives with the hive)"
+        "unknown model {model:?}: this build can pull only {DEFAULT_MODEL_NAME}"
     );
     let path = rbee::actors::models::ensure_default_model()?;
     println!("{}", path.display());
