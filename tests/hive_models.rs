@@ -9,7 +9,7 @@ use rbee::actors::hive::cards;
 use rbee::actors::hive::hub::{Hub, HubConfig};
 use rbee::actors::hive::store::{Entry, ModelId, ModelStore};
 use rbee::actors::hive::workers::{
-    Hive, HiveArgs, HiveMsg, IdleTimeout, SpawnRequest, WorkerState,
+    Hive, HiveArgs, HiveMsg, IdleTimeout, SpawnRequest, WorkerMode, WorkerState,
 };
 use rbee::actors::models::{DEFAULT_MODEL_SHA256, DEFAULT_MODEL_SOURCE};
 use rbee::actors::supervisor::RestartPolicy;
@@ -55,12 +55,14 @@ async fn smollm2_from_its_package_source_is_spawned_and_answers() {
         memory_budget: None,
         drain_timeout: Duration::from_secs(5),
         idle_check: Duration::from_secs(1),
+        processes: None,
     };
     let (hive, _) = Actor::spawn(None, Hive, args).await.unwrap();
     let request = SpawnRequest {
         model: id,
         slots: 1,
         idle_timeout: IdleTimeout::Never,
+        mode: WorkerMode::InProcess,
     };
     let worker = call_t!(hive, HiveMsg::Spawn, 5000, request)
         .unwrap()

@@ -41,9 +41,12 @@ enum Report<'a> {
 }
 
 fn report(line: &Report<'_>) {
-    // A line that cannot be encoded is a bug in this file, not an input error.
+    use std::io::Write;
+    // A line that cannot be encoded is a bug in this file, not an input error; a parent
+    // that stopped reading (closed pipe) must not bring the worker down.
     if let Ok(json) = serde_json::to_string(line) {
-        println!("{json}");
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "{json}").and_then(|()| out.flush());
     }
 }
 

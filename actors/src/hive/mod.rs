@@ -8,5 +8,6 @@
 pub mod capabilities;
 pub mod cards;
 pub mod hub;
+pub mod process;
 pub mod store;
 pub mod workers;

@@ -1,11 +1,13 @@
 //! The hive's workers: spawned for models in the store, supervised one for one, stopped by
 //! request or when idle.
 //!
-//! Every worker is a child actor linked to the hive. A worker that fails (its model does
-//! not load, it panics) is restarted with exponential backoff; past the restart intensity
-//! it is marked failed with its last error and left alone. A spawn that cannot fit in
-//! memory is refused before anything starts. This slice runs workers in-process; worker
-//! child processes (`rbee worker`) and their adoption after a hive restart come next.
+//! A worker runs in-process (a child actor linked to the hive) or as a child process
+//! (`rbee worker`, reached over the node link). One that fails — its model does not load,
+//! it panics, its process dies — is restarted with exponential backoff; past the restart
+//! intensity it is marked failed with its last error and left alone. A spawn that cannot
+//! fit in memory is refused before anything starts. Worker processes are recorded on disk
+//! (see [`super::process`]); a hive that starts finds the ones still running and adopts
+//! them, and stops any it cannot reach, so no worker runs that nobody knows of.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -17,14 +19,18 @@ use ractor::{
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
+use super::process::{self, ChildRecord, ProcessConfig};
 use super::store::{ModelId, ModelStore, StoreError};
 use crate::supervisor::{Decision, Restart, RestartIntensity, RestartPolicy};
 use crate::worker::actor::{Phase, Worker, WorkerArgs, WorkerMsg, WorkerStatus};
 use crate::worker::api::{ErrorKind, GenerateRequest, GenerationError, GenerationEvent};
 use crate::worker::engine::loader::LoadOptions;
+use crate::worker::remote::RemoteWorker;
 
 /// Memory a model needs beyond its files: weights are held once more while loading.
 const MEMORY_HEADROOM: f64 = 1.2;
+/// How long a status question to a worker may take.
+const STATUS_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// When an idle worker is stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -44,6 +50,16 @@ impl Default for IdleTimeout {
     }
 }
 
+/// Where a worker runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum WorkerMode {
+    /// An actor inside the hive's process.
+    #[default]
+    InProcess,
+    /// A child process (`rbee worker`) over the node link.
+    Process,
+}
+
 /// What to run.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SpawnRequest {
@@ -53,6 +69,8 @@ pub struct SpawnRequest {
     pub slots: usize,
     /// When to stop it for idleness.
     pub idle_timeout: IdleTimeout,
+    /// In-process or a child process.
+    pub mode: WorkerMode,
 }
 
 /// A worker's state as the hive sees it.
@@ -60,7 +78,7 @@ pub struct SpawnRequest {
 pub enum WorkerState {
     /// Running; the worker's own status.
     Running(WorkerStatus),
-    /// Waiting to be started again after a failure.
+    /// Starting, or waiting to be started again after a failure.
     Restarting,
     /// Exceeded the restart intensity; not retried.
     Failed,
@@ -73,13 +91,17 @@ pub struct WorkerInfo {
     pub id: String,
     /// Its model.
     pub model: ModelId,
+    /// In-process or a child process.
+    pub mode: WorkerMode,
+    /// The child process's id, for process workers.
+    pub pid: Option<u32>,
     /// Device it runs on.
     pub device: String,
     /// Where it stands.
     pub state: WorkerState,
     /// Memory the preflight reserved for it, in bytes.
     pub memory_bytes: u64,
-    /// Seconds since it was spawned.
+    /// Seconds since it was spawned (or adopted).
     pub uptime_secs: u64,
     /// Restarts so far.
     pub restarts: u32,
@@ -112,7 +134,7 @@ pub enum HiveError {
     /// No worker by that id.
     #[error("no worker {0}")]
     NoWorker(String),
-    /// The worker actor could not be started.
+    /// The worker could not be started.
     #[error("the worker did not start: {0}")]
     Start(String),
 }
@@ -125,7 +147,8 @@ impl From<StoreError> for HiveError {
 
 /// Messages of the hive's worker manager.
 pub enum HiveMsg {
-    /// Starts a worker; replies once it is spawned (its model loads in the background).
+    /// Starts a worker; replies once it runs (an in-process worker's model then loads in
+    /// the background; a process worker replies when its model is loaded).
     Spawn(SpawnRequest, RpcReplyPort<Result<WorkerInfo, HiveError>>),
     /// Drains a worker (up to the drain timeout, then kills it) and forgets it.
     Stop(String, RpcReplyPort<Result<(), HiveError>>),
@@ -135,6 +158,15 @@ pub enum HiveMsg {
     Generate(String, GenerateRequest, mpsc::Sender<GenerationEvent>),
     /// Internal: a backoff delay elapsed.
     RestartDue(String),
+    /// Internal: a worker process exited or its link closed.
+    ProcessExited {
+        /// The worker.
+        id: String,
+        /// Which process (a late report about an older one is ignored).
+        pid: u32,
+        /// How it ended.
+        reason: String,
+    },
     /// Internal: time to look for idle workers.
     IdleCheck,
 }
@@ -151,15 +183,43 @@ pub struct HiveArgs {
     pub drain_timeout: Duration,
     /// How often idle timeouts are checked.
     pub idle_check: Duration,
+    /// How to run worker processes; without it only in-process workers are possible.
+    pub processes: Option<ProcessConfig>,
 }
 
 /// The worker manager actor.
 pub struct Hive;
 
+/// A worker that runs.
+#[derive(Clone)]
+enum Running {
+    Actor(ActorRef<WorkerMsg>),
+    Process {
+        remote: RemoteWorker,
+        record: ChildRecord,
+    },
+}
+
+impl Running {
+    async fn status(&self) -> Option<WorkerStatus> {
+        match self {
+            Running::Actor(actor) => call_t!(actor, WorkerMsg::Status, 1000).ok(),
+            Running::Process { remote, .. } => remote.status(STATUS_TIMEOUT).await.ok(),
+        }
+    }
+
+    fn pid(&self) -> Option<u32> {
+        match self {
+            Running::Actor(_) => None,
+            Running::Process { record, .. } => Some(record.pid),
+        }
+    }
+}
+
 struct Managed {
     spec: SpawnRequest,
     path: PathBuf,
-    actor: Option<ActorRef<WorkerMsg>>,
+    running: Option<Running>,
     failed: bool,
     memory_bytes: u64,
     spawned: Instant,
@@ -168,6 +228,23 @@ struct Managed {
     /// Requests seen at the last idle check, and since when that count has not moved.
     requests_seen: u64,
     idle_since: Instant,
+}
+
+impl Managed {
+    fn new(spec: SpawnRequest, path: PathBuf, running: Running, memory_bytes: u64) -> Self {
+        Managed {
+            spec,
+            path,
+            running: Some(running),
+            failed: false,
+            memory_bytes,
+            spawned: Instant::now(),
+            restarts: 0,
+            last_error: None,
+            requests_seen: 0,
+            idle_since: Instant::now(),
+        }
+    }
 }
 
 /// The worker manager's state.
@@ -189,20 +266,28 @@ impl Actor for Hive {
         args: HiveArgs,
     ) -> Result<HiveState, ActorProcessingErr> {
         myself.send_interval(args.idle_check, || HiveMsg::IdleCheck);
-        Ok(HiveState {
+        let mut state = HiveState {
             intensity: RestartIntensity::new(args.policy.clone()),
             args,
             workers: HashMap::new(),
             next_number: 1,
-        })
+        };
+        adopt_processes(&myself, &mut state).await;
+        Ok(state)
     }
 
     async fn post_stop(
         &self,
         myself: ActorRef<HiveMsg>,
-        _: &mut HiveState,
+        state: &mut HiveState,
     ) -> Result<(), ActorProcessingErr> {
-        // Workers release their memory (and, later, GPUs) before the hive is gone.
+        // A hive that stops on purpose stops its workers; one that dies leaves its worker
+        // processes to be adopted when it comes back.
+        for (id, managed) in state.workers.drain() {
+            if let Some(running) = managed.running {
+                stop_running(&state.args, &id, running).await;
+            }
+        }
         myself
             .stop_children_and_wait(Some("hive stopping".into()), Some(Duration::from_secs(10)))
             .await;
@@ -224,8 +309,11 @@ impl Actor for Hive {
                 let result = match state.workers.remove(&id) {
                     Some(managed) => {
                         state.intensity.forget(&id);
-                        if let Some(actor) = managed.actor {
-                            tokio::spawn(drain_then_kill(actor, state.args.drain_timeout));
+                        if let Some(running) = managed.running {
+                            let args = (state.args.drain_timeout, state.args.processes.clone());
+                            tokio::spawn(async move {
+                                stop_detached(args.0, args.1, &id, running).await
+                            });
                         }
                         Ok(())
                     }
@@ -242,33 +330,17 @@ impl Actor for Hive {
                 let _ = reply.send(list);
             }
             HiveMsg::Generate(id, request, events) => {
-                match state.workers.get(&id).and_then(|m| m.actor.clone()) {
-                    Some(actor) => {
-                        if let Err(e) = actor.cast(WorkerMsg::Generate(request, events.clone())) {
-                            let _ = events.try_send(lost(&id, &e.to_string()));
-                        }
-                    }
-                    None => {
-                        let _ = events.try_send(lost(&id, "no running worker by that id"));
-                    }
-                }
+                let running = state.workers.get(&id).and_then(|m| m.running.clone());
+                generate(&id, running, request, events);
             }
-            HiveMsg::RestartDue(id) => {
-                if let Some(managed) = state.workers.get(&id)
-                    && managed.actor.is_none()
-                    && !managed.failed
-                {
-                    let (spec, path) = (managed.spec.clone(), managed.path.clone());
-                    let actor = start_worker(&myself, &spec, &path).await;
-                    if let Some(managed) = state.workers.get_mut(&id) {
-                        match actor {
-                            Ok(actor) => managed.actor = Some(actor),
-                            Err(e) => {
-                                managed.failed = true;
-                                managed.last_error = Some(e.to_string());
-                            }
-                        }
-                    }
+            HiveMsg::RestartDue(id) => restart(&myself, state, id).await,
+            HiveMsg::ProcessExited { id, pid, reason } => {
+                let current = state
+                    .workers
+                    .get(&id)
+                    .and_then(|m| m.running.as_ref()?.pid());
+                if current == Some(pid) {
+                    on_exit(&myself, state, &id, reason);
                 }
             }
             HiveMsg::IdleCheck => stop_idle(state).await,
@@ -287,41 +359,69 @@ impl Actor for Hive {
             SupervisionEvent::ActorTerminated(cell, _, _) => (cell, None),
             _ => return Ok(()),
         };
-        let Some((id, managed)) = find(&mut state.workers, &cell) else {
+        let Some(id) = find_actor(&state.workers, &cell) else {
             // A worker that was stopped on purpose and already forgotten.
             return Ok(());
         };
-        managed.actor = None;
-        let id = id.clone();
-        let Some(error) = error else {
+        match error {
+            Some(error) => on_exit(&myself, state, &id, error),
             // It stopped by itself (drained): nothing to restart.
-            state.workers.remove(&id);
-            return Ok(());
-        };
-        managed.last_error = Some(error);
-        match state
-            .intensity
-            .on_exit(&id, true, Restart::Transient, Instant::now())
-        {
-            Decision::Restart { after } => {
-                managed.restarts += 1;
-                myself.send_after(after, move || HiveMsg::RestartDue(id));
+            None => {
+                state.workers.remove(&id);
             }
-            Decision::Escalate { .. } | Decision::Forget => managed.failed = true,
         }
         Ok(())
     }
 }
 
-fn find<'a>(
-    workers: &'a mut HashMap<String, Managed>,
-    cell: &ActorCell,
-) -> Option<(&'a String, &'a mut Managed)> {
-    workers.iter_mut().find(|(_, m)| {
-        m.actor
-            .as_ref()
-            .is_some_and(|a| a.get_id() == cell.get_id())
-    })
+fn find_actor(workers: &HashMap<String, Managed>, cell: &ActorCell) -> Option<String> {
+    workers
+        .iter()
+        .find(|(_, m)| matches!(&m.running, Some(Running::Actor(a)) if a.get_id() == cell.get_id()))
+        .map(|(id, _)| id.clone())
+}
+
+/// A worker died: restart it after a backoff, or mark it failed past the intensity.
+fn on_exit(myself: &ActorRef<HiveMsg>, state: &mut HiveState, id: &str, error: String) {
+    let Some(managed) = state.workers.get_mut(id) else {
+        return;
+    };
+    if let Some(Running::Process { record, .. }) = managed.running.take()
+        && let Some(processes) = &state.args.processes
+    {
+        process::forget(&processes.runtime_dir, &record.id);
+    }
+    managed.last_error = Some(error);
+    match state
+        .intensity
+        .on_exit(id, true, Restart::Transient, Instant::now())
+    {
+        Decision::Restart { after } => {
+            managed.restarts += 1;
+            let id = id.to_string();
+            myself.send_after(after, move || HiveMsg::RestartDue(id));
+        }
+        Decision::Escalate { .. } | Decision::Forget => managed.failed = true,
+    }
+}
+
+async fn restart(myself: &ActorRef<HiveMsg>, state: &mut HiveState, id: String) {
+    let Some(managed) = state.workers.get(&id) else {
+        return;
+    };
+    if managed.running.is_some() || managed.failed {
+        return;
+    }
+    let (spec, path) = (managed.spec.clone(), managed.path.clone());
+    let started = start(myself, &state.args, &id, &spec, &path).await;
+    let Some(managed) = state.workers.get_mut(&id) else {
+        return;
+    };
+    match started {
+        Ok(running) => managed.running = Some(running),
+        // Starting is part of running: a failed start counts like a crash.
+        Err(e) => on_exit(myself, state, &id, e),
+    }
 }
 
 fn lost(id: &str, why: &str) -> GenerationEvent {
@@ -329,6 +429,42 @@ fn lost(id: &str, why: &str) -> GenerationEvent {
         ErrorKind::WorkerLost,
         format!("worker {id}: {why}"),
     ))
+}
+
+fn generate(
+    id: &str,
+    running: Option<Running>,
+    request: GenerateRequest,
+    events: mpsc::Sender<GenerationEvent>,
+) {
+    match running {
+        Some(Running::Actor(actor)) => {
+            if let Err(e) = actor.cast(WorkerMsg::Generate(request, events.clone())) {
+                let _ = events.try_send(lost(id, &e.to_string()));
+            }
+        }
+        Some(Running::Process { remote, .. }) => {
+            let id = id.to_string();
+            tokio::spawn(async move {
+                let mut stream = match remote.generate(request).await {
+                    Ok(stream) => stream,
+                    Err(e) => {
+                        let _ = events.send(lost(&id, &e.to_string())).await;
+                        return;
+                    }
+                };
+                // Dropping `stream` when the consumer leaves resets it: the worker stops.
+                while let Some(event) = stream.next().await {
+                    if events.send(event).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+        None => {
+            let _ = events.try_send(lost(id, "no running worker by that id"));
+        }
+    }
 }
 
 async fn spawn(
@@ -347,16 +483,13 @@ async fn spawn(
     let reserved: u64 = state
         .workers
         .values()
-        .filter(|m| m.actor.is_some())
+        .filter(|m| m.running.is_some())
         .map(|m| m.memory_bytes)
         .sum();
-    let available = state
-        .args
-        .memory_budget
-        .map(|budget| budget.saturating_sub(reserved))
-        .unwrap_or_else(|| {
-            super::capabilities::probe_memory().map_or(0, |(_, available)| available)
-        });
+    let available = match state.args.memory_budget {
+        Some(budget) => budget.saturating_sub(reserved),
+        None => super::capabilities::probe_memory().map_or(0, |(_, available)| available),
+    };
     if needed > available {
         return Err(HiveError::DoesNotFit {
             model: request.model,
@@ -366,57 +499,150 @@ async fn spawn(
             slots,
         });
     }
-    let actor = start_worker(myself, &request, &path)
-        .await
-        .map_err(|e| HiveError::Start(e.to_string()))?;
     let id = format!("{}-{}", request.model, state.next_number);
     state.next_number += 1;
-    let managed = Managed {
-        spec: request,
-        path,
-        actor: Some(actor),
-        failed: false,
-        memory_bytes: needed,
-        spawned: Instant::now(),
-        restarts: 0,
-        last_error: None,
-        requests_seen: 0,
-        idle_since: Instant::now(),
-    };
+    let running = start(myself, &state.args, &id, &request, &path)
+        .await
+        .map_err(HiveError::Start)?;
+    let managed = Managed::new(request, path, running, needed);
     let listed = info(&id, &managed).await;
     state.workers.insert(id, managed);
     Ok(listed)
 }
 
-async fn start_worker(
+/// Starts a worker in the requested mode.
+async fn start(
     hive: &ActorRef<HiveMsg>,
+    args: &HiveArgs,
+    id: &str,
     spec: &SpawnRequest,
     path: &std::path::Path,
-) -> Result<ActorRef<WorkerMsg>, ractor::SpawnErr> {
-    let args = WorkerArgs {
-        model: path.to_path_buf(),
-        options: LoadOptions {
-            slots: spec.slots.max(1),
-            ..LoadOptions::default()
-        },
-        progress: None,
+) -> Result<Running, String> {
+    match spec.mode {
+        WorkerMode::InProcess => {
+            let worker_args = WorkerArgs {
+                model: path.to_path_buf(),
+                options: LoadOptions {
+                    slots: spec.slots.max(1),
+                    ..LoadOptions::default()
+                },
+                progress: None,
+            };
+            let (actor, _) = Actor::spawn_linked(None, Worker, worker_args, hive.get_cell())
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok(Running::Actor(actor))
+        }
+        WorkerMode::Process => {
+            let config = args
+                .processes
+                .as_ref()
+                .ok_or("this hive has no configuration for worker processes")?;
+            let child_spec = process::ChildSpec {
+                id,
+                model: &spec.model,
+                path,
+                slots: spec.slots.max(1),
+                idle_timeout: spec.idle_timeout,
+            };
+            let started = process::start(config, child_spec).await?;
+            let (record, remote) = (started.record, started.remote);
+            watch_child(hive.clone(), record.clone(), started.child);
+            Ok(Running::Process { remote, record })
+        }
+    }
+}
+
+/// Reports a worker process's exit to the hive.
+fn watch_child(hive: ActorRef<HiveMsg>, record: ChildRecord, mut child: tokio::process::Child) {
+    tokio::spawn(async move {
+        let reason = match child.wait().await {
+            Ok(status) => format!("worker process {} exited: {status}", record.pid),
+            Err(e) => format!("worker process {} could not be watched: {e}", record.pid),
+        };
+        let _ = hive.cast(HiveMsg::ProcessExited {
+            id: record.id,
+            pid: record.pid,
+            reason,
+        });
+    });
+}
+
+/// Reports an adopted worker process's end (its link closes) to the hive.
+fn watch_adopted(hive: ActorRef<HiveMsg>, record: ChildRecord, remote: &RemoteWorker) {
+    let closed = remote.link().closed();
+    tokio::spawn(async move {
+        let cause = closed.await;
+        let _ = hive.cast(HiveMsg::ProcessExited {
+            id: record.id,
+            pid: record.pid,
+            reason: format!(
+                "link to adopted worker process {} closed: {cause}",
+                record.pid
+            ),
+        });
+    });
+}
+
+/// Finds the worker processes an earlier hive left: adopts those that answer, stops the
+/// others.
+async fn adopt_processes(myself: &ActorRef<HiveMsg>, state: &mut HiveState) {
+    let Some(config) = state.args.processes.clone() else {
+        return;
     };
-    let (actor, _) = Actor::spawn_linked(None, Worker, args, hive.get_cell()).await?;
-    Ok(actor)
+    for record in process::records(&config.runtime_dir) {
+        match process::adopt(&config, &record).await {
+            Ok(remote) => {
+                let path = state
+                    .args
+                    .store
+                    .model_path(&record.model)
+                    .unwrap_or_default();
+                let spec = SpawnRequest {
+                    model: record.model.clone(),
+                    slots: record.slots,
+                    idle_timeout: record.idle_timeout,
+                    mode: WorkerMode::Process,
+                };
+                watch_adopted(myself.clone(), record.clone(), &remote);
+                tracing::info!("adopted worker {} (pid {})", record.id, record.pid);
+                let id = record.id.clone();
+                // Ids stay unique: new workers are numbered after every adopted one.
+                if let Some(n) = id.rsplit('-').next().and_then(|n| n.parse::<u64>().ok()) {
+                    state.next_number = state.next_number.max(n + 1);
+                }
+                let running = Running::Process { remote, record };
+                state
+                    .workers
+                    .insert(id, Managed::new(spec, path, running, 0));
+            }
+            Err(e) => {
+                tracing::warn!(
+                    "stopping unreachable worker {} (pid {}): {e}",
+                    record.id,
+                    record.pid
+                );
+                process::kill(&record);
+                process::forget(&config.runtime_dir, &record.id);
+            }
+        }
+    }
 }
 
 async fn info(id: &str, managed: &Managed) -> WorkerInfo {
-    let state = match (&managed.actor, managed.failed) {
+    let state = match (&managed.running, managed.failed) {
         (_, true) => WorkerState::Failed,
-        (Some(actor), false) => match call_t!(actor, WorkerMsg::Status, 1000) {
-            Ok(status) => WorkerState::Running(status),
-            Err(_) => WorkerState::Restarting,
+        (Some(running), false) => match running.status().await {
+            Some(status) => WorkerState::Running(status),
+            None => WorkerState::Restarting,
         },
         (None, false) => WorkerState::Restarting,
     };
     WorkerInfo {
         id: id.to_string(),
         model: managed.spec.model.clone(),
+        mode: managed.spec.mode,
+        pid: managed.running.as_ref().and_then(Running::pid),
         device: "cpu".into(),
         state,
         memory_bytes: managed.memory_bytes,
@@ -426,16 +652,40 @@ async fn info(id: &str, managed: &Managed) -> WorkerInfo {
     }
 }
 
-async fn drain_then_kill(actor: ActorRef<WorkerMsg>, timeout: Duration) {
-    let _ = actor.cast(WorkerMsg::Drain);
+async fn stop_running(args: &HiveArgs, id: &str, running: Running) {
+    stop_detached(args.drain_timeout, args.processes.clone(), id, running).await;
+}
+
+/// Drains a worker, kills it after `timeout`, and forgets a process worker's record.
+async fn stop_detached(
+    timeout: Duration,
+    processes: Option<ProcessConfig>,
+    id: &str,
+    running: Running,
+) {
     let deadline = Instant::now() + timeout;
-    while actor.get_status() != ractor::ActorStatus::Stopped {
-        if Instant::now() >= deadline {
-            // Its streams end with a WorkerLost error (the worker's stop signal).
-            actor.kill();
-            return;
+    match running {
+        Running::Actor(actor) => {
+            let _ = actor.cast(WorkerMsg::Drain);
+            while actor.get_status() != ractor::ActorStatus::Stopped {
+                if Instant::now() >= deadline {
+                    // Its streams end with a WorkerLost error (the worker's stop signal).
+                    actor.kill();
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        Running::Process { remote, record } => {
+            let _ = remote.drain(STATUS_TIMEOUT).await;
+            while process::alive(&record) && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            process::kill(&record);
+            if let Some(config) = processes {
+                process::forget(&config.runtime_dir, id);
+            }
+        }
     }
 }
 
@@ -444,18 +694,17 @@ async fn stop_idle(state: &mut HiveState) {
     let now = Instant::now();
     let mut expired = Vec::new();
     for (id, managed) in state.workers.iter_mut() {
-        let Some(actor) = &managed.actor else {
+        let Some(running) = &managed.running else {
             continue;
         };
-        let Ok(status) = call_t!(actor, WorkerMsg::Status, 1000) else {
+        let Some(status) = running.status().await else {
             continue;
         };
         if status.phase != Phase::Ready {
             managed.idle_since = now;
             continue;
         }
-        let served = status.requests != managed.requests_seen;
-        if served {
+        if status.requests != managed.requests_seen {
             managed.requests_seen = status.requests;
             managed.idle_since = now;
         }
@@ -472,8 +721,9 @@ async fn stop_idle(state: &mut HiveState) {
         if let Some(managed) = state.workers.remove(&id) {
             state.intensity.forget(&id);
             tracing::info!("stopping idle worker {id}");
-            if let Some(actor) = managed.actor {
-                tokio::spawn(drain_then_kill(actor, state.args.drain_timeout));
+            if let Some(running) = managed.running {
+                let (timeout, processes) = (state.args.drain_timeout, state.args.processes.clone());
+                tokio::spawn(async move { stop_detached(timeout, processes, &id, running).await });
             }
         }
     }
@@ -511,6 +761,7 @@ mod tests {
             memory_budget,
             drain_timeout: Duration::from_secs(2),
             idle_check: Duration::from_millis(50),
+            processes: None,
         };
         let (hive, _) = Actor::spawn(None, Hive, args).await.unwrap();
         Setup {
@@ -525,6 +776,7 @@ mod tests {
             model: ModelId::new("tiny").unwrap(),
             slots: 1,
             idle_timeout,
+            mode: WorkerMode::InProcess,
         }
     }
 

@@ -1,0 +1,308 @@
+//! Workers as child processes (`rbee worker`), reached over the node link, recorded on disk
+//! so a restarted hive finds them again.
+//!
+//! Each child gets a node identity from the issuer the hive was given (the cluster's CA
+//! in tests and single-machine setups; the queen, once hives join one). Its record
+//! (`<runtime dir>/<id>.json`: pid, the process's start time, address, model) is written
+//! once it is ready. A pid alone is not trusted: the kernel's start time of that pid must
+//! match the record, so a recycled pid is never adopted or killed.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rbee_transport::{Endpoint, NodeId, NodeIdentity, Role};
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+use super::store::ModelId;
+use super::workers::IdleTimeout;
+use crate::worker::remote::{RemoteWorker, WorkerProtocol};
+
+/// Issues the node identity a worker process presents (role `worker`).
+pub type IdentityIssuer = Arc<dyn Fn(&NodeId) -> Result<NodeIdentity, String> + Send + Sync>;
+
+/// How the hive runs worker processes.
+#[derive(Clone)]
+pub struct ProcessConfig {
+    /// The `rbee` binary.
+    pub program: PathBuf,
+    /// Where records and worker identities live.
+    pub runtime_dir: PathBuf,
+    /// Identities for workers.
+    pub issuer: IdentityIssuer,
+    /// The hive's endpoint for dialing its workers.
+    pub endpoint: Arc<Endpoint<WorkerProtocol>>,
+    /// How long a child may take to load its model and report ready.
+    pub ready_timeout: Duration,
+}
+
+/// What the hive remembers of a worker process across its own restarts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChildRecord {
+    /// The hive's id for the worker.
+    pub id: String,
+    /// Its model.
+    pub model: ModelId,
+    /// Process id.
+    pub pid: u32,
+    /// The process's start time (clock ticks after boot, `/proc/PID/stat` field 22).
+    pub start_time: u64,
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// Its slots.
+    pub slots: usize,
+    /// Its idle timeout.
+    pub idle_timeout: IdleTimeout,
+}
+
+/// A started worker process.
+pub struct Started {
+    /// Its record (already on disk).
+    pub record: ChildRecord,
+    /// The link to it.
+    pub remote: RemoteWorker,
+    /// The process, to wait on.
+    pub child: tokio::process::Child,
+}
+
+/// What to start.
+pub struct ChildSpec<'a> {
+    /// The hive's id for it.
+    pub id: &'a str,
+    /// The model's id.
+    pub model: &'a ModelId,
+    /// The model's file or directory.
+    pub path: &'a Path,
+    /// Slots.
+    pub slots: usize,
+    /// Idle timeout (recorded for adoption).
+    pub idle_timeout: IdleTimeout,
+}
+
+fn record_path(dir: &Path, id: &str) -> PathBuf {
+    dir.join(format!("{id}.json"))
+}
+
+/// Starts `rbee worker` for `spec`, waits for its ready line, dials it, records it.
+pub async fn start(config: &ProcessConfig, spec: ChildSpec<'_>) -> Result<Started, String> {
+    let node = NodeId::new(spec.id).map_err(|e| e.to_string())?;
+    let identity_dir = config.runtime_dir.join(spec.id);
+    (config.issuer)(&node)?
+        .save(&identity_dir)
+        .map_err(|e| e.to_string())?;
+    let mut child = tokio::process::Command::new(&config.program)
+        .arg("worker")
+        .arg("--model")
+        .arg(spec.path)
+        .arg("--identity")
+        .arg(&identity_dir)
+        .args(["--listen", "127.0.0.1:0", "--slots"])
+        .arg(spec.slots.to_string())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        // A hive that dies must not take its workers along: they are adopted on restart.
+        .kill_on_drop(false)
+        .spawn()
+        .map_err(|e| format!("cannot start {}: {e}", config.program.display()))?;
+    let pid = child.id().ok_or("the worker exited at once")?;
+    let stdout = child.stdout.take().ok_or("no stdout from the worker")?;
+    let ready = tokio::time::timeout(config.ready_timeout, ready_address(stdout)).await;
+    let addr = match ready {
+        Ok(Ok(addr)) => addr,
+        Ok(Err(e)) => {
+            let _ = child.start_kill();
+            return Err(e);
+        }
+        Err(_) => {
+            let _ = child.start_kill();
+            return Err(format!(
+                "the worker was not ready within {:?}",
+                config.ready_timeout
+            ));
+        }
+    };
+    let start_time = process_start_time(pid).ok_or("the worker exited while starting")?;
+    let remote = connect(config, addr).await.inspect_err(|_| {
+        let _ = child.start_kill();
+    })?;
+    let record = ChildRecord {
+        id: spec.id.into(),
+        model: spec.model.clone(),
+        pid,
+        start_time,
+        addr,
+        slots: spec.slots,
+        idle_timeout: spec.idle_timeout,
+    };
+    save_record(&config.runtime_dir, &record)?;
+    Ok(Started {
+        record,
+        remote,
+        child,
+    })
+}
+
+/// Reads the child's report lines until `ready` (its address) or `failed` (its error).
+async fn ready_address(stdout: tokio::process::ChildStdout) -> Result<SocketAddr, String> {
+    let mut lines = BufReader::new(stdout).lines();
+    while let Some(line) = lines.next_line().await.map_err(|e| e.to_string())? {
+        let Ok(report) = serde_json::from_str::<serde_json::Value>(&line) else {
+            continue;
+        };
+        if let Some(listen) = report.pointer("/ready/listen").and_then(|v| v.as_str()) {
+            return listen
+                .parse()
+                .map_err(|e| format!("bad address {listen}: {e}"));
+        }
+        if let Some(failed) = report.get("failed") {
+            return Err(format!("the worker failed: {failed}"));
+        }
+    }
+    Err("the worker exited before it was ready".into())
+}
+
+async fn connect(config: &ProcessConfig, addr: SocketAddr) -> Result<RemoteWorker, String> {
+    let (link, _incoming) = config
+        .endpoint
+        .connect(addr, &[Role::Worker])
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(RemoteWorker::new(link))
+}
+
+fn save_record(dir: &Path, record: &ChildRecord) -> Result<(), String> {
+    use std::io::Write;
+    std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+    let json = serde_json::to_vec_pretty(record).map_err(|e| e.to_string())?;
+    let mut temp = tempfile::NamedTempFile::new_in(dir).map_err(|e| e.to_string())?;
+    temp.write_all(&json).map_err(|e| e.to_string())?;
+    temp.persist(record_path(dir, &record.id))
+        .map_err(|e| e.error.to_string())?;
+    Ok(())
+}
+
+/// Every record in `dir` (unreadable ones are skipped and reported).
+pub fn records(dir: &Path) -> Vec<ChildRecord> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut found = Vec::new();
+    for path in entries.flatten().map(|e| e.path()) {
+        if path.extension().is_none_or(|x| x != "json") {
+            continue;
+        }
+        match std::fs::read(&path)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<ChildRecord>(&b).ok())
+        {
+            Some(record) => found.push(record),
+            None => tracing::warn!("ignoring unreadable worker record {}", path.display()),
+        }
+    }
+    found
+}
+
+/// Removes a worker's record and identity.
+pub fn forget(dir: &Path, id: &str) {
+    let _ = std::fs::remove_file(record_path(dir, id));
+    let _ = std::fs::remove_dir_all(dir.join(id));
+}
+
+/// The start time of `pid` from `/proc/PID/stat`, or `None` if it does not exist.
+pub fn process_start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) is in parentheses and may hold spaces: count after it.
+    let after = stat.rsplit_once(')')?.1;
+    // `after` starts at field 3 (state); field 22 is the 20th from here.
+    after.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// True when the recorded process still runs (same pid and start time, not a zombie).
+pub fn alive(record: &ChildRecord) -> bool {
+    let zombie = std::fs::read_to_string(format!("/proc/{}/stat", record.pid))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .map(|(_, rest)| rest.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(true);
+    !zombie && process_start_time(record.pid) == Some(record.start_time)
+}
+
+/// SIGKILLs the recorded process if it is still the one recorded.
+pub fn kill(record: &ChildRecord) {
+    if alive(record) {
+        let Ok(pid) = i32::try_from(record.pid) else {
+            return;
+        };
+        // SAFETY: kill(2) with a pid verified against its recorded start time just above;
+        // no memory is involved.
+        unsafe {
+            libc::kill(pid, libc::SIGKILL);
+        }
+    }
+}
+
+/// Dials a recorded worker that is still alive.
+pub async fn adopt(config: &ProcessConfig, record: &ChildRecord) -> Result<RemoteWorker, String> {
+    if !alive(record) {
+        return Err(format!("process {} is gone", record.pid));
+    }
+    connect(config, record.addr).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn start_times_identify_processes() {
+        let me = std::process::id();
+        let start = process_start_time(me).unwrap();
+        assert!(start > 0);
+        let record = ChildRecord {
+            id: "w".into(),
+            model: ModelId::new("m").unwrap(),
+            pid: me,
+            start_time: start,
+            addr: "127.0.0.1:1".parse().unwrap(),
+            slots: 1,
+            idle_timeout: IdleTimeout::Never,
+        };
+        assert!(alive(&record));
+        let recycled = ChildRecord {
+            start_time: start + 1,
+            ..record.clone()
+        };
+        assert!(
+            !alive(&recycled),
+            "same pid, other start time: another process"
+        );
+        let gone = ChildRecord {
+            pid: u32::MAX - 1,
+            ..record
+        };
+        assert!(!alive(&gone));
+    }
+
+    #[test]
+    fn records_round_trip_and_are_forgotten() {
+        let dir = tempfile::tempdir().unwrap();
+        let record = ChildRecord {
+            id: "m-1".into(),
+            model: ModelId::new("m").unwrap(),
+            pid: 42,
+            start_time: 7,
+            addr: "127.0.0.1:9".parse().unwrap(),
+            slots: 2,
+            idle_timeout: IdleTimeout::After(Duration::from_secs(5)),
+        };
+        save_record(dir.path(), &record).unwrap();
+        std::fs::write(dir.path().join("junk.json"), b"{").unwrap();
+        assert_eq!(records(dir.path()), vec![record]);
+        forget(dir.path(), "m-1");
+        assert!(records(dir.path()).is_empty());
+    }
+}
