@@ -459,7 +459,7 @@ fn dir_bytes(dir: &Path) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::worker::engine::model::tests::{write_tiny_gguf, write_tiny_safetensors};
+    use crate::worker::engine::tiny::{write_tiny_gguf, write_tiny_safetensors};
     use candle_core::quantized::GgmlDType;
     use std::time::Duration;
 
@@ -495,7 +495,7 @@ mod tests {
         let data = tempfile::tempdir().unwrap();
         let store = ModelStore::open(data.path()).unwrap();
         let source = data.path().join("tiny.gguf");
-        write_tiny_gguf(&source, "qwen3", 512, GgmlDType::Q8_0);
+        write_tiny_gguf(&source, "qwen3", 512, GgmlDType::Q8_0).unwrap();
         let m = store.import(&source, &id("tiny")).unwrap();
         assert_eq!(m.summary.format, "gguf");
         assert_eq!(m.summary.architecture, "qwen3");
@@ -529,7 +529,7 @@ mod tests {
         let store = ModelStore::open(data.path()).unwrap();
         let model = data.path().join("llama-dir");
         std::fs::create_dir(&model).unwrap();
-        write_tiny_safetensors(&model, "llama");
+        write_tiny_safetensors(&model, "llama").unwrap();
         // Without tokenizer.json it is not a model.
         assert!(matches!(
             store.import(&model, &id("tiny-st")),
@@ -556,7 +556,7 @@ mod tests {
 
         let data = tempfile::tempdir().unwrap();
         let gguf = data.path().join("tiny.gguf");
-        write_tiny_gguf(&gguf, "llama", 256, GgmlDType::F32);
+        write_tiny_gguf(&gguf, "llama", 256, GgmlDType::F32).unwrap();
         let bytes = std::fs::read(&gguf).unwrap();
         let (server, addr) = FakeHub {
             files: [

@@ -734,7 +734,7 @@ mod tests {
     use super::*;
     use crate::worker::actor::STREAM_CAPACITY;
     use crate::worker::api::SamplingParams;
-    use crate::worker::engine::model::tests::write_tiny_llama;
+    use crate::worker::engine::tiny::write_tiny_llama;
 
     struct Setup {
         _data: tempfile::TempDir,
@@ -746,7 +746,7 @@ mod tests {
         let data = tempfile::tempdir().unwrap();
         let store = ModelStore::open(data.path()).unwrap();
         let source = data.path().join("tiny.gguf");
-        write_tiny_llama(&source, 256);
+        write_tiny_llama(&source, 256).unwrap();
         store
             .import(&source, &ModelId::new("tiny").unwrap())
             .unwrap();

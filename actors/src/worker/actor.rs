@@ -385,7 +385,7 @@ mod tests {
 
     use super::*;
     use crate::worker::api::SamplingParams;
-    use crate::worker::engine::model::tests::write_tiny_llama;
+    use crate::worker::engine::tiny::write_tiny_llama;
 
     async fn spawn(
         context: u32,
@@ -393,7 +393,7 @@ mod tests {
     ) -> (tempfile::TempDir, ActorRef<WorkerMsg>, Vec<LoadProgress>) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("tiny.gguf");
-        write_tiny_llama(&path, context);
+        write_tiny_llama(&path, context).unwrap();
         let (tx, mut rx) = mpsc::unbounded_channel();
         let args = WorkerArgs {
             model: path,

@@ -150,13 +150,14 @@ pub fn write_q8_0_copy<R: Read + Seek>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::worker::engine::model::tests::{load_gguf, write_tiny_gguf};
+    use crate::worker::engine::model::tests::load_gguf;
+    use crate::worker::engine::tiny::write_tiny_gguf;
 
     #[test]
     fn q4_1_weights_become_q8_0_with_nearly_the_same_logits() {
         let dir = tempfile::tempdir().unwrap();
         let source = dir.path().join("m.gguf");
-        write_tiny_gguf(&source, "llama", 64, GgmlDType::Q4_1);
+        write_tiny_gguf(&source, "llama", 64, GgmlDType::Q4_1).unwrap();
         let mut reader = BufReader::new(File::open(&source).unwrap());
         let content = gguf_file::Content::read(&mut reader).unwrap();
         assert!(has_slow_tensors(&content));

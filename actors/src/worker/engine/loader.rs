@@ -494,7 +494,7 @@ fn load_safetensors(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::worker::engine::model::tests::{write_tiny_gguf, write_tiny_safetensors};
+    use crate::worker::engine::tiny::{write_tiny_gguf, write_tiny_safetensors};
     use candle_core::quantized::GgmlDType;
 
     fn options(slots: usize) -> LoadOptions {
@@ -509,7 +509,7 @@ mod tests {
     fn a_q4_1_gguf_is_requantized_once_with_progress_reported() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("m.gguf");
-        write_tiny_gguf(&path, "llama", 128, GgmlDType::Q4_1);
+        write_tiny_gguf(&path, "llama", 128, GgmlDType::Q4_1).unwrap();
         let mut steps = Vec::new();
         let loaded = load(&path, &options(2), &mut |p| steps.push(p)).unwrap();
         assert_eq!(loaded.sessions.len(), 2);
@@ -537,7 +537,7 @@ mod tests {
     #[test]
     fn a_safetensors_directory_loads_with_its_tokenizer_and_template() {
         let dir = tempfile::tempdir().unwrap();
-        write_tiny_safetensors(dir.path(), "llama");
+        write_tiny_safetensors(dir.path(), "llama").unwrap();
         // Without tokenizer.json the directory is refused by name.
         match load(dir.path(), &options(1), &mut |_| {}) {
             Err(LoadError::Tokenizer(TokenizerError::File { path, .. })) => {
@@ -547,7 +547,7 @@ mod tests {
             Ok(_) => panic!("loaded without a tokenizer"),
         }
         let gguf = dir.path().join("t.gguf");
-        write_tiny_gguf(&gguf, "llama", 64, GgmlDType::F32);
+        write_tiny_gguf(&gguf, "llama", 64, GgmlDType::F32).unwrap();
         let (content, _) = read_gguf(&gguf).unwrap();
         let tokenizer = ModelTokenizer::from_gguf(&content, &dir.path().join("none")).unwrap();
         tokenizer
@@ -581,7 +581,7 @@ mod tests {
             Err(LoadError::Missing(p)) if p.ends_with("config.json")
         ));
         let path = dir.path().join("m.gguf");
-        write_tiny_gguf(&path, "qwen2", 64, GgmlDType::F32);
+        write_tiny_gguf(&path, "qwen2", 64, GgmlDType::F32).unwrap();
         assert!(matches!(
             load(&path, &options(2), &mut |_| {}),
             Err(LoadError::SlotsUnsupported { .. })

@@ -8,5 +8,6 @@ pub mod pipeline;
 pub mod sampling;
 pub mod stop;
 pub mod template;
+pub mod tiny;
 pub mod tokenizer;
 pub mod utf8;

@@ -416,159 +416,22 @@ impl Model {
 
 #[cfg(test)]
 pub(crate) mod tests {
-    use std::fs::File;
 
-    use candle_core::quantized::{GgmlDType, QTensor, gguf_file::Value};
+    use candle_core::quantized::GgmlDType;
 
     use super::*;
     use crate::worker::engine::sampling::SamplingParams;
-    use crate::worker::engine::tokenizer::tests::{TINY_VOCAB, tiny_tokenizer_metadata};
-
-    const DIM: usize = 64;
-    const HIDDEN: usize = 128;
-    const HEADS: u32 = 4;
-    const KV_HEADS: u32 = 2;
-    const HEAD_DIM: usize = DIM / HEADS as usize;
-
-    /// Writes a tiny random GGUF of `architecture` (2 layers, the byte-level vocabulary of
-    /// the tokenizer tests, its tokenizer in the metadata) with tensors in `dtype`.
-    pub(crate) fn write_tiny_gguf(path: &Path, architecture: &str, context: u32, dtype: GgmlDType) {
-        let dev = Device::Cpu;
-        let kv_dim = HEAD_DIM * KV_HEADS as usize;
-        // Seeded, so a tiny model is the same in every run.
-        let rng =
-            std::cell::RefCell::new(<rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(7));
-        let values = |shape: &[usize], scale: f32| {
-            use rand::Rng;
-            let n = shape.iter().product();
-            let v: Vec<f32> = (0..n)
-                .map(|_| rng.borrow_mut().random_range(-scale..scale))
-                .collect();
-            Tensor::from_vec(v, shape, &dev).unwrap()
-        };
-        let random = |shape: &[usize]| QTensor::quantize(&values(shape, 0.9), dtype).unwrap();
-        let f32_of = |t: Tensor| QTensor::quantize(&t, GgmlDType::F32).unwrap();
-        let ones = |n: usize| f32_of(Tensor::ones(n, DType::F32, &dev).unwrap());
-        let bias = |n: usize| f32_of(values(&[n], 0.2));
-        // The special tokens' logits are 0, so greedy decoding never ends by itself.
-        let specials = TINY_VOCAB - 258;
-        let output = Tensor::cat(
-            &[
-                values(&[258, DIM], 0.9),
-                Tensor::zeros((specials, DIM), DType::F32, &dev).unwrap(),
-            ],
-            0,
-        )
-        .unwrap();
-        let output = QTensor::quantize(&output, dtype).unwrap();
-        let mut tensors: Vec<(String, QTensor)> = vec![
-            ("token_embd.weight".into(), random(&[TINY_VOCAB, DIM])),
-            ("output_norm.weight".into(), ones(DIM)),
-            ("output.weight".into(), output),
-        ];
-        for l in 0..2 {
-            let p = format!("blk.{l}");
-            tensors.push((format!("{p}.attn_q.weight"), random(&[DIM, DIM])));
-            tensors.push((format!("{p}.attn_k.weight"), random(&[kv_dim, DIM])));
-            tensors.push((format!("{p}.attn_v.weight"), random(&[kv_dim, DIM])));
-            tensors.push((format!("{p}.attn_output.weight"), random(&[DIM, DIM])));
-            tensors.push((format!("{p}.ffn_gate.weight"), random(&[HIDDEN, DIM])));
-            tensors.push((format!("{p}.ffn_down.weight"), random(&[DIM, HIDDEN])));
-            tensors.push((format!("{p}.ffn_up.weight"), random(&[HIDDEN, DIM])));
-            tensors.push((format!("{p}.attn_norm.weight"), ones(DIM)));
-            tensors.push((format!("{p}.ffn_norm.weight"), ones(DIM)));
-            if architecture == "qwen2" {
-                tensors.push((format!("{p}.attn_q.bias"), bias(DIM)));
-                tensors.push((format!("{p}.attn_k.bias"), bias(kv_dim)));
-                tensors.push((format!("{p}.attn_v.bias"), bias(kv_dim)));
-            }
-            if architecture == "qwen3" {
-                tensors.push((format!("{p}.attn_q_norm.weight"), ones(HEAD_DIM)));
-                tensors.push((format!("{p}.attn_k_norm.weight"), ones(HEAD_DIM)));
-            }
-        }
-        let a = architecture;
-        let mut metadata: Vec<(String, Value)> = vec![
-            ("general.architecture".into(), Value::String(a.into())),
-            (format!("{a}.context_length"), Value::U32(context)),
-            (format!("{a}.attention.head_count"), Value::U32(HEADS)),
-            (format!("{a}.attention.head_count_kv"), Value::U32(KV_HEADS)),
-            (
-                format!("{a}.attention.key_length"),
-                Value::U32(HEAD_DIM as u32),
-            ),
-            (format!("{a}.block_count"), Value::U32(2)),
-            (format!("{a}.embedding_length"), Value::U32(DIM as u32)),
-            (
-                format!("{a}.rope.dimension_count"),
-                Value::U32(HEAD_DIM as u32),
-            ),
-            (format!("{a}.rope.freq_base"), Value::F32(10000.0)),
-            (
-                format!("{a}.attention.layer_norm_rms_epsilon"),
-                Value::F32(1e-5),
-            ),
-        ];
-        metadata.extend(tiny_tokenizer_metadata("smollm"));
-        metadata.push((
-            "tokenizer.chat_template".into(),
-            Value::String(crate::worker::engine::template::tests::CHATML.into()),
-        ));
-        let metadata: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
-        let tensors: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
-        let mut file = File::create(path).unwrap();
-        gguf_file::write(&mut file, &metadata, &tensors).unwrap();
-    }
-
-    /// Writes a tiny random F32 llama GGUF.
-    pub(crate) fn write_tiny_llama(path: &Path, context: u32) {
-        write_tiny_gguf(path, "llama", context, GgmlDType::F32);
-    }
+    use crate::worker::engine::tiny::{write_tiny_gguf, write_tiny_llama, write_tiny_safetensors};
 
     pub(crate) fn load_gguf(path: &Path) -> Result<Model, EngineError> {
         let (content, mut reader) = crate::worker::engine::loader::read_gguf(path)?;
         Model::from_gguf(path, content, &mut reader, &Device::Cpu)
     }
 
-    /// Writes a tiny random model of `architecture` as safetensors + config.json into `dir`.
-    pub(crate) fn write_tiny_safetensors(dir: &Path, architecture: &str) -> PathBuf {
-        let config = serde_json::json!({
-            "model_type": architecture,
-            "hidden_size": DIM, "intermediate_size": HIDDEN, "vocab_size": TINY_VOCAB,
-            "num_hidden_layers": 2, "num_attention_heads": HEADS, "num_key_value_heads": KV_HEADS,
-            "rms_norm_eps": 1e-5, "max_position_embeddings": 128, "tie_word_embeddings": false,
-            "rope_theta": 10000.0, "hidden_act": "silu", "sliding_window": 128,
-            "max_window_layers": 2, "use_sliding_window": false,
-        });
-        let varmap = candle_nn::VarMap::new();
-        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
-        let parse = || config.clone();
-        match architecture {
-            "llama" => {
-                let cfg: llama::LlamaConfig = serde_json::from_value(parse()).unwrap();
-                llama::Llama::load(vb, &cfg.into_config(false)).map(drop)
-            }
-            "mistral" => {
-                let cfg: mistral::Config = serde_json::from_value(parse()).unwrap();
-                mistral::Model::new(&cfg, vb).map(drop)
-            }
-            "qwen2" => {
-                let cfg: qwen2::Config = serde_json::from_value(parse()).unwrap();
-                qwen2::ModelForCausalLM::new(&cfg, vb).map(drop)
-            }
-            other => panic!("no tiny {other}"),
-        }
-        .unwrap();
-        let weights = dir.join("model.safetensors");
-        varmap.save(&weights).unwrap();
-        std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
-        weights
-    }
-
     fn tiny(context: u32) -> (tempfile::TempDir, Model) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("tiny.gguf");
-        write_tiny_llama(&path, context);
+        write_tiny_llama(&path, context).unwrap();
         let model = load_gguf(&path).unwrap();
         (dir, model)
     }
@@ -611,7 +474,7 @@ pub(crate) mod tests {
         let dir = tempfile::tempdir().unwrap();
         for arch in GGUF_ARCHITECTURES {
             let path = dir.path().join(format!("{arch}.gguf"));
-            write_tiny_gguf(&path, arch, 256, GgmlDType::F32);
+            write_tiny_gguf(&path, arch, 256, GgmlDType::F32).unwrap();
             let mut model = load_gguf(&path).unwrap();
             assert_eq!(model.architecture(), *arch);
             assert_cache_matches_recompute(&mut model);
@@ -622,7 +485,7 @@ pub(crate) mod tests {
     fn every_safetensors_architecture_loads_and_its_cache_matches_recompute() {
         for arch in SAFETENSORS_ARCHITECTURES {
             let dir = tempfile::tempdir().unwrap();
-            let weights = write_tiny_safetensors(dir.path(), arch);
+            let weights = write_tiny_safetensors(dir.path(), arch).unwrap();
             let config = std::fs::read_to_string(dir.path().join("config.json")).unwrap();
             let weights = std::slice::from_ref(&weights);
             let mut model =
@@ -638,7 +501,7 @@ pub(crate) mod tests {
     #[test]
     fn an_unknown_safetensors_architecture_is_named() {
         let dir = tempfile::tempdir().unwrap();
-        let weights = write_tiny_safetensors(dir.path(), "llama");
+        let weights = write_tiny_safetensors(dir.path(), "llama").unwrap();
         let config = std::fs::read_to_string(dir.path().join("config.json")).unwrap();
         let gpt = config.replace("\"llama\"", "\"gpt_neox\"");
         match Model::from_safetensors(dir.path(), &gpt, &[weights], &Device::Cpu) {
@@ -743,7 +606,7 @@ pub(crate) mod tests {
     fn unsupported_architectures_and_broken_files_are_named() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("m.gguf");
-        write_tiny_gguf(&path, "mamba", 64, GgmlDType::F32);
+        write_tiny_gguf(&path, "mamba", 64, GgmlDType::F32).unwrap();
         match load_gguf(&path) {
             Err(EngineError::UnsupportedArchitecture { architecture, .. }) => {
                 assert_eq!(architecture, "mamba")
@@ -751,7 +614,7 @@ pub(crate) mod tests {
             other => panic!("{other:?}"),
         }
         // A GGUF cut inside its tensor data.
-        write_tiny_llama(&path, 64);
+        write_tiny_llama(&path, 64).unwrap();
         let bytes = std::fs::read(&path).unwrap();
         std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
         assert!(matches!(load_gguf(&path), Err(EngineError::Invalid { .. })));

@@ -188,12 +188,12 @@ mod tests {
     use super::*;
     use crate::worker::api::{ChatMessage, SamplingParams};
     use crate::worker::engine::loader::{LoadOptions, LoadedModel, load};
-    use crate::worker::engine::model::tests::write_tiny_llama;
+    use crate::worker::engine::tiny::write_tiny_llama;
 
     fn tiny(context: u32) -> (tempfile::TempDir, LoadedModel) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("tiny.gguf");
-        write_tiny_llama(&path, context);
+        write_tiny_llama(&path, context).unwrap();
         let loaded = load(&path, &LoadOptions::default(), &mut |_| {}).unwrap();
         (dir, loaded)
     }

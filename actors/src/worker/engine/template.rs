@@ -73,11 +73,10 @@ impl ChatTemplate {
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
 
-    /// ChatML as SmolLM2 and Qwen ship it (with a default system prompt).
-    pub(crate) const CHATML: &str = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a helpful AI assistant.<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+    use crate::worker::engine::tiny::CHATML;
 
     fn user(text: &str) -> ChatMessage {
         ChatMessage {

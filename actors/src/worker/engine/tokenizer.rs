@@ -214,7 +214,7 @@ impl ModelTokenizer {
 
 /// GPT-2's byte-level alphabet: printable bytes stand for themselves, the other 68 were
 /// moved to U+0100.. in byte order. Returns the byte a piece's character stands for.
-fn byte_level_byte(c: char) -> Option<u8> {
+pub(crate) fn byte_level_byte(c: char) -> Option<u8> {
     static MOVED: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
     let printable = |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || b >= 174;
     let code = c as u32;
@@ -253,51 +253,9 @@ fn sentencepiece_bytes(piece: &str) -> Vec<u8> {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::worker::engine::tiny::{byte_char, tiny_tokenizer_metadata};
     use crate::worker::engine::utf8::Utf8Buffer;
     use candle_core::quantized::gguf_file::Value;
-
-    /// The byte-level character for byte `b` (inverse of [`byte_level_byte`]).
-    pub(crate) fn byte_char(b: u8) -> char {
-        (0u32..0x200)
-            .filter_map(char::from_u32)
-            .find(|c| byte_level_byte(*c) == Some(b))
-            .unwrap()
-    }
-
-    /// Metadata of a tiny byte-level tokenizer: every byte a token, two merges, and
-    /// `<|im_start|>` / `<|im_end|>` specials (`<|im_end|>` is the end of sequence).
-    pub(crate) fn tiny_tokenizer_metadata(pre: &str) -> Vec<(String, Value)> {
-        let mut tokens: Vec<String> = (0..=255u8).map(|b| byte_char(b).to_string()).collect();
-        let g = byte_char(b' ');
-        tokens.push(format!("{g}t"));
-        tokens.push("In".into());
-        tokens.push("<|im_start|>".into());
-        tokens.push("<|im_end|>".into());
-        let merges = [format!("{g} t"), "I n".to_string()];
-        let mut types = vec![1i32; 258];
-        types.extend([3, 3]);
-        vec![
-            ("tokenizer.ggml.model".into(), Value::String("gpt2".into())),
-            ("tokenizer.ggml.pre".into(), Value::String(pre.into())),
-            (
-                "tokenizer.ggml.tokens".into(),
-                Value::Array(tokens.into_iter().map(Value::String).collect()),
-            ),
-            (
-                "tokenizer.ggml.merges".into(),
-                Value::Array(merges.into_iter().map(Value::String).collect()),
-            ),
-            (
-                "tokenizer.ggml.token_type".into(),
-                Value::Array(types.into_iter().map(Value::I32).collect()),
-            ),
-            ("tokenizer.ggml.eos_token_id".into(), Value::U32(259)),
-            ("tokenizer.ggml.bos_token_id".into(), Value::U32(258)),
-        ]
-    }
-
-    /// Vocabulary size of [`tiny_tokenizer_metadata`].
-    pub(crate) const TINY_VOCAB: usize = 260;
 
     fn content(metadata: Vec<(String, Value)>) -> gguf_file::Content {
         gguf_file::Content {
