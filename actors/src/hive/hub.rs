@@ -669,146 +669,12 @@ impl Rate {
 
 #[cfg(test)]
 pub(crate) mod tests {
-    use std::collections::HashMap;
     use std::net::SocketAddr;
-    use std::sync::atomic::{AtomicU64, Ordering};
-    use std::sync::{Arc, Mutex};
-
-    use axum::body::{Body, Bytes};
-    use axum::extract::{Path as UrlPath, State};
-    use axum::http::{HeaderMap, StatusCode, header};
-    use axum::response::{IntoResponse, Response};
-    use axum::routing::get;
+    use std::sync::Mutex;
+    use std::sync::atomic::Ordering;
 
     use super::*;
-
-    /// A local server that answers the way the hub does for the requests hf-hub makes:
-    /// repository info, and ranged file requests with commit, etag and LFS hash headers.
-    /// It can cut a connection or stall once at a given offset, and counts bytes sent.
-    #[derive(Default)]
-    pub(crate) struct FakeHub {
-        pub files: HashMap<String, Vec<u8>>,
-        /// Overrides the SHA-256 the hub announces for a file.
-        pub announced_sha: HashMap<String, String>,
-        pub bytes_sent: AtomicU64,
-        pub cut_at: Mutex<Option<u64>>,
-        pub stall_at: Mutex<Option<u64>>,
-        /// Pause after each 64 KiB piece, so a test can act mid-transfer.
-        pub pace: Duration,
-    }
-
-    const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
-
-    impl FakeHub {
-        pub(crate) async fn serve(self) -> (Arc<FakeHub>, SocketAddr) {
-            let hub = Arc::new(self);
-            let app = axum::Router::new()
-                .route("/api/models/{org}/{name}/revision/{rev}", get(info))
-                .route("/{org}/{name}/resolve/{rev}/{file}", get(file))
-                .with_state(hub.clone());
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let addr = listener.local_addr().unwrap();
-            tokio::spawn(async move { axum::serve(listener, app).await });
-            (hub, addr)
-        }
-
-        fn sha(&self, name: &str) -> String {
-            self.announced_sha.get(name).cloned().unwrap_or_else(|| {
-                use sha2::Digest;
-                crate::checksum::hex(&sha2::Sha256::digest(&self.files[name]))
-            })
-        }
-    }
-
-    async fn info(State(hub): State<Arc<FakeHub>>) -> impl IntoResponse {
-        let siblings: Vec<_> = hub
-            .files
-            .keys()
-            .map(|f| serde_json::json!({ "rfilename": f }))
-            .collect();
-        axum::Json(serde_json::json!({ "sha": COMMIT, "siblings": siblings }))
-    }
-
-    async fn file(
-        State(hub): State<Arc<FakeHub>>,
-        UrlPath((_org, _name, _rev, name)): UrlPath<(String, String, String, String)>,
-        headers: HeaderMap,
-    ) -> Response {
-        let Some(data) = hub.files.get(&name) else {
-            return StatusCode::NOT_FOUND.into_response();
-        };
-        let len = data.len() as u64;
-        let range = headers
-            .get(header::RANGE)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|r| r.strip_prefix("bytes="))
-            .and_then(|r| r.split_once('-'))
-            .and_then(|(a, b)| {
-                Some((a.parse::<u64>().ok()?, b.parse::<u64>().unwrap_or(u64::MAX)))
-            });
-        let (start, end) = match range {
-            Some((a, b)) => (a, b.min(len - 1)),
-            None => (0, len - 1),
-        };
-        let slice = data[start as usize..=end as usize].to_vec();
-        let cut = take_if_within(&hub.cut_at, start, end);
-        let stall = take_if_within(&hub.stall_at, start, end);
-        let hub2 = hub.clone();
-        let body = async_stream(slice, start, cut, stall, hub2);
-        Response::builder()
-            .status(StatusCode::PARTIAL_CONTENT)
-            .header(header::CONTENT_RANGE, format!("bytes {start}-{end}/{len}"))
-            .header("x-repo-commit", COMMIT)
-            .header("x-linked-etag", format!("\"{}\"", hub.sha(&name)))
-            .header(header::ETAG, "\"git-blob-id\"")
-            .body(body)
-            .unwrap()
-    }
-
-    fn take_if_within(slot: &Mutex<Option<u64>>, start: u64, end: u64) -> Option<u64> {
-        let mut slot = slot.lock().unwrap();
-        match *slot {
-            Some(at) if at > start && at <= end => slot.take(),
-            _ => None,
-        }
-    }
-
-    fn async_stream(
-        slice: Vec<u8>,
-        start: u64,
-        cut: Option<u64>,
-        stall: Option<u64>,
-        hub: Arc<FakeHub>,
-    ) -> Body {
-        let stream = futures::stream::unfold(0usize, move |sent| {
-            let slice = slice.clone();
-            let hub = hub.clone();
-            async move {
-                if sent >= slice.len() {
-                    return None;
-                }
-                let offset = start + sent as u64;
-                if cut.is_some_and(|c| offset >= c) {
-                    let cut: Result<Bytes, std::io::Error> =
-                        Err(std::io::Error::other("connection cut by the test"));
-                    return Some((cut, usize::MAX));
-                }
-                if stall.is_some_and(|s| offset >= s) {
-                    std::future::pending::<()>().await;
-                }
-                let mut n = (64 << 10).min(slice.len() - sent);
-                for limit in [cut, stall].into_iter().flatten() {
-                    if limit > offset {
-                        n = n.min((limit - offset) as usize);
-                    }
-                }
-                tokio::time::sleep(hub.pace).await;
-                hub.bytes_sent.fetch_add(n as u64, Ordering::Relaxed);
-                Some((Ok(Bytes::copy_from_slice(&slice[sent..sent + n])), sent + n))
-            }
-        });
-        Body::from_stream(stream)
-    }
+    use crate::hive::local_hub::LocalHub;
 
     pub(crate) fn random_bytes(n: usize, seed: u64) -> Vec<u8> {
         use rand::{Rng, SeedableRng};
@@ -840,12 +706,13 @@ pub(crate) mod tests {
     #[tokio::test]
     async fn a_download_streams_progress_and_is_verified() {
         let data = random_bytes(3 * MIB, 1);
-        let (server, addr) = FakeHub {
+        let (server, addr) = LocalHub {
             files: [("m.gguf".to_string(), data.clone())].into(),
-            ..FakeHub::default()
+            ..LocalHub::default()
         }
         .serve()
-        .await;
+        .await
+        .unwrap();
         let cache = tempfile::tempdir().unwrap();
         let hub = Hub::new(config(addr, cache.path())).unwrap();
         assert_eq!(hub.list("org/m").await.unwrap(), vec!["m.gguf".to_string()]);
@@ -882,13 +749,14 @@ pub(crate) mod tests {
     #[tokio::test]
     async fn a_cut_connection_resumes_instead_of_restarting() {
         let data = random_bytes(3 * MIB, 2);
-        let (server, addr) = FakeHub {
+        let (server, addr) = LocalHub {
             files: [("m.gguf".to_string(), data.clone())].into(),
             cut_at: Mutex::new(Some((3 * MIB / 2) as u64 + 1000)),
-            ..FakeHub::default()
+            ..LocalHub::default()
         }
         .serve()
-        .await;
+        .await
+        .unwrap();
         let cache = tempfile::tempdir().unwrap();
         let hub = Hub::new(config(addr, cache.path())).unwrap();
         let (tx, rx) = mpsc::channel(1024);
@@ -911,13 +779,14 @@ pub(crate) mod tests {
     #[tokio::test]
     async fn a_stalled_transfer_is_abandoned_and_resumed() {
         let data = random_bytes(2 * MIB, 3);
-        let (_server, addr) = FakeHub {
+        let (_server, addr) = LocalHub {
             files: [("m.gguf".to_string(), data.clone())].into(),
             stall_at: Mutex::new(Some(MIB as u64 + 10)),
-            ..FakeHub::default()
+            ..LocalHub::default()
         }
         .serve()
-        .await;
+        .await
+        .unwrap();
         let cache = tempfile::tempdir().unwrap();
         let hub = Hub::new(config(addr, cache.path())).unwrap();
         let (tx, rx) = mpsc::channel(1024);
@@ -937,13 +806,14 @@ pub(crate) mod tests {
     async fn a_checksum_mismatch_deletes_the_file_and_says_so() {
         let data = random_bytes(MIB, 4);
         let wrong = "ab".repeat(32);
-        let (_server, addr) = FakeHub {
+        let (_server, addr) = LocalHub {
             files: [("m.gguf".to_string(), data)].into(),
             announced_sha: [("m.gguf".to_string(), wrong.clone())].into(),
-            ..FakeHub::default()
+            ..LocalHub::default()
         }
         .serve()
-        .await;
+        .await
+        .unwrap();
         let cache = tempfile::tempdir().unwrap();
         let hub = Hub::new(config(addr, cache.path())).unwrap();
         let (tx, _rx) = mpsc::channel(1024);

@@ -8,6 +8,7 @@
 pub mod capabilities;
 pub mod cards;
 pub mod hub;
+pub mod local_hub;
 pub mod process;
 pub mod store;
 pub mod workers;

@@ -551,24 +551,26 @@ mod tests {
 
     #[tokio::test]
     async fn a_hub_download_cancelled_midway_is_partial_then_resumes_to_ready() {
-        use crate::hive::hub::tests::{FakeHub, config};
+        use crate::hive::hub::tests::config;
+        use crate::hive::local_hub::LocalHub;
         use std::sync::atomic::Ordering;
 
         let data = tempfile::tempdir().unwrap();
         let gguf = data.path().join("tiny.gguf");
         write_tiny_gguf(&gguf, "llama", 256, GgmlDType::F32).unwrap();
         let bytes = std::fs::read(&gguf).unwrap();
-        let (server, addr) = FakeHub {
+        let (server, addr) = LocalHub {
             files: [
                 ("tiny.Q8_0.gguf".to_string(), bytes.clone()),
                 ("README.md".to_string(), b"readme".to_vec()),
             ]
             .into(),
             pace: Duration::from_millis(30),
-            ..FakeHub::default()
+            ..LocalHub::default()
         }
         .serve()
-        .await;
+        .await
+        .unwrap();
         let hub = Hub::new(config(addr, &data.path().join("hf"))).unwrap();
         let store = ModelStore::open(data.path()).unwrap();
         let (tx, mut rx) = tokio::sync::mpsc::channel(1024);
