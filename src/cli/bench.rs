@@ -25,6 +25,9 @@ use super::ModelArgs;
 pub enum BenchCommand {
     /// Prefill and decode tokens/s: bare candle loop vs the worker actor and its stream.
     Engine(EngineArgs),
+    /// The hive: spawn-to-ready time rbee adds to a model load (in-process and process
+    /// workers), and download throughput from a local hub next to curl.
+    Hive(super::bench_hive::HiveBenchArgs),
 }
 
 #[derive(Debug, Args)]
@@ -56,6 +59,7 @@ struct Speed {
 pub async fn run(command: BenchCommand) -> anyhow::Result<ExitCode> {
     match command {
         BenchCommand::Engine(args) => engine(args).await,
+        BenchCommand::Hive(args) => super::bench_hive::run(args).await,
     }
 }
 

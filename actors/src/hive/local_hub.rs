@@ -89,7 +89,7 @@ async fn file(
         Some(_) => return StatusCode::RANGE_NOT_SATISFIABLE.into_response(),
         None => (0, last),
     };
-    let slice = data[start as usize..=end as usize].to_vec();
+    let slice = Bytes::copy_from_slice(&data[start as usize..=end as usize]);
     let cut = take_if_within(&hub.cut_at, start, end);
     let stall = take_if_within(&hub.stall_at, start, end);
     let hub2 = hub.clone();
@@ -113,13 +113,14 @@ fn take_if_within(slot: &Mutex<Option<u64>>, start: u64, end: u64) -> Option<u64
 }
 
 fn async_stream(
-    slice: Vec<u8>,
+    slice: Bytes,
     start: u64,
     cut: Option<u64>,
     stall: Option<u64>,
     hub: Arc<LocalHub>,
 ) -> Body {
     let stream = futures::stream::unfold(0usize, move |sent| {
+        // `Bytes` clones share the buffer: no copy per piece.
         let slice = slice.clone();
         let hub = hub.clone();
         async move {
@@ -141,9 +142,11 @@ fn async_stream(
                     n = n.min((limit - offset) as usize);
                 }
             }
-            tokio::time::sleep(hub.pace).await;
+            if !hub.pace.is_zero() {
+                tokio::time::sleep(hub.pace).await;
+            }
             hub.bytes_sent.fetch_add(n as u64, Ordering::Relaxed);
-            Some((Ok(Bytes::copy_from_slice(&slice[sent..sent + n])), sent + n))
+            Some((Ok(slice.slice(sent..sent + n)), sent + n))
         }
     });
     Body::from_stream(stream)
