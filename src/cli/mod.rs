@@ -7,6 +7,7 @@ use clap::{Args, Parser, Subcommand};
 
 mod bench;
 mod bench_hive;
+mod hive;
 mod run;
 mod worker;
 
@@ -32,6 +33,9 @@ enum Command {
     },
     /// Run one worker as its own process, serving a model over the node link.
     Worker(worker::WorkerArgs),
+    /// Run this machine's hive daemon: model store and supervised workers, served over the
+    /// node link.
+    Hive(hive::HiveArgsCli),
     /// Measure performance and print a table.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -92,6 +96,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Run(args) => run::run(args).await,
         Command::Pull { model } => pull(&model),
         Command::Worker(args) => worker::run(args).await,
+        Command::Hive(args) => hive::run(args).await,
         Command::Bench(command) => bench::run(command).await,
     }
 }

@@ -1,14 +1,17 @@
 //! The hive: what one machine holds and can run.
 //!
-//! Built so far: the model store ([`store`]: manifests, atomic writes, partial models
-//! visible as such, local import and Python-package sources) and the machine's
-//! capabilities ([`capabilities`]). Hugging Face downloads, worker supervision and the
-//! `rbee hive` daemon are not built yet.
+//! - [`store`], [`hub`], [`cards`]: the model store and its sources (Hugging Face hub,
+//!   Python packages, local import), with [`local_hub`] as a hub stand-in on loopback.
+//! - [`capabilities`]: GPUs, CPU, memory, disk, built backends.
+//! - [`workers`], [`process`]: the supervised workers, in-process or child processes.
+//! - [`remote`]: the hive's operations over the node link (what the `rbee hive` daemon
+//!   serves).
 
 pub mod capabilities;
 pub mod cards;
 pub mod hub;
 pub mod local_hub;
 pub mod process;
+pub mod remote;
 pub mod store;
 pub mod workers;

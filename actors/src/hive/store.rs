@@ -85,7 +85,6 @@ pub struct Manifest {
     /// Its files.
     pub files: Vec<ManifestFile>,
     /// Format, architecture, quantization, context length.
-    #[serde(flatten)]
     pub summary: ModelSummary,
     /// When it was added, seconds since the Unix epoch.
     pub added_at: u64,

