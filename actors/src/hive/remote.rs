@@ -21,14 +21,21 @@ pub struct HiveProtocol;
 /// Calls a hive answers.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum HiveRequest {
-    /// The machine's capabilities.
-    Capabilities,
+    /// The machine's capabilities, as last read unless `refresh`.
+    Capabilities {
+        /// Read them again (free memory and disk change).
+        refresh: bool,
+    },
     /// Every model in the store, ready or partial.
     ListModels,
+    /// One ready model.
+    GetModel(ModelId),
     /// Deletes a model.
     DeleteModel(ModelId),
     /// Every worker.
     ListWorkers,
+    /// One worker.
+    GetWorker(String),
     /// Starts a worker.
     Spawn(SpawnRequest),
     /// Stops a worker.
@@ -42,10 +49,12 @@ pub enum HiveResponse {
     Capabilities(Capabilities),
     /// The models.
     Models(Vec<Entry>),
+    /// One model.
+    Model(Manifest),
     /// The workers.
     Workers(Vec<WorkerInfo>),
-    /// The worker started.
-    Spawned(WorkerInfo),
+    /// One worker: the one asked for, or the one just started.
+    Worker(WorkerInfo),
     /// Done.
     Done,
     /// The operation failed; why.
@@ -103,6 +112,8 @@ pub struct HiveService {
     pub store: ModelStore,
     /// The hub client for pulls.
     pub hub: Arc<Hub>,
+    /// Capabilities as last read.
+    pub capabilities: Arc<tokio::sync::Mutex<Option<Capabilities>>>,
 }
 
 /// How long a call to the hive actor may take (a process spawn loads its model first).
@@ -142,13 +153,31 @@ async fn answer(service: &HiveService, request: HiveRequest) -> HiveResponse {
     let hive = &service.hive;
     let error = |e: &dyn std::fmt::Display| HiveResponse::Error(e.to_string());
     match request {
-        HiveRequest::Capabilities => {
-            let store = service.store.root().to_path_buf();
-            match tokio::task::spawn_blocking(move || capabilities::probe(None, &store)).await {
-                Ok(caps) => HiveResponse::Capabilities(caps),
-                Err(e) => error(&e),
+        HiveRequest::Capabilities { refresh } => {
+            let mut cached = service.capabilities.lock().await;
+            if refresh || cached.is_none() {
+                let store = service.store.root().to_path_buf();
+                match tokio::task::spawn_blocking(move || capabilities::probe(None, &store)).await {
+                    Ok(caps) => *cached = Some(caps),
+                    Err(e) => return error(&e),
+                }
+            }
+            match cached.clone() {
+                Some(caps) => HiveResponse::Capabilities(caps),
+                None => HiveResponse::Error("capabilities could not be read".into()),
             }
         }
+        HiveRequest::GetModel(id) => match service.store.get(&id) {
+            Ok(manifest) => HiveResponse::Model(manifest),
+            Err(e) => error(&e),
+        },
+        HiveRequest::GetWorker(id) => match call_t!(hive, HiveMsg::List, CALL_TIMEOUT_MS) {
+            Ok(workers) => match workers.into_iter().find(|w| w.id == id) {
+                Some(worker) => HiveResponse::Worker(worker),
+                None => HiveResponse::Error(format!("no worker {id}")),
+            },
+            Err(e) => error(&e),
+        },
         HiveRequest::ListModels => match service.store.list() {
             Ok(models) => HiveResponse::Models(models),
             Err(e) => error(&e),
@@ -162,7 +191,7 @@ async fn answer(service: &HiveService, request: HiveRequest) -> HiveResponse {
             Err(e) => error(&e),
         },
         HiveRequest::Spawn(spawn) => match call_t!(hive, HiveMsg::Spawn, SPAWN_TIMEOUT_MS, spawn) {
-            Ok(Ok(worker)) => HiveResponse::Spawned(worker),
+            Ok(Ok(worker)) => HiveResponse::Worker(worker),
             Ok(Err(e)) => error(&e),
             Err(e) => error(&e),
         },
