@@ -45,6 +45,23 @@ impl Drop for Cleanup {
     }
 }
 
+/// A cluster, and in a temporary directory: the hive's home, its identity and the CA.
+fn daemon_files() -> (Cluster, tempfile::TempDir, PathBuf, PathBuf, PathBuf) {
+    let cluster = Cluster::new("daemon-test");
+    let dir = tempfile::tempdir().unwrap();
+    let (home, identity, ca) = (
+        dir.path().join("home"),
+        dir.path().join("id"),
+        dir.path().join("ca"),
+    );
+    cluster
+        .identity("hive-1", Role::Hive)
+        .save(&identity)
+        .unwrap();
+    cluster.ca.save(&ca).unwrap();
+    (cluster, dir, home, identity, ca)
+}
+
 fn start_hive(home: &Path, identity: &Path, ca: &Path) -> (HiveProcess, SocketAddr) {
     start_hive_with(home, identity, ca, &[])
 }
@@ -120,18 +137,7 @@ async fn answers(link: &Link<HiveProtocol>, worker: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hive_process_killed_and_restarted_adopts_its_worker_process() {
-    let cluster = Cluster::new("daemon-test");
-    let dir = tempfile::tempdir().unwrap();
-    let (home, identity, ca) = (
-        dir.path().join("home"),
-        dir.path().join("id"),
-        dir.path().join("ca"),
-    );
-    cluster
-        .identity("hive-1", Role::Hive)
-        .save(&identity)
-        .unwrap();
-    cluster.ca.save(&ca).unwrap();
+    let (cluster, _dir, home, identity, ca) = daemon_files();
     let _cleanup = Cleanup(home.join("hive/workers"));
 
     let (hive, addr) = start_hive(&home, &identity, &ca);
@@ -217,18 +223,7 @@ async fn a_download_interrupted_by_killing_the_hive_is_partial_then_resumes() {
     use rbee::actors::hive::local_hub::LocalHub;
     use std::sync::atomic::Ordering;
 
-    let cluster = Cluster::new("daemon-test");
-    let dir = tempfile::tempdir().unwrap();
-    let (home, identity, ca) = (
-        dir.path().join("home"),
-        dir.path().join("id"),
-        dir.path().join("ca"),
-    );
-    cluster
-        .identity("hive-1", Role::Hive)
-        .save(&identity)
-        .unwrap();
-    cluster.ca.save(&ca).unwrap();
+    let (cluster, dir, home, identity, ca) = daemon_files();
     let model = dir.path().join("tiny.gguf");
     rbee::actors::worker::engine::tiny::write_tiny_llama(&model, 256).unwrap();
     let bytes = std::fs::read(&model).unwrap();

@@ -13,7 +13,7 @@ use super::hub::{DEFAULT_GGUF_PREFERENCE, DownloadEvent, Hub};
 use super::store::{Entry, Manifest, ModelId, ModelStore};
 use super::workers::{HiveMsg, SpawnRequest, WorkerInfo};
 use crate::worker::actor::STREAM_CAPACITY;
-use crate::worker::api::{GenerateRequest, GenerationEvent};
+use crate::worker::api::{ErrorKind, GenerateRequest, GenerationError, GenerationEvent};
 
 /// The hive link's messages.
 pub struct HiveProtocol;
@@ -233,11 +233,15 @@ async fn stream(service: HiveService, open: HiveOpen, mut sender: StreamSender<H
         }
         HiveOpen::Generate { worker, request } => {
             let (tx, mut rx) = mpsc::channel(STREAM_CAPACITY);
-            if service
-                .hive
-                .cast(HiveMsg::Generate(worker, request, tx))
-                .is_err()
-            {
+            if let Err(e) = service.hive.cast(HiveMsg::Generate(worker, request, tx)) {
+                let gone = GenerationError::new(
+                    ErrorKind::WorkerLost,
+                    format!("the hive is stopping: {e}"),
+                );
+                let _ = sender
+                    .send(&HiveItem::Generation(GenerationEvent::Error(gone)))
+                    .await;
+                let _ = sender.finish();
                 return;
             }
             let cancelled = sender.cancelled();
