@@ -13,7 +13,8 @@ use super::hub::{DEFAULT_GGUF_PREFERENCE, DownloadEvent, Hub};
 use super::store::{Entry, Manifest, ModelId, ModelStore};
 use super::workers::{HiveMsg, SpawnRequest, WorkerInfo};
 use crate::worker::actor::STREAM_CAPACITY;
-use crate::worker::api::{ErrorKind, GenerateRequest, GenerationError, GenerationEvent};
+use crate::worker::api::{GenerateRequest, GenerationEvent};
+use crate::worker::remote::{end_with_loss, forward_generation};
 
 /// The hive link's messages.
 pub struct HiveProtocol;
@@ -232,33 +233,11 @@ async fn stream(service: HiveService, open: HiveOpen, mut sender: StreamSender<H
             let _ = sender.finish();
         }
         HiveOpen::Generate { worker, request } => {
-            let (tx, mut rx) = mpsc::channel(STREAM_CAPACITY);
-            if let Err(e) = service.hive.cast(HiveMsg::Generate(worker, request, tx)) {
-                let gone = GenerationError::new(
-                    ErrorKind::WorkerLost,
-                    format!("the hive is stopping: {e}"),
-                );
-                let _ = sender
-                    .send(&HiveItem::Generation(GenerationEvent::Error(gone)))
-                    .await;
-                let _ = sender.finish();
-                return;
+            let (tx, rx) = mpsc::channel(STREAM_CAPACITY);
+            match service.hive.cast(HiveMsg::Generate(worker, request, tx)) {
+                Ok(()) => forward_generation(rx, sender, HiveItem::Generation).await,
+                Err(_) => end_with_loss(sender, HiveItem::Generation, "the hive is stopping").await,
             }
-            let cancelled = sender.cancelled();
-            tokio::pin!(cancelled);
-            loop {
-                let event = tokio::select! {
-                    event = rx.recv() => event,
-                    () = &mut cancelled => return,
-                };
-                let Some(event) = event else {
-                    break;
-                };
-                if sender.send(&HiveItem::Generation(event)).await.is_err() {
-                    return;
-                }
-            }
-            let _ = sender.finish();
         }
     }
 }

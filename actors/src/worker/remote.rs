@@ -8,7 +8,9 @@
 use std::time::Duration;
 
 use ractor::{ActorRef, call_t};
-use rbee_transport::{Endpoint, Incoming, Link, LinkError, LinkIncoming, Protocol, StreamReceiver};
+use rbee_transport::{
+    Endpoint, Incoming, Link, LinkError, LinkIncoming, Protocol, StreamReceiver, StreamSender,
+};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
@@ -92,20 +94,28 @@ async fn answer(worker: &ActorRef<WorkerMsg>, request: WorkerRequest) -> WorkerR
     }
 }
 
-/// Forwards one generation's events to the peer's stream. When the peer resets the stream,
-/// the channel to the generation is dropped, which stops it before its next token.
+/// Runs one generation on `worker` and forwards its events to the peer's stream.
 async fn stream_generation(
     worker: ActorRef<WorkerMsg>,
     request: GenerateRequest,
-    mut sender: rbee_transport::StreamSender<GenerationEvent>,
+    sender: StreamSender<GenerationEvent>,
 ) {
-    let (tx, mut rx) = mpsc::channel(STREAM_CAPACITY);
-    if worker.cast(WorkerMsg::Generate(request, tx)).is_err() {
-        let gone = GenerationError::new(ErrorKind::WorkerLost, "the worker actor is gone");
-        let _ = sender.send(&GenerationEvent::Error(gone)).await;
-        let _ = sender.finish();
-        return;
+    let (tx, rx) = mpsc::channel(STREAM_CAPACITY);
+    match worker.cast(WorkerMsg::Generate(request, tx)) {
+        Ok(()) => forward_generation(rx, sender, |e| e).await,
+        Err(_) => end_with_loss(sender, |e| e, "the worker actor is gone").await,
     }
+}
+
+/// Forwards a generation's events from `rx` to a peer's stream (each through `wrap`) and
+/// finishes the stream after the terminal one. When the peer resets the stream, `rx` is
+/// dropped at once, which stops the generation before its next token; a generation that
+/// ends without a terminal event (its worker died) ends the stream with `WorkerLost`.
+pub async fn forward_generation<T: rbee_transport::Wire>(
+    mut rx: mpsc::Receiver<GenerationEvent>,
+    mut sender: StreamSender<T>,
+    wrap: impl Fn(GenerationEvent) -> T,
+) {
     let cancelled = sender.cancelled();
     tokio::pin!(cancelled);
     loop {
@@ -114,14 +124,10 @@ async fn stream_generation(
             () = &mut cancelled => return,
         };
         let Some(event) = event else {
-            // The generation ended without a terminal event: the actor died under it.
-            let gone = GenerationError::new(ErrorKind::WorkerLost, "the worker stopped mid-stream");
-            let _ = sender.send(&GenerationEvent::Error(gone)).await;
-            let _ = sender.finish();
-            return;
+            return end_with_loss(sender, wrap, "the worker stopped mid-stream").await;
         };
         let terminal = event.is_terminal();
-        if sender.send(&event).await.is_err() {
+        if sender.send(&wrap(event)).await.is_err() {
             return;
         }
         if terminal {
@@ -129,6 +135,17 @@ async fn stream_generation(
             return;
         }
     }
+}
+
+/// Ends a peer's stream with a `WorkerLost` error.
+pub async fn end_with_loss<T: rbee_transport::Wire>(
+    mut sender: StreamSender<T>,
+    wrap: impl Fn(GenerationEvent) -> T,
+    message: &str,
+) {
+    let gone = GenerationError::new(ErrorKind::WorkerLost, message);
+    let _ = sender.send(&wrap(GenerationEvent::Error(gone))).await;
+    let _ = sender.finish();
 }
 
 /// A worker on the other end of a link.
