@@ -35,7 +35,7 @@ impl Drop for Cleanup {
 }
 
 struct Setup {
-    data: tempfile::TempDir,
+    _data: tempfile::TempDir,
     store: ModelStore,
     processes: ProcessConfig,
     _cleanup: Cleanup,
@@ -68,7 +68,7 @@ fn setup() -> Setup {
         ready_timeout: Duration::from_secs(60),
     };
     Setup {
-        data,
+        _data: data,
         store,
         processes,
         _cleanup: Cleanup(runtime_dir),
@@ -186,7 +186,6 @@ async fn a_worker_process_killed_with_sigkill_is_restarted() {
         running_pids(&s.processes.runtime_dir).is_empty(),
         "a stopped hive stops its workers"
     );
-    let _ = &s.data;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

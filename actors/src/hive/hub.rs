@@ -730,24 +730,42 @@ pub(crate) mod tests {
         events
     }
 
+    /// A `LocalHub` serving, and a client with its own cache.
+    struct Served {
+        server: std::sync::Arc<LocalHub>,
+        hub: Hub,
+        cache: tempfile::TempDir,
+    }
+
+    async fn serve(local: LocalHub) -> Served {
+        let (server, addr) = local.serve().await.unwrap();
+        let cache = tempfile::tempdir().unwrap();
+        let hub = Hub::new(config(addr, cache.path())).unwrap();
+        Served { server, hub, cache }
+    }
+
+    /// Fetches `org/m`'s `file`, with every event it reported.
+    async fn fetch(hub: &Hub, file: &str) -> (Result<PathBuf, HubError>, Vec<DownloadEvent>) {
+        let (tx, rx) = mpsc::channel(1024);
+        let result = hub.fetch("org/m", file, &tx).await;
+        drop(tx);
+        (result, drain(rx).await)
+    }
+
     #[tokio::test]
     async fn a_download_streams_progress_and_is_verified() {
         let data = random_bytes(3 * MIB, 1);
-        let (server, addr) = LocalHub {
+        let served = serve(LocalHub {
             files: [("m.gguf".to_string(), data.clone())].into(),
             ..LocalHub::default()
-        }
-        .serve()
-        .await
-        .unwrap();
-        let cache = tempfile::tempdir().unwrap();
-        let hub = Hub::new(config(addr, cache.path())).unwrap();
-        assert_eq!(hub.list("org/m").await.unwrap(), vec!["m.gguf".to_string()]);
-        let (tx, rx) = mpsc::channel(1024);
-        let path = hub.fetch("org/m", "m.gguf", &tx).await.unwrap();
-        drop(tx);
-        assert_eq!(std::fs::read(&path).unwrap(), data);
-        let events = drain(rx).await;
+        })
+        .await;
+        assert_eq!(
+            served.hub.list("org/m").await.unwrap(),
+            vec!["m.gguf".to_string()]
+        );
+        let (path, events) = fetch(&served.hub, "m.gguf").await;
+        assert_eq!(std::fs::read(path.unwrap()).unwrap(), data);
         let progress: Vec<(u64, u64)> = events
             .iter()
             .filter_map(|e| match e {
@@ -766,7 +784,7 @@ pub(crate) mod tests {
             Some(DownloadEvent::Verified { .. })
         ));
         // Every byte once (the size probe's single byte may or may not be read).
-        let sent = server.bytes_sent.load(Ordering::Relaxed);
+        let sent = served.server.bytes_sent.load(Ordering::Relaxed);
         assert!(
             (data.len() as u64..=data.len() as u64 + 1).contains(&sent),
             "{sent}"
@@ -776,27 +794,20 @@ pub(crate) mod tests {
     #[tokio::test]
     async fn a_cut_connection_resumes_instead_of_restarting() {
         let data = random_bytes(3 * MIB, 2);
-        let (server, addr) = LocalHub {
+        let served = serve(LocalHub {
             files: [("m.gguf".to_string(), data.clone())].into(),
             cut_at: Mutex::new(Some((3 * MIB / 2) as u64 + 1000)),
             ..LocalHub::default()
-        }
-        .serve()
-        .await
-        .unwrap();
-        let cache = tempfile::tempdir().unwrap();
-        let hub = Hub::new(config(addr, cache.path())).unwrap();
-        let (tx, rx) = mpsc::channel(1024);
-        let path = hub.fetch("org/m", "m.gguf", &tx).await.unwrap();
-        drop(tx);
-        assert_eq!(std::fs::read(&path).unwrap(), data);
-        let events = drain(rx).await;
+        })
+        .await;
+        let (path, events) = fetch(&served.hub, "m.gguf").await;
+        assert_eq!(std::fs::read(path.unwrap()).unwrap(), data);
         assert!(
             events
                 .iter()
                 .any(|e| matches!(e, DownloadEvent::Retrying { .. }))
         );
-        let sent = server.bytes_sent.load(Ordering::Relaxed);
+        let sent = served.server.bytes_sent.load(Ordering::Relaxed);
         let resent = sent.saturating_sub(data.len() as u64);
         eprintln!("cut at 1.5 MiB of 3 MiB: {resent} bytes sent twice");
         // Restarting would resend the 1.5 MiB before the cut. What is resent is what the
@@ -807,21 +818,14 @@ pub(crate) mod tests {
     #[tokio::test]
     async fn a_stalled_transfer_is_abandoned_and_resumed() {
         let data = random_bytes(2 * MIB, 3);
-        let (_server, addr) = LocalHub {
+        let served = serve(LocalHub {
             files: [("m.gguf".to_string(), data.clone())].into(),
             stall_at: Mutex::new(Some(MIB as u64 + 10)),
             ..LocalHub::default()
-        }
-        .serve()
-        .await
-        .unwrap();
-        let cache = tempfile::tempdir().unwrap();
-        let hub = Hub::new(config(addr, cache.path())).unwrap();
-        let (tx, rx) = mpsc::channel(1024);
-        let path = hub.fetch("org/m", "m.gguf", &tx).await.unwrap();
-        drop(tx);
-        assert_eq!(std::fs::read(&path).unwrap(), data);
-        let events = drain(rx).await;
+        })
+        .await;
+        let (path, events) = fetch(&served.hub, "m.gguf").await;
+        assert_eq!(std::fs::read(path.unwrap()).unwrap(), data);
         assert!(
             events.iter().any(
                 |e| matches!(e, DownloadEvent::Retrying { error, .. } if error.contains("stalled"))
@@ -834,28 +838,26 @@ pub(crate) mod tests {
     async fn a_checksum_mismatch_deletes_the_file_and_says_so() {
         let data = random_bytes(MIB, 4);
         let wrong = "ab".repeat(32);
-        let (_server, addr) = LocalHub {
+        let served = serve(LocalHub {
             files: [("m.gguf".to_string(), data)].into(),
             announced_sha: [("m.gguf".to_string(), wrong.clone())].into(),
             ..LocalHub::default()
-        }
-        .serve()
-        .await
-        .unwrap();
-        let cache = tempfile::tempdir().unwrap();
-        let hub = Hub::new(config(addr, cache.path())).unwrap();
-        let (tx, _rx) = mpsc::channel(1024);
-        match hub.fetch("org/m", "m.gguf", &tx).await {
+        })
+        .await;
+        match fetch(&served.hub, "m.gguf").await.0 {
             Err(HubError::Checksum { expected, .. }) => assert_eq!(expected, wrong),
             other => panic!("{other:?}"),
         }
-        let blob = cache.path().join("models--org--m/blobs").join(&wrong);
+        let blob = served
+            .cache
+            .path()
+            .join("models--org--m/blobs")
+            .join(&wrong);
         assert!(!blob.exists(), "the bad file was deleted");
         // Missing files are a permanent refusal, not retried.
-        assert!(matches!(
-            hub.fetch("org/m", "absent.gguf", &tx).await,
-            Err(HubError::NotFound { .. })
-        ));
+        let (missing, events) = fetch(&served.hub, "absent.gguf").await;
+        assert!(matches!(missing, Err(HubError::NotFound { .. })));
+        assert!(events.is_empty(), "no retry: {events:?}");
     }
 
     #[test]

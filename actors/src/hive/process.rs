@@ -68,7 +68,7 @@ pub struct Started {
 }
 
 /// What to start.
-pub struct ChildSpec<'a> {
+pub struct Launch<'a> {
     /// The hive's id for it.
     pub id: &'a str,
     /// The model's id.
@@ -86,7 +86,7 @@ fn record_path(dir: &Path, id: &str) -> PathBuf {
 }
 
 /// Starts `rbee worker` for `spec`, waits for its ready line, dials it, records it.
-pub async fn start(config: &ProcessConfig, spec: ChildSpec<'_>) -> Result<Started, String> {
+pub async fn start(config: &ProcessConfig, spec: Launch<'_>) -> Result<Started, String> {
     let node = NodeId::new(spec.id).map_err(|e| e.to_string())?;
     let identity_dir = config.runtime_dir.join(spec.id);
     (config.issuer)(&node)?

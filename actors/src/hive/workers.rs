@@ -285,7 +285,13 @@ impl Actor for Hive {
         // processes to be adopted when it comes back.
         for (id, managed) in state.workers.drain() {
             if let Some(running) = managed.running {
-                stop_running(&state.args, &id, running).await;
+                stop_detached(
+                    state.args.drain_timeout,
+                    state.args.processes.clone(),
+                    &id,
+                    running,
+                )
+                .await;
             }
         }
         myself
@@ -538,14 +544,14 @@ async fn start(
                 .processes
                 .as_ref()
                 .ok_or("this hive has no configuration for worker processes")?;
-            let child_spec = process::ChildSpec {
+            let launch = process::Launch {
                 id,
                 model: &spec.model,
                 path,
                 slots: spec.slots.max(1),
                 idle_timeout: spec.idle_timeout,
             };
-            let started = process::start(config, child_spec).await?;
+            let started = process::start(config, launch).await?;
             let (record, remote) = (started.record, started.remote);
             watch_child(hive.clone(), record.clone(), started.child);
             Ok(Running::Process { remote, record })
@@ -650,10 +656,6 @@ async fn info(id: &str, managed: &Managed) -> WorkerInfo {
         restarts: managed.restarts,
         last_error: managed.last_error.clone(),
     }
-}
-
-async fn stop_running(args: &HiveArgs, id: &str, running: Running) {
-    stop_detached(args.drain_timeout, args.processes.clone(), id, running).await;
 }
 
 /// Drains a worker, kills it after `timeout`, and forgets a process worker's record.

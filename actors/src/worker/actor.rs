@@ -169,7 +169,7 @@ impl Drop for StopSignal {
 }
 
 /// The worker's state.
-pub struct WorkerState {
+pub struct WorkerActorState {
     progress: Option<mpsc::UnboundedSender<LoadEvent>>,
     phase: Phase,
     slots: usize,
@@ -182,7 +182,7 @@ pub struct WorkerState {
     stopping: StopSignal,
 }
 
-impl WorkerState {
+impl WorkerActorState {
     fn active(&self) -> usize {
         if self.shared.is_some() {
             self.slots - self.idle.len()
@@ -219,14 +219,14 @@ fn throttled(mut report: impl FnMut(LoadProgress)) -> impl FnMut(LoadProgress) {
 
 impl Actor for Worker {
     type Msg = WorkerMsg;
-    type State = WorkerState;
+    type State = WorkerActorState;
     type Arguments = WorkerArgs;
 
     async fn pre_start(
         &self,
         myself: ActorRef<WorkerMsg>,
         args: WorkerArgs,
-    ) -> Result<WorkerState, ActorProcessingErr> {
+    ) -> Result<WorkerActorState, ActorProcessingErr> {
         let slots = args.options.slots;
         let me = myself.clone();
         let progress = args.progress.clone();
@@ -242,7 +242,7 @@ impl Actor for Worker {
                 .map_err(|e| e.to_string());
             let _ = me.cast(WorkerMsg::Loaded(result));
         });
-        Ok(WorkerState {
+        Ok(WorkerActorState {
             progress: args.progress,
             phase: Phase::Loading(None),
             slots,
@@ -260,7 +260,7 @@ impl Actor for Worker {
         &self,
         myself: ActorRef<WorkerMsg>,
         msg: WorkerMsg,
-        state: &mut WorkerState,
+        state: &mut WorkerActorState,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             WorkerMsg::Status(reply) => {
@@ -329,7 +329,7 @@ fn refuse(events: &mpsc::Sender<GenerationEvent>, kind: ErrorKind, message: &str
 
 fn start_generation(
     myself: ActorRef<WorkerMsg>,
-    state: &mut WorkerState,
+    state: &mut WorkerActorState,
     request: GenerateRequest,
     events: mpsc::Sender<GenerationEvent>,
 ) {
