@@ -56,6 +56,7 @@ async fn smollm2_from_its_package_source_is_spawned_and_answers() {
         drain_timeout: Duration::from_secs(5),
         idle_check: Duration::from_secs(1),
         processes: None,
+        changes: None,
     };
     let (hive, _) = Actor::spawn(None, Hive, args).await.unwrap();
     let request = SpawnRequest {

@@ -61,7 +61,7 @@ fn setup() -> Setup {
     let processes = ProcessConfig {
         program: PathBuf::from(env!("CARGO_BIN_EXE_rbee")),
         runtime_dir: runtime_dir.clone(),
-        issuer: Arc::new(move |node| ca.issue(node, Role::Worker).map_err(|e| e.to_string())),
+        issuer: process::issuer_from_ca(ca),
         endpoint: Arc::new(
             Endpoint::client(hive_identity, "127.0.0.1:0".parse().unwrap(), config).unwrap(),
         ),
@@ -86,6 +86,7 @@ async fn start_hive(s: &Setup) -> ActorRef<HiveMsg> {
         drain_timeout: Duration::from_secs(5),
         idle_check: Duration::from_secs(1),
         processes: Some(s.processes.clone()),
+        changes: None,
     };
     Actor::spawn(None, Hive, args).await.unwrap().0
 }

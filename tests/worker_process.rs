@@ -97,6 +97,7 @@ fn endless() -> GenerateRequest {
         max_tokens: 2000,
         stop: Vec::new(),
         ignore_eos: true,
+        resume: Vec::new(),
     }
 }
 

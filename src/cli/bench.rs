@@ -156,6 +156,7 @@ fn request(tokens: usize) -> GenerateRequest {
         max_tokens: tokens,
         stop: Vec::new(),
         ignore_eos: true,
+        resume: Vec::new(),
     }
 }
 

@@ -15,7 +15,7 @@ use clap::Args;
 use ractor::{Actor, ActorRef, call_t};
 use rbee::actors::hive::hub::{Hub, HubConfig};
 use rbee::actors::hive::local_hub::{COMMIT, LocalHub};
-use rbee::actors::hive::process::ProcessConfig;
+use rbee::actors::hive::process::{self, ProcessConfig};
 use rbee::actors::hive::store::{ModelId, ModelStore};
 use rbee::actors::hive::workers::{
     Hive, HiveArgs, HiveMsg, IdleTimeout, SpawnRequest, WorkerMode, WorkerState,
@@ -105,7 +105,7 @@ async fn start_hive(store: &ModelStore, dir: &Path) -> anyhow::Result<ActorRef<H
     let processes = ProcessConfig {
         program: std::env::current_exe()?,
         runtime_dir: dir.join("workers"),
-        issuer: Arc::new(move |node| ca.issue(node, Role::Worker).map_err(|e| e.to_string())),
+        issuer: process::issuer_from_ca(ca),
         endpoint: Arc::new(endpoint),
         ready_timeout: Duration::from_secs(60),
     };
@@ -116,6 +116,7 @@ async fn start_hive(store: &ModelStore, dir: &Path) -> anyhow::Result<ActorRef<H
         drain_timeout: Duration::from_secs(5),
         idle_check: Duration::from_secs(60),
         processes: Some(processes),
+        changes: None,
     };
     Ok(Actor::spawn(None, Hive, args).await?.0)
 }

@@ -1,39 +1,60 @@
-//! `rbee hive`: the hive daemon of one machine, serving its operations over the node link.
+//! `rbee hive`: the hive daemon of one machine.
 //!
-//! It is given its node identity and, until hives join a queen that issues worker
-//! identities (#5), the cluster CA to issue its workers' identities from. Its store lives
-//! in the data directory (`RBEE_HOME`); its worker records under `<data>/hive/workers`,
-//! so a restarted hive adopts the workers it left. Reports JSON lines on stdout like
-//! `rbee worker`: `{"ready": {"listen": …}}` or `{"failed": …}`.
+//! Two ways to run it:
+//! - **joined** (`--join TOKEN` the first time, nothing afterwards): it joins the queen's
+//!   cluster, keeps the certificate it got under `<data>/hive/identity` and the queen's
+//!   address in `<data>/hive/queen.json`, and from then on dials the queen (redialing with
+//!   backoff whenever the link is lost) and serves its operations over that link. Its
+//!   workers' certificates are signed by the queen, which dials worker processes directly.
+//! - **standalone** (`--identity DIR --worker-ca DIR`): it listens for queen and client
+//!   peers itself and issues its workers' identities from the CA in `--worker-ca`.
+//!
+//! Its store lives in the data directory (`RBEE_HOME`), its worker records under
+//! `<data>/hive/workers`, so a restarted hive adopts the workers it left. Reports JSON lines
+//! on stdout like `rbee worker`: `{"ready": …}` or `{"failed": …}`.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
+use anyhow::Context;
 use clap::Args;
 use ractor::Actor;
 use rbee::actors::hive::hub::{Hub, HubConfig};
-use rbee::actors::hive::process::ProcessConfig;
+use rbee::actors::hive::process::{self, IdentityIssuer, ProcessConfig};
 use rbee::actors::hive::remote::{self, HiveProtocol, HiveService};
 use rbee::actors::hive::store::ModelStore;
+use rbee::actors::hive::uplink;
 use rbee::actors::hive::workers::{Hive, HiveArgs};
 use rbee::actors::supervisor::RestartPolicy;
 use rbee::actors::worker::remote::WorkerProtocol;
-use rbee::transport::{ClusterCa, Endpoint, LinkConfig, NodeIdentity, Role};
+use rbee::transport::{ClusterCa, Endpoint, JoinToken, LinkConfig, NodeId, NodeIdentity, Role};
+
+use super::LinkTiming;
 
 #[derive(Debug, Args)]
 pub struct HiveArgsCli {
-    /// Directory with this hive's node identity (ca.crt, node.crt, node.key).
+    /// Join the cluster of this token (printed by `rbee queen token`). Needed once: a
+    /// joined hive reconnects with the certificate it got.
+    #[arg(long, conflicts_with_all = ["identity", "worker_ca"])]
+    join: Option<String>,
+    /// This hive's node id when joining (default: the machine's host name).
     #[arg(long)]
-    identity: PathBuf,
-    /// Directory with the cluster CA (ca.crt, ca.key) to issue worker identities from.
-    #[arg(long)]
-    worker_ca: PathBuf,
-    /// Address to listen on.
+    name: Option<String>,
+    /// Standalone: directory with this hive's node identity (ca.crt, node.crt, node.key).
+    #[arg(long, requires = "worker_ca")]
+    identity: Option<PathBuf>,
+    /// Standalone: directory with the cluster CA (ca.crt, ca.key) to issue worker
+    /// identities from.
+    #[arg(long, requires = "identity")]
+    worker_ca: Option<PathBuf>,
+    /// Standalone: address to listen on.
     #[arg(long, default_value = "127.0.0.1:0")]
     listen: SocketAddr,
+    #[command(flatten)]
+    timing: LinkTiming,
 }
 
 fn report(line: &serde_json::Value) {
@@ -52,29 +73,103 @@ pub async fn run(args: HiveArgsCli) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// What a joined hive keeps besides its identity.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Joined {
+    queen: SocketAddr,
+}
+
+/// The hive's identity and its queen's address: from an earlier join, or by joining now.
+async fn joined_identity(
+    dir: &Path,
+    token: Option<&str>,
+    name: Option<&str>,
+) -> anyhow::Result<(NodeIdentity, SocketAddr)> {
+    let identity_dir = dir.join("identity");
+    let queen_file = dir.join("queen.json");
+    if NodeIdentity::exists(&identity_dir) {
+        let identity = NodeIdentity::load(&identity_dir)?;
+        let joined: Joined = serde_json::from_slice(
+            &std::fs::read(&queen_file).with_context(|| format!("{}", queen_file.display()))?,
+        )
+        .with_context(|| format!("{}", queen_file.display()))?;
+        if token.is_some() {
+            eprintln!(
+                "rbee: this hive joined already as {}; the token is not needed",
+                identity.node_id()
+            );
+        }
+        return Ok((identity, joined.queen));
+    }
+    let token: JoinToken = token
+        .context(
+            "this hive has not joined a cluster yet: pass --join TOKEN (from `rbee queen token`)",
+        )?
+        .parse()?;
+    let name = match name {
+        Some(name) => name.to_string(),
+        None => host_name()?,
+    };
+    let (identity, queen) =
+        rbee::transport::join::join(&token, NodeId::new(name)?, Role::Hive).await?;
+    identity.save(&identity_dir)?;
+    std::fs::write(&queen_file, serde_json::to_vec(&Joined { queen })?)?;
+    Ok((identity, queen))
+}
+
+fn host_name() -> anyhow::Result<String> {
+    let raw = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .context("cannot read the host name: pass --name")?;
+    let name: String = raw
+        .trim()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    anyhow::ensure!(!name.is_empty(), "the host name is empty: pass --name");
+    Ok(name)
+}
+
 async fn serve(args: HiveArgsCli) -> anyhow::Result<()> {
-    let identity = NodeIdentity::load(&args.identity)?;
+    let data = rbee::actors::paths::data_dir();
+    let hive_dir = data.join("hive");
+    let link = args.timing.config()?;
+    let (identity, issuer, queen) = match (&args.identity, &args.worker_ca) {
+        (Some(identity_dir), Some(ca_dir)) => {
+            let identity = NodeIdentity::load(identity_dir)?;
+            let ca = Arc::new(ClusterCa::load(ca_dir)?);
+            (identity, process::issuer_from_ca(ca), None)
+        }
+        _ => {
+            let (identity, queen) =
+                joined_identity(&hive_dir, args.join.as_deref(), args.name.as_deref()).await?;
+            let (current, watched) = tokio::sync::watch::channel(None);
+            let issuer: IdentityIssuer = uplink::issuer_from_queen(watched, &identity);
+            (identity, issuer, Some((queen, current)))
+        }
+    };
     anyhow::ensure!(
         identity.role() == Role::Hive,
-        "the identity in {} is a {} identity, not a hive's",
-        args.identity.display(),
+        "the identity is a {} identity, not a hive's",
         identity.role().as_str()
     );
-    let ca = Arc::new(ClusterCa::load(&args.worker_ca)?);
-    let data = rbee::actors::paths::data_dir();
     let store = ModelStore::open(&data)?;
-    let workers_endpoint = Endpoint::<WorkerProtocol>::client(
-        identity.clone(),
-        "127.0.0.1:0".parse()?,
-        LinkConfig::default(),
-    )?;
+    let workers_endpoint =
+        Endpoint::<WorkerProtocol>::client(identity.clone(), "127.0.0.1:0".parse()?, link.clone())?;
     let processes = ProcessConfig {
         program: std::env::current_exe()?,
-        runtime_dir: data.join("hive").join("workers"),
-        issuer: Arc::new(move |node| ca.issue(node, Role::Worker).map_err(|e| e.to_string())),
+        runtime_dir: hive_dir.join("workers"),
+        issuer,
         endpoint: Arc::new(workers_endpoint),
         ready_timeout: Duration::from_secs(120),
     };
+    let changes = Arc::new(tokio::sync::Notify::new());
     let hive_args = HiveArgs {
         store: store.clone(),
         policy: RestartPolicy::default(),
@@ -82,22 +177,39 @@ async fn serve(args: HiveArgsCli) -> anyhow::Result<()> {
         drain_timeout: Duration::from_secs(30),
         idle_check: Duration::from_secs(5),
         processes: Some(processes),
+        changes: Some(changes.clone()),
     };
     let (hive, mut stopped) = Actor::spawn(None, Hive, hive_args).await?;
-    let config = LinkConfig {
-        accept_roles: vec![Role::Queen, Role::Client],
-        ..LinkConfig::default()
-    };
-    let endpoint = Endpoint::<HiveProtocol>::bind(identity, args.listen, config)?;
-    let listen = endpoint.local_addr()?;
     let service = HiveService {
         hive: hive.clone(),
         store,
         hub: Arc::new(Hub::new(HubConfig::default())?),
         capabilities: Default::default(),
+        changes,
     };
-    let served = tokio::spawn(remote::serve(endpoint, service));
-    report(&serde_json::json!({ "ready": { "listen": listen.to_string() } }));
+    let node = identity.node_id().to_string();
+    let served = match queen {
+        Some((queen, current)) => {
+            report(&serde_json::json!({ "ready": { "id": node, "queen": queen.to_string() } }));
+            tokio::spawn(async move {
+                let refused = uplink::run(identity, queen, link, service, current).await;
+                report(
+                    &serde_json::json!({ "failed": format!("the queen refused this hive: {refused}") }),
+                );
+                std::process::exit(1);
+            })
+        }
+        None => {
+            let config = LinkConfig {
+                accept_roles: vec![Role::Queen, Role::Client],
+                ..link
+            };
+            let endpoint = Endpoint::<HiveProtocol>::bind(identity, args.listen, config)?;
+            let listen = endpoint.local_addr()?;
+            report(&serde_json::json!({ "ready": { "id": node, "listen": listen.to_string() } }));
+            tokio::spawn(remote::serve(endpoint, service))
+        }
+    };
     tokio::select! {
         _ = &mut stopped => {}
         _ = tokio::signal::ctrl_c() => {

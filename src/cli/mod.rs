@@ -8,6 +8,7 @@ use clap::{Args, Parser, Subcommand};
 mod bench;
 mod bench_hive;
 mod hive;
+mod queen;
 mod run;
 mod worker;
 
@@ -33,12 +34,40 @@ enum Command {
     },
     /// Run one worker as its own process, serving a model over the node link.
     Worker(worker::WorkerArgs),
-    /// Run this machine's hive daemon: model store and supervised workers, served over the
-    /// node link.
+    /// Run this machine's hive daemon: model store and supervised workers, joined to a
+    /// queen (`--join TOKEN`) or standalone.
     Hive(hive::HiveArgsCli),
+    /// Run the queen (one per cluster) or manage it: join tokens, client credentials.
+    #[command(subcommand)]
+    Queen(queen::QueenCommand),
     /// Measure performance and print a table.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+}
+
+/// How fast a node notices a silent peer.
+#[derive(Debug, Clone, Args)]
+pub struct LinkTiming {
+    /// Keep-alive interval of node links, in milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    keep_alive_ms: u64,
+    /// Silence after which a peer is lost, in milliseconds (at least twice the keep-alive).
+    #[arg(long, default_value_t = 5000)]
+    idle_timeout_ms: u64,
+}
+
+impl LinkTiming {
+    fn config(&self) -> anyhow::Result<rbee::transport::LinkConfig> {
+        anyhow::ensure!(
+            self.idle_timeout_ms >= 2 * self.keep_alive_ms,
+            "--idle-timeout-ms must be at least twice --keep-alive-ms"
+        );
+        Ok(rbee::transport::LinkConfig {
+            keep_alive: std::time::Duration::from_millis(self.keep_alive_ms),
+            idle_timeout: std::time::Duration::from_millis(self.idle_timeout_ms),
+            ..Default::default()
+        })
+    }
 }
 
 /// Which model to load and how.
@@ -97,6 +126,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Pull { model } => pull(&model),
         Command::Worker(args) => worker::run(args).await,
         Command::Hive(args) => hive::run(args).await,
+        Command::Queen(command) => queen::run(command).await,
         Command::Bench(command) => bench::run(command).await,
     }
 }

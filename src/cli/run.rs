@@ -65,6 +65,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         max_tokens: args.max_tokens,
         stop: Vec::new(),
         ignore_eos: false,
+        resume: Vec::new(),
     };
     if let Some(text) = &args.prompt {
         let prompt = if args.raw {

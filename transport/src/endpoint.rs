@@ -42,7 +42,7 @@ pub struct Endpoint<P: Protocol> {
     _protocol: PhantomData<fn() -> P>,
 }
 
-fn crypto_provider() -> Arc<rustls::crypto::CryptoProvider> {
+pub(crate) fn crypto_provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 

@@ -253,6 +253,36 @@ impl ClusterCa {
 
     /// Issues a certificate for `node_id` in `role`, signed by this CA.
     pub fn issue(&self, node_id: &NodeId, role: Role) -> Result<NodeIdentity, IdentityError> {
+        let key = KeyPair::generate()?;
+        let cert_der = self.sign(node_id, role, &key)?;
+        Ok(NodeIdentity {
+            node_id: node_id.clone(),
+            role,
+            cert_der,
+            key_der: PrivatePkcs8KeyDer::from(key.serialize_der()),
+            ca_der: self.cert_der.clone(),
+        })
+    }
+
+    /// Signs a certificate for `node_id` in `role` over a public key that a node generated
+    /// itself (`spki_der`: its SubjectPublicKeyInfo, see [`PendingIdentity`]), so its private
+    /// key never leaves the node.
+    pub fn sign_public_key(
+        &self,
+        node_id: &NodeId,
+        role: Role,
+        spki_der: &[u8],
+    ) -> Result<CertificateDer<'static>, IdentityError> {
+        let public_key = rcgen::SubjectPublicKeyInfo::from_der(spki_der)?;
+        self.sign(node_id, role, &public_key)
+    }
+
+    fn sign(
+        &self,
+        node_id: &NodeId,
+        role: Role,
+        public_key: &impl PublicKeyData,
+    ) -> Result<CertificateDer<'static>, IdentityError> {
         let mut params = CertificateParams::new(vec![CLUSTER_SERVER_NAME.to_string()])?;
         params
             .distinguished_name
@@ -267,16 +297,8 @@ impl ClusterCa {
         ];
         params.use_authority_key_identifier_extension = true;
         validity(&mut params, 10);
-        let key = KeyPair::generate()?;
         let issuer = Issuer::from_ca_cert_der(&self.cert_der, &self.key)?;
-        let cert = params.signed_by(&key, &issuer)?;
-        Ok(NodeIdentity {
-            node_id: node_id.clone(),
-            role,
-            cert_der: cert.der().clone(),
-            key_der: PrivatePkcs8KeyDer::from(key.serialize_der()),
-            ca_der: self.cert_der.clone(),
-        })
+        Ok(params.signed_by(public_key, &issuer)?.der().clone())
     }
 
     /// Writes `ca.crt` and `ca.key` (mode 0600) into `dir`, creating it.
@@ -462,6 +484,65 @@ impl NodeIdentity {
     /// Whether `dir` holds a saved node identity.
     pub fn exists(dir: &Path) -> bool {
         dir.join(NODE_CERT_FILE).exists() && dir.join(NODE_KEY_FILE).exists()
+    }
+}
+
+/// A key pair a node made for itself, waiting for the CA's certificate (a node that joins
+/// sends [`PendingIdentity::public_key_der`] and gets its certificate back).
+pub struct PendingIdentity {
+    key: KeyPair,
+}
+
+impl PendingIdentity {
+    /// A fresh key pair.
+    pub fn generate() -> Result<Self, IdentityError> {
+        Ok(PendingIdentity {
+            key: KeyPair::generate()?,
+        })
+    }
+
+    /// The public key as SubjectPublicKeyInfo DER.
+    pub fn public_key_der(&self) -> Vec<u8> {
+        self.key.subject_public_key_info()
+    }
+
+    /// The identity made of this key, the certificate the CA issued for it and the CA's
+    /// certificate. Refuses a certificate not signed by `ca_der`, not over this key, or not
+    /// naming a node.
+    pub fn complete(
+        self,
+        cert_der: CertificateDer<'static>,
+        ca_der: CertificateDer<'static>,
+    ) -> Result<NodeIdentity, IdentityError> {
+        let refused = |reason: &str| IdentityError::NotANodeCertificate(reason.to_string());
+        let (_, ca) =
+            x509_parser::parse_x509_certificate(&ca_der).map_err(|e| refused(&e.to_string()))?;
+        let (_, cert) =
+            x509_parser::parse_x509_certificate(&cert_der).map_err(|e| refused(&e.to_string()))?;
+        if cert.verify_signature(Some(ca.public_key())).is_err() {
+            return Err(refused("the certificate is not signed by the cluster CA"));
+        }
+        if cert.public_key().subject_public_key.data.as_ref() != self.key.der_bytes() {
+            return Err(refused("the certificate is not over this node's key"));
+        }
+        let peer = peer_identity_of(&cert_der)?;
+        Ok(NodeIdentity {
+            node_id: peer.node_id,
+            role: peer.role,
+            cert_der,
+            key_der: PrivatePkcs8KeyDer::from(self.key.serialize_der()),
+            ca_der,
+        })
+    }
+
+    /// [`PendingIdentity::complete`] under the CA that `member` (a node of the same
+    /// cluster) trusts.
+    pub fn complete_under(
+        self,
+        cert_der: Vec<u8>,
+        member: &NodeIdentity,
+    ) -> Result<NodeIdentity, IdentityError> {
+        self.complete(CertificateDer::from(cert_der), member.ca_der())
     }
 }
 

@@ -12,6 +12,7 @@ pub mod endpoint;
 pub mod error;
 pub mod hello;
 pub mod identity;
+pub mod join;
 pub mod link;
 pub mod proxy;
 
@@ -21,8 +22,10 @@ pub use endpoint::{ALPN, Endpoint, Established};
 pub use error::{CloseCause, LinkError};
 pub use hello::PROTOCOL_VERSION;
 pub use identity::{
-    ClusterCa, Fingerprint, IdentityError, NodeId, NodeIdentity, PeerIdentity, Role,
+    ClusterCa, Fingerprint, IdentityError, NodeId, NodeIdentity, PeerIdentity, PendingIdentity,
+    Role,
 };
+pub use join::{JoinError, JoinListener, JoinReply, JoinRequest, JoinSecret, JoinToken};
 pub use link::{
     Incoming, Link, LinkIncoming, Protocol, Responder, StreamReceiver, StreamSender, Wire,
 };

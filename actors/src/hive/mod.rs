@@ -14,4 +14,5 @@ pub mod local_hub;
 pub mod process;
 pub mod remote;
 pub mod store;
+pub mod uplink;
 pub mod workers;

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::future::BoxFuture;
 use rbee_transport::{Endpoint, NodeId, NodeIdentity, Role};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -20,8 +21,18 @@ use super::store::ModelId;
 use super::workers::IdleTimeout;
 use crate::worker::remote::{RemoteWorker, WorkerProtocol};
 
-/// Issues the node identity a worker process presents (role `worker`).
-pub type IdentityIssuer = Arc<dyn Fn(&NodeId) -> Result<NodeIdentity, String> + Send + Sync>;
+/// Issues the node identity a worker process presents (role `worker`), given the hive's id
+/// for the worker: from a CA the hive holds, or by asking the queen to sign.
+pub type IdentityIssuer =
+    Arc<dyn Fn(NodeId) -> BoxFuture<'static, Result<NodeIdentity, String>> + Send + Sync>;
+
+/// An issuer that signs with a CA the hive holds (tests and single-machine setups).
+pub fn issuer_from_ca(ca: Arc<rbee_transport::ClusterCa>) -> IdentityIssuer {
+    Arc::new(move |node| {
+        let issued = ca.issue(&node, Role::Worker).map_err(|e| e.to_string());
+        Box::pin(std::future::ready(issued))
+    })
+}
 
 /// How the hive runs worker processes.
 #[derive(Clone)]
@@ -89,9 +100,14 @@ fn record_path(dir: &Path, id: &str) -> PathBuf {
 pub async fn start(config: &ProcessConfig, spec: Launch<'_>) -> Result<Started, String> {
     let node = NodeId::new(spec.id).map_err(|e| e.to_string())?;
     let identity_dir = config.runtime_dir.join(spec.id);
-    (config.issuer)(&node)?
-        .save(&identity_dir)
-        .map_err(|e| e.to_string())?;
+    // A restarted worker keeps its identity: restarts need no issuer (the queen may be
+    // out of reach just then).
+    if NodeIdentity::load(&identity_dir).is_err() {
+        (config.issuer)(node)
+            .await?
+            .save(&identity_dir)
+            .map_err(|e| e.to_string())?;
+    }
     let mut child = tokio::process::Command::new(&config.program)
         .arg("worker")
         .arg("--model")

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use ractor::{ActorRef, call_t};
-use rbee_transport::{Endpoint, Incoming, LinkIncoming, Protocol, StreamSender};
+use rbee_transport::{Endpoint, Incoming, LinkIncoming, Protocol, StreamSender, Wire};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
@@ -115,6 +115,30 @@ pub struct HiveService {
     pub hub: Arc<Hub>,
     /// Capabilities as last read.
     pub capabilities: Arc<tokio::sync::Mutex<Option<Capabilities>>>,
+    /// Woken when the store or the workers change (the hive actor wakes it too), so the
+    /// hive's link to its queen reports the change.
+    pub changes: Arc<tokio::sync::Notify>,
+}
+
+impl HiveService {
+    fn changed(&self) {
+        self.changes.notify_one();
+    }
+
+    /// The capabilities, read now if never read or if `refresh`.
+    pub(crate) async fn capabilities(&self, refresh: bool) -> Result<Capabilities, String> {
+        let mut cached = self.capabilities.lock().await;
+        if refresh || cached.is_none() {
+            let store = self.store.root().to_path_buf();
+            let caps = tokio::task::spawn_blocking(move || capabilities::probe(None, &store))
+                .await
+                .map_err(|e| e.to_string())?;
+            *cached = Some(caps);
+        }
+        cached
+            .clone()
+            .ok_or_else(|| "capabilities could not be read".to_string())
+    }
 }
 
 /// How long a call to the hive actor may take (a process spawn loads its model first).
@@ -144,30 +168,21 @@ async fn serve_link(mut incoming: LinkIncoming<HiveProtocol>, service: HiveServi
                 });
             }
             Incoming::Stream { open, sender } => {
-                tokio::spawn(stream(service, open, sender));
+                tokio::spawn(stream(service, open, sender, |item| item));
             }
         }
     }
 }
 
-async fn answer(service: &HiveService, request: HiveRequest) -> HiveResponse {
+/// Answers one call (on a link a peer dialed, or on the hive's link to its queen).
+pub(crate) async fn answer(service: &HiveService, request: HiveRequest) -> HiveResponse {
     let hive = &service.hive;
     let error = |e: &dyn std::fmt::Display| HiveResponse::Error(e.to_string());
     match request {
-        HiveRequest::Capabilities { refresh } => {
-            let mut cached = service.capabilities.lock().await;
-            if refresh || cached.is_none() {
-                let store = service.store.root().to_path_buf();
-                match tokio::task::spawn_blocking(move || capabilities::probe(None, &store)).await {
-                    Ok(caps) => *cached = Some(caps),
-                    Err(e) => return error(&e),
-                }
-            }
-            match cached.clone() {
-                Some(caps) => HiveResponse::Capabilities(caps),
-                None => HiveResponse::Error("capabilities could not be read".into()),
-            }
-        }
+        HiveRequest::Capabilities { refresh } => match service.capabilities(refresh).await {
+            Ok(caps) => HiveResponse::Capabilities(caps),
+            Err(e) => error(&e),
+        },
         HiveRequest::GetModel(id) => match service.store.get(&id) {
             Ok(manifest) => HiveResponse::Model(manifest),
             Err(e) => error(&e),
@@ -184,7 +199,10 @@ async fn answer(service: &HiveService, request: HiveRequest) -> HiveResponse {
             Err(e) => error(&e),
         },
         HiveRequest::DeleteModel(id) => match service.store.delete(&id) {
-            Ok(()) => HiveResponse::Done,
+            Ok(()) => {
+                service.changed();
+                HiveResponse::Done
+            }
             Err(e) => error(&e),
         },
         HiveRequest::ListWorkers => match call_t!(hive, HiveMsg::List, CALL_TIMEOUT_MS) {
@@ -204,7 +222,13 @@ async fn answer(service: &HiveService, request: HiveRequest) -> HiveResponse {
     }
 }
 
-async fn stream(service: HiveService, open: HiveOpen, mut sender: StreamSender<HiveItem>) {
+/// Serves one stream; its items are wrapped by `wrap` into the link's item type.
+pub(crate) async fn stream<T: Wire>(
+    service: HiveService,
+    open: HiveOpen,
+    mut sender: StreamSender<T>,
+    wrap: fn(HiveItem) -> T,
+) {
     match open {
         HiveOpen::Pull { source, sha256, id } => {
             let (tx, mut rx) = mpsc::channel(256);
@@ -219,7 +243,7 @@ async fn stream(service: HiveService, open: HiveOpen, mut sender: StreamSender<H
                     result = &mut pull => break result,
                     () = &mut cancelled => return,
                     Some(event) = rx.recv() => {
-                        if sender.send(&HiveItem::Download(event)).await.is_err() {
+                        if sender.send(&wrap(HiveItem::Download(event))).await.is_err() {
                             return;
                         }
                     }
@@ -229,14 +253,20 @@ async fn stream(service: HiveService, open: HiveOpen, mut sender: StreamSender<H
                 Ok(manifest) => HiveItem::Pulled(manifest),
                 Err(e) => HiveItem::PullFailed(e),
             };
-            let _ = sender.send(&last).await;
+            let _ = sender.send(&wrap(last)).await;
             let _ = sender.finish();
+            service.changed();
         }
         HiveOpen::Generate { worker, request } => {
             let (tx, rx) = mpsc::channel(STREAM_CAPACITY);
             match service.hive.cast(HiveMsg::Generate(worker, request, tx)) {
-                Ok(()) => forward_generation(rx, sender, HiveItem::Generation).await,
-                Err(_) => end_with_loss(sender, HiveItem::Generation, "the hive is stopping").await,
+                Ok(()) => {
+                    forward_generation(rx, sender, move |e| wrap(HiveItem::Generation(e))).await
+                }
+                Err(_) => {
+                    let wrapped = move |e| wrap(HiveItem::Generation(e));
+                    end_with_loss(sender, wrapped, "the hive is stopping").await
+                }
             }
         }
     }

@@ -95,6 +95,8 @@ pub struct WorkerInfo {
     pub mode: WorkerMode,
     /// The child process's id, for process workers.
     pub pid: Option<u32>,
+    /// Where a process worker listens on the node link.
+    pub addr: Option<std::net::SocketAddr>,
     /// Device it runs on.
     pub device: String,
     /// Where it stands.
@@ -185,6 +187,9 @@ pub struct HiveArgs {
     pub idle_check: Duration,
     /// How to run worker processes; without it only in-process workers are possible.
     pub processes: Option<ProcessConfig>,
+    /// Woken after every change the hive actor handles (the hive's link to its queen
+    /// reports what changed).
+    pub changes: Option<std::sync::Arc<tokio::sync::Notify>>,
 }
 
 /// The worker manager actor.
@@ -351,6 +356,7 @@ impl Actor for Hive {
             }
             HiveMsg::IdleCheck => stop_idle(state).await,
         }
+        state.changed();
         Ok(())
     }
 
@@ -376,7 +382,16 @@ impl Actor for Hive {
                 state.workers.remove(&id);
             }
         }
+        state.changed();
         Ok(())
+    }
+}
+
+impl HiveState {
+    fn changed(&self) {
+        if let Some(changes) = &self.args.changes {
+            changes.notify_one();
+        }
     }
 }
 
@@ -649,6 +664,10 @@ async fn info(id: &str, managed: &Managed) -> WorkerInfo {
         model: managed.spec.model.clone(),
         mode: managed.spec.mode,
         pid: managed.running.as_ref().and_then(Running::pid),
+        addr: match &managed.running {
+            Some(Running::Process { record, .. }) => Some(record.addr),
+            _ => None,
+        },
         device: "cpu".into(),
         state,
         memory_bytes: managed.memory_bytes,
@@ -764,6 +783,7 @@ mod tests {
             drain_timeout: Duration::from_secs(2),
             idle_check: Duration::from_millis(50),
             processes: None,
+            changes: None,
         };
         let (hive, _) = Actor::spawn(None, Hive, args).await.unwrap();
         Setup {

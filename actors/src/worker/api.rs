@@ -38,6 +38,11 @@ pub struct GenerateRequest {
     /// Keep generating past end-of-sequence tokens until `max_tokens` (for benchmarks).
     #[serde(default)]
     pub ignore_eos: bool,
+    /// Tokens already generated for this request and delivered to its client by another
+    /// worker that was lost: generation continues after them (their text is not sent
+    /// again, their sampling draws are replayed, they count against `max_tokens`).
+    #[serde(default)]
+    pub resume: Vec<u32>,
 }
 
 impl GenerateRequest {
@@ -49,6 +54,7 @@ impl GenerateRequest {
             max_tokens,
             stop: Vec::new(),
             ignore_eos: false,
+            resume: Vec::new(),
         }
     }
 
@@ -60,6 +66,7 @@ impl GenerateRequest {
             max_tokens,
             stop: Vec::new(),
             ignore_eos: false,
+            resume: Vec::new(),
         }
     }
 
@@ -84,6 +91,13 @@ impl GenerateRequest {
         }
         if self.max_tokens == 0 {
             return invalid("max_tokens must be at least 1".into());
+        }
+        if self.resume.len() > self.max_tokens {
+            return invalid(format!(
+                "{} tokens to resume after exceed max_tokens {}",
+                self.resume.len(),
+                self.max_tokens
+            ));
         }
         if self.stop.len() > MAX_STOP_SEQUENCES {
             return invalid(format!(
@@ -170,6 +184,15 @@ pub enum ErrorKind {
     WorkerLost,
     /// A bug: the worker failed in a way it did not expect.
     Internal,
+    /// The queen's queue for the model is full (or the wait ran out): try again after the
+    /// hint.
+    Overloaded {
+        /// When a retry has a fair chance, in milliseconds.
+        retry_after_ms: u64,
+    },
+    /// No worker can serve the model and none can be started (no hive has it, it fits
+    /// nowhere, or every attempt to start one failed).
+    Unavailable,
 }
 
 /// A typed failure.

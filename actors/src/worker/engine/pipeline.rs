@@ -104,16 +104,26 @@ pub fn run(
 
     let mut utf8 = Utf8Buffer::new();
     let mut stops = StopMatcher::new(request.stop.iter().cloned());
+    // A resumed request continues after tokens another worker delivered: their text went
+    // out already, but the held-back state (partial characters, stop prefixes) and the
+    // sampler's draws are rebuilt so the continuation is the one that worker would make.
+    let resumed = &request.resume;
+    for &id in resumed {
+        let _ = stops.push(&utf8.push(vocabulary.tokenizer.bytes(id)));
+    }
+    sampler.skip(resumed.len());
+    let context: Vec<u32> = prompt.iter().chain(resumed).copied().collect();
     let mut first_token_at = None;
     let mut stopped_by_text = false;
     let mut consumer_gone = false;
-    let mut index = 0u32;
+    let mut index = resumed.len() as u32;
     let eos = if request.ignore_eos {
         &[][..]
     } else {
         vocabulary.tokenizer.end_of_sequence()
     };
-    let generation = session.generate(&prompt, &mut sampler, request.max_tokens, eos, |id| {
+    let remaining = request.max_tokens - resumed.len();
+    let generation = session.generate(&context, &mut sampler, remaining, eos, |id| {
         first_token_at.get_or_insert_with(Instant::now);
         let check = stops.push(&utf8.push(vocabulary.tokenizer.bytes(id)));
         let event = GenerationEvent::Token {
@@ -147,7 +157,7 @@ pub fn run(
     } else {
         generation.finish
     };
-    let completion_tokens = generation.tokens.len();
+    let completion_tokens = resumed.len() + generation.tokens.len();
     let outcome = Outcome {
         finish: Some(finish),
         completion_tokens,
@@ -237,6 +247,57 @@ mod tests {
             sampling: SamplingParams::greedy(),
             ..GenerateRequest::text("In the", max_tokens)
         }
+    }
+
+    fn token_ids(events: &[GenerationEvent]) -> Vec<u32> {
+        events
+            .iter()
+            .filter_map(|e| match e {
+                GenerationEvent::Token { id, .. } => Some(*id),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_resumed_request_continues_where_the_lost_worker_stopped() {
+        let (_d, mut loaded) = tiny(256);
+        let sampled = GenerateRequest {
+            sampling: SamplingParams {
+                temperature: 0.9,
+                seed: Some(42),
+                ..SamplingParams::default()
+            },
+            ..GenerateRequest::text("In the", 24)
+        };
+        for whole in [greedy(24), sampled] {
+            let uninterrupted = collect(&mut loaded, &whole);
+            let ids = token_ids(&uninterrupted);
+            assert_eq!(ids.len(), 24);
+            let delivered = &uninterrupted[..10];
+            let resumed = GenerateRequest {
+                resume: ids[..10].to_vec(),
+                ..whole.clone()
+            };
+            let rest = collect(&mut loaded, &resumed);
+            assert_eq!(token_ids(&rest), ids[10..], "the continuation differs");
+            match rest.first() {
+                Some(GenerationEvent::Token { index, .. }) => assert_eq!(*index, 10),
+                other => panic!("{other:?}"),
+            }
+            let joined = format!("{}{}", text_of(delivered), text_of(&rest));
+            assert_eq!(joined, text_of(&uninterrupted), "the text differs");
+            assert_eq!(stats(&rest).completion_tokens, 24);
+        }
+        let too_many = GenerateRequest {
+            resume: vec![1; 5],
+            ..greedy(4)
+        };
+        let events = collect(&mut loaded, &too_many);
+        assert!(
+            matches!(&events[..], [GenerationEvent::Error(e)] if e.kind == ErrorKind::InvalidRequest),
+            "{events:?}"
+        );
     }
 
     #[test]

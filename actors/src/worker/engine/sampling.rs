@@ -128,6 +128,18 @@ impl Sampler {
         self.seed
     }
 
+    /// Advances past `tokens` earlier choices without making them: a generation resumed
+    /// after `tokens` draws the same random numbers it would have drawn uninterrupted
+    /// (`sample` draws exactly one per token when it samples at all).
+    pub fn skip(&mut self, tokens: usize) {
+        if self.params.temperature == 0.0 {
+            return;
+        }
+        for _ in 0..tokens {
+            let _ = self.rng.random::<f32>();
+        }
+    }
+
     /// Chooses the next token from `logits` (modified in place), given the tokens so far.
     pub fn sample(&mut self, logits: &mut [f32], history: &[u32]) -> Result<u32, SamplingError> {
         if logits.is_empty() {

@@ -1,0 +1,204 @@
+//! A joined hive's link to its queen: dialed by the hive and redialed with backoff for as
+//! long as the hive runs, so a queen that restarts is repopulated by its hives.
+//!
+//! On every new link the hive first casts its whole report (capabilities, store, workers
+//! with their pids and addresses), then a cast for each change: the queen's registry is
+//! kept current by events, not by polling. Over the same link the hive serves the
+//! queen's calls and streams (its operations of [`super::remote`]), and asks the queen to
+//! sign its workers' certificates.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ractor::call_t;
+use rbee_transport::{
+    Backoff, Endpoint, Incoming, Link, LinkConfig, LinkError, LinkIncoming, NodeId, NodeIdentity,
+    PendingIdentity, Role,
+};
+use tokio::sync::watch;
+
+use super::process::IdentityIssuer;
+use super::remote::{self, HiveService};
+use super::workers::{HiveMsg, WorkerInfo, WorkerState};
+use crate::queen::protocol::{
+    HiveEvent, HiveReport, QueenItem, QueenProtocol, QueenRequest, QueenResponse,
+};
+use crate::worker::actor::Phase;
+
+/// How often the workers are looked at while one of them loads (its progress is news).
+const LOADING_POLL: Duration = Duration::from_millis(200);
+/// How long the queen may take to sign a worker certificate.
+const SIGN_TIMEOUT: Duration = Duration::from_secs(10);
+const LIST_TIMEOUT_MS: u64 = 10_000;
+
+/// The current link to the queen, if any (worker certificates are signed over it).
+pub type QueenLink = watch::Receiver<Option<Link<QueenProtocol>>>;
+
+/// An issuer that has the queen sign each worker's certificate over a key the hive
+/// generates (the private key stays on this machine).
+pub fn issuer_from_queen(queen: QueenLink, hive: &NodeIdentity) -> IdentityIssuer {
+    let hive = Arc::new(hive.clone());
+    Arc::new(move |worker: NodeId| {
+        let (queen, hive) = (queen.clone(), hive.clone());
+        Box::pin(async move {
+            let link = queen
+                .borrow()
+                .clone()
+                .ok_or("the hive is not connected to its queen, which signs worker certificates")?;
+            let pending = PendingIdentity::generate().map_err(|e| e.to_string())?;
+            let request = QueenRequest::SignWorker {
+                worker: worker.to_string(),
+                public_key_der: pending.public_key_der(),
+            };
+            match link.call(request, SIGN_TIMEOUT).await {
+                Ok(QueenResponse::Certificate(cert)) => pending
+                    .complete_under(cert, &hive)
+                    .map_err(|e| e.to_string()),
+                Ok(QueenResponse::Error(e)) => Err(e.message),
+                Ok(other) => Err(format!("the queen answered out of protocol: {other:?}")),
+                Err(e) => Err(format!("the queen did not sign: {e}")),
+            }
+        })
+    })
+}
+
+/// Runs the link to the queen at `queen` until a permanent refusal (returned) — a lost
+/// link is redialed with backoff.
+pub async fn run(
+    identity: NodeIdentity,
+    queen: SocketAddr,
+    config: LinkConfig,
+    service: HiveService,
+    current: watch::Sender<Option<Link<QueenProtocol>>>,
+) -> LinkError {
+    let bind = if queen.is_ipv6() {
+        "[::]:0"
+    } else {
+        "0.0.0.0:0"
+    };
+    let endpoint = match Endpoint::<QueenProtocol>::client(
+        identity,
+        bind.parse().expect("a valid address"),
+        config,
+    ) {
+        Ok(endpoint) => endpoint,
+        Err(e) => return e,
+    };
+    let mut backoff = Backoff::default();
+    loop {
+        let (link, incoming) = match endpoint
+            .connect_with_retry(queen, &[Role::Queen], &mut backoff, None)
+            .await
+        {
+            Ok(established) => established,
+            Err(e) => return e,
+        };
+        tracing::info!("connected to the queen at {queen}");
+        current.send_replace(Some(link.clone()));
+        let cause = tokio::select! {
+            () = serve(incoming, service.clone()) => link.closed().await,
+            cause = report(&link, &service) => cause,
+        };
+        current.send_replace(None);
+        tracing::warn!("link to the queen lost: {cause}; reconnecting");
+    }
+}
+
+/// Serves the queen's calls and streams until the link closes.
+async fn serve(mut incoming: LinkIncoming<QueenProtocol>, service: HiveService) {
+    while let Some(message) = incoming.next().await {
+        let service = service.clone();
+        match message {
+            Incoming::Cast(_) => {}
+            Incoming::Call { request, responder } => {
+                tokio::spawn(async move {
+                    let response = match request {
+                        QueenRequest::Hive(request) => {
+                            QueenResponse::Hive(remote::answer(&service, request).await)
+                        }
+                        _ => QueenResponse::Error(crate::queen::protocol::QueenError::new(
+                            crate::queen::protocol::QueenErrorKind::Invalid,
+                            "a hive serves only hive requests",
+                        )),
+                    };
+                    let _ = responder.respond(response).await;
+                });
+            }
+            Incoming::Stream { open, sender } => {
+                if let crate::queen::protocol::QueenOpen::Hive(open) = open {
+                    tokio::spawn(remote::stream(service, open, sender, QueenItem::Hive));
+                }
+            }
+        }
+    }
+}
+
+/// What of a worker list is news to the queen (not its counters).
+fn shape(workers: &[WorkerInfo]) -> Vec<(String, Option<u32>, u32, String)> {
+    workers
+        .iter()
+        .map(|w| {
+            let state = match &w.state {
+                WorkerState::Running(s) => format!("{:?}", s.phase),
+                other => format!("{other:?}"),
+            };
+            (w.id.clone(), w.pid, w.restarts, state)
+        })
+        .collect()
+}
+
+fn loading(workers: &[WorkerInfo]) -> bool {
+    workers.iter().any(|w| match &w.state {
+        WorkerState::Running(s) => matches!(s.phase, Phase::Loading(_)),
+        WorkerState::Restarting => true,
+        WorkerState::Failed => false,
+    })
+}
+
+/// Casts the report, then every change, until the link fails; returns why it failed.
+async fn report(link: &Link<QueenProtocol>, service: &HiveService) -> rbee_transport::CloseCause {
+    let lost = |e: LinkError| rbee_transport::CloseCause::Transport(e.to_string());
+    let workers = list_workers(service).await;
+    let capabilities = match service.capabilities(false).await {
+        Ok(c) => c,
+        Err(e) => return rbee_transport::CloseCause::Transport(format!("capabilities: {e}")),
+    };
+    let models = service.store.list().unwrap_or_default();
+    let first = HiveEvent::Report(HiveReport {
+        capabilities,
+        models: models.clone(),
+        workers: workers.clone(),
+    });
+    if let Err(e) = link.cast(first).await {
+        return lost(e);
+    }
+    let (mut sent_workers, mut sent_models) = (shape(&workers), models);
+    let mut polling = loading(&workers);
+    loop {
+        if polling {
+            let _ = tokio::time::timeout(LOADING_POLL, service.changes.notified()).await;
+        } else {
+            service.changes.notified().await;
+        }
+        let workers = list_workers(service).await;
+        polling = loading(&workers);
+        if shape(&workers) != sent_workers {
+            sent_workers = shape(&workers);
+            if let Err(e) = link.cast(HiveEvent::Workers(workers)).await {
+                return lost(e);
+            }
+        }
+        let models = service.store.list().unwrap_or_default();
+        if models != sent_models {
+            sent_models = models.clone();
+            if let Err(e) = link.cast(HiveEvent::Models(models)).await {
+                return lost(e);
+            }
+        }
+    }
+}
+
+async fn list_workers(service: &HiveService) -> Vec<WorkerInfo> {
+    call_t!(service.hive, HiveMsg::List, LIST_TIMEOUT_MS).unwrap_or_default()
+}

@@ -1,0 +1,571 @@
+//! The queen actor: owns the registry and the admission queues, and turns what the links
+//! report into routing decisions.
+//!
+//! It never waits on the network inside a handler: dialing workers, spawning them on
+//! hives and streaming generations run in tasks that report back with messages, so the
+//! registry answers while a hive is slow.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use rbee_transport::{Endpoint, Link, Role};
+use tokio::sync::{mpsc, watch};
+
+use super::admission::{Admission, AdmissionLimits, Ticket};
+use super::protocol::{
+    HiveEvent, HiveReport, HiveView, Placement, QueenError, QueenErrorKind, QueenProtocol,
+    QueenRequest, QueenResponse, WorkerView,
+};
+use super::registry::{Dial, Incarnation, Placed, Registry, Route, SpawnDefaults, WorkerKey};
+use crate::hive::remote::{HiveRequest, HiveResponse};
+use crate::hive::store::ModelId;
+use crate::hive::workers::WorkerInfo;
+use crate::worker::actor::Phase;
+use crate::worker::api::{ErrorKind, GenerationError};
+use crate::worker::engine::loader::LoadProgress;
+use crate::worker::remote::{RemoteWorker, WorkerProtocol};
+
+/// Capacity of a waiter's channel of admission news.
+pub const ADMIT_CAPACITY: usize = 16;
+/// How long a queen → hive spawn may take (a process worker loads its model first).
+const SPAWN_TIMEOUT: Duration = Duration::from_secs(180);
+/// Delay before a worker whose link dropped is dialed again.
+const REDIAL_DELAY: Duration = Duration::from_millis(500);
+
+/// What a request waiting for a worker hears.
+pub enum Admit {
+    /// It waits at this position (1 = next).
+    Queued(usize),
+    /// A worker for its model is being started or loads.
+    Loading {
+        /// The worker, once known.
+        worker: Option<String>,
+        /// Its progress, once reported.
+        progress: Option<LoadProgress>,
+    },
+    /// A slot on a worker: the request may run.
+    Granted(Lease),
+    /// Refused (overloaded, no worker possible).
+    Refused(GenerationError),
+}
+
+/// One request's slot on one worker. Dropping it gives the slot back.
+pub struct Lease {
+    /// The worker.
+    pub key: WorkerKey,
+    /// How to reach it.
+    pub route: Route,
+    /// Turns true when the worker's run ends (its process died, its hive was lost).
+    pub gone: watch::Receiver<bool>,
+    model: ModelId,
+    incarnation: Incarnation,
+    started: Instant,
+    queen: ActorRef<QueenMsg>,
+}
+
+impl Lease {
+    /// Reports the worker lost (a stream on it failed as lost): it takes no more requests
+    /// until it is reachable again.
+    pub fn lost(&self, reason: String) {
+        let _ = self.queen.cast(QueenMsg::WorkerLost {
+            key: self.key.clone(),
+            incarnation: self.incarnation,
+            reason,
+        });
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        let _ = self.queen.cast(QueenMsg::Release {
+            key: self.key.clone(),
+            incarnation: self.incarnation,
+            model: self.model.clone(),
+            started: self.started,
+        });
+    }
+}
+
+/// Messages of the queen actor.
+pub enum QueenMsg {
+    /// A hive's link is up and it reported itself.
+    HiveUp {
+        /// Its node id.
+        id: String,
+        /// Its link.
+        link: Link<QueenProtocol>,
+        /// Which link of it.
+        link_id: u64,
+        /// What it reported.
+        report: HiveReport,
+    },
+    /// A hive cast an event.
+    HiveEvent {
+        /// Its node id.
+        id: String,
+        /// The event.
+        event: HiveEvent,
+    },
+    /// A hive's link closed.
+    HiveDown {
+        /// Its node id.
+        id: String,
+        /// Which link.
+        link_id: u64,
+        /// Why.
+        cause: String,
+    },
+    /// A hive's capabilities were read again.
+    HiveCapabilities {
+        /// Its node id.
+        id: String,
+        /// What it read.
+        capabilities: crate::hive::capabilities::Capabilities,
+    },
+    /// A hive answered a spawn with this worker.
+    WorkerStarted {
+        /// The hive.
+        hive: String,
+        /// The worker.
+        info: WorkerInfo,
+    },
+    /// Internal: dialing a worker process ended.
+    WorkerDialed(Dial, Result<RemoteWorker, String>),
+    /// A worker was lost (its link closed, or a stream on it failed as lost).
+    WorkerLost {
+        /// The worker.
+        key: WorkerKey,
+        /// Which run of it.
+        incarnation: Incarnation,
+        /// Why.
+        reason: String,
+    },
+    /// Internal: dial a worker again.
+    Redial(Dial),
+    /// A request for `model` wants a worker slot; news arrive on `waiter`.
+    Acquire {
+        /// The model.
+        model: ModelId,
+        /// Where the news go.
+        waiter: mpsc::Sender<Admit>,
+    },
+    /// A lease ended.
+    Release {
+        /// The worker.
+        key: WorkerKey,
+        /// Which run of it.
+        incarnation: Incarnation,
+        /// Its model.
+        model: ModelId,
+        /// When the request got its slot.
+        started: Instant,
+    },
+    /// Internal: a waiting request's time is up.
+    QueueTimeout(Ticket),
+    /// Internal: an on-demand spawn for `model` ended.
+    SpawnEnded(ModelId, Result<(), QueenError>),
+    /// Chooses where a worker goes.
+    Place(Placement, RpcReplyPort<Result<Placed, QueenError>>),
+    /// The hives.
+    Hives(RpcReplyPort<Vec<HiveView>>),
+    /// The workers.
+    Workers(RpcReplyPort<Vec<WorkerView>>),
+    /// The link of a connected hive.
+    HiveLink(
+        String,
+        RpcReplyPort<Result<Link<QueenProtocol>, QueenError>>,
+    ),
+    /// Every connected hive's link.
+    ConnectedHives(RpcReplyPort<Vec<(String, Link<QueenProtocol>)>>),
+}
+
+/// How the queen starts.
+pub struct QueenArgs {
+    /// The queen's endpoint for dialing worker processes.
+    pub workers: Arc<Endpoint<WorkerProtocol>>,
+    /// Queue limits.
+    pub limits: AdmissionLimits,
+    /// What workers the queen starts look like.
+    pub defaults: SpawnDefaults,
+}
+
+/// A request waiting in a queue.
+struct Waiter {
+    tx: mpsc::Sender<Admit>,
+}
+
+/// The queen actor.
+pub struct Queen;
+
+/// The queen actor's state.
+pub struct QueenState {
+    args: QueenArgs,
+    registry: Registry,
+    admission: Admission<Waiter>,
+    /// Models with an on-demand spawn under way.
+    spawning: HashSet<ModelId>,
+}
+
+impl Actor for Queen {
+    type Msg = QueenMsg;
+    type State = QueenState;
+    type Arguments = QueenArgs;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<QueenMsg>,
+        args: QueenArgs,
+    ) -> Result<QueenState, ActorProcessingErr> {
+        Ok(QueenState {
+            admission: Admission::new(args.limits),
+            args,
+            registry: Registry::default(),
+            spawning: HashSet::new(),
+        })
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<QueenMsg>,
+        msg: QueenMsg,
+        state: &mut QueenState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            QueenMsg::HiveUp {
+                id,
+                link,
+                link_id,
+                report,
+            } => {
+                tracing::info!("hive {id} connected from {}", link.remote_address());
+                let dials = state.registry.hive_up(&id, link, link_id, report);
+                state.dial_all(&myself, dials);
+                state.on_registry_change(&myself);
+            }
+            QueenMsg::HiveEvent { id, event } => {
+                match event {
+                    HiveEvent::Report(report) => {
+                        state.registry.hive_capabilities(&id, report.capabilities);
+                        state.registry.hive_models(&id, report.models);
+                        let dials = state.registry.hive_workers(&id, report.workers);
+                        state.dial_all(&myself, dials);
+                    }
+                    HiveEvent::Workers(workers) => {
+                        let dials = state.registry.hive_workers(&id, workers);
+                        state.dial_all(&myself, dials);
+                    }
+                    HiveEvent::Models(models) => state.registry.hive_models(&id, models),
+                }
+                state.on_registry_change(&myself);
+            }
+            QueenMsg::HiveDown { id, link_id, cause } => {
+                if state.registry.hive_down(&id, link_id, cause.clone()) {
+                    tracing::warn!("hive {id} lost: {cause}");
+                    state.on_registry_change(&myself);
+                }
+            }
+            QueenMsg::HiveCapabilities { id, capabilities } => {
+                state.registry.hive_capabilities(&id, capabilities);
+            }
+            QueenMsg::WorkerStarted { hive, info } => {
+                let dials = state.registry.upsert_worker(&hive, info);
+                state.dial_all(&myself, dials);
+                state.on_registry_change(&myself);
+            }
+            QueenMsg::WorkerDialed(dial, result) => match result {
+                Ok(remote) => {
+                    watch_worker_link(&myself, &dial, &remote);
+                    if state.registry.worker_dialed(&dial, remote) {
+                        state.on_registry_change(&myself);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!("cannot reach worker {} at {}: {e}", dial.key, dial.addr);
+                    myself.send_after(REDIAL_DELAY * 2, move || QueenMsg::Redial(dial));
+                }
+            },
+            QueenMsg::Redial(dial) => {
+                // Only if that run of the worker is still listed and unreachable.
+                let wanted = state.registry.dials_for(&dial.key);
+                state.dial_all(&myself, wanted);
+            }
+            QueenMsg::WorkerLost {
+                key,
+                incarnation,
+                reason,
+            } => {
+                if let Some(dial) = state.registry.worker_lost(&key, incarnation) {
+                    tracing::warn!("worker {key} lost: {reason}");
+                    myself.send_after(REDIAL_DELAY, move || QueenMsg::Redial(dial));
+                }
+                state.on_registry_change(&myself);
+            }
+            QueenMsg::Acquire { model, waiter } => state.acquire(&myself, model, waiter),
+            QueenMsg::Release {
+                key,
+                incarnation,
+                model,
+                started,
+            } => {
+                state.registry.release(&key, incarnation);
+                state.admission.served(&model, started);
+                state.dispatch(&myself, &model);
+            }
+            QueenMsg::QueueTimeout(ticket) => {
+                if let Some((model, waiter)) = state.admission.remove(ticket) {
+                    let retry = state.admission.retry_after(&model);
+                    let _ = waiter.tx.try_send(Admit::Refused(overloaded(
+                        format!(
+                            "waited {:?} in the queue for {model} without a free worker",
+                            state.admission.limits().max_wait
+                        ),
+                        retry,
+                    )));
+                    state.send_positions(&model);
+                }
+            }
+            QueenMsg::SpawnEnded(model, result) => {
+                state.spawning.remove(&model);
+                if let Err(e) = result
+                    && !state.registry.has_capacity_for(&model)
+                {
+                    state.refuse_all(&model, &e.message);
+                }
+                state.dispatch(&myself, &model);
+            }
+            QueenMsg::Place(placement, reply) => {
+                let _ = reply.send(state.registry.place(&placement, &state.args.defaults));
+            }
+            QueenMsg::Hives(reply) => {
+                let _ = reply.send(state.registry.hive_views());
+            }
+            QueenMsg::Workers(reply) => {
+                let _ = reply.send(state.registry.worker_views());
+            }
+            QueenMsg::HiveLink(id, reply) => {
+                let _ = reply.send(state.registry.hive_link(&id));
+            }
+            QueenMsg::ConnectedHives(reply) => {
+                let _ = reply.send(state.registry.connected_hives());
+            }
+        }
+        Ok(())
+    }
+}
+
+fn overloaded(message: String, retry_after: Duration) -> GenerationError {
+    GenerationError::new(
+        ErrorKind::Overloaded {
+            retry_after_ms: retry_after.as_millis() as u64,
+        },
+        message,
+    )
+}
+
+impl QueenState {
+    fn dial_all(&self, myself: &ActorRef<QueenMsg>, dials: Vec<Dial>) {
+        for dial in dials {
+            let (myself, endpoint) = (myself.clone(), self.args.workers.clone());
+            tokio::spawn(async move {
+                let result = dial_worker(&endpoint, &dial).await;
+                let _ = myself.cast(QueenMsg::WorkerDialed(dial, result));
+            });
+        }
+    }
+
+    /// After any change that can free or add capacity: serve the queues and tell waiters
+    /// how loading goes.
+    fn on_registry_change(&mut self, myself: &ActorRef<QueenMsg>) {
+        for model in self.admission.models() {
+            self.dispatch(myself, &model);
+            for (key, phase) in self.registry.loading(&model) {
+                let progress = match phase {
+                    Phase::Loading(p) => p,
+                    _ => None,
+                };
+                for (_, waiter) in self.admission.positions(&model) {
+                    let _ = waiter.tx.try_send(Admit::Loading {
+                        worker: Some(key.to_string()),
+                        progress,
+                    });
+                }
+            }
+        }
+    }
+
+    fn acquire(&mut self, myself: &ActorRef<QueenMsg>, model: ModelId, tx: mpsc::Sender<Admit>) {
+        if self.admission.waiting(&model) == 0
+            && let Some(key) = self.registry.pick(&model)
+        {
+            self.grant(myself, &key, &model, tx);
+            return;
+        }
+        match self.admission.enqueue(&model, Waiter { tx: tx.clone() }) {
+            Ok((ticket, position)) => {
+                let _ = tx.try_send(Admit::Queued(position));
+                let wait = self.admission.limits().max_wait;
+                myself.send_after(wait, move || QueenMsg::QueueTimeout(ticket));
+                self.ensure_capacity(myself, &model);
+            }
+            Err(retry) => {
+                let _ = tx.try_send(Admit::Refused(overloaded(
+                    format!(
+                        "the queue for {model} is full ({} waiting)",
+                        self.admission.limits().max_queue
+                    ),
+                    retry,
+                )));
+            }
+        }
+    }
+
+    /// Gives `key`'s slot to the waiter on `tx`; a waiter that left gives it back at once
+    /// (the lease's drop).
+    fn grant(
+        &mut self,
+        myself: &ActorRef<QueenMsg>,
+        key: &WorkerKey,
+        model: &ModelId,
+        tx: mpsc::Sender<Admit>,
+    ) -> bool {
+        let Some(acquired) = self.registry.acquire(key) else {
+            return false;
+        };
+        let lease = Lease {
+            key: key.clone(),
+            route: acquired.route,
+            gone: acquired.gone,
+            model: model.clone(),
+            incarnation: acquired.incarnation,
+            started: Instant::now(),
+            queen: myself.clone(),
+        };
+        tx.try_send(Admit::Granted(lease)).is_ok()
+    }
+
+    /// Hands free slots of `model`'s workers to its queue, in order.
+    fn dispatch(&mut self, myself: &ActorRef<QueenMsg>, model: &ModelId) {
+        let mut moved = false;
+        while self.admission.waiting(model) > 0 {
+            let Some(key) = self.registry.pick(model) else {
+                break;
+            };
+            let Some(waiter) = self.admission.pop(model) else {
+                break;
+            };
+            moved |= self.grant(myself, &key, model, waiter.tx);
+        }
+        if moved {
+            self.send_positions(model);
+        }
+        if self.admission.waiting(model) > 0 {
+            self.ensure_capacity(myself, model);
+        }
+    }
+
+    fn send_positions(&self, model: &ModelId) {
+        for (position, waiter) in self.admission.positions(model) {
+            let _ = waiter.tx.try_send(Admit::Queued(position));
+        }
+    }
+
+    /// Starts a worker for `model` when none runs or is on its way.
+    fn ensure_capacity(&mut self, myself: &ActorRef<QueenMsg>, model: &ModelId) {
+        if self.registry.has_capacity_for(model) || self.spawning.contains(model) {
+            return;
+        }
+        let placed = match self
+            .registry
+            .place(&Placement::of(model.clone()), &self.args.defaults)
+        {
+            Ok(placed) => placed,
+            Err(e) => return self.refuse_all(model, &e.message),
+        };
+        tracing::info!("starting a worker for {model} on {}", placed.hive);
+        self.spawning.insert(model.clone());
+        for (_, waiter) in self.admission.positions(model) {
+            let _ = waiter.tx.try_send(Admit::Loading {
+                worker: None,
+                progress: None,
+            });
+        }
+        let (myself, model) = (myself.clone(), model.clone());
+        tokio::spawn(async move {
+            let result = spawn_on_hive(&myself, placed).await.map(|_| ());
+            let _ = myself.cast(QueenMsg::SpawnEnded(model, result));
+        });
+    }
+
+    fn refuse_all(&mut self, model: &ModelId, why: &str) {
+        for waiter in self.admission.drain(model) {
+            let _ = waiter.tx.try_send(Admit::Refused(GenerationError::new(
+                ErrorKind::Unavailable,
+                format!("no worker can serve {model}: {why}"),
+            )));
+        }
+    }
+}
+
+/// Asks the placed hive to start the worker and records it; returns the hive's answer.
+pub async fn spawn_on_hive(
+    queen: &ActorRef<QueenMsg>,
+    placed: Placed,
+) -> Result<WorkerInfo, QueenError> {
+    let request = QueenRequest::Hive(HiveRequest::Spawn(placed.spawn));
+    let answer = placed.link.call(request, SPAWN_TIMEOUT).await;
+    let info = match answer {
+        Ok(QueenResponse::Hive(HiveResponse::Worker(info))) => info,
+        Ok(QueenResponse::Hive(HiveResponse::Error(e))) => {
+            return Err(QueenError::new(QueenErrorKind::Hive, e));
+        }
+        Ok(other) => {
+            return Err(QueenError::new(
+                QueenErrorKind::Hive,
+                format!("the hive answered out of protocol: {other:?}"),
+            ));
+        }
+        Err(e) => return Err(QueenError::new(QueenErrorKind::HiveLost, e.to_string())),
+    };
+    let _ = queen.cast(QueenMsg::WorkerStarted {
+        hive: placed.hive,
+        info: info.clone(),
+    });
+    Ok(info)
+}
+
+/// Dials a worker process and checks it is the one its hive named.
+async fn dial_worker(
+    endpoint: &Endpoint<WorkerProtocol>,
+    dial: &Dial,
+) -> Result<RemoteWorker, String> {
+    let (link, _incoming) = endpoint
+        .connect(dial.addr, &[Role::Worker])
+        .await
+        .map_err(|e| e.to_string())?;
+    let expected = dial.key.node_id();
+    if link.peer().node_id.as_str() != expected {
+        link.close("not the worker its hive named");
+        return Err(format!(
+            "the worker at {} is {}, not {expected}",
+            dial.addr,
+            link.peer().node_id
+        ));
+    }
+    Ok(RemoteWorker::new(link))
+}
+
+/// Reports the loss of the queen's link to a worker.
+fn watch_worker_link(queen: &ActorRef<QueenMsg>, dial: &Dial, remote: &RemoteWorker) {
+    let closed = remote.link().closed();
+    let (queen, key, incarnation) = (queen.clone(), dial.key.clone(), dial.incarnation);
+    tokio::spawn(async move {
+        let cause = closed.await;
+        let _ = queen.cast(QueenMsg::WorkerLost {
+            key,
+            incarnation,
+            reason: format!("link closed: {cause}"),
+        });
+    });
+}

@@ -1,0 +1,289 @@
+//! A whole queen: the cluster CA (created on first start), the queen's identity, the node
+//! link endpoint for hives and clients, the join endpoint, and the queen actor.
+//!
+//! Its data directory holds `ca/` (the CA and its key), `identity/` (the queen's node
+//! identity), `tokens.json` and `joined.json` (see [`super::tokens`]) and `queen.json`
+//! (where the running queen listens, for `rbee queen token`).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ractor::{Actor, ActorRef};
+use rbee_transport::join::JoinDecider;
+use rbee_transport::{
+    ClusterCa, Endpoint, JoinListener, JoinReply, JoinRequest, JoinToken, LinkConfig, NodeId,
+    NodeIdentity, Role,
+};
+use serde::{Deserialize, Serialize};
+
+use super::actor::{Queen, QueenArgs, QueenMsg};
+use super::admission::AdmissionLimits;
+use super::protocol::QueenProtocol;
+use super::registry::SpawnDefaults;
+use super::serve::{QueenService, serve};
+use super::tokens::TokenStore;
+use crate::hive::workers::{IdleTimeout, WorkerMode};
+use crate::worker::remote::WorkerProtocol;
+
+const STATE_FILE: &str = "queen.json";
+/// The queen's node id.
+pub const QUEEN_NODE_ID: &str = "queen";
+
+/// How a queen runs.
+#[derive(Debug, Clone)]
+pub struct QueenConfig {
+    /// Its data directory.
+    pub data: PathBuf,
+    /// The node link address (hives and clients).
+    pub listen: SocketAddr,
+    /// The join address.
+    pub join_listen: SocketAddr,
+    /// Link settings (keep-alive, idle timeout: the silent-peer detection time).
+    pub link: LinkConfig,
+    /// Queue limits.
+    pub limits: AdmissionLimits,
+    /// What workers the queen starts look like.
+    pub defaults: SpawnDefaults,
+}
+
+impl QueenConfig {
+    /// Defaults for a queen with its data in `data`: listens on 127.0.0.1 (7700 for the
+    /// link, 7701 for joins), process workers with 2 slots and a 5-minute idle timeout.
+    pub fn new(data: &Path) -> Self {
+        QueenConfig {
+            data: data.to_path_buf(),
+            listen: "127.0.0.1:7700".parse().expect("a valid address"),
+            join_listen: "127.0.0.1:7701".parse().expect("a valid address"),
+            link: LinkConfig::default(),
+            limits: AdmissionLimits::default(),
+            defaults: SpawnDefaults {
+                slots: 2,
+                mode: WorkerMode::Process,
+                idle_timeout: IdleTimeout::default(),
+            },
+        }
+    }
+}
+
+/// Where a running queen listens (written to `queen.json`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueenAddrs {
+    /// The node link.
+    pub link: SocketAddr,
+    /// Joins.
+    pub join: SocketAddr,
+}
+
+/// Errors of starting a queen or making tokens.
+#[derive(Debug, thiserror::Error)]
+pub enum QueenDaemonError {
+    /// The identity or CA could not be created or loaded.
+    #[error(transparent)]
+    Identity(#[from] rbee_transport::IdentityError),
+    /// An endpoint could not be bound.
+    #[error(transparent)]
+    Link(#[from] rbee_transport::LinkError),
+    /// A file of the data directory could not be used.
+    #[error("{path}: {reason}")]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// What failed.
+        reason: String,
+    },
+    /// No queen has run with this data directory.
+    #[error("no queen has run with data directory {0} (start one first)")]
+    NoQueen(PathBuf),
+    /// The token store failed.
+    #[error(transparent)]
+    Token(#[from] super::tokens::JoinRefusal),
+    /// The queen actor did not start.
+    #[error("the queen actor did not start: {0}")]
+    Actor(String),
+}
+
+/// The CA of the queen with data directory `data`, created on first use.
+pub fn cluster_ca(data: &Path) -> Result<ClusterCa, QueenDaemonError> {
+    let dir = data.join("ca");
+    if ClusterCa::exists(&dir) {
+        return Ok(ClusterCa::load(&dir)?);
+    }
+    let ca = ClusterCa::generate("rbee")?;
+    ca.save(&dir)?;
+    Ok(ca)
+}
+
+fn queen_identity(data: &Path, ca: &ClusterCa) -> Result<NodeIdentity, QueenDaemonError> {
+    let dir = data.join("identity");
+    if NodeIdentity::exists(&dir) {
+        let identity = NodeIdentity::load(&dir)?;
+        if identity.ca_fingerprint() == ca.fingerprint() {
+            return Ok(identity);
+        }
+    }
+    let node = NodeId::new(QUEEN_NODE_ID)?;
+    let identity = ca.issue(&node, Role::Queen)?;
+    identity.save(&dir)?;
+    Ok(identity)
+}
+
+/// A token for the queen with data directory `data`, valid for `ttl`: works with the
+/// queen running or not (it reads the address the queen last listened on).
+pub fn create_token(data: &Path, ttl: Duration) -> Result<JoinToken, QueenDaemonError> {
+    let path = data.join(STATE_FILE);
+    let addrs: QueenAddrs = std::fs::read(&path)
+        .ok()
+        .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+        .ok_or_else(|| QueenDaemonError::NoQueen(data.to_path_buf()))?;
+    let ca = ClusterCa::load(&data.join("ca"))?;
+    let secret = TokenStore::new(data).create(ttl)?;
+    Ok(JoinToken {
+        addr: addrs.join,
+        ca: ca.fingerprint(),
+        secret,
+    })
+}
+
+/// A client identity issued by the CA of the queen with data directory `data` (for the
+/// operator's tools on the queen's machine).
+pub fn client_identity(data: &Path, name: &str) -> Result<NodeIdentity, QueenDaemonError> {
+    let ca = ClusterCa::load(&data.join("ca"))?;
+    Ok(ca.issue(&NodeId::new(name)?, Role::Client)?)
+}
+
+/// A running queen.
+pub struct RunningQueen {
+    /// The queen actor.
+    pub queen: ActorRef<QueenMsg>,
+    /// Where it listens.
+    pub addrs: QueenAddrs,
+    endpoint: Arc<Endpoint<QueenProtocol>>,
+    workers: Arc<Endpoint<WorkerProtocol>>,
+    _join: JoinListener,
+    served: tokio::task::JoinHandle<()>,
+    data: PathBuf,
+}
+
+impl RunningQueen {
+    /// Starts a queen with `config`.
+    pub async fn start(config: QueenConfig) -> Result<Self, QueenDaemonError> {
+        let data = config.data.clone();
+        std::fs::create_dir_all(&data).map_err(|e| QueenDaemonError::File {
+            path: data.clone(),
+            reason: e.to_string(),
+        })?;
+        let ca = Arc::new(cluster_ca(&data)?);
+        let identity = queen_identity(&data, &ca)?;
+        let workers = Arc::new(Endpoint::<WorkerProtocol>::client(
+            identity.clone(),
+            unspecified_like(config.listen),
+            config.link.clone(),
+        )?);
+        let link_config = LinkConfig {
+            accept_roles: vec![Role::Hive, Role::Client],
+            ..config.link.clone()
+        };
+        let endpoint = Arc::new(Endpoint::<QueenProtocol>::bind(
+            identity.clone(),
+            config.listen,
+            link_config,
+        )?);
+        let link = endpoint.local_addr()?;
+        let tokens = Arc::new(TokenStore::new(&data));
+        let join = JoinListener::bind(
+            &identity,
+            config.join_listen,
+            join_decider(ca.clone(), tokens, link),
+        )?;
+        let addrs = QueenAddrs {
+            link,
+            join: join.local_addr()?,
+        };
+        write_state(&data, &addrs)?;
+        let args = QueenArgs {
+            workers: workers.clone(),
+            limits: config.limits,
+            defaults: config.defaults,
+        };
+        let (queen, _) = Actor::spawn(None, Queen, args)
+            .await
+            .map_err(|e| QueenDaemonError::Actor(e.to_string()))?;
+        let service = QueenService {
+            queen: queen.clone(),
+            ca,
+        };
+        let served = tokio::spawn(serve(endpoint.clone(), service));
+        Ok(RunningQueen {
+            queen,
+            addrs,
+            endpoint,
+            workers,
+            _join: join,
+            served,
+            data,
+        })
+    }
+
+    /// A join token valid for `ttl`.
+    pub fn token(&self, ttl: Duration) -> Result<JoinToken, QueenDaemonError> {
+        create_token(&self.data, ttl)
+    }
+
+    /// Stops the queen: its links close at once (hives keep their workers and reconnect to
+    /// the next queen).
+    pub async fn stop(self) {
+        self.endpoint.close("queen stopping");
+        self.workers.close("queen stopping");
+        self.served.abort();
+        self.queen.stop(Some("queen stopping".into()));
+        self.endpoint.wait_idle().await;
+    }
+}
+
+/// An ephemeral port on the same kind of address as `listen`, for dialing.
+fn unspecified_like(listen: SocketAddr) -> SocketAddr {
+    if listen.is_ipv6() {
+        "[::]:0".parse().expect("a valid address")
+    } else {
+        "0.0.0.0:0".parse().expect("a valid address")
+    }
+}
+
+fn write_state(data: &Path, addrs: &QueenAddrs) -> Result<(), QueenDaemonError> {
+    let path = data.join(STATE_FILE);
+    let file_err = |e: &dyn std::fmt::Display| QueenDaemonError::File {
+        path: path.clone(),
+        reason: e.to_string(),
+    };
+    let json = serde_json::to_vec_pretty(addrs).map_err(|e| file_err(&e))?;
+    let temp = tempfile::NamedTempFile::new_in(data).map_err(|e| file_err(&e))?;
+    std::fs::write(temp.path(), json).map_err(|e| file_err(&e))?;
+    temp.persist(&path).map_err(|e| file_err(&e.error))?;
+    Ok(())
+}
+
+/// Joins: only hives, with a live token, once per node id; the certificate is over the
+/// key the hive sent.
+fn join_decider(ca: Arc<ClusterCa>, tokens: Arc<TokenStore>, link: SocketAddr) -> JoinDecider {
+    Arc::new(move |request: JoinRequest| {
+        if request.role != Role::Hive {
+            return JoinReply::Refused(format!("a {} cannot join; only hives", request.role));
+        }
+        let cert = match ca.sign_public_key(&request.node_id, Role::Hive, &request.public_key_der) {
+            Ok(cert) => cert,
+            Err(e) => return JoinReply::Refused(format!("the public key is unusable: {e}")),
+        };
+        // Checked after signing so that a bad key does not use up the node id.
+        if let Err(e) = tokens.admit(&request.secret, request.node_id.as_str()) {
+            return JoinReply::Refused(e.to_string());
+        }
+        tracing::info!("hive {} joined", request.node_id);
+        JoinReply::Accepted {
+            cert_der: cert.to_vec(),
+            ca_der: ca.certificate_der().to_vec(),
+            link,
+        }
+    })
+}

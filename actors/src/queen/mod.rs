@@ -1,0 +1,19 @@
+//! The queen: one cluster from many machines.
+//!
+//! - [`protocol`]: what hives and clients say on links to the queen.
+//! - [`tokens`]: join tokens and the hives that joined.
+//! - [`registry`]: hives and workers, placement and the choice of a worker per request.
+//! - [`admission`]: the bounded per-model queues.
+//! - [`actor`]: the queen actor that owns both and acts on what the links report.
+//! - [`route`]: one generation through the queen, with failover.
+//! - [`serve`]: the queen's side of its links.
+//! - [`daemon`]: a queen with its CA, identity, endpoints and join listener.
+
+pub mod actor;
+pub mod admission;
+pub mod daemon;
+pub mod protocol;
+pub mod registry;
+pub mod route;
+pub mod serve;
+pub mod tokens;

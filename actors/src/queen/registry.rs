@@ -1,0 +1,600 @@
+//! The queen's registry: hives and workers as their links and reports say they are, plus
+//! the two choices made from it — where a new worker goes ([`Registry::place`]) and which
+//! worker takes a request ([`Registry::pick`]).
+//!
+//! Plain state, no I/O: the queen actor owns one and feeds it what its links deliver.
+//! A worker *incarnation* is one run of it (its pid, or its restart count for in-process
+//! workers); when a hive reports another incarnation under the same id, the old one is
+//! over and everything that used it is told through its `gone` signal.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use rbee_transport::Link;
+use tokio::sync::watch;
+
+use super::protocol::{
+    HiveReport, HiveState, HiveView, Placement, QueenError, QueenErrorKind, QueenProtocol,
+    WorkerView,
+};
+use crate::hive::capabilities::{Capabilities, GpuReport};
+use crate::hive::store::{Entry, ModelId};
+use crate::hive::workers::{IdleTimeout, SpawnRequest, WorkerInfo, WorkerMode, WorkerState};
+use crate::worker::actor::Phase;
+use crate::worker::remote::RemoteWorker;
+
+/// Memory a model needs beyond its files (the hive's own preflight uses the same).
+const MEMORY_HEADROOM: f64 = 1.2;
+
+/// A worker's cluster-wide name: its hive and the hive's id for it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct WorkerKey {
+    /// The hive's node id.
+    pub hive: String,
+    /// The hive's id for the worker.
+    pub worker: String,
+}
+
+impl fmt::Display for WorkerKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.hive, self.worker)
+    }
+}
+
+impl WorkerKey {
+    /// Reads `<hive>/<worker>`.
+    pub fn parse(key: &str) -> Option<Self> {
+        let (hive, worker) = key.split_once('/')?;
+        Some(WorkerKey {
+            hive: hive.to_string(),
+            worker: worker.to_string(),
+        })
+    }
+
+    /// The node id the queen issues the worker's certificate under.
+    pub fn node_id(&self) -> String {
+        format!("{}.{}", self.hive, self.worker)
+    }
+}
+
+/// One run of a worker: a process id, or the restart count of an in-process worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Incarnation {
+    pid: Option<u32>,
+    restarts: u32,
+}
+
+impl Incarnation {
+    fn of(info: &WorkerInfo) -> Self {
+        Incarnation {
+            pid: info.pid,
+            restarts: info.restarts,
+        }
+    }
+}
+
+/// How inference reaches a worker.
+#[derive(Clone)]
+pub enum Route {
+    /// A link from the queen to the worker process.
+    Direct(RemoteWorker),
+    /// An in-process worker: streams go to its hive's process on the hive's link.
+    Hive(Link<QueenProtocol>),
+}
+
+struct WorkerEntry {
+    info: WorkerInfo,
+    incarnation: Incarnation,
+    route: Option<Route>,
+    in_flight: usize,
+    /// Set to true when this incarnation ends; leases watch it.
+    gone: watch::Sender<bool>,
+}
+
+impl WorkerEntry {
+    fn new(info: WorkerInfo, hive_link: &Link<QueenProtocol>) -> Self {
+        let route = match info.mode {
+            WorkerMode::InProcess => Some(Route::Hive(hive_link.clone())),
+            WorkerMode::Process => None,
+        };
+        WorkerEntry {
+            incarnation: Incarnation::of(&info),
+            info,
+            route,
+            in_flight: 0,
+            gone: watch::channel(false).0,
+        }
+    }
+
+    /// Loaded, taking requests, and reachable.
+    fn routable(&self) -> bool {
+        self.route.is_some() && self.ready()
+    }
+
+    fn ready(&self) -> bool {
+        matches!(&self.info.state, WorkerState::Running(s) if matches!(s.phase, Phase::Ready | Phase::Busy))
+    }
+
+    fn slots(&self) -> usize {
+        match &self.info.state {
+            WorkerState::Running(s) => s.slots.max(1),
+            _ => 0,
+        }
+    }
+
+    /// Capacity that is on its way: starting, loading, restarting, or not dialed yet.
+    fn coming(&self) -> bool {
+        match &self.info.state {
+            WorkerState::Failed => false,
+            WorkerState::Restarting => true,
+            WorkerState::Running(s) => {
+                matches!(s.phase, Phase::Loading(_)) || (self.ready() && self.route.is_none())
+            }
+        }
+    }
+
+    fn end(&self) {
+        self.gone.send_replace(true);
+    }
+}
+
+struct HiveEntry {
+    link: Link<QueenProtocol>,
+    /// Which link (a reconnected hive gets a new one; a late loss of the old is ignored).
+    link_id: u64,
+    capabilities: Capabilities,
+    models: Vec<Entry>,
+    lost: Option<(String, Instant)>,
+}
+
+/// A worker the queen should dial: a process worker that runs and has no link yet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Dial {
+    /// The worker.
+    pub key: WorkerKey,
+    /// Which run of it.
+    pub incarnation: Incarnation,
+    /// Where it listens.
+    pub addr: SocketAddr,
+}
+
+/// What [`Registry::acquire`] hands out for one request.
+pub struct Acquired {
+    /// How to reach the worker.
+    pub route: Route,
+    /// Which run of it (releases and losses name it).
+    pub incarnation: Incarnation,
+    /// Becomes true when that run ends.
+    pub gone: watch::Receiver<bool>,
+}
+
+/// Defaults the queen fills into a placement.
+#[derive(Debug, Clone)]
+pub struct SpawnDefaults {
+    /// Slots of a worker started for a placement without them.
+    pub slots: usize,
+    /// Mode of a worker started for a placement without one.
+    pub mode: WorkerMode,
+    /// Idle timeout of workers the queen starts.
+    pub idle_timeout: IdleTimeout,
+}
+
+/// Where a new worker goes and how the hive is to start it.
+pub struct Placed {
+    /// The hive.
+    pub hive: String,
+    /// Its link.
+    pub link: Link<QueenProtocol>,
+    /// What to ask it.
+    pub spawn: SpawnRequest,
+}
+
+/// Hives and workers.
+#[derive(Default)]
+pub struct Registry {
+    hives: BTreeMap<String, HiveEntry>,
+    workers: BTreeMap<WorkerKey, WorkerEntry>,
+}
+
+impl Registry {
+    /// A hive connected (or reconnected) with its report; returns the workers to dial.
+    pub fn hive_up(
+        &mut self,
+        id: &str,
+        link: Link<QueenProtocol>,
+        link_id: u64,
+        report: HiveReport,
+    ) -> Vec<Dial> {
+        let entry = HiveEntry {
+            link,
+            link_id,
+            capabilities: report.capabilities,
+            models: report.models,
+            lost: None,
+        };
+        self.hives.insert(id.to_string(), entry);
+        self.hive_workers(id, report.workers)
+    }
+
+    /// A hive's store changed.
+    pub fn hive_models(&mut self, id: &str, models: Vec<Entry>) {
+        if let Some(hive) = self.hives.get_mut(id) {
+            hive.models = models;
+        }
+    }
+
+    /// A hive's capabilities were read again.
+    pub fn hive_capabilities(&mut self, id: &str, capabilities: Capabilities) {
+        if let Some(hive) = self.hives.get_mut(id) {
+            hive.capabilities = capabilities;
+        }
+    }
+
+    /// A hive reported its workers: the registry now holds exactly these for it. Ended
+    /// incarnations are signalled; returns the process workers to dial.
+    pub fn hive_workers(&mut self, id: &str, reported: Vec<WorkerInfo>) -> Vec<Dial> {
+        let listed: std::collections::BTreeSet<String> =
+            reported.iter().map(|w| w.id.clone()).collect();
+        self.workers.retain(|key, worker| {
+            let keep = key.hive != id || listed.contains(&key.worker);
+            if !keep {
+                worker.end();
+            }
+            keep
+        });
+        for info in reported {
+            self.upsert_worker(id, info);
+        }
+        self.dials()
+    }
+
+    /// A hive reported one worker (the answer to a spawn); returns the workers to dial.
+    pub fn upsert_worker(&mut self, id: &str, info: WorkerInfo) -> Vec<Dial> {
+        let Some(hive) = self.hives.get(id).filter(|h| h.lost.is_none()) else {
+            return Vec::new();
+        };
+        let link = hive.link.clone();
+        let key = WorkerKey {
+            hive: id.to_string(),
+            worker: info.id.clone(),
+        };
+        let incarnation = Incarnation::of(&info);
+        match self.workers.get_mut(&key) {
+            Some(entry) if entry.incarnation == incarnation => entry.info = info,
+            _ => {
+                if let Some(old) = self
+                    .workers
+                    .insert(key.clone(), WorkerEntry::new(info, &link))
+                {
+                    old.end();
+                }
+            }
+        }
+        if let Some(entry) = self.workers.get_mut(&key)
+            && entry.incarnation_over()
+        {
+            // A worker that is not running is not served, whatever link it had.
+            entry.route = None;
+            entry.end();
+        }
+        self.dials()
+    }
+
+    /// The dial `key` needs, if it is listed, runs and has no link.
+    pub fn dials_for(&self, key: &WorkerKey) -> Vec<Dial> {
+        self.dials().into_iter().filter(|d| &d.key == key).collect()
+    }
+
+    fn dials(&self) -> Vec<Dial> {
+        self.workers
+            .iter()
+            .filter(|(_, w)| w.route.is_none() && !w.incarnation_over())
+            .filter_map(|(key, w)| {
+                Some(Dial {
+                    key: key.clone(),
+                    incarnation: w.incarnation,
+                    addr: w.info.addr?,
+                })
+            })
+            .collect()
+    }
+
+    /// The hive's link `link_id` was lost: the hive is marked lost and its workers leave
+    /// the registry (they come back when the hive reconnects and reports them).
+    pub fn hive_down(&mut self, id: &str, link_id: u64, cause: String) -> bool {
+        let Some(hive) = self.hives.get_mut(id).filter(|h| h.link_id == link_id) else {
+            return false;
+        };
+        hive.lost = Some((cause, Instant::now()));
+        self.workers.retain(|key, worker| {
+            let keep = key.hive != id;
+            if !keep {
+                worker.end();
+            }
+            keep
+        });
+        true
+    }
+
+    /// The queen's link to a worker process is up.
+    pub fn worker_dialed(&mut self, dial: &Dial, remote: RemoteWorker) -> bool {
+        match self.workers.get_mut(&dial.key) {
+            Some(w) if w.incarnation == dial.incarnation && !w.incarnation_over() => {
+                w.route = Some(Route::Direct(remote));
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// A worker was lost (its link closed, or a stream on it failed as lost): it takes no
+    /// requests until its hive reports it again or it is dialed again. Returns where to
+    /// dial it again, if it may still run.
+    pub fn worker_lost(&mut self, key: &WorkerKey, incarnation: Incarnation) -> Option<Dial> {
+        let w = self
+            .workers
+            .get_mut(key)
+            .filter(|w| w.incarnation == incarnation)?;
+        let had_route = w.route.take().is_some();
+        w.end();
+        // Later leases of a new link must not see this run's signal.
+        w.gone = watch::channel(false).0;
+        let addr = w
+            .info
+            .addr
+            .filter(|_| had_route && w.info.mode == WorkerMode::Process)?;
+        Some(Dial {
+            key: key.clone(),
+            incarnation,
+            addr,
+        })
+    }
+
+    /// The routable worker of `model` with the most free slots, if any has one.
+    pub fn pick(&self, model: &ModelId) -> Option<WorkerKey> {
+        self.workers
+            .iter()
+            .filter(|(_, w)| &w.info.model == model && w.routable() && w.in_flight < w.slots())
+            .max_by_key(|(key, w)| {
+                (
+                    w.slots() - w.in_flight,
+                    std::cmp::Reverse(w.in_flight),
+                    std::cmp::Reverse((*key).clone()),
+                )
+            })
+            .map(|(key, _)| key.clone())
+    }
+
+    /// Takes a slot of `key` for one request.
+    pub fn acquire(&mut self, key: &WorkerKey) -> Option<Acquired> {
+        let w = self.workers.get_mut(key).filter(|w| w.routable())?;
+        w.in_flight += 1;
+        Some(Acquired {
+            route: w.route.clone()?,
+            incarnation: w.incarnation,
+            gone: w.gone.subscribe(),
+        })
+    }
+
+    /// Gives a slot back.
+    pub fn release(&mut self, key: &WorkerKey, incarnation: Incarnation) {
+        if let Some(w) = self
+            .workers
+            .get_mut(key)
+            .filter(|w| w.incarnation == incarnation)
+        {
+            w.in_flight = w.in_flight.saturating_sub(1);
+        }
+    }
+
+    /// Whether a worker of `model` is routable or on its way.
+    pub fn has_capacity_for(&self, model: &ModelId) -> bool {
+        self.workers
+            .values()
+            .any(|w| &w.info.model == model && (w.routable() || w.coming()))
+    }
+
+    /// Workers of `model` that are loading, with their progress.
+    pub fn loading(&self, model: &ModelId) -> Vec<(WorkerKey, Phase)> {
+        self.workers
+            .iter()
+            .filter(|(_, w)| &w.info.model == model)
+            .filter_map(|(key, w)| match &w.info.state {
+                WorkerState::Running(s) if matches!(s.phase, Phase::Loading(_)) => {
+                    Some((key.clone(), s.phase))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The link of a connected hive.
+    pub fn hive_link(&self, id: &str) -> Result<Link<QueenProtocol>, QueenError> {
+        self.hives
+            .get(id)
+            .filter(|h| h.lost.is_none())
+            .map(|h| h.link.clone())
+            .ok_or_else(|| {
+                QueenError::new(QueenErrorKind::NoHive, format!("no connected hive {id}"))
+            })
+    }
+
+    /// Every connected hive's id and link.
+    pub fn connected_hives(&self) -> Vec<(String, Link<QueenProtocol>)> {
+        self.hives
+            .iter()
+            .filter(|(_, h)| h.lost.is_none())
+            .map(|(id, h)| (id.clone(), h.link.clone()))
+            .collect()
+    }
+
+    /// The hives.
+    pub fn hive_views(&self) -> Vec<HiveView> {
+        self.hives
+            .iter()
+            .map(|(id, h)| HiveView {
+                id: id.clone(),
+                addr: h.link.remote_address(),
+                state: match &h.lost {
+                    None => HiveState::Connected,
+                    Some((cause, at)) => HiveState::Lost {
+                        cause: cause.clone(),
+                        since_secs: at.elapsed().as_secs(),
+                    },
+                },
+                capabilities: h.capabilities.clone(),
+                models: h.models.clone(),
+                workers: self.workers.keys().filter(|k| &k.hive == id).count(),
+            })
+            .collect()
+    }
+
+    /// The workers.
+    pub fn worker_views(&self) -> Vec<WorkerView> {
+        self.workers
+            .iter()
+            .map(|(key, w)| WorkerView {
+                key: key.to_string(),
+                hive: key.hive.clone(),
+                info: w.info.clone(),
+                in_flight: w.in_flight,
+                routable: w.routable(),
+                route: match w.info.mode {
+                    WorkerMode::Process => "direct".into(),
+                    WorkerMode::InProcess => "hive".into(),
+                },
+            })
+            .collect()
+    }
+
+    /// Where a worker for `placement` goes: an explicit hive and device are honoured or
+    /// refused with the reason; otherwise among connected hives that have the model ready
+    /// and room for it, the one with the fewest workers of that model, then the fewest
+    /// workers, then the most free memory.
+    pub fn place(
+        &self,
+        placement: &Placement,
+        defaults: &SpawnDefaults,
+    ) -> Result<Placed, QueenError> {
+        let refuse = |message: String| Err(QueenError::new(QueenErrorKind::NoPlacement, message));
+        let model = &placement.model;
+        let slots = placement.slots.unwrap_or(defaults.slots).max(1);
+        let mut reasons = Vec::new();
+        // (workers of the model, all workers, most free memory first): lowest wins.
+        type Score = (usize, usize, std::cmp::Reverse<u64>);
+        let mut best: Option<(String, Score)> = None;
+        for (id, hive) in self.hives.iter().filter(|(_, h)| h.lost.is_none()) {
+            if placement.hive.as_ref().is_some_and(|wanted| wanted != id) {
+                continue;
+            }
+            match self.fits(id, hive, model, slots, placement.device.as_deref()) {
+                Ok(free) => {
+                    let of_model = self
+                        .workers
+                        .iter()
+                        .filter(|(k, w)| &k.hive == id && &w.info.model == model)
+                        .count();
+                    let all = self.workers.keys().filter(|k| &k.hive == id).count();
+                    let score = (of_model, all, std::cmp::Reverse(free));
+                    if best.as_ref().is_none_or(|(_, s)| score < *s) {
+                        best = Some((id.clone(), score));
+                    }
+                }
+                Err(reason) => reasons.push(format!("{id}: {reason}")),
+            }
+        }
+        let Some((hive, _)) = best else {
+            if let Some(wanted) = &placement.hive
+                && reasons.is_empty()
+            {
+                return refuse(format!("no connected hive {wanted}"));
+            }
+            if reasons.is_empty() {
+                return refuse(format!("no hive is connected to run {model}"));
+            }
+            return refuse(format!("no hive can run {model}: {}", reasons.join("; ")));
+        };
+        let link = self.hives[&hive].link.clone();
+        Ok(Placed {
+            hive,
+            link,
+            spawn: SpawnRequest {
+                model: model.clone(),
+                slots,
+                idle_timeout: defaults.idle_timeout,
+                mode: placement.mode.unwrap_or(defaults.mode),
+            },
+        })
+    }
+
+    /// Free memory left on `hive` for `model`, or why it does not fit there.
+    fn fits(
+        &self,
+        id: &str,
+        hive: &HiveEntry,
+        model: &ModelId,
+        slots: usize,
+        device: Option<&str>,
+    ) -> Result<u64, String> {
+        let manifest = hive
+            .models
+            .iter()
+            .find_map(|e| match e {
+                Entry::Ready(m) if &m.id == model => Some(m),
+                _ => None,
+            })
+            .ok_or_else(|| format!("{model} is not in its store"))?;
+        let free = match device {
+            None | Some("cpu") => {
+                let reserved: u64 = self
+                    .workers
+                    .iter()
+                    .filter(|(k, _)| k.hive == id)
+                    .map(|(_, w)| w.info.memory_bytes)
+                    .sum();
+                hive.capabilities.ram_available.saturating_sub(reserved)
+            }
+            Some(gpu) => return Err(gpu_refusal(&hive.capabilities, gpu)),
+        };
+        let weights: u64 = manifest.files.iter().map(|f| f.size).sum();
+        let kv = manifest.summary.kv_bytes_per_token
+            * manifest.summary.context_length as u64
+            * slots as u64;
+        let needed = (weights as f64 * MEMORY_HEADROOM) as u64 + kv;
+        if needed > free {
+            return Err(format!(
+                "{model} needs {needed} bytes with {slots} slots, {free} are free"
+            ));
+        }
+        Ok(free)
+    }
+}
+
+/// Why a GPU device cannot be used on a hive (this build runs workers on the CPU only).
+fn gpu_refusal(capabilities: &Capabilities, device: &str) -> String {
+    let index = device
+        .strip_prefix("cuda:")
+        .and_then(|n| n.parse::<u32>().ok());
+    let Some(index) = index else {
+        return format!("unknown device {device:?}: use cpu or cuda:N");
+    };
+    match &capabilities.gpu {
+        GpuReport::CpuOnly { reason } => format!("it has no usable GPU ({reason})"),
+        GpuReport::Nvidia { gpus, .. } if !gpus.iter().any(|g| g.index == index) => {
+            format!("it has no GPU cuda:{index}")
+        }
+        GpuReport::Nvidia { .. } if !capabilities.backends.iter().any(|b| b == "cuda") => {
+            "its rbee was built without the cuda backend".into()
+        }
+        GpuReport::Nvidia { .. } => format!("workers on cuda:{index} are not supported yet"),
+    }
+}
+
+impl WorkerEntry {
+    /// The reported state says this run is over (restarting or failed).
+    fn incarnation_over(&self) -> bool {
+        !matches!(self.info.state, WorkerState::Running(_))
+    }
+}

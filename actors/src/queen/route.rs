@@ -1,0 +1,230 @@
+//! One generation through the queen: admission, the worker's stream, failover.
+//!
+//! The request waits for a slot (queue position and loading news go to the client), then
+//! streams from its worker straight to the client. If the worker is lost before the first
+//! token, the request runs again on another worker without the client noticing; if it is
+//! lost mid-stream, the generation continues on another worker after the tokens already
+//! delivered (same seed: the sampler replays its draws), announced by one `Moved` event.
+//! Whatever happens, the client's stream ends with exactly one terminal event.
+
+use ractor::ActorRef;
+use rbee_transport::StreamReceiver;
+use tokio::sync::mpsc;
+
+use super::actor::{ADMIT_CAPACITY, Admit, Lease, QueenMsg};
+use super::protocol::{QueenItem, QueenOpen};
+use super::registry::Route;
+use crate::hive::remote::{HiveItem, HiveOpen};
+use crate::hive::store::ModelId;
+use crate::worker::api::{ErrorKind, GenerateRequest, GenerationError, GenerationEvent};
+use crate::worker::remote::RemoteGeneration;
+
+/// Workers a request may be moved across before it fails.
+pub const MAX_ATTEMPTS: usize = 4;
+
+/// Runs `request` for `model` and sends what happens to `out` (bounded: a slow client
+/// slows the worker). Ends when the terminal event is sent or `out` is dropped, which
+/// cancels the generation on its worker and frees the slot.
+pub async fn generate(
+    queen: ActorRef<QueenMsg>,
+    model: ModelId,
+    mut request: GenerateRequest,
+    out: mpsc::Sender<QueenItem>,
+) {
+    let end = |error: GenerationError| QueenItem::Generation(GenerationEvent::Error(error));
+    if let Err(e) = request.validate() {
+        let _ = out.send(end(e)).await;
+        return;
+    }
+    // A fixed seed makes a resumed generation the same one.
+    request.sampling.seed.get_or_insert_with(rand::random);
+    let mut delivered: Vec<u32> = Vec::new();
+    let mut lost_on: Option<String> = None;
+    let mut last_loss = String::new();
+    for _ in 0..MAX_ATTEMPTS {
+        let lease = match admit(&queen, &model, &out).await {
+            Ok(lease) => lease,
+            Err(None) => return,
+            Err(Some(error)) => {
+                let _ = out.send(end(error)).await;
+                return;
+            }
+        };
+        let here = lease.key.to_string();
+        let announce = match lost_on.take() {
+            Some(from) if !delivered.is_empty() => QueenItem::Moved {
+                from,
+                to: here.clone(),
+                after_tokens: delivered.len(),
+            },
+            _ => QueenItem::Assigned {
+                worker: here.clone(),
+            },
+        };
+        if out.send(announce).await.is_err() {
+            return;
+        }
+        request.resume = delivered.clone();
+        match run_on(&lease, request.clone(), &out, &mut delivered).await {
+            Outcome::Ended | Outcome::ClientGone => return,
+            Outcome::Refused(reason) => {
+                last_loss = format!("worker {here} refused it: {reason}");
+                lost_on = Some(here);
+            }
+            Outcome::Lost(reason) => {
+                lease.lost(reason.clone());
+                last_loss = format!("worker {here} was lost: {reason}");
+                lost_on = Some(here);
+            }
+        }
+    }
+    let error = GenerationError::new(
+        ErrorKind::WorkerLost,
+        format!("gave up after {MAX_ATTEMPTS} workers; the last: {last_loss}"),
+    );
+    let _ = out.send(end(error)).await;
+}
+
+/// How one attempt ended.
+enum Outcome {
+    /// The terminal event went to the client.
+    Ended,
+    /// The client left.
+    ClientGone,
+    /// The worker was lost before the terminal event.
+    Lost(String),
+    /// The worker could not take the request now (busy, loading, draining).
+    Refused(String),
+}
+
+/// Waits for a slot. `Err(None)`: the client left; `Err(Some)`: refused.
+async fn admit(
+    queen: &ActorRef<QueenMsg>,
+    model: &ModelId,
+    out: &mpsc::Sender<QueenItem>,
+) -> Result<Lease, Option<GenerationError>> {
+    let (tx, mut rx) = mpsc::channel(ADMIT_CAPACITY);
+    let acquire = QueenMsg::Acquire {
+        model: model.clone(),
+        waiter: tx,
+    };
+    if queen.cast(acquire).is_err() {
+        return Err(Some(GenerationError::new(
+            ErrorKind::Unavailable,
+            "the queen is stopping",
+        )));
+    }
+    loop {
+        let news = tokio::select! {
+            news = rx.recv() => news,
+            () = out.closed() => return Err(None),
+        };
+        let item = match news {
+            Some(Admit::Granted(lease)) => return Ok(lease),
+            Some(Admit::Refused(error)) => return Err(Some(error)),
+            Some(Admit::Queued(position)) => QueenItem::Queued { position },
+            Some(Admit::Loading { worker, progress }) => QueenItem::Loading { worker, progress },
+            None => {
+                return Err(Some(GenerationError::new(
+                    ErrorKind::Unavailable,
+                    "the queen dropped the request",
+                )));
+            }
+        };
+        if out.send(item).await.is_err() {
+            return Err(None);
+        }
+    }
+}
+
+/// A generation's events from its worker, however it is reached.
+enum WorkerStream {
+    Direct(RemoteGeneration),
+    Hive(StreamReceiver<QueenItem>),
+}
+
+impl WorkerStream {
+    async fn open(route: &Route, worker: &str, request: GenerateRequest) -> Result<Self, String> {
+        match route {
+            Route::Direct(remote) => remote
+                .generate(request)
+                .await
+                .map(WorkerStream::Direct)
+                .map_err(|e| e.to_string()),
+            Route::Hive(link) => {
+                let open = QueenOpen::Hive(HiveOpen::Generate {
+                    worker: worker.to_string(),
+                    request,
+                });
+                link.open_stream(open)
+                    .await
+                    .map(WorkerStream::Hive)
+                    .map_err(|e| e.to_string())
+            }
+        }
+    }
+
+    /// The next event; a failed link or an early end is an `Error` of kind `WorkerLost`.
+    async fn next(&mut self) -> GenerationEvent {
+        let lost =
+            |why: String| GenerationEvent::Error(GenerationError::new(ErrorKind::WorkerLost, why));
+        match self {
+            WorkerStream::Direct(remote) => match remote.next().await {
+                Some(event) => event,
+                None => lost("the worker's stream ended".into()),
+            },
+            WorkerStream::Hive(stream) => match stream.next().await {
+                Some(Ok(QueenItem::Hive(HiveItem::Generation(event)))) => event,
+                Some(Ok(other)) => lost(format!("the hive sent {other:?} in a generation")),
+                Some(Err(e)) => lost(format!("the hive link failed: {e}")),
+                None => lost("the hive ended the stream without a result".into()),
+            },
+        }
+    }
+}
+
+/// Streams one attempt on `lease`'s worker to `out`, recording delivered token ids.
+async fn run_on(
+    lease: &Lease,
+    request: GenerateRequest,
+    out: &mpsc::Sender<QueenItem>,
+    delivered: &mut Vec<u32>,
+) -> Outcome {
+    let mut stream = match WorkerStream::open(&lease.route, &lease.key.worker, request).await {
+        Ok(stream) => stream,
+        Err(e) => return Outcome::Lost(e),
+    };
+    let mut gone = lease.gone.clone();
+    loop {
+        let event = tokio::select! {
+            event = stream.next() => event,
+            _ = gone.wait_for(|g| *g) => return Outcome::Lost("its hive reports it gone".into()),
+            () = out.closed() => return Outcome::ClientGone,
+        };
+        match &event {
+            GenerationEvent::Error(e) if e.kind == ErrorKind::WorkerLost => {
+                return Outcome::Lost(e.message.clone());
+            }
+            GenerationEvent::Error(e) if not_now(e.kind) => {
+                return Outcome::Refused(e.message.clone());
+            }
+            GenerationEvent::Token { id, .. } => delivered.push(*id),
+            _ => {}
+        }
+        let terminal = event.is_terminal();
+        if out.send(QueenItem::Generation(event)).await.is_err() {
+            return Outcome::ClientGone;
+        }
+        if terminal {
+            return Outcome::Ended;
+        }
+    }
+}
+
+/// Refusals another worker (or the same one a moment later) can make good.
+fn not_now(kind: ErrorKind) -> bool {
+    matches!(
+        kind,
+        ErrorKind::Busy | ErrorKind::NotReady | ErrorKind::Draining
+    )
+}

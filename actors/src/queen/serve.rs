@@ -1,0 +1,466 @@
+//! The queen's side of its links: hives that report and are asked to act, clients that ask
+//! for operations and generations.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use ractor::{ActorRef, call_t};
+use rbee_transport::{
+    ClusterCa, Endpoint, Incoming, Link, LinkIncoming, NodeId, Role, StreamSender,
+};
+use tokio::sync::mpsc;
+
+use super::actor::{QueenMsg, spawn_on_hive};
+use super::protocol::{
+    ClientRequest, ClientResponse, HiveEvent, HostedModel, Placement, QueenError, QueenErrorKind,
+    QueenItem, QueenOpen, QueenProtocol, QueenRequest, QueenResponse, WorkerView,
+};
+use super::registry::WorkerKey;
+use super::route;
+use crate::hive::remote::{HiveItem, HiveOpen, HiveRequest, HiveResponse};
+use crate::hive::store::ModelId;
+use crate::worker::actor::STREAM_CAPACITY;
+
+/// How long a hive has to send its report after connecting.
+const REPORT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a call to the queen actor may take.
+const ACTOR_MS: u64 = 5_000;
+/// How long a forwarded hive operation may take.
+const HIVE_CALL: Duration = Duration::from_secs(30);
+/// How long an explicit spawn waits for its worker to take requests.
+const READY_TIMEOUT: Duration = Duration::from_secs(180);
+
+/// What serving needs.
+#[derive(Clone)]
+pub struct QueenService {
+    /// The queen actor.
+    pub queen: ActorRef<QueenMsg>,
+    /// The cluster CA (signs worker certificates for hives).
+    pub ca: Arc<ClusterCa>,
+}
+
+static NEXT_LINK: AtomicU64 = AtomicU64::new(1);
+
+/// Serves every peer of `endpoint` until it closes.
+pub async fn serve(endpoint: Arc<Endpoint<QueenProtocol>>, service: QueenService) {
+    while let Some(accepted) = endpoint.accept().await {
+        match accepted {
+            Ok((link, incoming)) => match link.peer().role {
+                Role::Hive => {
+                    tokio::spawn(serve_hive(link, incoming, service.clone()));
+                }
+                Role::Client => {
+                    tokio::spawn(serve_client(incoming, service.clone()));
+                }
+                other => link.close(&format!("the queen does not take {other} links")),
+            },
+            Err(e) => tracing::warn!("refused a peer: {e}"),
+        }
+    }
+}
+
+async fn serve_hive(
+    link: Link<QueenProtocol>,
+    mut incoming: LinkIncoming<QueenProtocol>,
+    service: QueenService,
+) {
+    let id = link.peer().node_id.to_string();
+    let link_id = NEXT_LINK.fetch_add(1, Ordering::Relaxed);
+    let report = match tokio::time::timeout(REPORT_TIMEOUT, incoming.next()).await {
+        Ok(Some(Incoming::Cast(HiveEvent::Report(report)))) => report,
+        _ => {
+            link.close("a hive's first message must be its report");
+            return;
+        }
+    };
+    let up = QueenMsg::HiveUp {
+        id: id.clone(),
+        link: link.clone(),
+        link_id,
+        report,
+    };
+    if service.queen.cast(up).is_err() {
+        return;
+    }
+    while let Some(message) = incoming.next().await {
+        match message {
+            Incoming::Cast(event) => {
+                let _ = service.queen.cast(QueenMsg::HiveEvent {
+                    id: id.clone(),
+                    event,
+                });
+            }
+            Incoming::Call { request, responder } => {
+                let response = match request {
+                    QueenRequest::SignWorker {
+                        worker,
+                        public_key_der,
+                    } => sign_worker(&service.ca, &id, &worker, &public_key_der),
+                    _ => invalid("a hive may only ask the queen to sign worker certificates"),
+                };
+                tokio::spawn(async move {
+                    let _ = responder.respond(response).await;
+                });
+            }
+            // Hives open no streams to the queen; dropping the sender refuses it.
+            Incoming::Stream { .. } => {}
+        }
+    }
+    let cause = link
+        .close_cause()
+        .map_or_else(|| "link closed".to_string(), |c| c.to_string());
+    let _ = service
+        .queen
+        .cast(QueenMsg::HiveDown { id, link_id, cause });
+}
+
+fn invalid(message: &str) -> QueenResponse {
+    QueenResponse::Error(QueenError::new(QueenErrorKind::Invalid, message))
+}
+
+fn sign_worker(ca: &ClusterCa, hive: &str, worker: &str, spki: &[u8]) -> QueenResponse {
+    let key = WorkerKey {
+        hive: hive.to_string(),
+        worker: worker.to_string(),
+    };
+    let signed = NodeId::new(key.node_id())
+        .map_err(|e| e.to_string())
+        .and_then(|node| {
+            ca.sign_public_key(&node, Role::Worker, spki)
+                .map_err(|e| e.to_string())
+        });
+    match signed {
+        Ok(cert) => QueenResponse::Certificate(cert.to_vec()),
+        Err(e) => invalid(&format!("cannot sign a certificate for worker {key}: {e}")),
+    }
+}
+
+async fn serve_client(mut incoming: LinkIncoming<QueenProtocol>, service: QueenService) {
+    while let Some(message) = incoming.next().await {
+        let service = service.clone();
+        match message {
+            Incoming::Cast(_) => {}
+            Incoming::Call { request, responder } => {
+                tokio::spawn(async move {
+                    let response = match request {
+                        QueenRequest::Client(request) => {
+                            QueenResponse::Client(answer(&service, request).await)
+                        }
+                        _ => invalid("a client may only send client requests"),
+                    };
+                    let _ = responder.respond(response).await;
+                });
+            }
+            Incoming::Stream { open, sender } => {
+                tokio::spawn(stream(service, open, sender));
+            }
+        }
+    }
+}
+
+fn error(kind: QueenErrorKind, message: impl Into<String>) -> ClientResponse {
+    ClientResponse::Error(QueenError::new(kind, message))
+}
+
+fn actor_down(e: impl std::fmt::Display) -> QueenError {
+    QueenError::new(
+        QueenErrorKind::Invalid,
+        format!("the queen is stopping: {e}"),
+    )
+}
+
+async fn hive_link(service: &QueenService, id: &str) -> Result<Link<QueenProtocol>, QueenError> {
+    call_t!(service.queen, QueenMsg::HiveLink, ACTOR_MS, id.to_string()).map_err(actor_down)?
+}
+
+/// The hives an operation addresses: one by id, or every connected one.
+async fn targets(
+    service: &QueenService,
+    hive: Option<&str>,
+) -> Result<Vec<(String, Link<QueenProtocol>)>, QueenError> {
+    match hive {
+        Some(id) => Ok(vec![(id.to_string(), hive_link(service, id).await?)]),
+        None => call_t!(service.queen, QueenMsg::ConnectedHives, ACTOR_MS).map_err(actor_down),
+    }
+}
+
+/// Calls one of a hive's operations.
+async fn call_hive(
+    link: &Link<QueenProtocol>,
+    request: HiveRequest,
+) -> Result<HiveResponse, QueenError> {
+    match link.call(QueenRequest::Hive(request), HIVE_CALL).await {
+        Ok(QueenResponse::Hive(HiveResponse::Error(e))) => {
+            Err(QueenError::new(QueenErrorKind::Hive, e))
+        }
+        Ok(QueenResponse::Hive(response)) => Ok(response),
+        Ok(other) => Err(QueenError::new(
+            QueenErrorKind::Hive,
+            format!("the hive answered out of protocol: {other:?}"),
+        )),
+        Err(e) => Err(QueenError::new(QueenErrorKind::HiveLost, e.to_string())),
+    }
+}
+
+async fn workers(service: &QueenService) -> Result<Vec<WorkerView>, QueenError> {
+    call_t!(service.queen, QueenMsg::Workers, ACTOR_MS).map_err(actor_down)
+}
+
+async fn answer(service: &QueenService, request: ClientRequest) -> ClientResponse {
+    match answer_inner(service, request).await {
+        Ok(response) => response,
+        Err(e) => ClientResponse::Error(e),
+    }
+}
+
+async fn answer_inner(
+    service: &QueenService,
+    request: ClientRequest,
+) -> Result<ClientResponse, QueenError> {
+    let queen = &service.queen;
+    Ok(match request {
+        ClientRequest::ListHives => {
+            ClientResponse::Hives(call_t!(queen, QueenMsg::Hives, ACTOR_MS).map_err(actor_down)?)
+        }
+        ClientRequest::GetHive(id) => {
+            let hives = call_t!(queen, QueenMsg::Hives, ACTOR_MS).map_err(actor_down)?;
+            match hives.into_iter().find(|h| h.id == id) {
+                Some(hive) => ClientResponse::Hive(hive),
+                None => error(QueenErrorKind::NoHive, format!("no hive {id}")),
+            }
+        }
+        ClientRequest::RefreshCapabilities(id) => {
+            let link = hive_link(service, &id).await?;
+            match call_hive(&link, HiveRequest::Capabilities { refresh: true }).await? {
+                HiveResponse::Capabilities(capabilities) => {
+                    let _ = queen.cast(QueenMsg::HiveCapabilities {
+                        id: id.clone(),
+                        capabilities,
+                    });
+                    let hives = call_t!(queen, QueenMsg::Hives, ACTOR_MS).map_err(actor_down)?;
+                    match hives.into_iter().find(|h| h.id == id) {
+                        Some(hive) => ClientResponse::Hive(hive),
+                        None => error(QueenErrorKind::NoHive, format!("no hive {id}")),
+                    }
+                }
+                other => error(QueenErrorKind::Hive, format!("unexpected {other:?}")),
+            }
+        }
+        ClientRequest::ListWorkers => ClientResponse::Workers(workers(service).await?),
+        ClientRequest::GetWorker(key) => {
+            match workers(service).await?.into_iter().find(|w| w.key == key) {
+                Some(worker) => ClientResponse::Worker(worker),
+                None => error(QueenErrorKind::NoWorker, format!("no worker {key}")),
+            }
+        }
+        ClientRequest::Spawn(placement) => ClientResponse::Worker(spawn(service, placement).await?),
+        ClientRequest::Stop(key) => {
+            let parsed = WorkerKey::parse(&key).ok_or_else(|| {
+                QueenError::new(
+                    QueenErrorKind::NoWorker,
+                    format!("{key} is not <hive>/<worker>"),
+                )
+            })?;
+            let link = hive_link(service, &parsed.hive).await?;
+            call_hive(&link, HiveRequest::Stop(parsed.worker)).await?;
+            ClientResponse::Done
+        }
+        ClientRequest::ListModels { hive } => {
+            let mut models = Vec::new();
+            for (id, link) in targets(service, hive.as_deref()).await? {
+                if let HiveResponse::Models(entries) =
+                    call_hive(&link, HiveRequest::ListModels).await?
+                {
+                    models.extend(entries.into_iter().map(|entry| HostedModel {
+                        hive: id.clone(),
+                        entry,
+                    }));
+                }
+            }
+            ClientResponse::Models(models)
+        }
+        ClientRequest::GetModel { hive, model } => {
+            let link = hive_link(service, &hive).await?;
+            match call_hive(&link, HiveRequest::GetModel(model)).await? {
+                HiveResponse::Model(manifest) => ClientResponse::Model(manifest),
+                other => error(QueenErrorKind::Hive, format!("unexpected {other:?}")),
+            }
+        }
+        ClientRequest::DeleteModel { hive, model } => {
+            delete_model(service, hive.as_deref(), model).await?
+        }
+    })
+}
+
+/// Deletes `model` from one hive, or from every connected hive that has it.
+async fn delete_model(
+    service: &QueenService,
+    hive: Option<&str>,
+    model: ModelId,
+) -> Result<ClientResponse, QueenError> {
+    let all = hive.is_none();
+    let mut deleted = 0;
+    for (_, link) in targets(service, hive).await? {
+        match call_hive(&link, HiveRequest::DeleteModel(model.clone())).await {
+            Ok(_) => deleted += 1,
+            // Across all hives, one that lacks the model is no failure.
+            Err(e) if all && e.kind == QueenErrorKind::Hive => {}
+            Err(e) => return Err(e),
+        }
+    }
+    if deleted == 0 {
+        return Err(QueenError::new(
+            QueenErrorKind::Hive,
+            format!("no connected hive has {model}"),
+        ));
+    }
+    Ok(ClientResponse::Done)
+}
+
+/// Places a worker, has its hive start it, and waits until the queen routes to it.
+pub async fn spawn(service: &QueenService, placement: Placement) -> Result<WorkerView, QueenError> {
+    let placed =
+        call_t!(service.queen, QueenMsg::Place, ACTOR_MS, placement).map_err(actor_down)??;
+    let key = WorkerKey {
+        hive: placed.hive.clone(),
+        worker: String::new(),
+    };
+    let info = spawn_on_hive(&service.queen, placed).await?;
+    let key = WorkerKey {
+        worker: info.id,
+        ..key
+    }
+    .to_string();
+    let deadline = Instant::now() + READY_TIMEOUT;
+    loop {
+        let view = workers(service).await?.into_iter().find(|w| w.key == key);
+        match view {
+            Some(view) if view.routable => return Ok(view),
+            Some(view) if view.info.state == crate::hive::workers::WorkerState::Failed => {
+                return Err(QueenError::new(
+                    QueenErrorKind::Hive,
+                    format!(
+                        "worker {key} failed: {}",
+                        view.info.last_error.unwrap_or_default()
+                    ),
+                ));
+            }
+            _ if Instant::now() >= deadline => {
+                return Err(QueenError::new(
+                    QueenErrorKind::Hive,
+                    format!("worker {key} did not take requests within {READY_TIMEOUT:?}"),
+                ));
+            }
+            _ => tokio::time::sleep(Duration::from_millis(10)).await,
+        }
+    }
+}
+
+async fn stream(service: QueenService, open: QueenOpen, sender: StreamSender<QueenItem>) {
+    match open {
+        QueenOpen::Generate { model, request } => {
+            let (tx, rx) = mpsc::channel(STREAM_CAPACITY);
+            tokio::spawn(route::generate(service.queen.clone(), model, request, tx));
+            forward(rx, sender).await;
+        }
+        QueenOpen::Pull {
+            hive,
+            source,
+            sha256,
+            id,
+        } => {
+            let (tx, rx) = mpsc::channel(64);
+            let hives = match targets(&service, hive.as_deref()).await {
+                Ok(hives) if !hives.is_empty() => hives,
+                Ok(_) => vec![],
+                Err(e) => {
+                    let item = QueenItem::Pull {
+                        hive: hive.unwrap_or_default(),
+                        item: HiveItem::PullFailed(e.message),
+                    };
+                    let _ = tx.send(item).await;
+                    vec![]
+                }
+            };
+            for (name, link) in hives {
+                let open = HiveOpen::Pull {
+                    source: source.clone(),
+                    sha256: sha256.clone(),
+                    id: id.clone(),
+                };
+                tokio::spawn(pull_on(name, link, open, tx.clone()));
+            }
+            drop(tx);
+            forward(rx, sender).await;
+        }
+        // Clients open no hive streams on the queen.
+        QueenOpen::Hive(_) => {}
+    }
+}
+
+/// Runs a pull on one hive, forwarding its items; always ends with `Pulled` or
+/// `PullFailed`. Dropping `tx`'s receiver (the client left) drops the hive stream, which
+/// cancels the pull on the hive.
+async fn pull_on(
+    hive: String,
+    link: Link<QueenProtocol>,
+    open: HiveOpen,
+    tx: mpsc::Sender<QueenItem>,
+) {
+    let item = |item| QueenItem::Pull {
+        hive: hive.clone(),
+        item,
+    };
+    let mut stream = match link.open_stream(QueenOpen::Hive(open)).await {
+        Ok(stream) => stream,
+        Err(e) => {
+            let _ = tx.send(item(HiveItem::PullFailed(e.to_string()))).await;
+            return;
+        }
+    };
+    loop {
+        let next = tokio::select! {
+            next = stream.next() => next,
+            () = tx.closed() => return,
+        };
+        let (hive_item, last) = match next {
+            Some(Ok(QueenItem::Hive(i @ (HiveItem::Pulled(_) | HiveItem::PullFailed(_))))) => {
+                (i, true)
+            }
+            Some(Ok(QueenItem::Hive(i))) => (i, false),
+            Some(Ok(other)) => (HiveItem::PullFailed(format!("unexpected {other:?}")), true),
+            Some(Err(e)) => (
+                HiveItem::PullFailed(format!("the hive link failed: {e}")),
+                true,
+            ),
+            None => (
+                HiveItem::PullFailed("the hive ended the pull without a result".into()),
+                true,
+            ),
+        };
+        if tx.send(item(hive_item)).await.is_err() || last {
+            return;
+        }
+    }
+}
+
+/// Forwards items to the client's stream and finishes it; the client resetting its stream
+/// drops `rx`, which stops the producer.
+async fn forward(mut rx: mpsc::Receiver<QueenItem>, mut sender: StreamSender<QueenItem>) {
+    let cancelled = sender.cancelled();
+    tokio::pin!(cancelled);
+    loop {
+        let item = tokio::select! {
+            item = rx.recv() => item,
+            () = &mut cancelled => return,
+        };
+        let Some(item) = item else {
+            let _ = sender.finish();
+            return;
+        };
+        if sender.send(&item).await.is_err() {
+            return;
+        }
+    }
+}

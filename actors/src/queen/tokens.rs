@@ -1,0 +1,172 @@
+//! Join tokens and the hives that joined, kept in the queen's data directory.
+//!
+//! Only a hash of each secret is stored (`tokens.json`, mode 0600): reading the file does
+//! not let anyone join. A token may be used by several hives until it expires (one token
+//! per rollout, like a kubeadm token). Each node id can join once: a hive that joined
+//! keeps its certificate and reconnects with it, and nobody can take over its name with a
+//! second join.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rbee_transport::JoinSecret;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+const TOKENS_FILE: &str = "tokens.json";
+const JOINED_FILE: &str = "joined.json";
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct Tokens {
+    tokens: Vec<StoredToken>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct StoredToken {
+    /// SHA-256 of the secret, hex.
+    sha256: String,
+    /// Seconds since the Unix epoch.
+    expires_at: u64,
+}
+
+/// Why a join was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum JoinRefusal {
+    /// No token with this secret was ever created here.
+    #[error("unknown join token")]
+    Unknown,
+    /// The token expired.
+    #[error("the join token expired {0} s ago")]
+    Expired(u64),
+    /// A node of that id joined already.
+    #[error("node id {0} has joined already (a joined hive reconnects with its certificate)")]
+    Taken(String),
+    /// The token files could not be read or written.
+    #[error("the queen's token store failed: {0}")]
+    Store(String),
+}
+
+/// The queen's tokens and joined nodes.
+pub struct TokenStore {
+    dir: PathBuf,
+    /// Serialises read-modify-write of the files within this process.
+    lock: Mutex<()>,
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn hash(secret: &JoinSecret) -> String {
+    hex::encode(Sha256::digest(secret.0))
+}
+
+impl TokenStore {
+    /// The store in `dir` (the queen's data directory).
+    pub fn new(dir: &Path) -> Self {
+        TokenStore {
+            dir: dir.to_path_buf(),
+            lock: Mutex::new(()),
+        }
+    }
+
+    /// Creates a token valid for `ttl`, dropping expired ones.
+    pub fn create(&self, ttl: Duration) -> Result<JoinSecret, JoinRefusal> {
+        let _guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        let mut tokens: Tokens = self.read(TOKENS_FILE)?;
+        let now = now_secs();
+        tokens.tokens.retain(|t| t.expires_at > now);
+        let secret = JoinSecret::generate();
+        tokens.tokens.push(StoredToken {
+            sha256: hash(&secret),
+            expires_at: now + ttl.as_secs().max(1),
+        });
+        self.write(TOKENS_FILE, &tokens)?;
+        Ok(secret)
+    }
+
+    /// Admits `node_id` with `secret` once: checks the token, then records the node as
+    /// joined.
+    pub fn admit(&self, secret: &JoinSecret, node_id: &str) -> Result<(), JoinRefusal> {
+        let _guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        let tokens: Tokens = self.read(TOKENS_FILE)?;
+        let wanted = hash(secret);
+        let token = tokens
+            .tokens
+            .iter()
+            .find(|t| t.sha256 == wanted)
+            .ok_or(JoinRefusal::Unknown)?;
+        let now = now_secs();
+        if token.expires_at <= now {
+            return Err(JoinRefusal::Expired(now - token.expires_at));
+        }
+        let mut joined: Vec<String> = self.read(JOINED_FILE)?;
+        if joined.iter().any(|j| j == node_id) {
+            return Err(JoinRefusal::Taken(node_id.to_string()));
+        }
+        joined.push(node_id.to_string());
+        self.write(JOINED_FILE, &joined)
+    }
+
+    fn read<T: Default + for<'de> Deserialize<'de>>(&self, name: &str) -> Result<T, JoinRefusal> {
+        let path = self.dir.join(name);
+        match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map_err(|e| JoinRefusal::Store(format!("{}: {e}", path.display()))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(T::default()),
+            Err(e) => Err(JoinRefusal::Store(format!("{}: {e}", path.display()))),
+        }
+    }
+
+    fn write<T: Serialize>(&self, name: &str, value: &T) -> Result<(), JoinRefusal> {
+        let store_err = |e: &dyn std::fmt::Display| JoinRefusal::Store(e.to_string());
+        std::fs::create_dir_all(&self.dir).map_err(|e| store_err(&e))?;
+        let json = serde_json::to_vec_pretty(value).map_err(|e| store_err(&e))?;
+        let temp = tempfile::NamedTempFile::new_in(&self.dir).map_err(|e| store_err(&e))?;
+        // NamedTempFile is created with mode 0600: the hashes stay private.
+        std::fs::write(temp.path(), json).map_err(|e| store_err(&e))?;
+        temp.persist(self.dir.join(name))
+            .map_err(|e| store_err(&e.error))?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_token_admits_until_it_expires_and_each_id_joins_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = TokenStore::new(dir.path());
+        let secret = store.create(Duration::from_secs(3600)).unwrap();
+        store.admit(&secret, "hive-1").unwrap();
+        store.admit(&secret, "hive-2").unwrap();
+        assert_eq!(
+            store.admit(&secret, "hive-1"),
+            Err(JoinRefusal::Taken("hive-1".into()))
+        );
+        assert_eq!(
+            store.admit(&JoinSecret::generate(), "hive-3"),
+            Err(JoinRefusal::Unknown)
+        );
+        // A token whose time is up.
+        let expired = store.create(Duration::from_secs(1)).unwrap();
+        let mut tokens: Tokens = store.read(TOKENS_FILE).unwrap();
+        for t in &mut tokens.tokens {
+            if t.sha256 == hash(&expired) {
+                t.expires_at = now_secs() - 5;
+            }
+        }
+        store.write(TOKENS_FILE, &tokens).unwrap();
+        assert!(matches!(
+            store.admit(&expired, "hive-4"),
+            Err(JoinRefusal::Expired(s)) if s >= 5
+        ));
+        let raw = std::fs::read_to_string(dir.path().join(TOKENS_FILE)).unwrap();
+        assert!(!raw.contains(&hex::encode(secret.0)), "a secret was stored");
+    }
+}
