@@ -7,6 +7,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+pub mod daemons;
+
 use rbee_transport::{
     ClusterCa, Endpoint, Incoming, Link, LinkConfig, LinkIncoming, NodeId, NodeIdentity, Protocol,
     Role,

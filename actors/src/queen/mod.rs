@@ -4,6 +4,7 @@
 //! - [`tokens`]: join tokens and the hives that joined.
 //! - [`registry`]: hives and workers, placement and the choice of a worker per request.
 //! - [`admission`]: the bounded per-model queues.
+//! - [`client`]: a client of the queen over the node link.
 //! - [`actor`]: the queen actor that owns both and acts on what the links report.
 //! - [`route`]: one generation through the queen, with failover.
 //! - [`serve`]: the queen's side of its links.
@@ -11,6 +12,7 @@
 
 pub mod actor;
 pub mod admission;
+pub mod client;
 pub mod daemon;
 pub mod protocol;
 pub mod registry;
