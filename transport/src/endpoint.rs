@@ -27,6 +27,17 @@ const CONCURRENT_HANDSHAKES: usize = 128;
 /// Established links waiting for [`Endpoint::accept`].
 const ACCEPT_BACKLOG: usize = 64;
 
+/// An ephemeral port on the unspecified address of `peer`'s family: where to bind an
+/// endpoint that only dials `peer`.
+pub fn dial_from(peer: SocketAddr) -> SocketAddr {
+    let ip: std::net::IpAddr = if peer.is_ipv6() {
+        std::net::Ipv6Addr::UNSPECIFIED.into()
+    } else {
+        std::net::Ipv4Addr::UNSPECIFIED.into()
+    };
+    SocketAddr::new(ip, 0)
+}
+
 /// A link just established, with the receiver of what the peer sends.
 pub type Established<P> = (Link<P>, LinkIncoming<P>);
 

@@ -301,12 +301,8 @@ async fn join_inner(
         .with_no_client_auth();
     tls.alpn_protocols = vec![JOIN_ALPN.to_vec()];
     let quic = QuicClientConfig::try_from(tls).map_err(|e| JoinError::Protocol(e.to_string()))?;
-    let bind: SocketAddr = if addr.is_ipv6() {
-        "[::]:0".parse().expect("a valid address")
-    } else {
-        "0.0.0.0:0".parse().expect("a valid address")
-    };
-    let endpoint = quinn::Endpoint::client(bind).map_err(|e| unreachable(e.to_string()))?;
+    let endpoint = quinn::Endpoint::client(crate::endpoint::dial_from(addr))
+        .map_err(|e| unreachable(e.to_string()))?;
     let conn = endpoint
         .connect_with(
             quinn::ClientConfig::new(Arc::new(quic)),

@@ -72,16 +72,8 @@ pub async fn run(
     service: HiveService,
     current: watch::Sender<Option<Link<QueenProtocol>>>,
 ) -> LinkError {
-    let bind = if queen.is_ipv6() {
-        "[::]:0"
-    } else {
-        "0.0.0.0:0"
-    };
-    let endpoint = match Endpoint::<QueenProtocol>::client(
-        identity,
-        bind.parse().expect("a valid address"),
-        config,
-    ) {
+    let bind = rbee_transport::dial_from(queen);
+    let endpoint = match Endpoint::<QueenProtocol>::client(identity, bind, config) {
         Ok(endpoint) => endpoint,
         Err(e) => return e,
     };

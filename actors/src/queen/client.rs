@@ -42,12 +42,7 @@ impl QueenClient {
         addr: SocketAddr,
         config: LinkConfig,
     ) -> Result<Self, LinkError> {
-        let bind = if addr.is_ipv6() {
-            "[::]:0"
-        } else {
-            "0.0.0.0:0"
-        };
-        let endpoint = Endpoint::client(identity, bind.parse().expect("a valid address"), config)?;
+        let endpoint = Endpoint::client(identity, rbee_transport::dial_from(addr), config)?;
         let (link, _incoming) = endpoint.connect(addr, &[Role::Queen]).await?;
         Ok(QueenClient {
             link,

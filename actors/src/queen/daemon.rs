@@ -178,7 +178,7 @@ impl RunningQueen {
         let identity = queen_identity(&data, &ca)?;
         let workers = Arc::new(Endpoint::<WorkerProtocol>::client(
             identity.clone(),
-            unspecified_like(config.listen),
+            rbee_transport::dial_from(config.listen),
             config.link.clone(),
         )?);
         let link_config = LinkConfig {
@@ -239,15 +239,6 @@ impl RunningQueen {
         self.served.abort();
         self.queen.stop(Some("queen stopping".into()));
         self.endpoint.wait_idle().await;
-    }
-}
-
-/// An ephemeral port on the same kind of address as `listen`, for dialing.
-fn unspecified_like(listen: SocketAddr) -> SocketAddr {
-    if listen.is_ipv6() {
-        "[::]:0".parse().expect("a valid address")
-    } else {
-        "0.0.0.0:0".parse().expect("a valid address")
     }
 }
 

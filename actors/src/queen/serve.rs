@@ -322,14 +322,11 @@ async fn delete_model(
 pub async fn spawn(service: &QueenService, placement: Placement) -> Result<WorkerView, QueenError> {
     let placed =
         call_t!(service.queen, QueenMsg::Place, ACTOR_MS, placement).map_err(actor_down)??;
-    let key = WorkerKey {
-        hive: placed.hive.clone(),
-        worker: String::new(),
-    };
+    let hive = placed.hive.clone();
     let info = spawn_on_hive(&service.queen, placed).await?;
     let key = WorkerKey {
+        hive,
         worker: info.id,
-        ..key
     }
     .to_string();
     let deadline = Instant::now() + READY_TIMEOUT;
@@ -371,18 +368,25 @@ async fn stream(service: QueenService, open: QueenOpen, sender: StreamSender<Que
             id,
         } => {
             let (tx, rx) = mpsc::channel(64);
-            let hives = match targets(&service, hive.as_deref()).await {
-                Ok(hives) if !hives.is_empty() => hives,
-                Ok(_) => vec![],
-                Err(e) => {
-                    let item = QueenItem::Pull {
-                        hive: hive.unwrap_or_default(),
-                        item: HiveItem::PullFailed(e.message),
-                    };
-                    let _ = tx.send(item).await;
-                    vec![]
+            let found = targets(&service, hive.as_deref()).await.and_then(|hives| {
+                if hives.is_empty() {
+                    Err(QueenError::new(
+                        QueenErrorKind::NoHive,
+                        "no hive is connected",
+                    ))
+                } else {
+                    Ok(hives)
                 }
-            };
+            });
+            let hives = found.unwrap_or_else(|e| {
+                let item = QueenItem::Pull {
+                    hive: hive.unwrap_or_default(),
+                    item: HiveItem::PullFailed(e.message),
+                };
+                // The channel has room: nothing else was sent yet.
+                let _ = tx.try_send(item);
+                Vec::new()
+            });
             for (name, link) in hives {
                 let open = HiveOpen::Pull {
                     source: source.clone(),
