@@ -150,3 +150,65 @@ async fn requests_spread_over_both_hives_and_a_missing_worker_is_started() {
     assert_eq!(listed.iter().filter(|w| w.info.model == solo).count(), 1);
     assert!(listed.iter().all(|w| w.in_flight == 0), "{listed:?}");
 }
+
+#[tokio::test]
+async fn a_restarted_queen_adopts_the_running_workers() {
+    let dir = tempfile::tempdir().unwrap();
+    let model_file = dir.path().join("tiny.gguf");
+    write_tiny_llama(&model_file, 512).unwrap();
+    let (home_a, home_b) = (dir.path().join("a"), dir.path().join("b"));
+    import(&home_a, &model_file, "tiny");
+    import(&home_b, &model_file, "tiny");
+    let (mut queen, link) = start_queen(dir.path(), 0, &[]);
+    let token = token(dir.path(), 600);
+    let _a = start_hive(&home_a, &token, "hive-a").unwrap();
+    let _b = start_hive(&home_b, &token, "hive-b").unwrap();
+    let tiny = ModelId::new("tiny").unwrap();
+    let before = {
+        let client = client(dir.path(), link).await;
+        eventually(20, "both hives connected", || async {
+            matches!(client.call(ClientRequest::ListHives).await, Ok(ClientResponse::Hives(h)) if h.len() == 2)
+        })
+        .await;
+        for hive in ["hive-a", "hive-b"] {
+            let placement = Placement {
+                hive: Some(hive.into()),
+                ..Placement::of(tiny.clone())
+            };
+            client.call(ClientRequest::Spawn(placement)).await.unwrap();
+        }
+        incarnations(&client).await
+    };
+    assert_eq!(before.len(), 2);
+
+    // A crash of the queen, then the same queen (data directory, address) again.
+    queen.kill();
+    let (_queen, again) = start_queen(dir.path(), link.port(), &[]);
+    assert_eq!(again, link);
+    let client = client(dir.path(), link).await;
+    eventually(20, "the workers are back and routable", || async {
+        let listed = workers(&client).await;
+        listed.len() == 2 && listed.iter().all(|w| w.routable)
+    })
+    .await;
+    assert_eq!(
+        incarnations(&client).await,
+        before,
+        "the same workers, none restarted"
+    );
+    let seen = read_all(client.generate(tiny, greedy(8)).await.unwrap(), 60).await;
+    assert!(seen.done.is_some(), "{seen:?}");
+}
+
+/// Each worker's key, pid and restart count, sorted.
+async fn incarnations(
+    client: &rbee::actors::queen::client::QueenClient,
+) -> Vec<(String, Option<u32>, u32)> {
+    let mut listed: Vec<_> = workers(client)
+        .await
+        .into_iter()
+        .map(|w| (w.key, w.info.pid, w.info.restarts))
+        .collect();
+    listed.sort();
+    listed
+}

@@ -28,6 +28,9 @@ pub enum BenchCommand {
     /// The hive: spawn-to-ready time rbee adds to a model load (in-process and process
     /// workers), and download throughput from a local hub next to curl.
     Hive(super::bench_hive::HiveBenchArgs),
+    /// The queen: time to first token through it next to a direct worker link, remote
+    /// spawn latency, and its CPU with 1,000 simulated workers connected.
+    Queen(super::bench_queen::QueenBenchArgs),
 }
 
 #[derive(Debug, Args)]
@@ -60,6 +63,7 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<ExitCode> {
     match command {
         BenchCommand::Engine(args) => engine(args).await,
         BenchCommand::Hive(args) => super::bench_hive::run(args).await,
+        BenchCommand::Queen(args) => super::bench_queen::run(args).await,
     }
 }
 

@@ -17,19 +17,13 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
-use ractor::Actor;
-use rbee::actors::hive::hub::{Hub, HubConfig};
-use rbee::actors::hive::process::{self, IdentityIssuer, ProcessConfig};
-use rbee::actors::hive::remote::{self, HiveProtocol, HiveService};
-use rbee::actors::hive::store::ModelStore;
+use rbee::actors::hive::daemon::{HiveDaemonConfig, RunningHive, WorkerProcesses};
+use rbee::actors::hive::process::{self, IdentityIssuer};
+use rbee::actors::hive::remote::{self, HiveProtocol};
 use rbee::actors::hive::uplink;
-use rbee::actors::hive::workers::{Hive, HiveArgs};
-use rbee::actors::supervisor::RestartPolicy;
-use rbee::actors::worker::remote::WorkerProtocol;
 use rbee::transport::{ClusterCa, Endpoint, JoinToken, LinkConfig, NodeId, NodeIdentity, Role};
 
 use super::LinkTiming;
@@ -159,44 +153,28 @@ async fn serve(args: HiveArgsCli) -> anyhow::Result<()> {
         "the identity is a {} identity, not a hive's",
         identity.role().as_str()
     );
-    let store = ModelStore::open(&data)?;
-    let workers_endpoint =
-        Endpoint::<WorkerProtocol>::client(identity.clone(), "127.0.0.1:0".parse()?, link.clone())?;
-    let processes = ProcessConfig {
-        program: std::env::current_exe()?,
-        runtime_dir: hive_dir.join("workers"),
-        issuer,
-        endpoint: Arc::new(workers_endpoint),
-        ready_timeout: Duration::from_secs(120),
+    let config = HiveDaemonConfig {
+        data,
+        identity: identity.clone(),
+        link: link.clone(),
+        processes: Some(WorkerProcesses {
+            program: std::env::current_exe()?,
+            issuer,
+        }),
     };
-    let changes = Arc::new(tokio::sync::Notify::new());
-    let hive_args = HiveArgs {
-        store: store.clone(),
-        policy: RestartPolicy::default(),
-        memory_budget: None,
-        drain_timeout: Duration::from_secs(30),
-        idle_check: Duration::from_secs(5),
-        processes: Some(processes),
-        changes: Some(changes.clone()),
-    };
-    let (hive, mut stopped) = Actor::spawn(None, Hive, hive_args).await?;
-    let service = HiveService {
-        hive: hive.clone(),
-        store,
-        hub: Arc::new(Hub::new(HubConfig::default())?),
-        capabilities: Default::default(),
-        changes,
-    };
+    let running = RunningHive::start(&config).await?;
     let node = identity.node_id().to_string();
     let served = match queen {
         Some((queen, current)) => {
             report(&serde_json::json!({ "ready": { "id": node, "queen": queen.to_string() } }));
+            let uplink = running.join(&config, queen, current);
             tokio::spawn(async move {
-                let refused = uplink::run(identity, queen, link, service, current).await;
-                report(
-                    &serde_json::json!({ "failed": format!("the queen refused this hive: {refused}") }),
-                );
-                std::process::exit(1);
+                if let Ok(refused) = uplink.await {
+                    report(
+                        &serde_json::json!({ "failed": format!("the queen refused this hive: {refused}") }),
+                    );
+                    std::process::exit(1);
+                }
             })
         }
         None => {
@@ -207,16 +185,16 @@ async fn serve(args: HiveArgsCli) -> anyhow::Result<()> {
             let endpoint = Endpoint::<HiveProtocol>::bind(identity, args.listen, config)?;
             let listen = endpoint.local_addr()?;
             report(&serde_json::json!({ "ready": { "id": node, "listen": listen.to_string() } }));
-            tokio::spawn(remote::serve(endpoint, service))
+            tokio::spawn(remote::serve(endpoint, running.service.clone()))
         }
     };
-    tokio::select! {
-        _ = &mut stopped => {}
-        _ = tokio::signal::ctrl_c() => {
-            // A deliberate stop drains and stops the workers (the hive's post_stop).
-            hive.stop(Some("interrupted".into()));
-            let _ = stopped.await;
-        }
+    let mut running = running;
+    let interrupted = tokio::select! {
+        _ = &mut running.stopped => false,
+        _ = tokio::signal::ctrl_c() => true,
+    };
+    if interrupted {
+        running.stop("interrupted").await;
     }
     served.abort();
     Ok(())

@@ -7,6 +7,7 @@ use clap::{Args, Parser, Subcommand};
 
 mod bench;
 mod bench_hive;
+mod bench_queen;
 mod hive;
 mod queen;
 mod run;

@@ -5,10 +5,12 @@
 //! - [`capabilities`]: GPUs, CPU, memory, disk, built backends.
 //! - [`workers`], [`process`]: the supervised workers, in-process or child processes.
 //! - [`remote`]: the hive's operations over the node link (what the `rbee hive` daemon
-//!   serves).
+//!   serves), [`uplink`] (a joined hive's link to its queen), [`daemon`] (all of it as one
+//!   unit).
 
 pub mod capabilities;
 pub mod cards;
+pub mod daemon;
 pub mod hub;
 pub mod local_hub;
 pub mod process;

@@ -34,6 +34,8 @@ const LIST_TIMEOUT_MS: u64 = 10_000;
 
 /// The current link to the queen, if any (worker certificates are signed over it).
 pub type QueenLink = watch::Receiver<Option<Link<QueenProtocol>>>;
+/// Where the uplink publishes its current link.
+pub type QueenLinkSender = watch::Sender<Option<Link<QueenProtocol>>>;
 
 /// An issuer that has the queen sign each worker's certificate over a key the hive
 /// generates (the private key stays on this machine).
@@ -70,7 +72,7 @@ pub async fn run(
     queen: SocketAddr,
     config: LinkConfig,
     service: HiveService,
-    current: watch::Sender<Option<Link<QueenProtocol>>>,
+    current: QueenLinkSender,
 ) -> LinkError {
     let bind = rbee_transport::dial_from(queen);
     let endpoint = match Endpoint::<QueenProtocol>::client(identity, bind, config) {

@@ -7,6 +7,8 @@
 //! delivered (same seed: the sampler replays its draws), announced by one `Moved` event.
 //! Whatever happens, the client's stream ends with exactly one terminal event.
 
+use std::time::Duration;
+
 use ractor::ActorRef;
 use rbee_transport::StreamReceiver;
 use tokio::sync::mpsc;
@@ -21,6 +23,12 @@ use crate::worker::remote::RemoteGeneration;
 
 /// Workers a request may be moved across before it fails.
 pub const MAX_ATTEMPTS: usize = 4;
+/// Refusals (busy, loading, draining) a request may meet before it fails. A worker that
+/// is busy right after the queen freed its slot is still ending a cancelled generation,
+/// so refusals are retried after a short, growing pause.
+pub const MAX_REFUSALS: u32 = 12;
+const FIRST_REFUSAL_PAUSE: Duration = Duration::from_millis(10);
+const LONGEST_REFUSAL_PAUSE: Duration = Duration::from_millis(500);
 
 /// Runs `request` for `model` and sends what happens to `out` (bounded: a slow client
 /// slows the worker). Ends when the terminal event is sent or `out` is dropped, which
@@ -41,7 +49,8 @@ pub async fn generate(
     let mut delivered: Vec<u32> = Vec::new();
     let mut lost_on: Option<String> = None;
     let mut last_loss = String::new();
-    for _ in 0..MAX_ATTEMPTS {
+    let (mut losses, mut refusals) = (0, 0);
+    while losses < MAX_ATTEMPTS && refusals < MAX_REFUSALS {
         let lease = match admit(&queen, &model, &out).await {
             Ok(lease) => lease,
             Err(None) => return,
@@ -51,9 +60,11 @@ pub async fn generate(
             }
         };
         let here = lease.key.to_string();
-        let announce = match lost_on.take() {
+        // Sent when the worker has taken the request (its first event), so a refusal
+        // or a loss before it stays invisible to the client.
+        let announce = match &lost_on {
             Some(from) if !delivered.is_empty() => QueenItem::Moved {
-                from,
+                from: from.clone(),
                 to: here.clone(),
                 after_tokens: delivered.len(),
             },
@@ -61,26 +72,41 @@ pub async fn generate(
                 worker: here.clone(),
             },
         };
-        if out.send(announce).await.is_err() {
-            return;
-        }
         request.resume = delivered.clone();
-        match run_on(&lease, request.clone(), &out, &mut delivered).await {
+        let before = delivered.len();
+        match run_on(&lease, request.clone(), announce, &out, &mut delivered).await {
             Outcome::Ended | Outcome::ClientGone => return,
             Outcome::Refused(reason) => {
+                drop(lease);
                 last_loss = format!("worker {here} refused it: {reason}");
-                lost_on = Some(here);
+                let pause = FIRST_REFUSAL_PAUSE * 2u32.pow(refusals.min(6));
+                refusals += 1;
+                tokio::select! {
+                    () = tokio::time::sleep(pause.min(LONGEST_REFUSAL_PAUSE)) => {}
+                    () = out.closed() => return,
+                }
             }
             Outcome::Lost(reason) => {
                 lease.lost(reason.clone());
                 last_loss = format!("worker {here} was lost: {reason}");
-                lost_on = Some(here);
+                losses += 1;
+                // A move is announced from the last worker that delivered tokens.
+                if delivered.len() > before {
+                    lost_on = Some(here);
+                }
             }
         }
     }
+    let kind = if losses == MAX_ATTEMPTS {
+        ErrorKind::WorkerLost
+    } else {
+        ErrorKind::Unavailable
+    };
     let error = GenerationError::new(
-        ErrorKind::WorkerLost,
-        format!("gave up after {MAX_ATTEMPTS} workers; the last: {last_loss}"),
+        kind,
+        format!(
+            "gave up after {losses} lost workers and {refusals} refusals; the last: {last_loss}"
+        ),
     );
     let _ = out.send(end(error)).await;
 }
@@ -187,9 +213,11 @@ impl WorkerStream {
 async fn run_on(
     lease: &Lease,
     request: GenerateRequest,
+    announce: QueenItem,
     out: &mpsc::Sender<QueenItem>,
     delivered: &mut Vec<u32>,
 ) -> Outcome {
+    let mut announce = Some(announce);
     let mut stream = match WorkerStream::open(&lease.route, &lease.key.worker, request).await {
         Ok(stream) => stream,
         Err(e) => return Outcome::Lost(e),
@@ -210,6 +238,11 @@ async fn run_on(
             }
             GenerationEvent::Token { id, .. } => delivered.push(*id),
             _ => {}
+        }
+        if let Some(announce) = announce.take()
+            && out.send(announce).await.is_err()
+        {
+            return Outcome::ClientGone;
         }
         let terminal = event.is_terminal();
         if out.send(QueenItem::Generation(event)).await.is_err() {

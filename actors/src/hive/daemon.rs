@@ -1,0 +1,142 @@
+//! A hive as one unit: the worker manager, the store and hub behind its service, and (when
+//! joined) the uplink that keeps it connected to its queen. Used by `rbee hive` and by the
+//! in-process local cluster.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ractor::{Actor, ActorRef};
+use rbee_transport::{Endpoint, LinkConfig, NodeIdentity};
+use tokio::task::JoinHandle;
+
+use super::hub::{Hub, HubConfig};
+use super::process::{IdentityIssuer, ProcessConfig};
+use super::remote::HiveService;
+use super::store::ModelStore;
+use super::uplink;
+use super::workers::{Hive, HiveArgs, HiveMsg};
+use crate::supervisor::RestartPolicy;
+use crate::worker::remote::WorkerProtocol;
+
+/// Errors of starting a hive.
+#[derive(Debug, thiserror::Error)]
+pub enum HiveDaemonError {
+    /// The store, the hub client or an endpoint could not be set up.
+    #[error("{0}")]
+    Setup(String),
+    /// The hive actor did not start.
+    #[error("the hive actor did not start: {0}")]
+    Actor(String),
+}
+
+fn setup(e: impl std::fmt::Display) -> HiveDaemonError {
+    HiveDaemonError::Setup(e.to_string())
+}
+
+/// How to run worker processes (`rbee worker`).
+pub struct WorkerProcesses {
+    /// The `rbee` program.
+    pub program: PathBuf,
+    /// Where their identities come from.
+    pub issuer: IdentityIssuer,
+}
+
+/// A hive's settings.
+pub struct HiveDaemonConfig {
+    /// The data directory (`RBEE_HOME`): the store, and worker records in `hive/workers`.
+    pub data: PathBuf,
+    /// The hive's node identity.
+    pub identity: NodeIdentity,
+    /// Link timing.
+    pub link: LinkConfig,
+    /// `None`: only in-process workers.
+    pub processes: Option<WorkerProcesses>,
+}
+
+/// A running hive.
+pub struct RunningHive {
+    /// The worker manager.
+    pub hive: ActorRef<HiveMsg>,
+    /// What its links serve.
+    pub service: HiveService,
+    /// Ends when the hive actor stops.
+    pub stopped: JoinHandle<()>,
+}
+
+impl RunningHive {
+    /// Starts the hive actor and its service (no link yet).
+    pub async fn start(config: &HiveDaemonConfig) -> Result<Self, HiveDaemonError> {
+        let store = ModelStore::open(&config.data).map_err(setup)?;
+        let processes = match &config.processes {
+            Some(workers) => {
+                let endpoint = Endpoint::<WorkerProtocol>::client(
+                    config.identity.clone(),
+                    "127.0.0.1:0".parse().map_err(setup)?,
+                    config.link.clone(),
+                )
+                .map_err(setup)?;
+                Some(ProcessConfig {
+                    program: workers.program.clone(),
+                    runtime_dir: config.data.join("hive").join("workers"),
+                    issuer: workers.issuer.clone(),
+                    endpoint: Arc::new(endpoint),
+                    ready_timeout: Duration::from_secs(120),
+                })
+            }
+            None => None,
+        };
+        let changes = Arc::new(tokio::sync::Notify::new());
+        let args = HiveArgs {
+            store: store.clone(),
+            policy: RestartPolicy::default(),
+            memory_budget: None,
+            drain_timeout: Duration::from_secs(30),
+            idle_check: Duration::from_secs(5),
+            processes,
+            changes: Some(changes.clone()),
+        };
+        let (hive, stopped) = Actor::spawn(None, Hive, args)
+            .await
+            .map_err(|e| HiveDaemonError::Actor(e.to_string()))?;
+        let service = HiveService {
+            hive: hive.clone(),
+            store,
+            hub: Arc::new(Hub::new(HubConfig::default()).map_err(setup)?),
+            capabilities: Default::default(),
+            changes,
+        };
+        Ok(RunningHive {
+            hive,
+            service,
+            stopped,
+        })
+    }
+
+    /// Keeps this hive connected to the queen at `queen` (redialing with backoff) and
+    /// serves it; the task ends only when the queen refuses the hive, with the reason.
+    pub fn join(
+        &self,
+        config: &HiveDaemonConfig,
+        queen: SocketAddr,
+        current: uplink::QueenLinkSender,
+    ) -> JoinHandle<String> {
+        let (identity, link, service) = (
+            config.identity.clone(),
+            config.link.clone(),
+            self.service.clone(),
+        );
+        tokio::spawn(async move {
+            uplink::run(identity, queen, link, service, current)
+                .await
+                .to_string()
+        })
+    }
+
+    /// A deliberate stop: drains and stops the workers (the hive's post_stop).
+    pub async fn stop(self, reason: &str) {
+        self.hive.stop(Some(reason.into()));
+        let _ = self.stopped.await;
+    }
+}
