@@ -122,9 +122,12 @@ fn percentile(mut v: Vec<f64>, p: f64) -> f64 {
     v[((v.len() - 1) as f64 * p).round() as usize]
 }
 
-fn queen(dir: &Path) -> anyhow::Result<Daemon> {
+/// A queen in `dir` whose links keep alive every `keep_alive_ms` (5 × that is the idle
+/// timeout).
+fn queen(dir: &Path, keep_alive_ms: u64) -> anyhow::Result<Daemon> {
     let data = dir.join("queen");
     let data = data.to_str().context("a non-UTF-8 temporary path")?;
+    let (keep_alive, idle) = (keep_alive_ms.to_string(), (keep_alive_ms * 5).to_string());
     Daemon::start(
         dir,
         &[
@@ -136,9 +139,16 @@ fn queen(dir: &Path) -> anyhow::Result<Daemon> {
             "127.0.0.1:0",
             "--join-listen",
             "127.0.0.1:0",
+            "--keep-alive-ms",
+            &keep_alive,
+            "--idle-timeout-ms",
+            &idle,
         ],
     )
 }
+
+/// The default keep-alive of `rbee queen serve`, in ms.
+const DEFAULT_KEEP_ALIVE_MS: u64 = 1000;
 
 async fn client(dir: &Path, link: SocketAddr, name: &str) -> anyhow::Result<QueenClient> {
     let identity = daemon::client_identity(&dir.join("queen"), name)?;
@@ -157,7 +167,7 @@ pub async fn run(args: QueenBenchArgs) -> anyhow::Result<ExitCode> {
     let hive_home = dir.path().join("hive");
     ModelStore::open(&hive_home)?.import(&model_file, &model)?;
 
-    let queen = queen(dir.path())?;
+    let queen = queen(dir.path(), DEFAULT_KEEP_ALIVE_MS)?;
     let link = queen.addr("link")?;
     let token = daemon::create_token(&dir.path().join("queen"), Duration::from_secs(600))?;
     let token = token.to_string();
@@ -202,17 +212,35 @@ pub async fn run(args: QueenBenchArgs) -> anyhow::Result<ExitCode> {
     drop(_hive);
     drop(queen);
 
-    let (idle, loaded) = queen_cpu(&args).await?;
     println!(
-        "\nqueen CPU over {} s, % of one core (keep-alive {:?})",
-        args.secs,
-        LinkConfig::default().keep_alive
+        "\nqueen CPU over {} s, % of one core ({} simulated workers on {} hives)",
+        args.secs, args.workers, args.hives
     );
-    println!("  no workers (baseline)                    {idle:>8.2} %");
-    println!(
-        "  {:>5} simulated workers, {:>3} hives       {loaded:>8.2} %",
-        args.workers, args.hives
-    );
+    // The default, then worker links kept alive as often as hive links.
+    for (keep_alive_ms, what) in [
+        (DEFAULT_KEEP_ALIVE_MS, "default"),
+        (
+            DEFAULT_KEEP_ALIVE_MS / 2,
+            "worker links at the hive links' rate",
+        ),
+    ] {
+        let (idle, loaded) = queen_cpu(&args, keep_alive_ms).await?;
+        let timing = LinkConfig {
+            keep_alive: Duration::from_millis(keep_alive_ms),
+            idle_timeout: Duration::from_millis(keep_alive_ms * 5),
+            ..LinkConfig::default()
+        };
+        let workers = daemon::worker_link(&timing).keep_alive;
+        println!(
+            "  {what}: hive links {:?}, worker links {workers:?}",
+            timing.keep_alive
+        );
+        println!("    no workers (baseline)                  {idle:>8.2} %");
+        println!(
+            "    {:>5} workers                          {loaded:>8.2} %",
+            args.workers
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -345,10 +373,11 @@ async fn spawn_times(
     Ok((local, remote))
 }
 
-/// The queen's CPU in % of one core: (no workers, `args.workers` simulated ones).
-async fn queen_cpu(args: &QueenBenchArgs) -> anyhow::Result<(f64, f64)> {
+/// The queen's CPU in % of one core, keeping links alive every `keep_alive_ms`: (no
+/// workers, `args.workers` simulated ones).
+async fn queen_cpu(args: &QueenBenchArgs, keep_alive_ms: u64) -> anyhow::Result<(f64, f64)> {
     let dir = tempfile::tempdir()?;
-    let queen = queen(dir.path())?;
+    let queen = queen(dir.path(), keep_alive_ms)?;
     let link = queen.addr("link")?;
     let client = client(dir.path(), link, "bench").await?;
     let window = Duration::from_secs(args.secs);

@@ -57,7 +57,17 @@ pub(crate) fn crypto_provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-fn transport_config(config: &LinkConfig) -> Result<Arc<quinn::TransportConfig>, LinkError> {
+/// Which side of a link sends the keep-alives.
+#[derive(Clone, Copy)]
+enum Side {
+    Dialer,
+    Acceptor,
+}
+
+fn transport_config(
+    config: &LinkConfig,
+    side: Side,
+) -> Result<Arc<quinn::TransportConfig>, LinkError> {
     if config.idle_timeout < config.keep_alive * 2 {
         return Err(LinkError::Endpoint(format!(
             "idle timeout {:?} must be at least twice the keep-alive {:?}",
@@ -70,8 +80,16 @@ fn transport_config(config: &LinkConfig) -> Result<Arc<quinn::TransportConfig>, 
     // that much makes `idle_timeout` the promise: a silent peer is lost within it.
     let idle = quinn::IdleTimeout::try_from(config.idle_timeout - config.keep_alive)
         .map_err(|e| LinkError::Endpoint(format!("idle timeout: {e}")))?;
+    // Only the dialer pings: the acceptor's idle timer restarts on each ping, the dialer's
+    // on each acknowledgement (and on the first ping after one), so both still lose a
+    // silent peer within `idle_timeout`, for half the packets (a queen holds a link to
+    // every worker of the cluster).
+    let keep_alive = match side {
+        Side::Dialer => Some(config.keep_alive),
+        Side::Acceptor => None,
+    };
     t.max_idle_timeout(Some(idle))
-        .keep_alive_interval(Some(config.keep_alive))
+        .keep_alive_interval(keep_alive)
         .stream_receive_window(config.stream_window.into())
         .receive_window(
             (config.stream_window as u64 * 8)
@@ -109,7 +127,7 @@ fn server_config(
     tls.alpn_protocols = vec![ALPN.to_vec()];
     let quic = QuicServerConfig::try_from(tls).map_err(|e| LinkError::Endpoint(e.to_string()))?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(quic));
-    server.transport_config(transport_config(config)?);
+    server.transport_config(transport_config(config, Side::Acceptor)?);
     Ok(server)
 }
 
@@ -127,7 +145,7 @@ fn client_config(
     tls.alpn_protocols = vec![ALPN.to_vec()];
     let quic = QuicClientConfig::try_from(tls).map_err(|e| LinkError::Endpoint(e.to_string()))?;
     let mut client = quinn::ClientConfig::new(Arc::new(quic));
-    client.transport_config(transport_config(config)?);
+    client.transport_config(transport_config(config, Side::Dialer)?);
     Ok(client)
 }
 

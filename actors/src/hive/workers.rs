@@ -22,7 +22,7 @@ use tokio::sync::mpsc;
 use super::process::{self, ChildRecord, ProcessConfig};
 use super::store::{ModelId, ModelStore, StoreError};
 use crate::supervisor::{Decision, Restart, RestartIntensity, RestartPolicy};
-use crate::worker::actor::{Phase, Worker, WorkerArgs, WorkerMsg, WorkerStatus};
+use crate::worker::actor::{LoadEvent, Phase, Worker, WorkerArgs, WorkerMsg, WorkerStatus};
 use crate::worker::api::{ErrorKind, GenerateRequest, GenerationError, GenerationEvent};
 use crate::worker::engine::loader::LoadOptions;
 use crate::worker::remote::RemoteWorker;
@@ -311,6 +311,8 @@ impl Actor for Hive {
         msg: HiveMsg,
         state: &mut HiveState,
     ) -> Result<(), ActorProcessingErr> {
+        // Reading the list or routing a request changes nothing the queen is told.
+        let changes = !matches!(msg, HiveMsg::List(_) | HiveMsg::Generate(..));
         match msg {
             HiveMsg::Spawn(request, reply) => {
                 let result = spawn(&myself, state, request).await;
@@ -356,7 +358,9 @@ impl Actor for Hive {
             }
             HiveMsg::IdleCheck => stop_idle(state).await,
         }
-        state.changed();
+        if changes {
+            state.changed();
+        }
         Ok(())
     }
 
@@ -547,7 +551,7 @@ async fn start(
                     slots: spec.slots.max(1),
                     ..LoadOptions::default()
                 },
-                progress: None,
+                progress: args.changes.clone().map(notify_on_load_events),
             };
             let (actor, _) = Actor::spawn_linked(None, Worker, worker_args, hive.get_cell())
                 .await
@@ -572,6 +576,21 @@ async fn start(
             Ok(Running::Process { remote, record })
         }
     }
+}
+
+/// A progress channel for an in-process worker whose events (progress, then ready or
+/// failed) wake `changes`: the queen hears that the worker is ready when it is, not at
+/// the next poll.
+fn notify_on_load_events(
+    changes: std::sync::Arc<tokio::sync::Notify>,
+) -> mpsc::UnboundedSender<LoadEvent> {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while rx.recv().await.is_some() {
+            changes.notify_one();
+        }
+    });
+    tx
 }
 
 /// Reports a worker process's exit to the hive.

@@ -270,7 +270,7 @@ impl Actor for Queen {
                 state.registry.hive_capabilities(&id, capabilities);
             }
             QueenMsg::WorkerStarted { hive, info } => {
-                let dials = state.registry.upsert_worker(&hive, info);
+                let dials = state.registry.worker_started(&hive, info);
                 state.dial_all(&myself, dials);
                 state.on_registry_change(&myself);
             }

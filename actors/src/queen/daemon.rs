@@ -179,7 +179,7 @@ impl RunningQueen {
         let workers = Arc::new(Endpoint::<WorkerProtocol>::client(
             identity.clone(),
             rbee_transport::dial_from(config.listen),
-            config.link.clone(),
+            worker_link(&config.link),
         )?);
         let link_config = LinkConfig {
             accept_roles: vec![Role::Hive, Role::Client],
@@ -239,6 +239,17 @@ impl RunningQueen {
         self.served.abort();
         self.queen.stop(Some("queen stopping".into()));
         self.endpoint.wait_idle().await;
+    }
+}
+
+/// The queen's links to worker processes keep alive at half the rate of its other links:
+/// it holds one per worker of the cluster, and a lost worker is known sooner from its hive
+/// (the process exit, or the hive's own link to it) than from this link's silence.
+pub fn worker_link(link: &LinkConfig) -> LinkConfig {
+    LinkConfig {
+        keep_alive: link.keep_alive * 2,
+        idle_timeout: link.idle_timeout * 2,
+        ..link.clone()
     }
 }
 

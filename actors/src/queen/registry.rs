@@ -250,8 +250,22 @@ impl Registry {
         self.dials()
     }
 
-    /// A hive reported one worker (the answer to a spawn); returns the workers to dial.
-    pub fn upsert_worker(&mut self, id: &str, info: WorkerInfo) -> Vec<Dial> {
+    /// A hive answered a spawn with this worker; returns the workers to dial. Only a
+    /// worker the hive has not reported yet is taken from it: the answer was read when the
+    /// spawn began and may arrive after a newer report (the worker ready), which it must
+    /// not overwrite.
+    pub fn worker_started(&mut self, id: &str, info: WorkerInfo) -> Vec<Dial> {
+        let key = WorkerKey {
+            hive: id.to_string(),
+            worker: info.id.clone(),
+        };
+        if self.workers.contains_key(&key) {
+            return self.dials();
+        }
+        self.upsert_worker(id, info)
+    }
+
+    fn upsert_worker(&mut self, id: &str, info: WorkerInfo) -> Vec<Dial> {
         let Some(hive) = self.hives.get(id).filter(|h| h.lost.is_none()) else {
             return Vec::new();
         };
