@@ -144,6 +144,25 @@ impl Client {
         }
     }
 
+    /// Imports the model file or directory at `path` on a hive's machine (the only hive
+    /// when `hive` is `None`) as `id`.
+    pub async fn import(
+        &self,
+        path: &Path,
+        id: &str,
+        hive: Option<String>,
+    ) -> Result<Manifest, Error> {
+        let request = ClientRequest::Import {
+            hive,
+            path: path.display().to_string(),
+            model: model_id(id)?,
+        };
+        match self.call(request).await? {
+            ClientResponse::Model(manifest) => Ok(manifest),
+            other => Err(unexpected(other)),
+        }
+    }
+
     /// Deletes a model from one hive, or from every hive.
     pub async fn remove_model(&self, id: &str, hive: Option<String>) -> Result<(), Error> {
         let request = ClientRequest::DeleteModel {
@@ -382,6 +401,11 @@ impl Cluster {
     /// The client of this cluster.
     pub fn client(&self) -> &Client {
         &self.client
+    }
+
+    /// The queen's node link address (on loopback).
+    pub fn link(&self) -> SocketAddr {
+        self.queen.addrs.link
     }
 
     /// The data directory.

@@ -23,7 +23,11 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("rbee: {e:#}");
-            ExitCode::FAILURE
+            if e.downcast_ref::<cli::Unreachable>().is_some() {
+                ExitCode::from(cli::EXIT_UNREACHABLE)
+            } else {
+                ExitCode::from(cli::EXIT_FAILED)
+            }
         }
     }
 }

@@ -73,7 +73,7 @@ fn start_hive_with(
     env: &[(&str, String)],
 ) -> (HiveProcess, SocketAddr) {
     let child = Command::new(env!("CARGO_BIN_EXE_rbee"))
-        .arg("hive")
+        .args(["hive", "serve"])
         .arg("--identity")
         .arg(identity)
         .arg("--worker-ca")

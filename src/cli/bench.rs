@@ -141,7 +141,7 @@ async fn worker(path: &Path, requantize: bool) -> anyhow::Result<StartedWorker> 
         requantize,
         ..LoadOptions::default()
     };
-    Ok(actor::start(path.to_path_buf(), options, super::run::print_progress).await?)
+    Ok(actor::start(path.to_path_buf(), options, |_| {}).await?)
 }
 
 /// The prompt's token ids from the model's own tokenizer, so the bare loop feeds the model

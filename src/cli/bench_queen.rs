@@ -171,7 +171,10 @@ pub async fn run(args: QueenBenchArgs) -> anyhow::Result<ExitCode> {
     let link = queen.addr("link")?;
     let token = daemon::create_token(&dir.path().join("queen"), Duration::from_secs(600))?;
     let token = token.to_string();
-    let _hive = Daemon::start(&hive_home, &["hive", "--join", &token, "--name", "bench"])?;
+    let _hive = Daemon::start(
+        &hive_home,
+        &["hive", "serve", "--join", &token, "--name", "bench"],
+    )?;
     let client = client(dir.path(), link, "bench").await?;
     wait_for(&client, 1, |_| true).await?;
 

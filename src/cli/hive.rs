@@ -1,4 +1,4 @@
-//! `rbee hive`: the hive daemon of one machine.
+//! `rbee hive start [--foreground] | stop | status | serve`: the hive daemon of one machine.
 //!
 //! Two ways to run it:
 //! - **joined** (`--join TOKEN` the first time, nothing afterwards): it joins the queen's
@@ -19,7 +19,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context;
-use clap::Args;
+use clap::{Args, Subcommand};
 use rbee::actors::hive::daemon::{HiveDaemonConfig, RunningHive, WorkerProcesses};
 use rbee::actors::hive::process::{self, IdentityIssuer};
 use rbee::actors::hive::remote::{self, HiveProtocol};
@@ -27,6 +27,92 @@ use rbee::actors::hive::uplink;
 use rbee::transport::{ClusterCa, Endpoint, JoinToken, LinkConfig, NodeId, NodeIdentity, Role};
 
 use super::LinkTiming;
+use super::background::{self, DaemonFiles};
+
+#[derive(Debug, Subcommand)]
+pub enum HiveCommand {
+    /// Start this machine's hive in the background (pid and log files in
+    /// `<RBEE_HOME>/hive`), or with `--foreground` in this process (for systemd).
+    Start {
+        #[command(flatten)]
+        args: HiveArgsCli,
+        /// Stay in the foreground.
+        #[arg(long)]
+        foreground: bool,
+    },
+    /// Stop the hive started with `rbee hive start` (it stops its workers first).
+    Stop,
+    /// Whether the hive runs, and which queen it joined.
+    Status {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run the hive in the foreground (what `start` runs in the background).
+    Serve(HiveArgsCli),
+}
+
+/// The hive's pid and log files.
+fn files() -> DaemonFiles {
+    DaemonFiles::new(&rbee::actors::paths::data_dir().join("hive"), "hive")
+}
+
+pub async fn command(command: HiveCommand) -> anyhow::Result<ExitCode> {
+    match command {
+        HiveCommand::Start {
+            args,
+            foreground: true,
+        }
+        | HiveCommand::Serve(args) => run(args).await,
+        HiveCommand::Start { .. } => {
+            let files = files();
+            let ready = background::start(&files, &background::foreground_args())
+                .context("the hive did not start")?;
+            println!(
+                "hive {} started (pid {}), joined to the queen at {}; log {}",
+                ready["ready"]["id"].as_str().unwrap_or("?"),
+                files.running().unwrap_or_default(),
+                ready["ready"]["queen"].as_str().unwrap_or("?"),
+                files.log.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        HiveCommand::Stop => {
+            match background::stop(&files())? {
+                Some(pid) => println!("hive stopped (pid {pid}) with its workers"),
+                None => println!("no hive was running"),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        HiveCommand::Status { json } => {
+            let pid = files().running();
+            let hive_dir = rbee::actors::paths::data_dir().join("hive");
+            let queen = std::fs::read(hive_dir.join("queen.json"))
+                .ok()
+                .and_then(|b| serde_json::from_slice::<Joined>(&b).ok())
+                .map(|j| j.queen);
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({ "running": pid.is_some(), "pid": pid, "queen": queen })
+                );
+            } else {
+                match pid {
+                    Some(pid) => println!(
+                        "hive running (pid {pid}), queen {}",
+                        queen.map_or("unknown".into(), |q| q.to_string())
+                    ),
+                    None => println!("hive not running"),
+                }
+            }
+            Ok(if pid.is_some() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(super::EXIT_UNREACHABLE)
+            })
+        }
+    }
+}
 
 #[derive(Debug, Args)]
 pub struct HiveArgsCli {
@@ -57,7 +143,7 @@ fn report(line: &serde_json::Value) {
     let _ = writeln!(out, "{line}").and_then(|()| out.flush());
 }
 
-pub async fn run(args: HiveArgsCli) -> anyhow::Result<ExitCode> {
+async fn run(args: HiveArgsCli) -> anyhow::Result<ExitCode> {
     match serve(args).await {
         Ok(()) => Ok(ExitCode::SUCCESS),
         Err(e) => {

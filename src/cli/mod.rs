@@ -5,13 +5,24 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
+mod background;
 mod bench;
 mod bench_hive;
 mod bench_queen;
+mod connect;
 mod hive;
+mod ops;
 mod queen;
 mod run;
 mod worker;
+
+pub use connect::Unreachable;
+
+/// Exit code of a failed operation (and of any error not named below).
+pub const EXIT_FAILED: u8 = 1;
+// A usage error exits with 2 (clap's).
+/// Exit code when the queen cannot be reached.
+pub const EXIT_UNREACHABLE: u8 = 3;
 
 /// rbee: one LLM inference cluster from the GPUs and CPUs of several machines.
 #[derive(Debug, Parser)]
@@ -19,26 +30,52 @@ mod worker;
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
+    #[command(flatten)]
+    queen: connect::QueenFlags,
 }
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Answer PROMPT with a model in this process (SmolLM2-135M-Instruct by default,
-    /// fetched on first use); without PROMPT, chat interactively.
+    /// Answer PROMPT (or chat, without PROMPT) with a model: on the configured queen, else
+    /// in this process (SmolLM2-135M-Instruct by default, fetched on first use).
     Run(run::RunArgs),
-    /// Fetch a model into this machine's cache and print its path. This build can pull
-    /// only the default model (`smollm2-135m`).
-    Pull {
-        /// The model to fetch.
-        #[arg(default_value = DEFAULT_MODEL_NAME)]
-        model: String,
+    /// Put a model on the cluster's hives (or, with no queen, in this machine's store),
+    /// with progress bars.
+    Pull(ops::PullArgs),
+    /// Import a GGUF file or safetensors directory into a hive's store.
+    Import(ops::ImportArgs),
+    /// The models on the hives.
+    Models(ops::Json),
+    /// Remove a model from the hives.
+    Rm(ops::ModelOnHive),
+    /// One model's details.
+    Show(ops::ModelOnHive),
+    /// What is loaded where: workers with model, hive, device, slots in use.
+    Ps(ops::Json),
+    /// Start a worker for MODEL.
+    Spawn(ops::SpawnArgs),
+    /// Stop a worker (`hive/worker`) or every worker of a model.
+    Stop {
+        /// `hive/worker`, or a model.
+        target: String,
+    },
+    /// The hives, with state and capabilities.
+    Hives(ops::Json),
+    /// One screen of cluster overview.
+    Status(ops::Json),
+    /// The effective settings and where each came from.
+    Config(ops::Json),
+    /// Print a shell completion script.
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
     },
     /// Run one worker as its own process, serving a model over the node link.
     Worker(worker::WorkerArgs),
-    /// Run this machine's hive daemon: model store and supervised workers, joined to a
-    /// queen (`--join TOKEN`) or standalone.
-    Hive(hive::HiveArgsCli),
-    /// Run the queen (one per cluster) or manage it: join tokens, client credentials.
+    /// This machine's hive: model store and supervised workers, joined to a queen.
+    #[command(subcommand)]
+    Hive(hive::HiveCommand),
+    /// The queen (one per cluster): start, stop, status, join tokens, client credentials.
     #[command(subcommand)]
     Queen(queen::QueenCommand),
     /// Measure performance and print a table.
@@ -107,26 +144,59 @@ impl ModelArgs {
     }
 }
 
-/// The name `rbee pull` knows the default model by.
+/// The name of the default model (a built-in model card).
 const DEFAULT_MODEL_NAME: &str = "smollm2-135m";
 
-fn pull(model: &str) -> anyhow::Result<ExitCode> {
-    anyhow::ensure!(
-        model == DEFAULT_MODEL_NAME,
-        "unknown model {model:?}: this build can pull only {DEFAULT_MODEL_NAME}"
+fn config(settings: &connect::Effective, json: bool) -> anyhow::Result<ExitCode> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(settings)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let shown = |v: Option<String>| v.unwrap_or_else(|| "-".into());
+    println!("config file   {}", settings.config_file.display());
+    println!("data dir      {}", settings.data_dir.display());
+    println!(
+        "queen         {:<28} ({})",
+        shown(settings.queen.value.map(|a| a.to_string())),
+        settings.queen.source
     );
-    let path = rbee::actors::models::ensure_default_model()?;
-    println!("{}", path.display());
+    println!(
+        "credentials   {:<28} ({})",
+        shown(
+            settings
+                .credentials
+                .value
+                .as_ref()
+                .map(|p| p.display().to_string())
+        ),
+        settings.credentials.source
+    );
     Ok(ExitCode::SUCCESS)
 }
 
 /// Runs the parsed command.
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let settings = || connect::effective(&cli.queen);
     match cli.command {
-        Command::Run(args) => run::run(args).await,
-        Command::Pull { model } => pull(&model),
+        Command::Run(args) => run::run(&settings()?, args).await,
+        Command::Pull(args) => ops::pull(&settings()?, args).await,
+        Command::Import(args) => ops::import(&settings()?, args).await,
+        Command::Models(json) => ops::models(&settings()?, json.json).await,
+        Command::Rm(args) => ops::rm(&settings()?, args).await,
+        Command::Show(args) => ops::show(&settings()?, args).await,
+        Command::Ps(json) => ops::ps(&settings()?, json.json).await,
+        Command::Spawn(args) => ops::spawn(&settings()?, args).await,
+        Command::Stop { target } => ops::stop(&settings()?, &target).await,
+        Command::Hives(json) => ops::hives(&settings()?, json.json).await,
+        Command::Status(json) => ops::status(&settings()?, json.json).await,
+        Command::Config(json) => config(&settings()?, json.json),
+        Command::Completions { shell } => {
+            let mut command = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut command, "rbee", &mut std::io::stdout());
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Worker(args) => worker::run(args).await,
-        Command::Hive(args) => hive::run(args).await,
+        Command::Hive(command) => hive::command(command).await,
         Command::Queen(command) => queen::run(command).await,
         Command::Bench(command) => bench::run(command).await,
     }

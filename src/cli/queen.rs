@@ -1,5 +1,7 @@
 //! `rbee queen`: the queen daemon and its local administration.
 //!
+//! - `rbee queen start [--foreground]`, `stop`, `status`: the queen in the background,
+//!   with `queen.pid` and `queen.log` in its data directory.
 //! - `rbee queen serve`: runs the queen in the foreground (for systemd, or a terminal).
 //!   Creates the cluster CA in its data directory on first start. Reports
 //!   `{"ready": {"link": …, "join": …}}` on stdout.
@@ -10,20 +12,44 @@
 //! The data directory is `--data`, else `<RBEE_HOME>/queen`.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
+use anyhow::Context;
 use clap::{Args, Subcommand};
 use rbee::actors::hive::workers::{IdleTimeout, WorkerMode};
 use rbee::actors::queen::admission::AdmissionLimits;
 use rbee::actors::queen::daemon::{self, QueenConfig, RunningQueen};
 
 use super::LinkTiming;
+use super::background::{self, DaemonFiles};
 
 #[derive(Debug, Subcommand)]
 pub enum QueenCommand {
-    /// Run the queen in the foreground.
+    /// Start the queen in the background (pid and log files in its data directory), or
+    /// with `--foreground` in this process (for systemd).
+    Start {
+        #[command(flatten)]
+        args: ServeArgs,
+        /// Stay in the foreground.
+        #[arg(long)]
+        foreground: bool,
+    },
+    /// Stop the queen started with `rbee queen start`.
+    Stop {
+        #[command(flatten)]
+        data: DataDir,
+    },
+    /// Whether the queen runs, and where it listens.
+    Status {
+        #[command(flatten)]
+        data: DataDir,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run the queen in the foreground (what `start` runs in the background).
     Serve(ServeArgs),
     /// Print a join token for hives.
     Token {
@@ -54,7 +80,7 @@ pub struct DataDir {
 }
 
 impl DataDir {
-    fn path(&self) -> PathBuf {
+    pub fn path(&self) -> PathBuf {
         self.data
             .clone()
             .unwrap_or_else(|| rbee::actors::paths::data_dir().join("queen"))
@@ -96,15 +122,71 @@ fn report(line: &serde_json::Value) {
     let _ = writeln!(out, "{line}").and_then(|()| out.flush());
 }
 
+/// The queen's pid and log files.
+pub fn files(data: &Path) -> DaemonFiles {
+    DaemonFiles::new(data, "queen")
+}
+
 pub async fn run(command: QueenCommand) -> anyhow::Result<ExitCode> {
     match command {
-        QueenCommand::Serve(args) => match serve(args).await {
+        QueenCommand::Start {
+            args,
+            foreground: true,
+        }
+        | QueenCommand::Serve(args) => match serve(args).await {
             Ok(()) => Ok(ExitCode::SUCCESS),
             Err(e) => {
                 report(&serde_json::json!({ "failed": format!("{e:#}") }));
                 Ok(ExitCode::FAILURE)
             }
         },
+        QueenCommand::Start { args, .. } => {
+            let files = files(&args.data.path());
+            let ready = background::start(&files, &background::foreground_args())
+                .context("the queen did not start")?;
+            println!(
+                "queen started (pid {}): link {}, join {}; log {}",
+                files.running().unwrap_or_default(),
+                ready["ready"]["link"].as_str().unwrap_or("?"),
+                ready["ready"]["join"].as_str().unwrap_or("?"),
+                files.log.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        QueenCommand::Stop { data } => {
+            match background::stop(&files(&data.path()))? {
+                Some(pid) => println!("queen stopped (pid {pid})"),
+                None => println!("no queen was running"),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        QueenCommand::Status { data, json } => {
+            let data = data.path();
+            let pid = files(&data).running();
+            let addrs = daemon::last_addrs(&data).ok();
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({ "running": pid.is_some(), "pid": pid, "addrs": addrs })
+                );
+            } else {
+                match (pid, addrs) {
+                    (Some(pid), Some(a)) => {
+                        println!(
+                            "queen running (pid {pid}): link {}, join {}",
+                            a.link, a.join
+                        )
+                    }
+                    (Some(pid), None) => println!("queen running (pid {pid})"),
+                    (None, _) => println!("queen not running (data {})", data.display()),
+                }
+            }
+            Ok(if pid.is_some() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(super::EXIT_UNREACHABLE)
+            })
+        }
         QueenCommand::Token { data, ttl_secs } => {
             let token = daemon::create_token(&data.path(), Duration::from_secs(ttl_secs))?;
             println!("{token}");

@@ -1,29 +1,25 @@
-//! `rbee run`: a model in this process, answering one prompt or a conversation.
-//!
-//! No queen or hive is involved yet: the worker actor runs in-process, which is what the
-//! local cluster will do for a single machine.
+//! `rbee run`: answers one prompt, or chats, through a cluster: the configured queen if
+//! there is one, else a local cluster started in this process (queen, hive and an
+//! in-process worker), which fetches the default model on first use.
 
 use std::io::Write;
 use std::process::ExitCode;
 
 use clap::Args;
-use ractor::ActorRef;
-use rbee::actors::worker::actor::{self, STREAM_CAPACITY, WorkerMsg};
-use rbee::actors::worker::api::{
-    ChatMessage, GenerateRequest, GenerationEvent, Prompt, SamplingParams,
-};
-use rbee::actors::worker::engine::loader::LoadProgress;
+use futures::StreamExt;
+use rbee::{ChatMessage, Client, Cluster, Event, GenerateRequest, GenerationEvent, SamplingParams};
 use tokio::io::AsyncBufReadExt;
-use tokio::sync::mpsc;
 
-use super::ModelArgs;
+use super::connect::Effective;
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
     /// What to ask; without it, an interactive chat (an empty line or end of input ends it).
     prompt: Option<String>,
-    #[command(flatten)]
-    model: ModelArgs,
+    /// The model: an id in the store, or a GGUF file / safetensors directory (imported
+    /// into the local cluster's store).
+    #[arg(long, default_value = super::DEFAULT_MODEL_NAME)]
+    model: String,
     /// Most tokens per answer.
     #[arg(long, default_value_t = 512)]
     max_tokens: usize,
@@ -38,22 +34,35 @@ pub struct RunArgs {
     raw: bool,
 }
 
-/// One progress line on stderr, rewritten in place.
-pub fn print_progress(p: LoadProgress) {
-    eprint!("\rloading: {:?} {:>3.0}%   ", p.step, p.fraction * 100.0);
-    if p.fraction >= 1.0 {
-        eprintln!();
+pub async fn run(settings: &Effective, args: RunArgs) -> anyhow::Result<ExitCode> {
+    if settings.has_queen() {
+        let client = settings.client().await?;
+        return converse(&client, &args.model, &args).await;
     }
+    let mut builder = Cluster::local().slots(1);
+    let path = std::path::Path::new(&args.model);
+    let model = if args.model == super::DEFAULT_MODEL_NAME {
+        builder = builder.default_model();
+        args.model.clone()
+    } else if path.exists() {
+        let id = path
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or("model")
+            .to_lowercase();
+        builder = builder.model(&id, path);
+        id
+    } else {
+        args.model.clone()
+    };
+    eprintln!("rbee: no queen configured; running {model} in this process");
+    let cluster = builder.start().await?;
+    let outcome = converse(cluster.client(), &model, &args).await;
+    cluster.stop().await;
+    outcome
 }
 
-pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
-    let path = args.model.path()?;
-    let started = actor::start(path, args.model.options(), print_progress).await?;
-    let (worker, info) = (started.worker, started.info);
-    eprintln!(
-        "rbee: {} ({} {}, context {})",
-        info.path, info.architecture, info.quantization, info.context_length
-    );
+async fn converse(client: &Client, model: &str, args: &RunArgs) -> anyhow::Result<ExitCode> {
     let sampling = SamplingParams {
         temperature: args.temperature,
         seed: args.seed,
@@ -63,18 +72,15 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         prompt,
         sampling: sampling.clone(),
         max_tokens: args.max_tokens,
-        stop: Vec::new(),
-        ignore_eos: false,
-        resume: Vec::new(),
+        ..GenerateRequest::text("", 1)
     };
     if let Some(text) = &args.prompt {
         let prompt = if args.raw {
-            Prompt::Text(text.clone())
+            rbee::actors::worker::api::Prompt::Text(text.clone())
         } else {
-            Prompt::Chat(vec![user(text)])
+            rbee::actors::worker::api::Prompt::Chat(vec![user(text)])
         };
-        let ok = answer(&worker, request(prompt)).await?.is_some();
-        worker.stop(None);
+        let ok = answer(client, model, request(prompt)).await?.is_some();
         return Ok(if ok {
             ExitCode::SUCCESS
         } else {
@@ -92,7 +98,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             break;
         }
         conversation.push(user(&line));
-        match answer(&worker, request(Prompt::Chat(conversation.clone()))).await? {
+        let prompt = rbee::actors::worker::api::Prompt::Chat(conversation.clone());
+        match answer(client, model, request(prompt)).await? {
             Some(reply) => conversation.push(ChatMessage {
                 role: "assistant".into(),
                 content: reply,
@@ -102,7 +109,6 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             }
         }
     }
-    worker.stop(None);
     Ok(ExitCode::SUCCESS)
 }
 
@@ -113,23 +119,55 @@ fn user(text: &str) -> ChatMessage {
     }
 }
 
-/// Streams one answer to stdout; the statistics go to stderr. `None` when it failed.
+/// Streams one answer to stdout, progress and statistics to stderr. `None` when it failed.
+/// Ctrl-C cancels it on the cluster (the stream is dropped) and says so.
 async fn answer(
-    worker: &ActorRef<WorkerMsg>,
+    client: &Client,
+    model: &str,
     request: GenerateRequest,
 ) -> anyhow::Result<Option<String>> {
-    let (tx, mut rx) = mpsc::channel(STREAM_CAPACITY);
-    worker.cast(WorkerMsg::Generate(request, tx))?;
+    let mut events = client.generate(model, request).await?;
     let mut reply = String::new();
     let mut stdout = std::io::stdout();
-    while let Some(event) = rx.recv().await {
-        match event {
-            GenerationEvent::Token { text, .. } | GenerationEvent::Text(text) => {
+    let mut loading = false;
+    loop {
+        let event = tokio::select! {
+            event = events.next() => event,
+            _ = tokio::signal::ctrl_c() => {
+                drop(events);
+                println!();
+                eprintln!("rbee: cancelled; the worker stopped generating");
+                return Ok(None);
+            }
+        };
+        let Some(event) = event else {
+            anyhow::bail!("the cluster ended the answer without a result");
+        };
+        match event? {
+            Event::Queued { position } => eprintln!("rbee: waiting, position {position}"),
+            Event::Loading {
+                progress: Some(p), ..
+            } => {
+                eprint!(
+                    "\rloading {model}: {:?} {:>3.0}%   ",
+                    p.step,
+                    p.fraction * 100.0
+                );
+                loading = true;
+            }
+            Event::Moved { from, to, .. } => {
+                eprintln!("\nrbee: {from} was lost; continuing on {to}")
+            }
+            Event::Generation(GenerationEvent::Token { text, .. })
+            | Event::Generation(GenerationEvent::Text(text)) => {
+                if std::mem::take(&mut loading) {
+                    eprintln!();
+                }
                 reply.push_str(&text);
                 stdout.write_all(text.as_bytes())?;
                 stdout.flush()?;
             }
-            GenerationEvent::Done(s) => {
+            Event::Generation(GenerationEvent::Done(s)) => {
                 println!();
                 eprintln!(
                     "[{:?}: {} prompt + {} tokens, first token {:.0} ms, {:.1} tok/s, seed {}]",
@@ -142,12 +180,12 @@ async fn answer(
                 );
                 return Ok(Some(reply));
             }
-            GenerationEvent::Error(e) => {
+            Event::Generation(GenerationEvent::Error(e)) => {
                 println!();
                 eprintln!("rbee: {e}");
                 return Ok(None);
             }
+            _ => {}
         }
     }
-    anyhow::bail!("the worker stopped without finishing the answer")
 }

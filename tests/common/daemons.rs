@@ -142,7 +142,7 @@ pub fn token(dir: &Path, ttl_secs: u64) -> String {
 
 /// A hive named `name` with its home in `home`, joining with `token`.
 pub fn start_hive(home: &Path, token: &str, name: &str) -> Result<Daemon, serde_json::Value> {
-    let mut args = vec!["hive", "--join", token, "--name", name];
+    let mut args = vec!["hive", "serve", "--join", token, "--name", name];
     args.extend(TIMING);
     start(home, &args)
 }

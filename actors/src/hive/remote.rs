@@ -33,6 +33,13 @@ pub enum HiveRequest {
     GetModel(ModelId),
     /// Deletes a model.
     DeleteModel(ModelId),
+    /// Imports the model file or directory at `path` (on the hive's machine) as `id`.
+    Import {
+        /// The path on the hive's machine.
+        path: String,
+        /// The store id.
+        id: ModelId,
+    },
     /// Every worker.
     ListWorkers,
     /// One worker.
@@ -205,6 +212,20 @@ pub(crate) async fn answer(service: &HiveService, request: HiveRequest) -> HiveR
             }
             Err(e) => error(&e),
         },
+        HiveRequest::Import { path, id } => {
+            let store = service.store.clone();
+            let imported =
+                tokio::task::spawn_blocking(move || store.import(std::path::Path::new(&path), &id))
+                    .await;
+            match imported {
+                Ok(Ok(manifest)) => {
+                    service.changed();
+                    HiveResponse::Model(manifest)
+                }
+                Ok(Err(e)) => error(&e),
+                Err(e) => error(&e),
+            }
+        }
         HiveRequest::ListWorkers => match call_t!(hive, HiveMsg::List, CALL_TIMEOUT_MS) {
             Ok(workers) => HiveResponse::Workers(workers),
             Err(e) => error(&e),

@@ -129,14 +129,18 @@ fn queen_identity(data: &Path, ca: &ClusterCa) -> Result<NodeIdentity, QueenDaem
     Ok(identity)
 }
 
+/// Where the queen with data directory `data` listened when it last started.
+pub fn last_addrs(data: &Path) -> Result<QueenAddrs, QueenDaemonError> {
+    std::fs::read(data.join(STATE_FILE))
+        .ok()
+        .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+        .ok_or_else(|| QueenDaemonError::NoQueen(data.to_path_buf()))
+}
+
 /// A token for the queen with data directory `data`, valid for `ttl`: works with the
 /// queen running or not (it reads the address the queen last listened on).
 pub fn create_token(data: &Path, ttl: Duration) -> Result<JoinToken, QueenDaemonError> {
-    let path = data.join(STATE_FILE);
-    let addrs: QueenAddrs = std::fs::read(&path)
-        .ok()
-        .and_then(|bytes| serde_json::from_slice(&bytes).ok())
-        .ok_or_else(|| QueenDaemonError::NoQueen(data.to_path_buf()))?;
+    let addrs = last_addrs(data)?;
     let ca = ClusterCa::load(&data.join("ca"))?;
     let secret = TokenStore::new(data).create(ttl)?;
     Ok(JoinToken {

@@ -92,6 +92,15 @@ pub enum ClientRequest {
         /// The model.
         model: ModelId,
     },
+    /// Imports a model file or directory on a hive's machine (the only hive when `None`).
+    Import {
+        /// The hive.
+        hive: Option<String>,
+        /// The path on that machine.
+        path: String,
+        /// The store id.
+        model: ModelId,
+    },
     /// Deletes a model from one hive, or from every hive that has it.
     DeleteModel {
         /// The hive; `None` for all.

@@ -86,6 +86,8 @@ pub enum Route {
 
 struct WorkerEntry {
     info: WorkerInfo,
+    /// When `info` was reported (its uptime is as of then).
+    reported: std::time::Instant,
     incarnation: Incarnation,
     route: Option<Route>,
     in_flight: usize,
@@ -101,6 +103,7 @@ impl WorkerEntry {
         };
         WorkerEntry {
             incarnation: Incarnation::of(&info),
+            reported: std::time::Instant::now(),
             info,
             route,
             in_flight: 0,
@@ -276,7 +279,10 @@ impl Registry {
         };
         let incarnation = Incarnation::of(&info);
         match self.workers.get_mut(&key) {
-            Some(entry) if entry.incarnation == incarnation => entry.info = info,
+            Some(entry) if entry.incarnation == incarnation => {
+                entry.info = info;
+                entry.reported = std::time::Instant::now();
+            }
             _ => {
                 if let Some(old) = self
                     .workers
@@ -472,7 +478,10 @@ impl Registry {
             .map(|(key, w)| WorkerView {
                 key: key.to_string(),
                 hive: key.hive.clone(),
-                info: w.info.clone(),
+                info: WorkerInfo {
+                    uptime_secs: w.info.uptime_secs + w.reported.elapsed().as_secs(),
+                    ..w.info.clone()
+                },
                 in_flight: w.in_flight,
                 routable: w.routable(),
                 route: match w.info.mode {

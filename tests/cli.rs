@@ -1,0 +1,186 @@
+//! The `rbee` command line as a user runs it, with real processes on 127.0.0.1 and
+//! temporary homes: a queen and a hive in the background, a tiny model imported, a run
+//! against the queen, `ps`, `stop`, and nothing left running afterwards.
+
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use rbee::actors::worker::engine::tiny::write_tiny_llama;
+
+/// `rbee ARGS` with its data in `home` (and HOME, the config file inside it too).
+fn rbee(home: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_rbee"))
+        .args(args)
+        .env("RBEE_HOME", home)
+        .env("HOME", home)
+        .env("RBEE_CONFIG", home.join("config.toml"))
+        .env_remove("RBEE_QUEEN")
+        .env_remove("RBEE_CREDENTIALS")
+        .output()
+        .expect("rbee runs")
+}
+
+fn ok(home: &Path, args: &[&str]) -> String {
+    let out = rbee(home, args);
+    assert!(
+        out.status.success(),
+        "rbee {args:?}: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn json(home: &Path, args: &[&str]) -> serde_json::Value {
+    let text = ok(home, args);
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("rbee {args:?}: {e}: {text}"))
+}
+
+/// Whether `pid` runs (a zombie counts as gone: it waits only for its parent to reap it).
+fn alive(pid: u64) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|stat| {
+            !stat
+                .rsplit_once(')')
+                .unwrap()
+                .1
+                .trim_start()
+                .starts_with('Z')
+        })
+        .unwrap_or(false)
+}
+
+fn wait_gone(pid: u64) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while alive(pid) {
+        assert!(Instant::now() < deadline, "process {pid} is still running");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_cluster_from_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let (queen_home, hive_home) = (dir.path().join("q"), dir.path().join("h"));
+    let model = dir.path().join("tiny.gguf");
+    write_tiny_llama(&model, 512).unwrap();
+
+    ok(
+        &queen_home,
+        &[
+            "queen",
+            "start",
+            "--listen",
+            "127.0.0.1:0",
+            "--join-listen",
+            "127.0.0.1:0",
+        ],
+    );
+    let status = json(&queen_home, &["queen", "status", "--json"]);
+    assert_eq!(status["running"], true, "{status}");
+    let queen_pid = status["pid"].as_u64().unwrap();
+    let token = ok(&queen_home, &["queen", "token"]);
+    ok(
+        &hive_home,
+        &["hive", "start", "--join", token.trim(), "--name", "hive-a"],
+    );
+    let hive_pid = json(&hive_home, &["hive", "status", "--json"])["pid"]
+        .as_u64()
+        .unwrap();
+
+    // The commands below find the queen that runs on this machine (its data directory).
+    let imported = ok(
+        &queen_home,
+        &["import", model.to_str().unwrap(), "--id", "tiny"],
+    );
+    assert!(imported.contains("imported tiny"), "{imported}");
+    let models = json(&queen_home, &["models", "--json"]);
+    assert_eq!(models[0]["hive"], "hive-a", "{models}");
+    let hives = json(&queen_home, &["hives", "--json"]);
+    assert_eq!(hives.as_array().unwrap().len(), 1, "{hives}");
+
+    let answer = ok(
+        &queen_home,
+        &[
+            "run",
+            "--model",
+            "tiny",
+            "--raw",
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "8",
+            "In the",
+        ],
+    );
+    assert!(!answer.trim().is_empty());
+    let workers = json(&queen_home, &["ps", "--json"]);
+    let worker = &workers[0];
+    assert_eq!(worker["key"], "hive-a/tiny-1", "{workers}");
+    let worker_pid = worker["info"]["pid"].as_u64().unwrap();
+    assert!(alive(worker_pid));
+    let status = json(&queen_home, &["status", "--json"]);
+    assert_eq!(status["workers"].as_array().unwrap().len(), 1, "{status}");
+
+    ok(&queen_home, &["stop", "tiny"]);
+    wait_gone(worker_pid);
+    assert_eq!(json(&queen_home, &["ps", "--json"]), serde_json::json!([]));
+
+    ok(&hive_home, &["hive", "stop"]);
+    ok(&queen_home, &["queen", "stop"]);
+    wait_gone(hive_pid);
+    wait_gone(queen_pid);
+    let stopped = rbee(&queen_home, &["queen", "status"]);
+    assert_eq!(stopped.status.code(), Some(3));
+    let none = rbee(&queen_home, &["ps"]);
+    assert_eq!(none.status.code(), Some(3), "no queen: unreachable");
+}
+
+#[test]
+fn a_wrong_queen_address_fails_fast_with_its_own_exit_code() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path();
+    ok(
+        home,
+        &[
+            "queen",
+            "start",
+            "--listen",
+            "127.0.0.1:0",
+            "--join-listen",
+            "127.0.0.1:0",
+        ],
+    );
+    let credentials = home.join("credentials");
+    ok(
+        home,
+        &[
+            "queen",
+            "credentials",
+            "--out",
+            credentials.to_str().unwrap(),
+        ],
+    );
+    ok(home, &["queen", "stop"]);
+    // Nothing listens on the queen's old port any more.
+    let started = Instant::now();
+    let out = rbee(
+        home,
+        &[
+            "ps",
+            "--queen",
+            "127.0.0.1:9",
+            "--credentials",
+            credentials.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(out.status.code(), Some(3));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("127.0.0.1:9"), "{stderr}");
+    // A hang check, not a measurement: the connect timeout is 3 s.
+    assert!(started.elapsed() < Duration::from_secs(20));
+    let usage = rbee(home, &["ps", "--no-such-flag"]);
+    assert_eq!(usage.status.code(), Some(2));
+}
