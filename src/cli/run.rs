@@ -2,7 +2,7 @@
 //! there is one, else a local cluster started in this process (queen, hive and an
 //! in-process worker), which fetches the default model on first use.
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
 
 use clap::Args;
@@ -32,6 +32,9 @@ pub struct RunArgs {
     /// Continue PROMPT as raw text instead of chatting with the model's template.
     #[arg(long)]
     raw: bool,
+    /// A system message that opens the conversation (instead of the template's default).
+    #[arg(long)]
+    system: Option<String>,
 }
 
 pub async fn run(settings: &Effective, args: RunArgs) -> anyhow::Result<ExitCode> {
@@ -78,7 +81,9 @@ async fn converse(client: &Client, model: &str, args: &RunArgs) -> anyhow::Resul
         let prompt = if args.raw {
             rbee::actors::worker::api::Prompt::Text(text.clone())
         } else {
-            rbee::actors::worker::api::Prompt::Chat(vec![user(text)])
+            rbee::actors::worker::api::Prompt::Chat(
+                system(args).into_iter().chain([user(text)]).collect(),
+            )
         };
         let ok = answer(client, model, request(prompt)).await?.is_some();
         return Ok(if ok {
@@ -87,7 +92,7 @@ async fn converse(client: &Client, model: &str, args: &RunArgs) -> anyhow::Resul
             ExitCode::FAILURE
         });
     }
-    let mut conversation = Vec::new();
+    let mut conversation: Vec<ChatMessage> = system(args).into_iter().collect();
     let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
     loop {
         eprint!(">>> ");
@@ -112,6 +117,14 @@ async fn converse(client: &Client, model: &str, args: &RunArgs) -> anyhow::Resul
     Ok(ExitCode::SUCCESS)
 }
 
+/// The system message that opens the conversation, if one was given.
+fn system(args: &RunArgs) -> Option<ChatMessage> {
+    args.system.as_ref().map(|content| ChatMessage {
+        role: "system".into(),
+        content: content.clone(),
+    })
+}
+
 fn user(text: &str) -> ChatMessage {
     ChatMessage {
         role: "user".into(),
@@ -130,6 +143,9 @@ async fn answer(
     let mut reply = String::new();
     let mut stdout = std::io::stdout();
     let mut loading = false;
+    // On a terminal the progress line is rewritten in place; elsewhere each step once.
+    let terminal = std::io::stderr().is_terminal();
+    let mut last_step = None;
     loop {
         let event = tokio::select! {
             event = events.next() => event,
@@ -148,12 +164,17 @@ async fn answer(
             Event::Loading {
                 progress: Some(p), ..
             } => {
-                eprint!(
-                    "\rloading {model}: {:?} {:>3.0}%   ",
-                    p.step,
-                    p.fraction * 100.0
-                );
-                loading = true;
+                if terminal {
+                    eprint!(
+                        "\rloading {model}: {:?} {:>3.0}%   ",
+                        p.step,
+                        p.fraction * 100.0
+                    );
+                    loading = true;
+                } else if last_step != Some(p.step) {
+                    eprintln!("loading {model}: {:?}", p.step);
+                    last_step = Some(p.step);
+                }
             }
             Event::Moved { from, to, .. } => {
                 eprintln!("\nrbee: {from} was lost; continuing on {to}")
