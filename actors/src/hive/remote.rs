@@ -212,6 +212,11 @@ pub(crate) async fn answer(service: &HiveService, request: HiveRequest) -> HiveR
             }
             Err(e) => error(&e),
         },
+        // A path from the wire: absolute only, and the store reads it only as a model
+        // (a GGUF file, or a directory with config.json and safetensors), never runs it.
+        HiveRequest::Import { path, .. } if !std::path::Path::new(&path).is_absolute() => {
+            HiveResponse::Error(format!("{path:?} is not an absolute path"))
+        }
         HiveRequest::Import { path, id } => {
             let store = service.store.clone();
             let imported =
