@@ -7,6 +7,7 @@
 //! ([`actors`]: worker, hive, queen).
 
 pub mod cluster;
+pub mod gateway;
 
 pub use cluster::{Client, Cluster, Error, Event, Events, LocalClusterBuilder};
 pub use rbee_actors as actors;

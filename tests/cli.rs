@@ -75,6 +75,8 @@ fn a_cluster_from_the_command_line() {
             "127.0.0.1:0",
             "--join-listen",
             "127.0.0.1:0",
+            "--http",
+            "127.0.0.1:0",
         ],
     );
     let status = json(&queen_home, &["queen", "status", "--json"]);
@@ -149,6 +151,8 @@ fn a_wrong_queen_address_fails_fast_with_its_own_exit_code() {
             "--listen",
             "127.0.0.1:0",
             "--join-listen",
+            "127.0.0.1:0",
+            "--http",
             "127.0.0.1:0",
         ],
     );

@@ -6,6 +6,7 @@ pub mod hive;
 pub mod models;
 pub mod panic;
 pub mod paths;
+pub mod private_json;
 pub mod queen;
 pub mod supervisor;
 pub mod worker;

@@ -139,6 +139,8 @@ fn queen(dir: &Path, keep_alive_ms: u64) -> anyhow::Result<Daemon> {
             "127.0.0.1:0",
             "--join-listen",
             "127.0.0.1:0",
+            "--http",
+            "127.0.0.1:0",
             "--keep-alive-ms",
             &keep_alive,
             "--idle-timeout-ms",

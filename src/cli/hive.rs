@@ -217,6 +217,7 @@ fn host_name() -> anyhow::Result<String> {
 }
 
 async fn serve(args: HiveArgsCli) -> anyhow::Result<()> {
+    super::init_logs();
     let data = rbee::actors::paths::data_dir();
     let hive_dir = data.join("hive");
     let link = args.timing.config()?;

@@ -144,6 +144,17 @@ impl ModelArgs {
     }
 }
 
+/// Logs of a daemon on stderr (its log file when started in the background): `info` and
+/// up, or what `RUST_LOG` says.
+fn init_logs() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
 /// The name of the default model (a built-in model card).
 const DEFAULT_MODEL_NAME: &str = "smollm2-135m";
 

@@ -21,6 +21,7 @@ use clap::{Args, Subcommand};
 use rbee::actors::hive::workers::{IdleTimeout, WorkerMode};
 use rbee::actors::queen::admission::AdmissionLimits;
 use rbee::actors::queen::daemon::{self, QueenConfig, RunningQueen};
+use rbee::actors::queen::keys::KeyStore;
 
 use super::LinkTiming;
 use super::background::{self, DaemonFiles};
@@ -51,6 +52,9 @@ pub enum QueenCommand {
     },
     /// Run the queen in the foreground (what `start` runs in the background).
     Serve(ServeArgs),
+    /// API keys of the HTTP gateway (stored hashed; shown once when created).
+    #[command(subcommand)]
+    Keys(KeysCommand),
     /// Print a join token for hives.
     Token {
         #[command(flatten)]
@@ -70,6 +74,62 @@ pub enum QueenCommand {
         #[arg(long, default_value = "operator")]
         name: String,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Create a key and print it (once).
+    Create {
+        #[command(flatten)]
+        data: DataDir,
+        /// A name to list and revoke it by.
+        #[arg(long, default_value = "default")]
+        name: String,
+    },
+    /// List the keys (ids and names, never the keys).
+    List {
+        #[command(flatten)]
+        data: DataDir,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke the keys with this id or name.
+    Revoke {
+        #[command(flatten)]
+        data: DataDir,
+        /// An id (from `list`) or a name.
+        key: String,
+    },
+}
+
+fn keys(command: KeysCommand) -> anyhow::Result<ExitCode> {
+    match command {
+        KeysCommand::Create { data, name } => {
+            let (key, stored) = KeyStore::new(&data.path()).create(&name)?;
+            eprintln!(
+                "rbee: key {} ({name}) created; it is shown only now",
+                stored.id
+            );
+            println!("{key}");
+        }
+        KeysCommand::List { data, json } => {
+            let keys = KeyStore::new(&data.path()).list()?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&keys)?);
+            } else {
+                println!("{:<10} {:<24} CREATED (unix)", "ID", "NAME");
+                for k in keys {
+                    println!("{:<10} {:<24} {}", k.id, k.name, k.created_at);
+                }
+            }
+        }
+        KeysCommand::Revoke { data, key } => {
+            let n = KeyStore::new(&data.path()).revoke(&key)?;
+            println!("revoked {n} key(s)");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 #[derive(Debug, Clone, Args)]
@@ -112,6 +172,13 @@ pub struct ServeArgs {
     /// Seconds a worker the queen started may idle before its hive stops it (0: never).
     #[arg(long, default_value_t = 300)]
     worker_idle_secs: u64,
+    /// Address of the OpenAI-compatible HTTP API and /metrics (beyond loopback only with
+    /// an API key: `rbee queen keys create`).
+    #[arg(long, default_value = "127.0.0.1:7702")]
+    http: SocketAddr,
+    /// Serve no HTTP API.
+    #[arg(long)]
+    no_http: bool,
     #[command(flatten)]
     timing: LinkTiming,
 }
@@ -153,6 +220,7 @@ pub async fn run(command: QueenCommand) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
+        QueenCommand::Keys(command) => keys(command),
         QueenCommand::Stop { data } => {
             match background::stop(&files(&data.path()))? {
                 Some(pid) => println!("queen stopped (pid {pid})"),
@@ -217,12 +285,21 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         0 => IdleTimeout::Never,
         secs => IdleTimeout::After(Duration::from_secs(secs)),
     };
+    super::init_logs();
     let queen = RunningQueen::start(config).await?;
+    let gateway = match args.no_http {
+        true => None,
+        false => {
+            Some(rbee::gateway::start(queen.service.clone(), &args.data.path(), args.http).await?)
+        }
+    };
     report(&serde_json::json!({ "ready": {
         "link": queen.addrs.link.to_string(),
         "join": queen.addrs.join.to_string(),
+        "http": gateway.as_ref().map(|g| g.addr.to_string()),
     }}));
     tokio::signal::ctrl_c().await?;
+    drop(gateway);
     queen.stop().await;
     Ok(())
 }

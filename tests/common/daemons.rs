@@ -104,7 +104,7 @@ pub fn start_queen(dir: &Path, port: u16, extra: &[&str]) -> (Daemon, SocketAddr
         "--listen",
         &listen,
     ];
-    args.extend(["--join-listen", "127.0.0.1:0"]);
+    args.extend(["--join-listen", "127.0.0.1:0", "--http", "127.0.0.1:0"]);
     args.extend(TIMING);
     args.extend(extra);
     let queen = start(dir, &args).expect("the queen starts");

@@ -179,6 +179,8 @@ pub enum QueenMsg {
     ),
     /// Every connected hive's link.
     ConnectedHives(RpcReplyPort<Vec<(String, Link<QueenProtocol>)>>),
+    /// Requests waiting in each model's queue (models with none left out).
+    Waiting(RpcReplyPort<Vec<(ModelId, usize)>>),
 }
 
 /// How the queen starts.
@@ -349,6 +351,9 @@ impl Actor for Queen {
             }
             QueenMsg::ConnectedHives(reply) => {
                 let _ = reply.send(state.registry.connected_hives());
+            }
+            QueenMsg::Waiting(reply) => {
+                let _ = reply.send(state.admission.depths());
             }
         }
         Ok(())

@@ -62,6 +62,15 @@ impl<W> Admission<W> {
         self.queues.get(model).map_or(0, VecDeque::len)
     }
 
+    /// Requests waiting per model, for models with any.
+    pub fn depths(&self) -> Vec<(ModelId, usize)> {
+        self.queues
+            .iter()
+            .filter(|(_, q)| !q.is_empty())
+            .map(|(m, q)| (m.clone(), q.len()))
+            .collect()
+    }
+
     /// Queues `waiter` for `model`: its ticket and position (1 = next), or `Err` with a
     /// retry-after hint when the queue is full.
     pub fn enqueue(&mut self, model: &ModelId, waiter: W) -> Result<(Ticket, usize), Duration> {

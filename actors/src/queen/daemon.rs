@@ -163,6 +163,8 @@ pub struct RunningQueen {
     pub queen: ActorRef<QueenMsg>,
     /// Where it listens.
     pub addrs: QueenAddrs,
+    /// What its links serve (operations in process, for the HTTP gateway).
+    pub service: QueenService,
     endpoint: Arc<Endpoint<QueenProtocol>>,
     workers: Arc<Endpoint<WorkerProtocol>>,
     _join: JoinListener,
@@ -218,10 +220,11 @@ impl RunningQueen {
             queen: queen.clone(),
             ca,
         };
-        let served = tokio::spawn(serve(endpoint.clone(), service));
+        let served = tokio::spawn(serve(endpoint.clone(), service.clone()));
         Ok(RunningQueen {
             queen,
             addrs,
+            service,
             endpoint,
             workers,
             _join: join,

@@ -14,6 +14,7 @@ pub mod actor;
 pub mod admission;
 pub mod client;
 pub mod daemon;
+pub mod keys;
 pub mod protocol;
 pub mod registry;
 pub mod route;

@@ -207,7 +207,9 @@ async fn workers(service: &QueenService) -> Result<Vec<WorkerView>, QueenError> 
     call_t!(service.queen, QueenMsg::Workers, ACTOR_MS).map_err(actor_down)
 }
 
-async fn answer(service: &QueenService, request: ClientRequest) -> ClientResponse {
+/// Runs one client operation (what a client link asks; the HTTP gateway calls it in
+/// process).
+pub async fn answer(service: &QueenService, request: ClientRequest) -> ClientResponse {
     match answer_inner(service, request).await {
         Ok(response) => response,
         Err(e) => ClientResponse::Error(e),

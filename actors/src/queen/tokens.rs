@@ -112,25 +112,11 @@ impl TokenStore {
     }
 
     fn read<T: Default + for<'de> Deserialize<'de>>(&self, name: &str) -> Result<T, JoinRefusal> {
-        let path = self.dir.join(name);
-        match std::fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes)
-                .map_err(|e| JoinRefusal::Store(format!("{}: {e}", path.display()))),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(T::default()),
-            Err(e) => Err(JoinRefusal::Store(format!("{}: {e}", path.display()))),
-        }
+        crate::private_json::read(&self.dir.join(name)).map_err(JoinRefusal::Store)
     }
 
     fn write<T: Serialize>(&self, name: &str, value: &T) -> Result<(), JoinRefusal> {
-        let store_err = |e: &dyn std::fmt::Display| JoinRefusal::Store(e.to_string());
-        std::fs::create_dir_all(&self.dir).map_err(|e| store_err(&e))?;
-        let json = serde_json::to_vec_pretty(value).map_err(|e| store_err(&e))?;
-        let temp = tempfile::NamedTempFile::new_in(&self.dir).map_err(|e| store_err(&e))?;
-        // NamedTempFile is created with mode 0600: the hashes stay private.
-        std::fs::write(temp.path(), json).map_err(|e| store_err(&e))?;
-        temp.persist(self.dir.join(name))
-            .map_err(|e| store_err(&e.error))?;
-        Ok(())
+        crate::private_json::write(&self.dir, name, value).map_err(JoinRefusal::Store)
     }
 }
 

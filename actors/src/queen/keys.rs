@@ -1,0 +1,148 @@
+//! API keys of the queen's HTTP gateway, kept in its data directory (`api_keys.json`,
+//! mode 0600). Only a SHA-256 of each key is stored; a presented key is hashed and
+//! compared with every stored hash in constant time, so neither the file nor the timing of
+//! a refusal tells anything about a valid key.
+
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// The key file in the queen's data directory.
+pub const KEYS_FILE: &str = "api_keys.json";
+/// Keys start with this, so a leaked one is recognisable (and scannable).
+pub const KEY_PREFIX: &str = "rbee-sk-";
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct Keys {
+    keys: Vec<StoredKey>,
+}
+
+/// A key as listed: never the key itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredKey {
+    /// A short id to revoke it by (the first 8 hex digits of its hash).
+    pub id: String,
+    /// The name given when it was created.
+    pub name: String,
+    /// SHA-256 of the key, hex.
+    sha256: String,
+    /// Seconds since the Unix epoch.
+    pub created_at: u64,
+}
+
+/// Errors of the key store.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    /// The file could not be read or written.
+    #[error("the queen's key store failed: {0}")]
+    Store(String),
+    /// No key has this id or name.
+    #[error("no API key has the id or name {0:?}")]
+    Unknown(String),
+}
+
+/// The queen's API keys.
+pub struct KeyStore {
+    dir: PathBuf,
+}
+
+fn digest(key: &str) -> [u8; 32] {
+    Sha256::digest(key.as_bytes()).into()
+}
+
+/// Equality of two hashes that takes the same time wherever they differ.
+fn same(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+impl KeyStore {
+    /// The store in `dir` (the queen's data directory).
+    pub fn new(dir: &Path) -> Self {
+        KeyStore {
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    fn read(&self) -> Result<Keys, KeyError> {
+        crate::private_json::read(&self.dir.join(KEYS_FILE)).map_err(KeyError::Store)
+    }
+
+    /// Creates a key named `name`; returns it (shown once) and its listing.
+    pub fn create(&self, name: &str) -> Result<(String, StoredKey), KeyError> {
+        let mut keys = self.read()?;
+        let key = format!("{KEY_PREFIX}{}", hex::encode(rand::random::<[u8; 24]>()));
+        let sha256 = hex::encode(digest(&key));
+        let stored = StoredKey {
+            id: sha256[..8].to_string(),
+            name: name.to_string(),
+            sha256,
+            created_at: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+        };
+        keys.keys.push(stored.clone());
+        crate::private_json::write(&self.dir, KEYS_FILE, &keys).map_err(KeyError::Store)?;
+        Ok((key, stored))
+    }
+
+    /// Every key (without the keys themselves).
+    pub fn list(&self) -> Result<Vec<StoredKey>, KeyError> {
+        Ok(self.read()?.keys)
+    }
+
+    /// Revokes the keys with this id or name; returns how many.
+    pub fn revoke(&self, id_or_name: &str) -> Result<usize, KeyError> {
+        let mut keys = self.read()?;
+        let before = keys.keys.len();
+        keys.keys
+            .retain(|k| k.id != id_or_name && k.name != id_or_name);
+        let revoked = before - keys.keys.len();
+        if revoked == 0 {
+            return Err(KeyError::Unknown(id_or_name.to_string()));
+        }
+        crate::private_json::write(&self.dir, KEYS_FILE, &keys).map_err(KeyError::Store)?;
+        Ok(revoked)
+    }
+
+    /// Hashes of the current keys, for [`accepts`] (read once per change, not per request).
+    pub fn hashes(&self) -> Result<Vec<[u8; 32]>, KeyError> {
+        Ok(self
+            .read()?
+            .keys
+            .iter()
+            .filter_map(|k| hex::decode(&k.sha256).ok()?.try_into().ok())
+            .collect())
+    }
+}
+
+/// Whether `presented` is one of the keys with these hashes (every hash is compared).
+pub fn accepts(hashes: &[[u8; 32]], presented: &str) -> bool {
+    let presented = digest(presented);
+    hashes
+        .iter()
+        .fold(false, |found, hash| found | same(hash, &presented))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_created_key_is_accepted_until_revoked_and_never_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = KeyStore::new(dir.path());
+        let (key, listed) = store.create("ci").unwrap();
+        assert!(key.starts_with(KEY_PREFIX));
+        let file = std::fs::read_to_string(dir.path().join(KEYS_FILE)).unwrap();
+        assert!(!file.contains(&key[KEY_PREFIX.len()..]));
+        assert!(accepts(&store.hashes().unwrap(), &key));
+        assert!(!accepts(&store.hashes().unwrap(), "rbee-sk-wrong"));
+        assert!(!accepts(&store.hashes().unwrap(), ""));
+        assert_eq!(store.list().unwrap(), std::slice::from_ref(&listed));
+        assert_eq!(store.revoke(&listed.id).unwrap(), 1);
+        assert!(!accepts(&store.hashes().unwrap(), &key));
+        assert!(matches!(store.revoke("ci"), Err(KeyError::Unknown(_))));
+    }
+}

@@ -1,0 +1,752 @@
+//! The queen's OpenAI-compatible HTTP API (axum), served by the queen process:
+//! `POST /v1/chat/completions`, `POST /v1/completions` (streamed as server-sent events in
+//! OpenAI's chunk format, ending with `data: [DONE]`, or whole), `GET /v1/models`,
+//! `GET /v1/models/{id}`, and `GET /metrics`.
+//!
+//! Generations go to the queen actor in process (admission, routing, failover as for any
+//! client); a client that disconnects drops the stream, which cancels the generation on
+//! its worker. With API keys configured (`rbee queen keys create`), every request needs
+//! `Authorization: Bearer <key>`; the gateway refuses to listen beyond loopback without one.
+//! Each request has an `x-request-id` (the client's, or a new one), returned and logged.
+
+pub mod metrics;
+pub mod openai;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use futures::Stream;
+use rbee_actors::hive::store::{Entry, ModelId};
+use rbee_actors::queen::actor::QueenMsg;
+use rbee_actors::queen::keys::{self, KeyStore};
+use rbee_actors::queen::protocol::{ClientRequest, ClientResponse, HiveState, QueenItem};
+use rbee_actors::queen::route;
+use rbee_actors::queen::serve::{self, QueenService};
+use rbee_actors::worker::actor::STREAM_CAPACITY;
+use rbee_actors::worker::api::{ErrorKind, GenerationError, GenerationEvent, GenerationStats};
+use tokio::sync::mpsc;
+
+use metrics::{ClusterGauges, Metrics};
+use openai::{ApiError, ChatRequest, CompletionRequest, Usage};
+
+/// Largest request body: prompts are bounded far below this by the worker's limit.
+const MAX_BODY_BYTES: usize = 4 << 20;
+
+/// Errors of starting the gateway.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    /// A non-loopback address with no API key to protect it.
+    #[error(
+        "the HTTP gateway would listen on {0} with no API key: create one first (`rbee queen keys create`), or listen on 127.0.0.1"
+    )]
+    Unprotected(SocketAddr),
+    /// The address could not be bound, or the key store read.
+    #[error("the HTTP gateway cannot start: {0}")]
+    Setup(String),
+}
+
+/// Hashes of the current API keys, re-read when the key file changes.
+struct KeyCache {
+    store: KeyStore,
+    file: PathBuf,
+    seen: Mutex<(Option<SystemTime>, Vec<[u8; 32]>)>,
+}
+
+impl KeyCache {
+    fn hashes(&self) -> Vec<[u8; 32]> {
+        let modified = std::fs::metadata(&self.file)
+            .and_then(|m| m.modified())
+            .ok();
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        if seen.0 != modified || modified.is_none() && !seen.1.is_empty() {
+            // A store that cannot be read admits nobody rather than everybody.
+            let hashes = self.store.hashes().unwrap_or_else(|_| vec![[0; 32]]);
+            *seen = (modified, hashes);
+        }
+        seen.1.clone()
+    }
+}
+
+struct Gateway {
+    service: QueenService,
+    keys: KeyCache,
+    metrics: Metrics,
+}
+
+/// A running gateway.
+pub struct RunningGateway {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for RunningGateway {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Serves the gateway of the queen with data directory `data` on `addr`.
+pub async fn start(
+    service: QueenService,
+    data: &std::path::Path,
+    addr: SocketAddr,
+) -> Result<RunningGateway, GatewayError> {
+    let store = KeyStore::new(data);
+    let existing = store
+        .hashes()
+        .map_err(|e| GatewayError::Setup(e.to_string()))?;
+    if !addr.ip().is_loopback() && existing.is_empty() {
+        return Err(GatewayError::Unprotected(addr));
+    }
+    let gateway = Arc::new(Gateway {
+        service,
+        keys: KeyCache {
+            store,
+            file: data.join(keys::KEYS_FILE),
+            seen: Mutex::new((None, Vec::new())),
+        },
+        metrics: Metrics::default(),
+    });
+    let app = Router::new()
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/completions", post(completions))
+        .route("/v1/models", get(list_models))
+        .route("/v1/models/{id}", get(get_model))
+        .route("/metrics", get(render_metrics))
+        .fallback(unknown_route)
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(gateway);
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| GatewayError::Setup(format!("bind {addr}: {e}")))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| GatewayError::Setup(e.to_string()))?;
+    let task = tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!("the HTTP gateway stopped: {e}");
+        }
+    });
+    Ok(RunningGateway { addr, task })
+}
+
+fn error_response(error: &ApiError, request_id: &str) -> Response {
+    let status = StatusCode::from_u16(error.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut response = (status, axum::Json(error.body())).into_response();
+    if let Some(secs) = error.retry_after_secs
+        && let Ok(value) = HeaderValue::from_str(&secs.to_string())
+    {
+        response.headers_mut().insert(header::RETRY_AFTER, value);
+    }
+    with_request_id(response, request_id)
+}
+
+fn with_request_id(mut response: Response, request_id: &str) -> Response {
+    if let Ok(value) = HeaderValue::from_str(request_id) {
+        response.headers_mut().insert("x-request-id", value);
+    }
+    response
+}
+
+/// The client's `x-request-id` (printable, at most 128 bytes), or a new one.
+fn request_id(headers: &HeaderMap) -> String {
+    headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
+        .map(str::to_string)
+        .unwrap_or_else(|| format!("req-{:016x}", rand::random::<u64>()))
+}
+
+impl Gateway {
+    /// Checks the bearer key when keys exist.
+    fn authorize(&self, headers: &HeaderMap) -> Result<(), ApiError> {
+        let hashes = self.keys.hashes();
+        if hashes.is_empty() {
+            return Ok(());
+        }
+        let presented = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        if keys::accepts(&hashes, presented.trim()) {
+            Ok(())
+        } else {
+            Err(ApiError::unauthorized())
+        }
+    }
+
+    async fn call(&self, request: ClientRequest) -> Result<ClientResponse, ApiError> {
+        match serve::answer(&self.service, request).await {
+            ClientResponse::Error(e) => Err(ApiError::server(503, e.to_string())),
+            response => Ok(response),
+        }
+    }
+
+    /// Ready models on connected hives: (id, added at).
+    async fn models(&self) -> Result<Vec<(String, u64)>, ApiError> {
+        let ClientResponse::Hives(hives) = self.call(ClientRequest::ListHives).await? else {
+            return Err(ApiError::server(
+                500,
+                "the queen answered out of protocol".into(),
+            ));
+        };
+        let mut models = std::collections::BTreeMap::new();
+        for hive in hives
+            .iter()
+            .filter(|h| matches!(h.state, HiveState::Connected))
+        {
+            for entry in &hive.models {
+                if let Entry::Ready(m) = entry {
+                    models.entry(m.id.to_string()).or_insert(m.added_at);
+                }
+            }
+        }
+        Ok(models.into_iter().collect())
+    }
+}
+
+async fn unknown_route(method: axum::http::Method, uri: axum::http::Uri) -> Response {
+    let error = ApiError {
+        status: 404,
+        retry_after_secs: None,
+        message: format!("Unknown request URL: {method} {}.", uri.path()),
+        kind: "invalid_request_error",
+        param: None,
+        code: Some("unknown_url".into()),
+    };
+    (StatusCode::NOT_FOUND, axum::Json(error.body())).into_response()
+}
+
+async fn list_models(State(gateway): State<Arc<Gateway>>, headers: HeaderMap) -> Response {
+    let id = request_id(&headers);
+    let listed = async {
+        gateway.authorize(&headers)?;
+        gateway.models().await
+    };
+    match listed.await {
+        Ok(models) => {
+            let data: Vec<_> = models
+                .into_iter()
+                .map(|(id, created)| model_object(&id, created))
+                .collect();
+            with_request_id(
+                axum::Json(serde_json::json!({ "object": "list", "data": data })).into_response(),
+                &id,
+            )
+        }
+        Err(e) => error_response(&e, &id),
+    }
+}
+
+fn model_object(id: &str, created: u64) -> serde_json::Value {
+    serde_json::json!({ "id": id, "object": "model", "created": created, "owned_by": "rbee" })
+}
+
+async fn get_model(
+    State(gateway): State<Arc<Gateway>>,
+    Path(model): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let id = request_id(&headers);
+    let found = async {
+        gateway.authorize(&headers)?;
+        let models = gateway.models().await?;
+        models
+            .into_iter()
+            .find(|(m, _)| *m == model)
+            .ok_or_else(|| ApiError::not_found(&model))
+    };
+    match found.await {
+        Ok((m, created)) => {
+            with_request_id(axum::Json(model_object(&m, created)).into_response(), &id)
+        }
+        Err(e) => error_response(&e, &id),
+    }
+}
+
+async fn render_metrics(State(gateway): State<Arc<Gateway>>, headers: HeaderMap) -> Response {
+    let id = request_id(&headers);
+    if let Err(e) = gateway.authorize(&headers) {
+        return error_response(&e, &id);
+    }
+    let mut gauges = ClusterGauges::default();
+    if let Ok(ClientResponse::Workers(workers)) = gateway.call(ClientRequest::ListWorkers).await {
+        let mut running = std::collections::BTreeMap::<String, usize>::new();
+        for w in &workers {
+            *running.entry(w.info.model.to_string()).or_default() += w.in_flight;
+            let state = match &w.info.state {
+                rbee_actors::hive::workers::WorkerState::Running(s) => format!("{:?}", s.phase)
+                    .split('(')
+                    .next()
+                    .unwrap_or("")
+                    .to_lowercase(),
+                other => format!("{other:?}").to_lowercase(),
+            };
+            *gauges.workers.entry(state).or_default() += 1;
+        }
+        gauges.running = running.into_iter().collect();
+    }
+    if let Ok(ClientResponse::Hives(hives)) = gateway.call(ClientRequest::ListHives).await {
+        for h in &hives {
+            let state = match h.state {
+                HiveState::Connected => "connected",
+                HiveState::Lost { .. } => "lost",
+            };
+            *gauges.hives.entry(state.into()).or_default() += 1;
+        }
+    }
+    if let Ok(waiting) = ractor::call_t!(gateway.service.queen, QueenMsg::Waiting, 5_000) {
+        gauges.waiting = waiting
+            .into_iter()
+            .map(|(m, n)| (m.to_string(), n))
+            .collect();
+    }
+    let text = gateway.metrics.render(&gauges);
+    with_request_id(
+        (
+            [(
+                header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
+            text,
+        )
+            .into_response(),
+        &id,
+    )
+}
+
+/// Which endpoint a generation came through: it decides the response's shape.
+#[derive(Clone, Copy, PartialEq)]
+enum Shape {
+    Chat,
+    Text,
+}
+
+async fn chat_completions(
+    State(gateway): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let parsed = serde_json::from_slice::<ChatRequest>(&body)
+        .map_err(|e| {
+            ApiError::invalid(
+                None,
+                format!("We could not parse the JSON body of your request: {e}"),
+            )
+        })
+        .and_then(|r| {
+            let generate = r.sampling.request(r.prompt()?)?;
+            Ok((
+                r.model,
+                generate,
+                r.sampling.stream,
+                r.sampling.include_usage(),
+            ))
+        });
+    generate(gateway, headers, parsed, Shape::Chat).await
+}
+
+async fn completions(
+    State(gateway): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let parsed = serde_json::from_slice::<CompletionRequest>(&body)
+        .map_err(|e| {
+            ApiError::invalid(
+                None,
+                format!("We could not parse the JSON body of your request: {e}"),
+            )
+        })
+        .and_then(|r| {
+            let generate = r.sampling.request(r.prompt()?)?;
+            Ok((
+                r.model,
+                generate,
+                r.sampling.stream,
+                r.sampling.include_usage(),
+            ))
+        });
+    generate(gateway, headers, parsed, Shape::Text).await
+}
+
+type Parsed = Result<
+    (
+        String,
+        rbee_actors::worker::api::GenerateRequest,
+        bool,
+        bool,
+    ),
+    ApiError,
+>;
+
+/// The HTTP error of a generation that failed before its first token.
+fn generation_error(e: &GenerationError) -> ApiError {
+    match e.kind {
+        ErrorKind::Overloaded { retry_after_ms } => {
+            ApiError::overloaded(retry_after_ms, e.message.clone())
+        }
+        ErrorKind::InvalidRequest | ErrorKind::ContextExceeded | ErrorKind::NoChatTemplate => {
+            ApiError::invalid(None, e.message.clone())
+        }
+        ErrorKind::Busy
+        | ErrorKind::NotReady
+        | ErrorKind::Draining
+        | ErrorKind::Unavailable
+        | ErrorKind::WorkerLost => ApiError::server(503, e.message.clone()),
+        ErrorKind::Compute | ErrorKind::Internal => ApiError::server(500, e.message.clone()),
+    }
+}
+
+/// One generation's bookkeeping for the response and the metrics.
+struct Tracker {
+    gateway: Arc<Gateway>,
+    model: String,
+    request_id: String,
+    started: Instant,
+    last_token: Option<Instant>,
+    /// Whether the request's status was counted.
+    counted: bool,
+}
+
+impl Drop for Tracker {
+    fn drop(&mut self) {
+        if !self.counted {
+            // Dropped before its end: the client went away (nginx's 499).
+            self.gateway.metrics.request(&self.model, 499);
+            tracing::info!(request_id = %self.request_id, model = %self.model, "client disconnected; generation cancelled");
+        }
+    }
+}
+
+impl Tracker {
+    fn token(&mut self) {
+        let now = Instant::now();
+        match self.last_token {
+            None => self
+                .gateway
+                .metrics
+                .first_token(&self.model, (now - self.started).as_secs_f64()),
+            Some(last) => self
+                .gateway
+                .metrics
+                .inter_token(&self.model, (now - last).as_secs_f64()),
+        }
+        self.last_token = Some(now);
+    }
+
+    fn done(&self, stats: &GenerationStats) {
+        let reason = openai::finish_reason(stats.finish);
+        self.gateway.metrics.finished(
+            &self.model,
+            reason,
+            stats.prompt_tokens,
+            stats.completion_tokens,
+            self.started.elapsed().as_secs_f64(),
+        );
+        tracing::info!(request_id = %self.request_id, model = %self.model, tokens = stats.completion_tokens, "done");
+    }
+
+    fn ended(&mut self, status: u16, why: &str) {
+        self.counted = true;
+        self.gateway.metrics.request(&self.model, status);
+        if status >= 400 {
+            tracing::warn!(request_id = %self.request_id, model = %self.model, status, "{why}");
+        }
+    }
+}
+
+async fn generate(
+    gateway: Arc<Gateway>,
+    headers: HeaderMap,
+    parsed: Parsed,
+    shape: Shape,
+) -> Response {
+    let request_id = request_id(&headers);
+    if let Err(e) = gateway.authorize(&headers) {
+        return error_response(&e, &request_id);
+    }
+    let (model, request, stream, include_usage) = match parsed {
+        Ok(parsed) => parsed,
+        Err(e) => return error_response(&e, &request_id),
+    };
+    let mut tracker = Tracker {
+        gateway: gateway.clone(),
+        model: model.clone(),
+        request_id: request_id.clone(),
+        started: Instant::now(),
+        last_token: None,
+        counted: false,
+    };
+    tracing::info!(request_id = %request_id, model = %model, stream, "generation");
+    let known = match gateway.models().await {
+        Ok(models) => models.iter().any(|(m, _)| *m == model),
+        Err(e) => return error_response(&e, &request_id),
+    };
+    let model_id = match ModelId::new(&model) {
+        Ok(id) if known => id,
+        _ => {
+            tracker.ended(404, "unknown model");
+            return error_response(&ApiError::not_found(&model), &request_id);
+        }
+    };
+    let (tx, mut rx) = mpsc::channel(STREAM_CAPACITY);
+    tokio::spawn(route::generate(
+        gateway.service.queen.clone(),
+        model_id,
+        request,
+        tx,
+    ));
+    // Queue and loading news are not OpenAI's; the first generation event decides between
+    // an HTTP error (nothing was generated) and a 200.
+    let first = loop {
+        match rx.recv().await {
+            Some(QueenItem::Generation(event)) => break event,
+            Some(_) => continue,
+            None => {
+                let e = ApiError::server(503, "the queen dropped the request".into());
+                tracker.ended(503, &e.message);
+                return error_response(&e, &request_id);
+            }
+        }
+    };
+    if let GenerationEvent::Error(e) = &first {
+        let error = generation_error(e);
+        tracker.ended(error.status, &e.message);
+        return error_response(&error, &request_id);
+    }
+    let created = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let head = ResponseHead {
+        id: completion_id(shape, &request_id),
+        model: model.clone(),
+        created,
+        shape,
+    };
+    if stream {
+        let body = sse(head, first, rx, tracker, include_usage);
+        let response = Response::builder()
+            .header(header::CONTENT_TYPE, "text/event-stream")
+            .header(header::CACHE_CONTROL, "no-cache")
+            .body(Body::from_stream(body))
+            .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response());
+        return with_request_id(response, &request_id);
+    }
+    let mut text = String::new();
+    let mut event = Some(first);
+    while let Some(current) = event.take() {
+        match current {
+            GenerationEvent::Token { text: t, .. } => {
+                tracker.token();
+                text.push_str(&t);
+            }
+            GenerationEvent::Text(t) => text.push_str(&t),
+            GenerationEvent::Done(stats) => {
+                tracker.done(&stats);
+                tracker.ended(200, "done");
+                return with_request_id(
+                    axum::Json(head.whole(&text, &stats)).into_response(),
+                    &request_id,
+                );
+            }
+            GenerationEvent::Error(e) => {
+                // Tokens were generated but cannot be delivered whole.
+                let error = ApiError::server(503, e.message.clone());
+                tracker.ended(503, &e.message);
+                return error_response(&error, &request_id);
+            }
+        }
+        event = next_generation_event(&mut rx).await;
+    }
+    let e = ApiError::server(503, "the generation ended without a result".into());
+    tracker.ended(503, &e.message);
+    error_response(&e, &request_id)
+}
+
+async fn next_generation_event(rx: &mut mpsc::Receiver<QueenItem>) -> Option<GenerationEvent> {
+    loop {
+        match rx.recv().await? {
+            QueenItem::Generation(event) => return Some(event),
+            _ => continue,
+        }
+    }
+}
+
+fn completion_id(shape: Shape, request_id: &str) -> String {
+    match shape {
+        Shape::Chat => format!("chatcmpl-{request_id}"),
+        Shape::Text => format!("cmpl-{request_id}"),
+    }
+}
+
+/// What every response and chunk of one completion shares.
+struct ResponseHead {
+    id: String,
+    model: String,
+    created: u64,
+    shape: Shape,
+}
+
+/// What rbee reports as `system_fingerprint`.
+fn fingerprint() -> String {
+    format!("rbee-{}", env!("CARGO_PKG_VERSION"))
+}
+
+impl ResponseHead {
+    fn whole(&self, text: &str, stats: &GenerationStats) -> serde_json::Value {
+        let reason = openai::finish_reason(stats.finish);
+        let choice = match self.shape {
+            Shape::Chat => serde_json::json!({
+                "index": 0, "message": { "role": "assistant", "content": text },
+                "logprobs": null, "finish_reason": reason }),
+            Shape::Text => serde_json::json!({
+                "index": 0, "text": text, "logprobs": null, "finish_reason": reason }),
+        };
+        serde_json::json!({
+            "id": self.id, "object": self.object(false), "created": self.created,
+            "model": self.model, "system_fingerprint": fingerprint(),
+            "choices": [choice], "usage": Usage::of(stats),
+        })
+    }
+
+    fn object(&self, chunk: bool) -> &'static str {
+        match (self.shape, chunk) {
+            (Shape::Chat, false) => "chat.completion",
+            (Shape::Chat, true) => "chat.completion.chunk",
+            (Shape::Text, _) => "text_completion",
+        }
+    }
+
+    /// A chunk with `delta` text (chat: also the role in the first), or the closing one.
+    fn chunk(
+        &self,
+        text: Option<&str>,
+        first: bool,
+        finish: Option<&str>,
+        usage: Option<serde_json::Value>,
+    ) -> serde_json::Value {
+        let choice = match self.shape {
+            Shape::Chat => {
+                let mut delta = serde_json::Map::new();
+                if first {
+                    delta.insert("role".into(), "assistant".into());
+                }
+                if let Some(text) = text {
+                    delta.insert("content".into(), text.into());
+                }
+                serde_json::json!({ "index": 0, "delta": delta, "logprobs": null, "finish_reason": finish })
+            }
+            Shape::Text => serde_json::json!({
+                "index": 0, "text": text.unwrap_or(""), "logprobs": null, "finish_reason": finish }),
+        };
+        let mut chunk = serde_json::json!({
+            "id": self.id, "object": self.object(true), "created": self.created,
+            "model": self.model, "system_fingerprint": fingerprint(), "choices": [choice],
+        });
+        if let Some(usage) = usage {
+            chunk["usage"] = usage;
+        }
+        chunk
+    }
+}
+
+fn data(value: &serde_json::Value) -> Bytes {
+    Bytes::from(format!("data: {value}\n\n"))
+}
+
+/// The SSE body: one chunk per token, the closing chunk, the usage chunk when asked for,
+/// then `data: [DONE]`. Dropping it (the client left) drops `rx`, which cancels the
+/// generation on its worker.
+fn sse(
+    head: ResponseHead,
+    first: GenerationEvent,
+    rx: mpsc::Receiver<QueenItem>,
+    tracker: Tracker,
+    include_usage: bool,
+) -> impl Stream<Item = Result<Bytes, Infallible>> {
+    struct Sse {
+        head: ResponseHead,
+        pending: Option<GenerationEvent>,
+        rx: mpsc::Receiver<QueenItem>,
+        tracker: Tracker,
+        include_usage: bool,
+        started: bool,
+        ended: bool,
+    }
+    let state = Sse {
+        head,
+        pending: Some(first),
+        rx,
+        tracker,
+        include_usage,
+        started: false,
+        ended: false,
+    };
+    futures::stream::unfold(state, |mut s| async move {
+        if s.ended {
+            return None;
+        }
+        let event = match s.pending.take() {
+            Some(event) => Some(event),
+            None => next_generation_event(&mut s.rx).await,
+        };
+        let usage_field = |s: &Sse| s.include_usage.then_some(serde_json::Value::Null);
+        let bytes = match event {
+            Some(GenerationEvent::Token { text, .. }) => {
+                s.tracker.token();
+                let first = !std::mem::replace(&mut s.started, true);
+                data(&s.head.chunk(Some(&text), first, None, usage_field(&s)))
+            }
+            Some(GenerationEvent::Text(text)) => {
+                let first = !std::mem::replace(&mut s.started, true);
+                data(&s.head.chunk(Some(&text), first, None, usage_field(&s)))
+            }
+            Some(GenerationEvent::Done(stats)) => {
+                s.tracker.done(&stats);
+                s.tracker.ended(200, "done");
+                s.ended = true;
+                let reason = openai::finish_reason(stats.finish);
+                let first = !std::mem::replace(&mut s.started, true);
+                let mut out =
+                    data(&s.head.chunk(None, first, Some(reason), usage_field(&s))).to_vec();
+                if s.include_usage {
+                    let mut usage = s.head.chunk(
+                        None,
+                        false,
+                        None,
+                        Some(serde_json::json!(Usage::of(&stats))),
+                    );
+                    usage["choices"] = serde_json::json!([]);
+                    out.extend_from_slice(&data(&usage));
+                }
+                out.extend_from_slice(b"data: [DONE]\n\n");
+                Bytes::from(out)
+            }
+            Some(GenerationEvent::Error(e)) => {
+                s.tracker.ended(503, &e.message);
+                s.ended = true;
+                data(&ApiError::server(503, e.message.clone()).body())
+            }
+            None => {
+                s.tracker
+                    .ended(503, "the generation ended without a result");
+                s.ended = true;
+                data(&ApiError::server(503, "the generation ended without a result".into()).body())
+            }
+        };
+        Some((Ok(bytes), s))
+    })
+}

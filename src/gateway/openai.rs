@@ -1,0 +1,386 @@
+//! OpenAI's wire format: the requests rbee accepts, the responses and stream chunks it
+//! sends, and its error JSON. Unknown request fields are ignored (as OpenAI's own server
+//! does for fields it does not know); known ones rbee cannot honour are refused with the
+//! parameter named.
+
+use rbee_actors::worker::api::{
+    ChatMessage, FinishReason, GenerateRequest, GenerationStats, Prompt, SamplingParams,
+};
+use serde::{Deserialize, Serialize};
+
+/// Most tokens an answer may have when the request does not say.
+pub const DEFAULT_MAX_TOKENS: usize = 512;
+
+/// An error in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`.
+#[derive(Debug, Clone, Serialize)]
+pub struct ApiError {
+    /// HTTP status.
+    #[serde(skip)]
+    pub status: u16,
+    /// Seconds after which to retry (a 429).
+    #[serde(skip)]
+    pub retry_after_secs: Option<u64>,
+    pub message: String,
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub param: Option<String>,
+    pub code: Option<String>,
+}
+
+impl ApiError {
+    pub fn invalid(param: Option<&str>, message: impl Into<String>) -> Self {
+        ApiError {
+            status: 400,
+            retry_after_secs: None,
+            message: message.into(),
+            kind: "invalid_request_error",
+            param: param.map(str::to_string),
+            code: None,
+        }
+    }
+
+    pub fn unauthorized() -> Self {
+        ApiError {
+            status: 401,
+            retry_after_secs: None,
+            message: "Incorrect API key provided. Create one with `rbee queen keys create`.".into(),
+            kind: "invalid_request_error",
+            param: None,
+            code: Some("invalid_api_key".into()),
+        }
+    }
+
+    pub fn not_found(what: &str) -> Self {
+        ApiError {
+            status: 404,
+            retry_after_secs: None,
+            message: format!("The model `{what}` does not exist on any hive of this cluster."),
+            kind: "invalid_request_error",
+            param: Some("model".into()),
+            code: Some("model_not_found".into()),
+        }
+    }
+
+    pub fn overloaded(retry_after_ms: u64, message: String) -> Self {
+        ApiError {
+            status: 429,
+            retry_after_secs: Some(retry_after_ms.div_ceil(1000).max(1)),
+            message,
+            kind: "rate_limit_error",
+            param: None,
+            code: Some("overloaded".into()),
+        }
+    }
+
+    pub fn server(status: u16, message: String) -> Self {
+        ApiError {
+            status,
+            retry_after_secs: None,
+            message,
+            kind: "server_error",
+            param: None,
+            code: None,
+        }
+    }
+
+    /// The JSON body.
+    pub fn body(&self) -> serde_json::Value {
+        serde_json::json!({ "error": self })
+    }
+}
+
+/// `stop`: one string or a list.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// A message's content: a string, or a list of parts of which rbee takes the text ones.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum Content {
+    Text(String),
+    Parts(Vec<ContentPart>),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ContentPart {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub text: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct MessageIn {
+    pub role: String,
+    pub content: Option<Content>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct StreamOptions {
+    #[serde(default)]
+    pub include_usage: bool,
+}
+
+/// The sampling fields chat and text completions share.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct Sampling {
+    pub max_tokens: Option<i64>,
+    pub max_completion_tokens: Option<i64>,
+    pub temperature: Option<f64>,
+    pub top_p: Option<f64>,
+    pub seed: Option<i64>,
+    pub stop: Option<Stop>,
+    pub n: Option<i64>,
+    #[serde(default)]
+    pub stream: bool,
+    pub stream_options: Option<StreamOptions>,
+}
+
+/// `POST /v1/chat/completions`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ChatRequest {
+    pub model: String,
+    pub messages: Vec<MessageIn>,
+    #[serde(flatten)]
+    pub sampling: Sampling,
+}
+
+/// `POST /v1/completions`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct CompletionRequest {
+    pub model: String,
+    pub prompt: PromptIn,
+    #[serde(flatten)]
+    pub sampling: Sampling,
+}
+
+/// A completion prompt: one string (a list of one string is taken too).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum PromptIn {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl Sampling {
+    /// The generation request for `prompt`, or the parameter that cannot be honoured.
+    pub fn request(&self, prompt: Prompt) -> Result<GenerateRequest, ApiError> {
+        if let Some(n) = self.n
+            && n != 1
+        {
+            return Err(ApiError::invalid(Some("n"), "Only n = 1 is supported."));
+        }
+        let max_tokens = match self.max_completion_tokens.or(self.max_tokens) {
+            None => DEFAULT_MAX_TOKENS,
+            Some(n) if n >= 1 => usize::try_from(n).unwrap_or(usize::MAX),
+            Some(n) => {
+                return Err(ApiError::invalid(
+                    Some("max_tokens"),
+                    format!("{n} is less than the minimum of 1 - 'max_tokens'"),
+                ));
+            }
+        };
+        let temperature = self.temperature.unwrap_or(1.0);
+        if !(0.0..=2.0).contains(&temperature) {
+            return Err(ApiError::invalid(
+                Some("temperature"),
+                format!("{temperature} is not between 0 and 2 - 'temperature'"),
+            ));
+        }
+        let top_p = self.top_p.unwrap_or(1.0);
+        if !(top_p > 0.0 && top_p <= 1.0) {
+            return Err(ApiError::invalid(
+                Some("top_p"),
+                format!("{top_p} is not in (0, 1] - 'top_p'"),
+            ));
+        }
+        let stop = match &self.stop {
+            None => Vec::new(),
+            Some(Stop::One(s)) => vec![s.clone()],
+            Some(Stop::Many(list)) => list.clone(),
+        };
+        // OpenAI's sampler: temperature and top_p only (no top-k, min-p or penalty).
+        let sampling = SamplingParams {
+            temperature: temperature as f32,
+            top_p: top_p as f32,
+            top_k: 0,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
+            seed: self.seed.map(|s| s as u64),
+            ..SamplingParams::default()
+        };
+        let request = GenerateRequest {
+            prompt,
+            sampling,
+            max_tokens,
+            stop,
+            ..GenerateRequest::text("", 1)
+        };
+        request
+            .validate()
+            .map_err(|e| ApiError::invalid(None, e.message))?;
+        Ok(request)
+    }
+
+    pub fn include_usage(&self) -> bool {
+        self.stream_options
+            .as_ref()
+            .is_some_and(|o| o.include_usage)
+    }
+}
+
+impl ChatRequest {
+    pub fn prompt(&self) -> Result<Prompt, ApiError> {
+        let mut messages = Vec::new();
+        for (i, m) in self.messages.iter().enumerate() {
+            let role = match m.role.as_str() {
+                "system" | "developer" => "system",
+                "user" => "user",
+                "assistant" => "assistant",
+                other => {
+                    return Err(ApiError::invalid(
+                        Some(&format!("messages[{i}].role")),
+                        format!(
+                            "The role {other:?} is not supported (system, developer, user, assistant)."
+                        ),
+                    ));
+                }
+            };
+            let content = match &m.content {
+                None => String::new(),
+                Some(Content::Text(text)) => text.clone(),
+                Some(Content::Parts(parts)) => {
+                    let mut text = String::new();
+                    for part in parts {
+                        match (part.kind.as_str(), &part.text) {
+                            ("text", Some(t)) => text.push_str(t),
+                            (kind, _) => {
+                                return Err(ApiError::invalid(
+                                    Some(&format!("messages[{i}].content")),
+                                    format!(
+                                        "Content parts of type {kind:?} are not supported; only text."
+                                    ),
+                                ));
+                            }
+                        }
+                    }
+                    text
+                }
+            };
+            messages.push(ChatMessage {
+                role: role.into(),
+                content,
+            });
+        }
+        if messages.is_empty() {
+            return Err(ApiError::invalid(
+                Some("messages"),
+                "[] is too short - 'messages'",
+            ));
+        }
+        Ok(Prompt::Chat(messages))
+    }
+}
+
+impl CompletionRequest {
+    pub fn prompt(&self) -> Result<Prompt, ApiError> {
+        match &self.prompt {
+            PromptIn::One(text) => Ok(Prompt::Text(text.clone())),
+            PromptIn::Many(list) if list.len() == 1 => Ok(Prompt::Text(list[0].clone())),
+            PromptIn::Many(_) => Err(ApiError::invalid(
+                Some("prompt"),
+                "Only one prompt per request is supported.",
+            )),
+        }
+    }
+}
+
+pub fn finish_reason(finish: FinishReason) -> &'static str {
+    match finish {
+        FinishReason::Stop => "stop",
+        FinishReason::Length => "length",
+        // A generation the client did not see end; OpenAI has no better word.
+        FinishReason::Cancelled => "stop",
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Usage {
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    pub total_tokens: usize,
+}
+
+impl Usage {
+    pub fn of(stats: &GenerationStats) -> Self {
+        Usage {
+            prompt_tokens: stats.prompt_tokens,
+            completion_tokens: stats.completion_tokens,
+            total_tokens: stats.prompt_tokens + stats.completion_tokens,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chat(json: serde_json::Value) -> ChatRequest {
+        serde_json::from_value(json).unwrap()
+    }
+
+    #[test]
+    fn a_chat_request_maps_to_a_generation_and_ignores_unknown_fields() {
+        let request = chat(serde_json::json!({
+            "model": "m", "messages": [
+                {"role": "developer", "content": "Be brief."},
+                {"role": "user", "content": [{"type": "text", "text": "Hi"}]}],
+            "max_completion_tokens": 7, "temperature": 0, "seed": 3, "stop": "\n",
+            "logit_bias": {}, "user": "someone"
+        }));
+        let generate = request.sampling.request(request.prompt().unwrap()).unwrap();
+        assert_eq!(generate.max_tokens, 7);
+        assert_eq!(generate.stop, ["\n"]);
+        assert_eq!(generate.sampling.seed, Some(3));
+        assert_eq!(generate.sampling.temperature, 0.0);
+        let Prompt::Chat(messages) = generate.prompt else {
+            panic!()
+        };
+        assert_eq!(messages[0].role, "system");
+        assert_eq!(messages[1].content, "Hi");
+    }
+
+    #[test]
+    fn parameters_rbee_cannot_honour_are_refused_with_their_name() {
+        let cases = [
+            (serde_json::json!({"n": 2}), "n"),
+            (serde_json::json!({"max_tokens": 0}), "max_tokens"),
+            (serde_json::json!({"temperature": 3.5}), "temperature"),
+            (serde_json::json!({"top_p": 0}), "top_p"),
+        ];
+        for (fields, param) in cases {
+            let sampling: Sampling = serde_json::from_value(fields).unwrap();
+            let error = sampling.request(Prompt::Text("x".into())).unwrap_err();
+            assert_eq!(error.param.as_deref(), Some(param));
+            assert_eq!(error.status, 400);
+        }
+        let request = chat(serde_json::json!({"model": "m", "messages": []}));
+        assert_eq!(
+            request.prompt().unwrap_err().param.as_deref(),
+            Some("messages")
+        );
+        let request = chat(serde_json::json!({"model": "m", "messages": [
+            {"role": "user", "content": [{"type": "image_url"}]}]}));
+        assert!(request.prompt().is_err());
+    }
+
+    #[test]
+    fn an_overload_becomes_a_429_with_a_whole_second_retry_after() {
+        let e = ApiError::overloaded(1200, "full".into());
+        assert_eq!((e.status, e.retry_after_secs), (429, Some(2)));
+        assert_eq!(e.body()["error"]["type"], "rate_limit_error");
+    }
+}
