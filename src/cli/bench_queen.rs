@@ -1,7 +1,8 @@
 //! `rbee bench queen`: what the queen adds, each next to a baseline measured in the same run.
 //!
 //! - Time to first token through the queen (client → queen → worker process and back) next
-//!   to a client holding its own link to the same worker process. Rounds alternate.
+//!   to a client holding its own link to the same worker process, and through the queen's
+//!   HTTP gateway (a streamed `/v1/completions` on a new connection). Rounds alternate.
 //! - Spawn-to-ready of an in-process tiny-model worker asked of the queen (queen → hive →
 //!   worker actor, and back) next to loading the same model in this process.
 //! - The queen process's CPU with many simulated workers connected (each a real QUIC link
@@ -64,6 +65,8 @@ impl Daemon {
             .env("RBEE_HOME", home)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
+            // Their logs would drown the table.
+            .stderr(Stdio::null())
             .spawn()?;
         let stdout = child.stdout.take().context("no stdout")?;
         let line = BufReader::new(stdout).lines().next().transpose()?;
@@ -184,8 +187,14 @@ pub async fn run(args: QueenBenchArgs) -> anyhow::Result<ExitCode> {
         "rbee bench queen: tiny llama model, loopback, {} rounds",
         args.rounds
     );
-    let (direct, via_queen) = first_tokens(dir.path(), &client, &model, args.rounds).await?;
-    let (d, q) = (median(direct.clone()), median(via_queen.clone()));
+    let http = queen.addr("http")?;
+    let [direct, via_queen, via_gateway] =
+        first_tokens(dir.path(), &client, http, &model, args.rounds).await?;
+    let (d, q, g) = (
+        median(direct.clone()),
+        median(via_queen.clone()),
+        median(via_gateway.clone()),
+    );
     println!("\ntime to first token (max_tokens 1, greedy)   median     p90");
     println!(
         "  client → worker link (baseline)          {:>8.3} ms {:>7.3} ms",
@@ -201,6 +210,16 @@ pub async fn run(args: QueenBenchArgs) -> anyhow::Result<ExitCode> {
         "  added by the queen                       {:>8.3} ms   (×{:.2})",
         q - d,
         q / d
+    );
+    println!(
+        "  HTTP client → gateway (SSE) → worker     {:>8.3} ms {:>7.3} ms",
+        g,
+        percentile(via_gateway, 0.9)
+    );
+    println!(
+        "  added by the gateway over the native client {:>5.3} ms   (×{:.2})",
+        g - q,
+        g / q
     );
 
     let (local, remote) = spawn_times(&client, &model, &model_file, args.spawns).await?;
@@ -283,13 +302,51 @@ fn one_token() -> GenerateRequest {
     }
 }
 
-/// Times to first token in ms: (direct to the worker, through the queen).
+/// Time to the first SSE chunk of a streamed `/v1/completions` request for one token, on
+/// a new connection (as curl makes one); the rest of the response is read to its end.
+async fn gateway_first_token(http: SocketAddr, model: &ModelId) -> anyhow::Result<Duration> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let body = serde_json::json!({
+        "model": model.as_str(), "prompt": "In the", "max_tokens": 1,
+        "temperature": 0, "stream": true,
+    })
+    .to_string();
+    let request = format!(
+        "POST /v1/completions HTTP/1.1\r\nHost: {http}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let t = Instant::now();
+    let mut stream = tokio::net::TcpStream::connect(http).await?;
+    stream.set_nodelay(true)?;
+    stream.write_all(request.as_bytes()).await?;
+    let (mut seen, mut first, mut buffer) = (Vec::new(), None, [0u8; 8192]);
+    loop {
+        let n = stream.read(&mut buffer).await?;
+        if n == 0 {
+            break;
+        }
+        seen.extend_from_slice(&buffer[..n]);
+        if first.is_none() && seen.windows(7).any(|w| w == b"data: {") {
+            first = Some(t.elapsed());
+        }
+    }
+    let text = String::from_utf8_lossy(&seen);
+    anyhow::ensure!(
+        text.starts_with("HTTP/1.1 200") && text.contains("data: [DONE]"),
+        "the gateway answered: {text}"
+    );
+    first.context("no chunk from the gateway")
+}
+
+/// Times to first token in ms: direct to the worker, through the queen, through the
+/// queen's HTTP gateway.
 async fn first_tokens(
     dir: &Path,
     client: &QueenClient,
+    http: SocketAddr,
     model: &ModelId,
     rounds: usize,
-) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
+) -> anyhow::Result<[Vec<f64>; 3]> {
     let placement = Placement {
         mode: Some(WorkerMode::Process),
         ..Placement::of(model.clone())
@@ -306,8 +363,8 @@ async fn first_tokens(
     )?;
     let (link, _incoming) = endpoint.connect(addr, &[Role::Worker]).await?;
     let worker = RemoteWorker::new(link);
-    let (mut direct, mut via_queen) = (Vec::new(), Vec::new());
-    // One unmeasured round each warms both paths.
+    let (mut direct, mut via_queen, mut via_gateway) = (Vec::new(), Vec::new(), Vec::new());
+    // One unmeasured round warms every path.
     for round in 0..=rounds {
         let t = Instant::now();
         let mut generation = worker.generate(one_token()).await?;
@@ -337,13 +394,15 @@ async fn first_tokens(
             }
         }
         let queen_ttft = first.context("no token through the queen")?;
+        let gateway_ttft = gateway_first_token(http, model).await?;
         if round > 0 {
             direct.push(direct_ttft.as_secs_f64() * 1e3);
             via_queen.push(queen_ttft.as_secs_f64() * 1e3);
+            via_gateway.push(gateway_ttft.as_secs_f64() * 1e3);
         }
     }
     client.call(ClientRequest::Stop(view.key)).await?;
-    Ok((direct, via_queen))
+    Ok([direct, via_queen, via_gateway])
 }
 
 /// Spawn-to-ready in ms: (this process, an in-process worker asked of the queen).

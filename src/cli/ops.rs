@@ -109,10 +109,11 @@ pub async fn ps(settings: &Effective, json: bool) -> anyhow::Result<ExitCode> {
         return print_json(&workers);
     }
     println!(
-        "{:<28} {:<20} {:<8} {:<10} {:>6} {:>9} {:>8} {:>8}",
-        "WORKER", "MODEL", "DEVICE", "STATE", "SLOTS", "REQUESTS", "PID", "UPTIME"
+        "{:<28} {:<20} {:<8} {:<10} {:>10} {:>8} {:>8}",
+        "WORKER", "MODEL", "DEVICE", "STATE", "SLOTS BUSY", "PID", "UPTIME"
     );
     for w in workers {
+        // Busy slots are the queen's count (the hive reports state changes, not counters).
         let (state, slots) = match &w.info.state {
             WorkerState::Running(s) => (
                 format!("{:?}", s.phase)
@@ -120,19 +121,18 @@ pub async fn ps(settings: &Effective, json: bool) -> anyhow::Result<ExitCode> {
                     .next()
                     .unwrap_or("")
                     .to_lowercase(),
-                format!("{}/{}", s.active, s.slots),
+                format!("{}/{}", w.in_flight, s.slots),
             ),
             WorkerState::Restarting => ("restarting".into(), "-".into()),
             WorkerState::Failed => ("failed".into(), "-".into()),
         };
         println!(
-            "{:<28} {:<20} {:<8} {:<10} {:>6} {:>9} {:>8} {:>7}s",
+            "{:<28} {:<20} {:<8} {:<10} {:>10} {:>8} {:>7}s",
             w.key,
             w.info.model.to_string(),
             w.info.device,
             state,
             slots,
-            w.in_flight,
             w.info.pid.map_or("-".into(), |p| p.to_string()),
             w.info.uptime_secs
         );

@@ -1,0 +1,158 @@
+//! The HTTP gateway against the official `openai` Python package (installed by `.ci/run`),
+//! with a live queen and hive as processes and a tiny-model worker.
+
+mod common;
+
+use std::process::Command;
+
+use rbee::actors::worker::engine::tiny::write_tiny_llama;
+
+use rbee::actors::queen::protocol::{ClientRequest, ClientResponse};
+
+use common::daemons::{client, eventually, import, start_hive, start_queen, token};
+
+#[tokio::test]
+async fn the_openai_client_lists_completes_streams_and_is_refused_a_wrong_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let model_file = dir.path().join("tiny.gguf");
+    write_tiny_llama(&model_file, 512).unwrap();
+    let hive_home = dir.path().join("a");
+    import(&hive_home, &model_file, "tiny");
+    let (queen, link) = start_queen(dir.path(), 0, &[]);
+    let http = queen.ready["ready"]["http"].as_str().unwrap().to_string();
+    let _hive = start_hive(&hive_home, &token(dir.path(), 600), "hive-a").unwrap();
+    let key = Command::new(env!("CARGO_BIN_EXE_rbee"))
+        .args(["queen", "keys", "create", "--name", "test", "--data"])
+        .arg(dir.path().join("queen"))
+        .output()
+        .unwrap();
+    assert!(key.status.success());
+    let key = String::from_utf8(key.stdout).unwrap().trim().to_string();
+
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/openai_client.py");
+    let python = std::env::var("RBEE_PYTHON").unwrap_or_else(|_| "python3".into());
+    let available = Command::new(&python)
+        .args(["-c", "import openai, prometheus_client"])
+        .status()
+        .unwrap();
+    assert!(
+        available.success(),
+        "this test needs the openai and prometheus_client packages: {python} -m pip install openai prometheus_client (.ci/run does)"
+    );
+    // The hive's first report lists the model.
+    let native = client(dir.path(), link).await;
+    eventually(20, "the hive connected", || async {
+        matches!(native.call(ClientRequest::ListHives).await, Ok(ClientResponse::Hives(h)) if h.len() == 1)
+    })
+    .await;
+    let out = Command::new(&python)
+        .arg(script)
+        .env("RBEE_BASE_URL", format!("http://{http}"))
+        .env("RBEE_API_KEY", &key)
+        .env("RBEE_MODEL", "tiny")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The value of the sample `name{labels}` in a Prometheus text exposition (0 if absent).
+fn sample(text: &str, name_and_labels: &str) -> f64 {
+    text.lines()
+        .find_map(|line| line.strip_prefix(name_and_labels)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn a_client_that_disconnects_mid_stream_frees_the_worker_slot() {
+    use futures::StreamExt;
+    use rbee::actors::hive::store::ModelId;
+    use rbee::actors::queen::protocol::Placement;
+
+    let dir = tempfile::tempdir().unwrap();
+    let hive_home = dir.path().join("a");
+    let smollm2 = rbee::actors::models::ensure_default_model().expect("SmolLM2 is fetched");
+    import(&hive_home, &smollm2, "smollm2");
+    let (queen, link) = start_queen(dir.path(), 0, &["--slots", "1"]);
+    let http = queen.ready["ready"]["http"].as_str().unwrap().to_string();
+    let _hive = start_hive(&hive_home, &token(dir.path(), 600), "hive-a").unwrap();
+    let native = client(dir.path(), link).await;
+    eventually(20, "the hive connected", || async {
+        matches!(native.call(ClientRequest::ListHives).await, Ok(ClientResponse::Hives(h)) if h.len() == 1)
+    })
+    .await;
+    let spawned = native
+        .call(ClientRequest::Spawn(Placement::of(
+            ModelId::new("smollm2").unwrap(),
+        )))
+        .await
+        .unwrap();
+    assert!(matches!(spawned, ClientResponse::Worker(_)));
+
+    let web = reqwest::Client::new();
+    let body = serde_json::json!({
+        "model": "smollm2", "stream": true, "max_tokens": 1500, "temperature": 0,
+        "messages": [{"role": "user", "content": "Write a very long story about a lighthouse keeper."}],
+    });
+    let response = web
+        .post(format!("http://{http}/v1/chat/completions"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let mut chunks = response.bytes_stream();
+    let mut seen = String::new();
+    while seen.matches("data: ").count() < 4 {
+        seen.push_str(&String::from_utf8_lossy(
+            &chunks.next().await.unwrap().unwrap(),
+        ));
+    }
+    let metrics = || async {
+        web.get(format!("http://{http}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+    let running = "vllm:num_requests_running{model_name=\"smollm2\"}";
+    assert_eq!(sample(&metrics().await, running), 1.0);
+    drop(chunks);
+
+    // The worker's only slot is free again: in the metrics, in `rbee ps`'s view, and in
+    // fact (a second request is served at once).
+    eventually(10, "the slot freed", || async {
+        let text = metrics().await;
+        sample(&text, running) == 0.0
+            && sample(
+                &text,
+                "rbee_requests_total{model_name=\"smollm2\",status=\"499\"}",
+            ) == 1.0
+    })
+    .await;
+    let ClientResponse::Workers(workers) = native.call(ClientRequest::ListWorkers).await.unwrap()
+    else {
+        panic!()
+    };
+    assert_eq!(workers[0].in_flight, 0, "{workers:?}");
+    let second = serde_json::json!({
+        "model": "smollm2", "max_tokens": 4, "temperature": 0,
+        "messages": [{"role": "user", "content": "Hi"}],
+    });
+    let answer: serde_json::Value = web
+        .post(format!("http://{http}/v1/chat/completions"))
+        .json(&second)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(answer["usage"]["completion_tokens"], 4, "{answer}");
+}

@@ -1,0 +1,89 @@
+"""Drives rbee's HTTP gateway with the official `openai` package, as an application would.
+
+Run by tests/gateway_openai.rs with RBEE_BASE_URL, RBEE_API_KEY and RBEE_MODEL set; exits
+non-zero (with the failed assertion) when the gateway does not behave like OpenAI's API.
+"""
+
+import os
+import urllib.request
+
+import openai
+from prometheus_client.parser import text_string_to_metric_families
+
+base_url = os.environ["RBEE_BASE_URL"]
+key = os.environ["RBEE_API_KEY"]
+model = os.environ["RBEE_MODEL"]
+client = openai.OpenAI(base_url=base_url + "/v1", api_key=key)
+
+
+def metrics():
+    request = urllib.request.Request(base_url + "/metrics", headers={"Authorization": "Bearer " + key})
+    text = urllib.request.urlopen(request).read().decode()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def requests_ok(samples):
+    return samples.get(("rbee_requests_total", (("model_name", model), ("status", "200"))), 0)
+
+
+before = metrics()
+
+listed = [m.id for m in client.models.list().data]
+assert model in listed, listed
+assert client.models.retrieve(model).id == model
+
+messages = [{"role": "user", "content": "In the"}]
+whole = client.chat.completions.create(model=model, messages=messages, max_tokens=16, temperature=0.8, seed=7)
+text = whole.choices[0].message.content
+assert whole.object == "chat.completion"
+assert whole.choices[0].finish_reason == "length", whole
+assert whole.usage.completion_tokens == 16, whole.usage
+assert whole.usage.total_tokens == whole.usage.prompt_tokens + 16
+
+chunks = client.chat.completions.create(
+    model=model, messages=messages, max_tokens=16, temperature=0.8, seed=7,
+    stream=True, stream_options={"include_usage": True},
+)
+streamed, usage, finish = "", None, None
+for chunk in chunks:
+    if chunk.usage is not None:
+        usage = chunk.usage
+    for choice in chunk.choices:
+        streamed += choice.delta.content or ""
+        finish = choice.finish_reason or finish
+assert streamed == text, (streamed, text)
+assert finish == "length"
+assert usage is not None and usage.completion_tokens == 16, usage
+
+completion = client.completions.create(model=model, prompt="In the", max_tokens=5, temperature=0)
+assert completion.choices[0].text and completion.usage.completion_tokens == 5
+
+try:
+    openai.OpenAI(base_url=base_url + "/v1", api_key="rbee-sk-wrong").models.list()
+    raise AssertionError("a wrong key was accepted")
+except openai.AuthenticationError as e:
+    assert e.status_code == 401
+
+try:
+    client.chat.completions.create(model=model, messages=messages, n=2)
+    raise AssertionError("n = 2 was accepted")
+except openai.BadRequestError as e:
+    assert e.body["param"] == "n", e.body
+
+try:
+    client.chat.completions.create(model="no-such-model", messages=messages)
+    raise AssertionError("an unknown model was accepted")
+except openai.NotFoundError:
+    pass
+
+after = metrics()
+assert requests_ok(after) - requests_ok(before) == 3, (requests_ok(before), requests_ok(after))
+tokens = ("vllm:generation_tokens_total", (("model_name", model),))
+assert after[tokens] - before.get(tokens, 0) == 37, after[tokens]
+ttft = ("vllm:time_to_first_token_seconds_count", (("model_name", model),))
+assert after[ttft] - before.get(ttft, 0) == 3
+print("openai client checks passed")
