@@ -8,6 +8,18 @@ use std::time::{Duration, Instant};
 
 use rbee::actors::worker::engine::tiny::write_tiny_llama;
 
+/// `rbee queen start` on ports of its own.
+const QUEEN_START: &[&str] = &[
+    "queen",
+    "start",
+    "--listen",
+    "127.0.0.1:0",
+    "--join-listen",
+    "127.0.0.1:0",
+    "--http",
+    "127.0.0.1:0",
+];
+
 /// `rbee ARGS` with its data in `home` (and HOME, the config file inside it too).
 fn rbee(home: &Path, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_rbee"))
@@ -66,19 +78,7 @@ fn a_cluster_from_the_command_line() {
     let model = dir.path().join("tiny.gguf");
     write_tiny_llama(&model, 512).unwrap();
 
-    ok(
-        &queen_home,
-        &[
-            "queen",
-            "start",
-            "--listen",
-            "127.0.0.1:0",
-            "--join-listen",
-            "127.0.0.1:0",
-            "--http",
-            "127.0.0.1:0",
-        ],
-    );
+    ok(&queen_home, QUEEN_START);
     let status = json(&queen_home, &["queen", "status", "--json"]);
     assert_eq!(status["running"], true, "{status}");
     let queen_pid = status["pid"].as_u64().unwrap();
@@ -143,19 +143,7 @@ fn a_cluster_from_the_command_line() {
 fn a_wrong_queen_address_fails_fast_with_its_own_exit_code() {
     let dir = tempfile::tempdir().unwrap();
     let home = dir.path();
-    ok(
-        home,
-        &[
-            "queen",
-            "start",
-            "--listen",
-            "127.0.0.1:0",
-            "--join-listen",
-            "127.0.0.1:0",
-            "--http",
-            "127.0.0.1:0",
-        ],
-    );
+    ok(home, QUEEN_START);
     let credentials = home.join("credentials");
     ok(
         home,

@@ -4,17 +4,22 @@ use futures::StreamExt;
 use rbee::actors::worker::engine::tiny::write_tiny_llama;
 use rbee::{Cluster, Event, GenerateRequest, GenerationEvent, SamplingParams};
 
-#[tokio::test]
-async fn a_local_cluster_starts_a_worker_on_demand_and_streams() {
-    let dir = tempfile::tempdir().unwrap();
-    let model = dir.path().join("tiny.gguf");
+/// A local cluster in `dir` with a tiny model imported as `tiny`.
+async fn tiny_cluster(dir: &std::path::Path) -> Cluster {
+    let model = dir.join("tiny.gguf");
     write_tiny_llama(&model, 512).unwrap();
-    let cluster = Cluster::local()
-        .data_dir(dir.path().join("data"))
+    Cluster::local()
+        .data_dir(dir.join("data"))
         .model("tiny", &model)
         .start()
         .await
-        .unwrap();
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_local_cluster_starts_a_worker_on_demand_and_streams() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = tiny_cluster(dir.path()).await;
     let client = cluster.client();
     assert_eq!(client.hives().await.unwrap().len(), 1);
     let request = GenerateRequest {
@@ -61,14 +66,7 @@ async fn a_local_cluster_starts_a_worker_on_demand_and_streams() {
 #[tokio::test]
 async fn workers_spawned_and_stopped_in_turn_are_each_routable() {
     let dir = tempfile::tempdir().unwrap();
-    let model = dir.path().join("tiny.gguf");
-    write_tiny_llama(&model, 512).unwrap();
-    let cluster = Cluster::local()
-        .data_dir(dir.path().join("data"))
-        .model("tiny", &model)
-        .start()
-        .await
-        .unwrap();
+    let cluster = tiny_cluster(dir.path()).await;
     let client = cluster.client();
     for _ in 0..4 {
         let view = client

@@ -310,10 +310,9 @@ pub async fn card_here(store: &ModelStore, model: &str) -> anyhow::Result<Manife
     };
     spinner.finish_and_clear();
     let manifest = result?;
-    bars.done(
-        "here",
-        &format!("{} ready from {}", manifest.id, manifest.source),
-    );
+    let _ = bars
+        .multi
+        .println(format!("{} ready (from {})", manifest.id, manifest.source));
     Ok(manifest)
 }
 

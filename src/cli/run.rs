@@ -147,6 +147,7 @@ async fn answer(
     // On a terminal the progress line is rewritten in place; elsewhere each step once.
     let terminal = std::io::stderr().is_terminal();
     let mut last_step = None;
+    let mut announced = false;
     loop {
         let event = tokio::select! {
             event = events.next() => event,
@@ -161,7 +162,14 @@ async fn answer(
             anyhow::bail!("the cluster ended the answer without a result");
         };
         match event? {
-            Event::Queued { position } => eprintln!("rbee: waiting, position {position}"),
+            // First in the queue is the normal wait for a worker that is starting.
+            Event::Queued { position } if position > 1 => {
+                eprintln!("rbee: waiting for a worker, position {position}")
+            }
+            Event::Loading { progress: None, .. } if !announced => {
+                eprintln!("rbee: starting a worker for {model}");
+                announced = true;
+            }
             Event::Loading {
                 progress: Some(p), ..
             } => {

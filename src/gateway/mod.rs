@@ -334,28 +334,61 @@ enum Shape {
     Text,
 }
 
+/// A completion request of either endpoint.
+trait CompletionBody: serde::de::DeserializeOwned {
+    fn model(&self) -> &str;
+    fn prompt(&self) -> Result<rbee_actors::worker::api::Prompt, ApiError>;
+    fn sampling(&self) -> &openai::Sampling;
+}
+
+impl CompletionBody for ChatRequest {
+    fn model(&self) -> &str {
+        &self.model
+    }
+    fn prompt(&self) -> Result<rbee_actors::worker::api::Prompt, ApiError> {
+        ChatRequest::prompt(self)
+    }
+    fn sampling(&self) -> &openai::Sampling {
+        &self.sampling
+    }
+}
+
+impl CompletionBody for CompletionRequest {
+    fn model(&self) -> &str {
+        &self.model
+    }
+    fn prompt(&self) -> Result<rbee_actors::worker::api::Prompt, ApiError> {
+        CompletionRequest::prompt(self)
+    }
+    fn sampling(&self) -> &openai::Sampling {
+        &self.sampling
+    }
+}
+
+/// The body as a generation: (model, request, stream, include usage).
+fn parse<T: CompletionBody>(body: &[u8]) -> Parsed {
+    let r: T = serde_json::from_slice(body).map_err(|e| {
+        ApiError::invalid(
+            None,
+            format!("We could not parse the JSON body of your request: {e}"),
+        )
+    })?;
+    let sampling = r.sampling();
+    let generate = sampling.request(r.prompt()?)?;
+    Ok((
+        r.model().to_string(),
+        generate,
+        sampling.stream,
+        sampling.include_usage(),
+    ))
+}
+
 async fn chat_completions(
     State(gateway): State<Arc<Gateway>>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let parsed = serde_json::from_slice::<ChatRequest>(&body)
-        .map_err(|e| {
-            ApiError::invalid(
-                None,
-                format!("We could not parse the JSON body of your request: {e}"),
-            )
-        })
-        .and_then(|r| {
-            let generate = r.sampling.request(r.prompt()?)?;
-            Ok((
-                r.model,
-                generate,
-                r.sampling.stream,
-                r.sampling.include_usage(),
-            ))
-        });
-    generate(gateway, headers, parsed, Shape::Chat).await
+    generate(gateway, headers, parse::<ChatRequest>(&body), Shape::Chat).await
 }
 
 async fn completions(
@@ -363,23 +396,13 @@ async fn completions(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let parsed = serde_json::from_slice::<CompletionRequest>(&body)
-        .map_err(|e| {
-            ApiError::invalid(
-                None,
-                format!("We could not parse the JSON body of your request: {e}"),
-            )
-        })
-        .and_then(|r| {
-            let generate = r.sampling.request(r.prompt()?)?;
-            Ok((
-                r.model,
-                generate,
-                r.sampling.stream,
-                r.sampling.include_usage(),
-            ))
-        });
-    generate(gateway, headers, parsed, Shape::Text).await
+    generate(
+        gateway,
+        headers,
+        parse::<CompletionRequest>(&body),
+        Shape::Text,
+    )
+    .await
 }
 
 type Parsed = Result<
