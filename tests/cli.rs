@@ -176,3 +176,27 @@ fn a_wrong_queen_address_fails_fast_with_its_own_exit_code() {
     let usage = rbee(home, &["ps", "--no-such-flag"]);
     assert_eq!(usage.status.code(), Some(2));
 }
+
+#[test]
+fn the_http_api_is_not_served_beyond_loopback_without_a_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path();
+    let mut open = QUEEN_START.to_vec();
+    open.pop();
+    open.push("0.0.0.0:0");
+    let refused = rbee(home, &open);
+    assert_eq!(refused.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("no API key"), "{stderr}");
+
+    // A key admits; a second start is refused while the queen runs (on loopback: no test
+    // listens beyond it).
+    ok(home, &["queen", "keys", "create", "--name", "ops"]);
+    ok(home, QUEEN_START);
+    let again = rbee(home, QUEEN_START);
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already running"));
+    let listed = json(home, &["queen", "keys", "list", "--json"]);
+    assert_eq!(listed[0]["name"], "ops", "{listed}");
+    ok(home, &["queen", "stop"]);
+}
