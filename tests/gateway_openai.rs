@@ -68,7 +68,7 @@ fn sample(text: &str, name_and_labels: &str) -> f64 {
 }
 
 #[tokio::test]
-async fn a_client_that_disconnects_mid_stream_frees_the_worker_slot() {
+async fn a_full_queue_is_a_429_and_a_client_that_disconnects_frees_the_worker_slot() {
     use futures::StreamExt;
     use rbee::actors::hive::store::ModelId;
     use rbee::actors::queen::protocol::Placement;
@@ -77,7 +77,7 @@ async fn a_client_that_disconnects_mid_stream_frees_the_worker_slot() {
     let hive_home = dir.path().join("a");
     let smollm2 = rbee::actors::models::ensure_default_model().expect("SmolLM2 is fetched");
     import(&hive_home, &smollm2, "smollm2");
-    let (queen, link) = start_queen(dir.path(), 0, &["--slots", "1"]);
+    let (queen, link) = start_queen(dir.path(), 0, &["--slots", "1", "--max-queue", "1"]);
     let http = queen.ready["ready"]["http"].as_str().unwrap().to_string();
     let _hive = start_hive(&hive_home, &token(dir.path(), 600), "hive-a").unwrap();
     let native = client(dir.path(), link).await;
@@ -123,7 +123,46 @@ async fn a_client_that_disconnects_mid_stream_frees_the_worker_slot() {
     };
     let running = "vllm:num_requests_running{model_name=\"smollm2\"}";
     assert_eq!(sample(&metrics().await, running), 1.0);
+
+    // The slot is taken; one request may wait, the next is refused at once.
+    let short = serde_json::json!({
+        "model": "smollm2", "max_tokens": 4, "temperature": 0,
+        "messages": [{"role": "user", "content": "Hi"}],
+    });
+    let waiting = {
+        let (web, url, body) = (
+            web.clone(),
+            format!("http://{http}/v1/chat/completions"),
+            short.clone(),
+        );
+        tokio::spawn(async move { web.post(url).json(&body).send().await.unwrap().status() })
+    };
+    let waiting_gauge = "vllm:num_requests_waiting{model_name=\"smollm2\"}";
+    eventually(10, "one request waits", || async {
+        sample(&metrics().await, waiting_gauge) == 1.0
+    })
+    .await;
+    let refused = web
+        .post(format!("http://{http}/v1/chat/completions"))
+        .header("x-request-id", "test-429")
+        .json(&short)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 429);
+    assert_eq!(refused.headers()["x-request-id"], "test-429");
+    let retry_after: u64 = refused.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(retry_after >= 1);
+    let error: serde_json::Value = refused.json().await.unwrap();
+    assert_eq!(error["error"]["type"], "rate_limit_error", "{error}");
+
     drop(chunks);
+    // The waiting request gets the freed slot.
+    assert_eq!(waiting.await.unwrap(), 200);
 
     // The worker's only slot is free again: in the metrics, in `rbee ps`'s view, and in
     // fact (a second request is served at once).
@@ -141,13 +180,9 @@ async fn a_client_that_disconnects_mid_stream_frees_the_worker_slot() {
         panic!()
     };
     assert_eq!(workers[0].in_flight, 0, "{workers:?}");
-    let second = serde_json::json!({
-        "model": "smollm2", "max_tokens": 4, "temperature": 0,
-        "messages": [{"role": "user", "content": "Hi"}],
-    });
     let answer: serde_json::Value = web
         .post(format!("http://{http}/v1/chat/completions"))
-        .json(&second)
+        .json(&short)
         .send()
         .await
         .unwrap()
