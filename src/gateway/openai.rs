@@ -298,6 +298,79 @@ impl CompletionRequest {
     }
 }
 
+/// `POST /v1/embeddings`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct EmbeddingRequest {
+    pub model: String,
+    pub input: EmbeddingInput,
+    pub encoding_format: Option<String>,
+    pub dimensions: Option<i64>,
+}
+
+/// One text or a list (token arrays are not taken).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum EmbeddingInput {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl EmbeddingRequest {
+    /// The inputs and whether the vectors go out base64-encoded.
+    pub fn inputs(self) -> Result<(Vec<String>, bool), ApiError> {
+        if self.dimensions.is_some() {
+            return Err(ApiError::invalid(
+                Some("dimensions"),
+                "This model's embeddings have a fixed size; `dimensions` is not supported.",
+            ));
+        }
+        let base64 = match self.encoding_format.as_deref() {
+            None | Some("float") => false,
+            Some("base64") => true,
+            Some(other) => {
+                return Err(ApiError::invalid(
+                    Some("encoding_format"),
+                    format!("{other:?} is not one of 'float', 'base64'"),
+                ));
+            }
+        };
+        let inputs = match self.input {
+            EmbeddingInput::One(text) => vec![text],
+            EmbeddingInput::Many(list) => list,
+        };
+        if inputs.is_empty() {
+            return Err(ApiError::invalid(
+                Some("input"),
+                "[] is too short - 'input'",
+            ));
+        }
+        Ok((inputs, base64))
+    }
+}
+
+/// A vector as OpenAI's `base64` encoding: little-endian f32 bytes in standard base64.
+pub fn base64_f32(vector: &[f32]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let bytes: Vec<u8> = vector.iter().flat_map(|x| x.to_le_bytes()).collect();
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for (i, shift) in [18, 12, 6, 0].into_iter().enumerate() {
+            if i <= chunk.len() {
+                out.push(ALPHABET[(n >> shift) as usize & 63] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
 pub fn finish_reason(finish: FinishReason) -> &'static str {
     match finish {
         FinishReason::Stop => "stop",
@@ -375,6 +448,21 @@ mod tests {
         let request = chat(serde_json::json!({"model": "m", "messages": [
             {"role": "user", "content": [{"type": "image_url"}]}]}));
         assert!(request.prompt().is_err());
+    }
+
+    #[test]
+    fn vectors_encode_as_openai_base64() {
+        // 1.0f32 is 00 00 80 3f.
+        assert_eq!(base64_f32(&[1.0]), "AACAPw==");
+        assert_eq!(base64_f32(&[1.0, 1.0]), "AACAPwAAgD8=");
+        assert_eq!(base64_f32(&[]), "");
+        let request: EmbeddingRequest = serde_json::from_value(serde_json::json!({
+            "model": "m", "input": "x", "encoding_format": "bits"}))
+        .unwrap();
+        assert_eq!(
+            request.inputs().unwrap_err().param.as_deref(),
+            Some("encoding_format")
+        );
     }
 
     #[test]

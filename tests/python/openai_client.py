@@ -86,4 +86,22 @@ tokens = ("vllm:generation_tokens_total", (("model_name", model),))
 assert after[tokens] - before.get(tokens, 0) == 37, after[tokens]
 ttft = ("vllm:time_to_first_token_seconds_count", (("model_name", model),))
 assert after[ttft] - before.get(ttft, 0) == 3
+embedding_model = os.environ["RBEE_EMBEDDING_MODEL"]
+sentences = ["A man is eating food.", "A man is eating a piece of bread."]
+# The SDK asks for base64 by default and decodes it; floats are asked for explicitly too.
+for encoding in [None, "float"]:
+    extra = {} if encoding is None else {"encoding_format": encoding}
+    embedded = client.embeddings.create(model=embedding_model, input=sentences, **extra)
+    vectors = [d.embedding for d in sorted(embedded.data, key=lambda d: d.index)]
+    assert len(vectors) == 2 and all(len(v) == 384 for v in vectors), [len(v) for v in vectors]
+    cosine = sum(a * b for a, b in zip(*vectors))
+    assert cosine > 0.7, cosine
+    assert embedded.usage.prompt_tokens > 0
+single = client.embeddings.create(model=embedding_model, input="The new movie is awesome.")
+assert len(single.data) == 1
+try:
+    client.embeddings.create(model=model, input="a text model makes no embeddings")
+    raise AssertionError("a text model embedded")
+except openai.BadRequestError:
+    pass
 print("openai client checks passed")

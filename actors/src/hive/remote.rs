@@ -12,9 +12,9 @@ use super::capabilities::{self, Capabilities};
 use super::hub::{DEFAULT_GGUF_PREFERENCE, DownloadEvent, Hub};
 use super::store::{Entry, Manifest, ModelId, ModelStore};
 use super::workers::{HiveMsg, SpawnRequest, WorkerInfo};
-use crate::worker::actor::STREAM_CAPACITY;
-use crate::worker::api::{GenerateRequest, GenerationEvent};
-use crate::worker::remote::{end_with_loss, forward_generation};
+use crate::worker::actor::{Embedded, STREAM_CAPACITY};
+use crate::worker::api::{GenerateRequest, GenerationError, GenerationEvent};
+use crate::worker::remote::{EMBED_CALL_MS, end_with_loss, forward_generation};
 
 /// The hive link's messages.
 pub struct HiveProtocol;
@@ -48,6 +48,13 @@ pub enum HiveRequest {
     Spawn(SpawnRequest),
     /// Stops a worker.
     Stop(String),
+    /// Embeds inputs on a worker of an embedding model.
+    Embed {
+        /// The worker.
+        worker: String,
+        /// The inputs.
+        inputs: Vec<String>,
+    },
 }
 
 /// Answers to [`HiveRequest`].
@@ -65,6 +72,8 @@ pub enum HiveResponse {
     Worker(WorkerInfo),
     /// Done.
     Done,
+    /// Embeddings, or the worker's typed refusal.
+    Embedded(Result<Embedded, GenerationError>),
     /// The operation failed; why.
     Error(String),
 }
@@ -245,6 +254,12 @@ pub(crate) async fn answer(service: &HiveService, request: HiveRequest) -> HiveR
             Ok(Err(e)) => error(&e),
             Err(e) => error(&e),
         },
+        HiveRequest::Embed { worker, inputs } => {
+            match call_t!(hive, HiveMsg::Embed, EMBED_CALL_MS, worker, inputs) {
+                Ok(result) => HiveResponse::Embedded(result),
+                Err(e) => error(&e),
+            }
+        }
     }
 }
 

@@ -22,9 +22,12 @@ use tokio::sync::mpsc;
 use super::process::{self, ChildRecord, ProcessConfig};
 use super::store::{ModelId, ModelStore, StoreError};
 use crate::supervisor::{Decision, Restart, RestartIntensity, RestartPolicy};
-use crate::worker::actor::{LoadEvent, Phase, Worker, WorkerArgs, WorkerMsg, WorkerStatus};
+use crate::worker::actor::{
+    Embedded, LoadEvent, Phase, Worker, WorkerArgs, WorkerMsg, WorkerStatus,
+};
 use crate::worker::api::{ErrorKind, GenerateRequest, GenerationError, GenerationEvent};
 use crate::worker::engine::loader::LoadOptions;
+use crate::worker::remote::EMBED_CALL_MS;
 use crate::worker::remote::RemoteWorker;
 
 /// Memory a model needs beyond its files: weights are held once more while loading.
@@ -158,6 +161,12 @@ pub enum HiveMsg {
     List(RpcReplyPort<Vec<WorkerInfo>>),
     /// Runs a generation on a worker.
     Generate(String, GenerateRequest, mpsc::Sender<GenerationEvent>),
+    /// Embeds inputs on a worker of an embedding model.
+    Embed(
+        String,
+        Vec<String>,
+        RpcReplyPort<Result<Embedded, GenerationError>>,
+    ),
     /// Internal: a backoff delay elapsed.
     RestartDue(String),
     /// Internal: a worker process exited or its link closed.
@@ -312,7 +321,10 @@ impl Actor for Hive {
         state: &mut HiveState,
     ) -> Result<(), ActorProcessingErr> {
         // Reading the list or routing a request changes nothing the queen is told.
-        let changes = !matches!(msg, HiveMsg::List(_) | HiveMsg::Generate(..));
+        let changes = !matches!(
+            msg,
+            HiveMsg::List(_) | HiveMsg::Generate(..) | HiveMsg::Embed(..)
+        );
         match msg {
             HiveMsg::Spawn(request, reply) => {
                 let result = spawn(&myself, state, request).await;
@@ -345,6 +357,10 @@ impl Actor for Hive {
             HiveMsg::Generate(id, request, events) => {
                 let running = state.workers.get(&id).and_then(|m| m.running.clone());
                 generate(&id, running, request, events);
+            }
+            HiveMsg::Embed(id, inputs, reply) => {
+                let running = state.workers.get(&id).and_then(|m| m.running.clone());
+                embed(id, running, inputs, reply);
             }
             HiveMsg::RestartDue(id) => restart(&myself, state, id).await,
             HiveMsg::ProcessExited { id, pid, reason } => {
@@ -490,6 +506,33 @@ fn generate(
             let _ = events.try_send(lost(id, "no running worker by that id"));
         }
     }
+}
+
+/// Embeds on a worker without holding up the hive actor.
+fn embed(
+    id: String,
+    running: Option<Running>,
+    inputs: Vec<String>,
+    reply: RpcReplyPort<Result<Embedded, GenerationError>>,
+) {
+    let lost = move |why: String| {
+        GenerationError::new(ErrorKind::WorkerLost, format!("worker {id}: {why}"))
+    };
+    let Some(running) = running else {
+        let _ = reply.send(Err(lost("no running worker by that id".into())));
+        return;
+    };
+    tokio::spawn(async move {
+        let result = match running {
+            Running::Actor(actor) => call_t!(actor, WorkerMsg::Embed, EMBED_CALL_MS, inputs)
+                .unwrap_or_else(|e| Err(lost(e.to_string()))),
+            Running::Process { remote, .. } => remote
+                .embed(inputs)
+                .await
+                .unwrap_or_else(|e| Err(lost(e.to_string()))),
+        };
+        let _ = reply.send(result);
+    });
 }
 
 async fn spawn(

@@ -92,6 +92,14 @@ pub enum ClientRequest {
         /// The model.
         model: ModelId,
     },
+    /// Embeds inputs with whichever worker serves the embedding model `model` (one is
+    /// started if none runs); queued and routed like a generation.
+    Embed {
+        /// The model.
+        model: ModelId,
+        /// The inputs.
+        inputs: Vec<String>,
+    },
     /// Imports a model file or directory on a hive's machine (the only hive when `None`).
     Import {
         /// The hive.
@@ -155,6 +163,9 @@ pub enum ClientResponse {
     Model(Manifest),
     /// Done.
     Done,
+    /// Embeddings, or the typed reason there are none (overloaded, not an embedding
+    /// model, …).
+    Embedded(Result<crate::worker::actor::Embedded, crate::worker::api::GenerationError>),
     /// The operation failed.
     Error(QueenError),
 }

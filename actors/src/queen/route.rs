@@ -14,10 +14,11 @@ use rbee_transport::StreamReceiver;
 use tokio::sync::mpsc;
 
 use super::actor::{ADMIT_CAPACITY, Admit, Lease, QueenMsg};
-use super::protocol::{QueenItem, QueenOpen};
+use super::protocol::{QueenItem, QueenOpen, QueenRequest, QueenResponse};
 use super::registry::Route;
-use crate::hive::remote::{HiveItem, HiveOpen};
+use crate::hive::remote::{HiveItem, HiveOpen, HiveRequest, HiveResponse};
 use crate::hive::store::ModelId;
+use crate::worker::actor::Embedded;
 use crate::worker::api::{ErrorKind, GenerateRequest, GenerationError, GenerationEvent};
 use crate::worker::remote::RemoteGeneration;
 
@@ -260,4 +261,71 @@ fn not_now(kind: ErrorKind) -> bool {
         kind,
         ErrorKind::Busy | ErrorKind::NotReady | ErrorKind::Draining
     )
+}
+
+/// Embeds `inputs` on a worker of `model`: admitted like a generation (queue, on-demand
+/// start), retried on another worker when one is lost or refuses for now.
+pub async fn embed(
+    queen: ActorRef<QueenMsg>,
+    model: ModelId,
+    inputs: Vec<String>,
+) -> Result<Embedded, GenerationError> {
+    let (mut losses, mut refusals) = (0, 0);
+    let mut last = String::new();
+    while losses < MAX_ATTEMPTS && refusals < MAX_REFUSALS {
+        // Queue and loading news have no reader here.
+        let (news, mut ignored) = mpsc::channel(ADMIT_CAPACITY);
+        let drain = async { while ignored.recv().await.is_some() {} };
+        let lease = tokio::select! {
+            lease = admit(&queen, &model, &news) => lease,
+            () = drain => unreachable!("the news sender lives in this loop"),
+        };
+        let lease = match lease {
+            Ok(lease) => lease,
+            Err(error) => {
+                return Err(error.unwrap_or_else(|| {
+                    GenerationError::new(ErrorKind::Unavailable, "the request was dropped")
+                }));
+            }
+        };
+        let result = match &lease.route {
+            Route::Direct(remote) => remote.embed(inputs.clone()).await.unwrap_or_else(|e| {
+                Err(GenerationError::new(ErrorKind::WorkerLost, e.to_string()))
+            }),
+            Route::Hive(link) => {
+                let request = QueenRequest::Hive(HiveRequest::Embed {
+                    worker: lease.key.worker.clone(),
+                    inputs: inputs.clone(),
+                });
+                let timeout = Duration::from_millis(crate::worker::remote::EMBED_CALL_MS);
+                match link.call(request, timeout).await {
+                    Ok(QueenResponse::Hive(HiveResponse::Embedded(result))) => result,
+                    Ok(other) => Err(GenerationError::new(
+                        ErrorKind::WorkerLost,
+                        format!("the hive answered {other:?}"),
+                    )),
+                    Err(e) => Err(GenerationError::new(ErrorKind::WorkerLost, e.to_string())),
+                }
+            }
+        };
+        match result {
+            Err(e) if e.kind == ErrorKind::WorkerLost => {
+                lease.lost(e.message.clone());
+                losses += 1;
+                last = e.message;
+            }
+            Err(e) if not_now(e.kind) => {
+                drop(lease);
+                refusals += 1;
+                last = e.message;
+                let pause = FIRST_REFUSAL_PAUSE * 2u32.pow(refusals.min(6));
+                tokio::time::sleep(pause.min(LONGEST_REFUSAL_PAUSE)).await;
+            }
+            other => return other,
+        }
+    }
+    Err(GenerationError::new(
+        ErrorKind::Unavailable,
+        format!("gave up after {losses} lost workers and {refusals} refusals; the last: {last}"),
+    ))
 }

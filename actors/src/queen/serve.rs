@@ -292,6 +292,9 @@ async fn answer_inner(
         ClientRequest::DeleteModel { hive, model } => {
             delete_model(service, hive.as_deref(), model).await?
         }
+        ClientRequest::Embed { model, inputs } => ClientResponse::Embedded(
+            super::route::embed(service.queen.clone(), model, inputs).await,
+        ),
         ClientRequest::Import { hive, path, model } => {
             let mut hives = targets(service, hive.as_deref()).await?;
             if hives.len() != 1 {

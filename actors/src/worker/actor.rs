@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
 use super::api::{ErrorKind, FinishReason, GenerateRequest, GenerationError, GenerationEvent};
+use super::engine::embed::{self, EmbedError, Embedder};
 use super::engine::loader::{self, LoadOptions, LoadProgress, ModelInfo};
 use super::engine::model::Model;
 use super::engine::pipeline::{self, Outcome, Vocabulary};
@@ -151,6 +152,19 @@ pub enum WorkerMsg {
     Loaded(Result<Box<loader::LoadedModel>, String>),
     /// Internal: a generation ended and gives its session back.
     Finished(Box<Model>, Outcome),
+    /// Embed the inputs (an embedding model's worker only).
+    Embed(Vec<String>, RpcReplyPort<Result<Embedded, GenerationError>>),
+    /// Internal: an embedding model finished loading.
+    EmbedderLoaded(Result<(Arc<Embedder>, ModelInfo), String>),
+}
+
+/// Embeddings of one request: a unit vector per input, and the tokens read.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Embedded {
+    /// One vector per input, in order.
+    pub vectors: Vec<Vec<f32>>,
+    /// Tokens the inputs had (after truncation).
+    pub tokens: usize,
 }
 
 /// What every session shares.
@@ -180,6 +194,8 @@ pub struct WorkerActorState {
     generated_tokens: u64,
     last_finish: Option<FinishReason>,
     stopping: StopSignal,
+    /// Set instead of `shared` and sessions when the model is an encoder.
+    embedder: Option<Arc<Embedder>>,
 }
 
 impl WorkerActorState {
@@ -230,19 +246,42 @@ impl Actor for Worker {
         let slots = args.options.slots;
         let me = myself.clone();
         let progress = args.progress.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut report = throttled(|p| {
-                if let Some(tx) = &progress {
-                    let _ = tx.send(LoadEvent::Progress(p));
-                }
-                let _ = me.cast(WorkerMsg::Progress(p));
+        if embed::is_bert(&args.model) {
+            let path = args.model.clone();
+            tokio::task::spawn_blocking(move || {
+                let shown = path.display().to_string();
+                let loaded = Embedder::load(&path)
+                    .map(|embedder| {
+                        let info = ModelInfo {
+                            path: shown.clone(),
+                            weights: shown,
+                            format: "safetensors".into(),
+                            architecture: "bert".into(),
+                            context_length: embedder.context_length(),
+                            quantization: "F32".into(),
+                            requantized_from: None,
+                        };
+                        (Arc::new(embedder), info)
+                    })
+                    .map_err(|e| e.to_string());
+                let _ = me.cast(WorkerMsg::EmbedderLoaded(loaded));
             });
-            let result = loader::load(&args.model, &args.options, &mut report)
-                .map(Box::new)
-                .map_err(|e| e.to_string());
-            let _ = me.cast(WorkerMsg::Loaded(result));
-        });
+        } else {
+            tokio::task::spawn_blocking(move || {
+                let mut report = throttled(|p| {
+                    if let Some(tx) = &progress {
+                        let _ = tx.send(LoadEvent::Progress(p));
+                    }
+                    let _ = me.cast(WorkerMsg::Progress(p));
+                });
+                let result = loader::load(&args.model, &args.options, &mut report)
+                    .map(Box::new)
+                    .map_err(|e| e.to_string());
+                let _ = me.cast(WorkerMsg::Loaded(result));
+            });
+        }
         Ok(WorkerActorState {
+            embedder: None,
             progress: args.progress,
             phase: Phase::Loading(None),
             slots,
@@ -297,6 +336,25 @@ impl Actor for Worker {
             WorkerMsg::Generate(request, events) => {
                 start_generation(myself, state, request, events)
             }
+            WorkerMsg::EmbedderLoaded(Err(e)) => {
+                if let Some(tx) = state.progress.take() {
+                    let _ = tx.send(LoadEvent::Failed(e.clone()));
+                }
+                return Err(format!("loading the model failed: {e}").into());
+            }
+            WorkerMsg::EmbedderLoaded(Ok((embedder, info))) => {
+                if let Some(tx) = state.progress.take() {
+                    let _ = tx.send(LoadEvent::Ready(info.clone()));
+                }
+                state.info = Some(info);
+                state.embedder = Some(embedder);
+                if state.phase != Phase::Draining {
+                    state.phase = Phase::Ready;
+                } else {
+                    myself.stop(Some("drained".into()));
+                }
+            }
+            WorkerMsg::Embed(inputs, reply) => start_embedding(state, inputs, reply),
             WorkerMsg::Finished(session, outcome) => {
                 state.idle.push(*session);
                 state.requests += 1;
@@ -327,12 +385,52 @@ fn refuse(events: &mpsc::Sender<GenerationEvent>, kind: ErrorKind, message: &str
     let _ = events.try_send(GenerationEvent::Error(GenerationError::new(kind, message)));
 }
 
+/// Embeds on a blocking thread; the actor stays free for status and other requests.
+fn start_embedding(
+    state: &mut WorkerActorState,
+    inputs: Vec<String>,
+    reply: RpcReplyPort<Result<Embedded, GenerationError>>,
+) {
+    let refused = |kind, message: &str| Err(GenerationError::new(kind, message));
+    let result = match (&state.phase, &state.embedder) {
+        (Phase::Loading(_), _) => refused(ErrorKind::NotReady, "the model is loading"),
+        (Phase::Draining, _) => refused(ErrorKind::Draining, "the worker is draining"),
+        (_, None) => refused(
+            ErrorKind::InvalidRequest,
+            "this worker's model generates text; it makes no embeddings",
+        ),
+        (_, Some(embedder)) => {
+            let embedder = embedder.clone();
+            state.requests += 1;
+            tokio::task::spawn_blocking(move || {
+                let embedded = embedder
+                    .embed(&inputs)
+                    .map(|(vectors, tokens)| Embedded { vectors, tokens })
+                    .map_err(|e| match e {
+                        EmbedError::Input(m) => GenerationError::new(ErrorKind::InvalidRequest, m),
+                        other => GenerationError::new(ErrorKind::Compute, other.to_string()),
+                    });
+                let _ = reply.send(embedded);
+            });
+            return;
+        }
+    };
+    let _ = reply.send(result);
+}
+
 fn start_generation(
     myself: ActorRef<WorkerMsg>,
     state: &mut WorkerActorState,
     request: GenerateRequest,
     events: mpsc::Sender<GenerationEvent>,
 ) {
+    if state.embedder.is_some() {
+        return refuse(
+            &events,
+            ErrorKind::InvalidRequest,
+            "this worker's model makes embeddings; it does not generate text",
+        );
+    }
     match state.phase {
         Phase::Loading(_) => return refuse(&events, ErrorKind::NotReady, "the model is loading"),
         Phase::Draining => return refuse(&events, ErrorKind::Draining, "the worker is draining"),

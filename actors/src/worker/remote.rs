@@ -14,7 +14,7 @@ use rbee_transport::{
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
-use super::actor::{STREAM_CAPACITY, WorkerMsg, WorkerStatus};
+use super::actor::{Embedded, STREAM_CAPACITY, WorkerMsg, WorkerStatus};
 use super::api::{ErrorKind, GenerateRequest, GenerationError, GenerationEvent};
 
 /// The worker link's messages.
@@ -27,6 +27,8 @@ pub enum WorkerRequest {
     Status,
     /// Take no new requests, stop when idle.
     Drain,
+    /// Embed these inputs (an embedding model's worker).
+    Embed(Vec<String>),
 }
 
 /// Answers to [`WorkerRequest`].
@@ -36,6 +38,8 @@ pub enum WorkerResponse {
     Status(WorkerStatus),
     /// Draining has begun.
     Draining,
+    /// The embeddings, or why there are none.
+    Embedded(Result<Embedded, GenerationError>),
     /// The worker actor is gone.
     Unavailable(String),
 }
@@ -50,6 +54,8 @@ impl Protocol for WorkerProtocol {
 
 /// How long a status call to the local actor may take.
 const ACTOR_CALL_MS: u64 = 2000;
+/// How long an embedding call may take (a full batch on a slow CPU).
+pub const EMBED_CALL_MS: u64 = 120_000;
 
 /// Serves `worker` to every peer that connects to `endpoint`, until the endpoint closes.
 pub async fn serve(endpoint: Endpoint<WorkerProtocol>, worker: ActorRef<WorkerMsg>) {
@@ -91,6 +97,12 @@ async fn answer(worker: &ActorRef<WorkerMsg>, request: WorkerRequest) -> WorkerR
             Ok(()) => WorkerResponse::Draining,
             Err(e) => WorkerResponse::Unavailable(e.to_string()),
         },
+        WorkerRequest::Embed(inputs) => {
+            match call_t!(worker, WorkerMsg::Embed, EMBED_CALL_MS, inputs) {
+                Ok(result) => WorkerResponse::Embedded(result),
+                Err(e) => WorkerResponse::Unavailable(e.to_string()),
+            }
+        }
     }
 }
 
@@ -177,6 +189,22 @@ impl RemoteWorker {
     pub async fn drain(&self, timeout: Duration) -> Result<(), RemoteError> {
         match self.link.call(WorkerRequest::Drain, timeout).await? {
             WorkerResponse::Draining => Ok(()),
+            other => Err(RemoteError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// Embeds `inputs`; `Ok(Err)` is the worker's refusal or failure.
+    pub async fn embed(
+        &self,
+        inputs: Vec<String>,
+    ) -> Result<Result<Embedded, GenerationError>, RemoteError> {
+        let timeout = Duration::from_millis(EMBED_CALL_MS);
+        match self
+            .link
+            .call(WorkerRequest::Embed(inputs), timeout)
+            .await?
+        {
+            WorkerResponse::Embedded(result) => Ok(result),
             other => Err(RemoteError::Unexpected(format!("{other:?}"))),
         }
     }

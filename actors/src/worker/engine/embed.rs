@@ -12,7 +12,7 @@ use tokenizers::{PaddingParams, Tokenizer, TruncationParams};
 /// Most inputs one request may embed.
 pub const MAX_INPUTS: usize = 256;
 /// Most bytes one input may have (the encoder truncates to its context anyway).
-pub const MAX_INPUT_BYTES: usize = 64 * 1024;
+pub const MAX_INPUT_BYTES: usize = 8 * 1024;
 
 /// Errors of loading or running an embedding model.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -37,6 +37,7 @@ pub struct Embedder {
     model: BertModel,
     tokenizer: Tokenizer,
     dimension: usize,
+    context_length: usize,
 }
 
 /// Whether `dir` holds a BERT encoder (its config.json says `"model_type": "bert"`).
@@ -51,15 +52,15 @@ impl Embedder {
     /// Loads the model in `dir` (F32, CPU).
     pub fn load(dir: &Path) -> Result<Self, EmbedError> {
         let load = |e: &dyn std::fmt::Display| EmbedError::Load(format!("{}: {e}", dir.display()));
-        let config: Config =
+        let raw: serde_json::Value =
             serde_json::from_slice(&std::fs::read(dir.join("config.json")).map_err(|e| load(&e))?)
                 .map_err(|e| load(&e))?;
-        let dimension = serde_json::from_slice::<serde_json::Value>(
-            &std::fs::read(dir.join("config.json")).map_err(|e| load(&e))?,
-        )
-        .ok()
-        .and_then(|c| c["hidden_size"].as_u64())
-        .ok_or_else(|| load(&"config.json has no hidden_size"))? as usize;
+        let config: Config = serde_json::from_value(raw.clone()).map_err(|e| load(&e))?;
+        let dimension = raw["hidden_size"]
+            .as_u64()
+            .ok_or_else(|| load(&"config.json has no hidden_size"))?
+            as usize;
+        let context_length = raw["max_position_embeddings"].as_u64().unwrap_or(512) as usize;
         let weights = dir.join("model.safetensors");
         // SAFETY: the store's files are not modified while a model is loaded from them.
         let vb =
@@ -71,7 +72,7 @@ impl Embedder {
         tokenizer.with_padding(Some(PaddingParams::default()));
         tokenizer
             .with_truncation(Some(TruncationParams {
-                max_length: config_max_positions(dir).unwrap_or(512),
+                max_length: context_length,
                 ..TruncationParams::default()
             }))
             .map_err(|e| load(&e))?;
@@ -79,12 +80,18 @@ impl Embedder {
             model,
             tokenizer,
             dimension,
+            context_length,
         })
     }
 
     /// Length of each embedding.
     pub fn dimension(&self) -> usize {
         self.dimension
+    }
+
+    /// Tokens an input is truncated to.
+    pub fn context_length(&self) -> usize {
+        self.context_length
     }
 
     /// One unit-length vector per input, and the tokens read.
@@ -127,14 +134,6 @@ impl Embedder {
         let pooled = normalize(&mean_pool(&hidden, &mask).map_err(compute)?).map_err(compute)?;
         Ok((pooled.to_vec2::<f32>().map_err(compute)?, tokens))
     }
-}
-
-fn config_max_positions(dir: &Path) -> Option<usize> {
-    let config: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(dir.join("config.json")).ok()?).ok()?;
-    config["max_position_embeddings"]
-        .as_u64()
-        .map(|n| n as usize)
 }
 
 /// The mean of each row's token vectors where `mask` is 1: (batch, seq, dim) → (batch, dim).

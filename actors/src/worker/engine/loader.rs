@@ -240,6 +240,20 @@ pub fn inspect(path: &Path) -> Result<ModelSummary, LoadError> {
         .and_then(|v| v.as_str())
         .ok_or_else(|| EngineError::MissingMetadata("config.json model_type".into()))?
         .to_string();
+    if architecture == "bert" {
+        // An encoder for embeddings (see `embed`): F32 weights, no KV cache.
+        let context_length = config
+            .get("max_position_embeddings")
+            .and_then(|v| v.as_u64())
+            .unwrap_or(512) as usize;
+        return Ok(ModelSummary {
+            format: "safetensors".into(),
+            architecture,
+            quantization: "F32".into(),
+            context_length,
+            kv_bytes_per_token: 0,
+        });
+    }
     if !super::model::SAFETENSORS_ARCHITECTURES.contains(&architecture.as_str()) {
         return Err(EngineError::UnsupportedArchitecture {
             format: "safetensors",
