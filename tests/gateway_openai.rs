@@ -180,11 +180,37 @@ async fn a_full_queue_is_a_429_and_a_client_that_disconnects_frees_the_worker_sl
             ) == 1.0
     })
     .await;
-    let ClientResponse::Workers(workers) = native.call(ClientRequest::ListWorkers).await.unwrap()
-    else {
-        panic!()
+    let credentials = dir.path().join("credentials");
+    let cli = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_rbee"))
+            .args(args)
+            .env("RBEE_HOME", dir.path())
+            .env("RBEE_CONFIG", dir.path().join("config.toml"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out.stdout
     };
-    assert_eq!(workers[0].in_flight, 0, "{workers:?}");
+    cli(&[
+        "queen",
+        "credentials",
+        "--out",
+        credentials.to_str().unwrap(),
+    ]);
+    let listed = cli(&[
+        "ps",
+        "--json",
+        "--queen",
+        &link.to_string(),
+        "--credentials",
+        credentials.to_str().unwrap(),
+    ]);
+    let workers: serde_json::Value = serde_json::from_slice(&listed).unwrap();
+    assert_eq!(workers[0]["in_flight"], 0, "rbee ps: {workers}");
     let answer: serde_json::Value = web
         .post(format!("http://{http}/v1/chat/completions"))
         .json(&short)
