@@ -334,15 +334,20 @@ async fn embeddings(
     body: Bytes,
 ) -> Response {
     let request_id = request_id(&headers);
-    let answered = async {
-        gateway.authorize(&headers)?;
-        let request: openai::EmbeddingRequest = serde_json::from_slice(&body).map_err(|e| {
+    let parsed = gateway.authorize(&headers).and_then(|()| {
+        serde_json::from_slice::<openai::EmbeddingRequest>(&body).map_err(|e| {
             ApiError::invalid(
                 None,
                 format!("We could not parse the JSON body of your request: {e}"),
             )
-        })?;
-        let model = request.model.clone();
+        })
+    });
+    let request = match parsed {
+        Ok(request) => request,
+        Err(e) => return error_response(&e, &request_id),
+    };
+    let model = request.model.clone();
+    let answered = async {
         let (inputs, base64) = request.inputs()?;
         let known = gateway.models().await?.iter().any(|(m, _)| *m == model);
         let id = ModelId::new(&model)
@@ -374,17 +379,16 @@ async fn embeddings(
                 serde_json::json!({ "object": "embedding", "index": index, "embedding": embedding })
             })
             .collect();
-        let body = serde_json::json!({
+        Ok(serde_json::json!({
             "object": "list", "data": data, "model": model,
             "usage": { "prompt_tokens": embedded.tokens, "total_tokens": embedded.tokens },
-        });
-        Ok((model, body))
+        }))
     };
-    match answered.await {
-        Ok((model, body)) => {
-            gateway.metrics.request(&model, 200);
-            with_request_id(axum::Json(body).into_response(), &request_id)
-        }
+    let answered = answered.await;
+    let status = answered.as_ref().map_or_else(|e| e.status, |_| 200);
+    gateway.metrics.request(&model, status);
+    match answered {
+        Ok(body) => with_request_id(axum::Json(body).into_response(), &request_id),
         Err(e) => error_response(&e, &request_id),
     }
 }
