@@ -13,8 +13,21 @@ pub const DEFAULT_MAX_FRAME_BYTES: usize = 16 << 20;
 
 const HEADER_BYTES: usize = 4;
 
-fn config() -> bincode::config::Configuration {
-    bincode::config::standard()
+/// The most bytes one decode may claim for strings and byte arrays: a length prefix beyond
+/// it is an error before anything is allocated. Without a limit bincode allocates
+/// whatever a length prefix says, so a 9-byte frame could abort the process (found by
+/// fuzzing). Sequences are not claimed on the serde path (serde preallocates cautiously
+/// and each element must be read), so no valid frame of the default size claims more.
+pub const DECODE_LIMIT_BYTES: usize = DEFAULT_MAX_FRAME_BYTES;
+
+type Config = bincode::config::Configuration<
+    bincode::config::LittleEndian,
+    bincode::config::Varint,
+    bincode::config::Limit<DECODE_LIMIT_BYTES>,
+>;
+
+fn config() -> Config {
+    bincode::config::standard().with_limit::<DECODE_LIMIT_BYTES>()
 }
 
 /// Errors of encoding and decoding frames.
@@ -133,6 +146,22 @@ impl FrameDecoder {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_length_prefix_beyond_the_payload_is_an_error_not_an_allocation() {
+        // A string claiming 2^60 bytes, and a byte vector claiming 2^40: found by fuzzing
+        // (fuzz/fuzz_targets/frames.rs), where bincode tried to allocate them.
+        let huge_string = [253, 0, 0, 0, 0, 0, 0, 0, 16];
+        assert!(matches!(
+            decode_payload::<String>(&huge_string),
+            Err(CodecError::Decode(_))
+        ));
+        let huge_bytes = [253, 0, 0, 0, 0, 0, 1, 0, 0];
+        assert!(matches!(
+            decode_payload::<Vec<u8>>(&huge_bytes),
+            Err(CodecError::Decode(_))
+        ));
+    }
     use super::*;
     use serde::Deserialize;
 
