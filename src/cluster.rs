@@ -18,14 +18,13 @@
 //! # Ok(()) }
 //! ```
 
-use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use rbee_actors::hive::daemon::{HiveDaemonConfig, RunningHive};
 use rbee_actors::hive::store::{Manifest, ModelId, ModelStore};
 use rbee_actors::hive::workers::{IdleTimeout, WorkerMode};
@@ -100,7 +99,7 @@ impl Client {
     /// Dropping the stream cancels the generation and frees the worker's slot.
     pub async fn generate(&self, model: &str, request: GenerateRequest) -> Result<Events, Error> {
         let stream = self.queen.generate(model_id(model)?, request).await?;
-        Ok(Events { stream })
+        Ok(Events::new(stream))
     }
 
     /// Puts a model on one hive (or every hive): a card name such as `smollm2-135m`,
@@ -119,9 +118,7 @@ impl Client {
             sha256,
             id: model_id(id)?,
         };
-        Ok(Events {
-            stream: self.queen.open(open).await?,
-        })
+        Ok(Events::new(self.queen.open(open).await?))
     }
 
     /// Models on every hive.
@@ -211,10 +208,17 @@ fn unexpected(response: ClientResponse) -> Error {
 /// The events of one generation or pull, as a [`Stream`]. Dropping it cancels the
 /// operation on the cluster.
 pub struct Events {
-    stream: StreamReceiver<QueenItem>,
+    // The receiver's own stream form keeps a read in progress across polls.
+    stream: Pin<Box<dyn Stream<Item = Result<QueenItem, LinkError>> + Send>>,
 }
 
 impl Events {
+    fn new(receiver: StreamReceiver<QueenItem>) -> Self {
+        Events {
+            stream: Box::pin(receiver.into_stream()),
+        }
+    }
+
     /// Reads a generation to its end: its text and statistics, or its error.
     pub async fn text(mut self) -> Result<(String, GenerationStats), Error> {
         let mut text = String::new();
@@ -237,9 +241,10 @@ impl Stream for Events {
     type Item = Result<Event, Error>;
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        let next = self.get_mut().stream.next();
-        futures::pin_mut!(next);
-        next.poll(cx)
+        self.get_mut()
+            .stream
+            .as_mut()
+            .poll_next(cx)
             .map(|item| item.map(|r| r.map_err(Error::from)))
     }
 }

@@ -67,7 +67,7 @@ impl KeyCache {
             .and_then(|m| m.modified())
             .ok();
         let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
-        if seen.0 != modified || modified.is_none() && !seen.1.is_empty() {
+        if seen.0 != modified {
             // A store that cannot be read admits nobody rather than everybody.
             let hashes = self.store.hashes().unwrap_or_else(|_| vec![[0; 32]]);
             *seen = (modified, hashes);

@@ -80,10 +80,10 @@ pub async fn generate(
             Outcome::Refused(reason) => {
                 drop(lease);
                 last_loss = format!("worker {here} refused it: {reason}");
-                let pause = FIRST_REFUSAL_PAUSE * 2u32.pow(refusals.min(6));
+                let pause = refusal_pause(refusals);
                 refusals += 1;
                 tokio::select! {
-                    () = tokio::time::sleep(pause.min(LONGEST_REFUSAL_PAUSE)) => {}
+                    () = tokio::time::sleep(pause) => {}
                     () = out.closed() => return,
                 }
             }
@@ -255,6 +255,11 @@ async fn run_on(
     }
 }
 
+/// How long to wait after the `refusals`-th refusal: doubling, capped.
+fn refusal_pause(refusals: u32) -> Duration {
+    (FIRST_REFUSAL_PAUSE * 2u32.pow(refusals.min(6))).min(LONGEST_REFUSAL_PAUSE)
+}
+
 /// Refusals another worker (or the same one a moment later) can make good.
 fn not_now(kind: ErrorKind) -> bool {
     matches!(
@@ -318,8 +323,7 @@ pub async fn embed(
                 drop(lease);
                 refusals += 1;
                 last = e.message;
-                let pause = FIRST_REFUSAL_PAUSE * 2u32.pow(refusals.min(6));
-                tokio::time::sleep(pause.min(LONGEST_REFUSAL_PAUSE)).await;
+                tokio::time::sleep(refusal_pause(refusals)).await;
             }
             other => return other,
         }
