@@ -141,6 +141,18 @@ impl Client {
         }
     }
 
+    /// One model's manifest on `hive`, once its files hashed to what the manifest says.
+    pub async fn verify_model(&self, id: &str, hive: &str) -> Result<Manifest, Error> {
+        let request = ClientRequest::VerifyModel {
+            hive: hive.to_string(),
+            model: model_id(id)?,
+        };
+        match self.call(request).await? {
+            ClientResponse::Model(manifest) => Ok(manifest),
+            other => Err(unexpected(other)),
+        }
+    }
+
     /// Imports the model file or directory at `path` on a hive's machine (the only hive
     /// when `hive` is `None`) as `id`.
     pub async fn import(

@@ -108,6 +108,7 @@ async fn start_hive(store: &ModelStore, dir: &Path) -> anyhow::Result<ActorRef<H
         issuer: process::issuer_from_ca(ca),
         endpoint: Arc::new(endpoint),
         ready_timeout: Duration::from_secs(60),
+        worker_ip: std::net::Ipv4Addr::LOCALHOST.into(),
     };
     let args = HiveArgs {
         store: store.clone(),

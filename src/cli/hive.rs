@@ -13,7 +13,7 @@
 //! `<data>/hive/workers`, so a restarted hive adopts the workers it left. Reports JSON lines
 //! on stdout like `rbee worker`: `{"ready": …}` or `{"failed": …}`.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -133,6 +133,10 @@ pub struct HiveArgsCli {
     /// Standalone: address to listen on.
     #[arg(long, default_value = "127.0.0.1:0")]
     listen: SocketAddr,
+    /// The address worker processes listen on; the queen dials them there (default: the
+    /// address this machine reaches the queen from; standalone, the listen address).
+    #[arg(long)]
+    worker_ip: Option<IpAddr>,
     #[command(flatten)]
     timing: LinkTiming,
 }
@@ -240,6 +244,13 @@ async fn serve(args: HiveArgsCli) -> anyhow::Result<()> {
         "the identity is a {} identity, not a hive's",
         identity.role().as_str()
     );
+    let worker_ip = match (args.worker_ip, &queen) {
+        (Some(ip), _) => ip,
+        (None, Some((queen, _))) => rbee::transport::route_source_ip(*queen)
+            .with_context(|| format!("no route to the queen at {queen}"))?,
+        (None, None) if !args.listen.ip().is_unspecified() => args.listen.ip(),
+        (None, None) => Ipv4Addr::LOCALHOST.into(),
+    };
     let config = HiveDaemonConfig {
         data,
         identity: identity.clone(),
@@ -247,6 +258,7 @@ async fn serve(args: HiveArgsCli) -> anyhow::Result<()> {
         processes: Some(WorkerProcesses {
             program: std::env::current_exe()?,
             issuer,
+            ip: worker_ip,
         }),
     };
     let running = RunningHive::start(&config).await?;

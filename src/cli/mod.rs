@@ -50,6 +50,8 @@ enum Command {
     Rm(ops::ModelOnHive),
     /// One model's details.
     Show(ops::ModelOnHive),
+    /// Hash a model's files again and compare them with its manifest.
+    Verify(ops::ModelOnHive),
     /// What is loaded where: workers with model, hive, device, slots in use.
     Ps(ops::Json),
     /// Start a worker for MODEL.
@@ -197,6 +199,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Models(json) => ops::models(&settings()?, json.json).await,
         Command::Rm(args) => ops::rm(&settings()?, args).await,
         Command::Show(args) => ops::show(&settings()?, args).await,
+        Command::Verify(args) => ops::verify(&settings()?, args).await,
         Command::Ps(json) => ops::ps(&settings()?, json.json).await,
         Command::Spawn(args) => ops::spawn(&settings()?, args).await,
         Command::Stop { target } => ops::stop(&settings()?, &target).await,

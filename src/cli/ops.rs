@@ -494,6 +494,24 @@ pub async fn show(settings: &Effective, args: ModelOnHive) -> anyhow::Result<Exi
     Ok(ExitCode::SUCCESS)
 }
 
+pub async fn verify(settings: &Effective, args: ModelOnHive) -> anyhow::Result<ExitCode> {
+    let client = settings.client().await?;
+    let hive = match args.hive {
+        Some(hive) => hive,
+        None => first_hive_with(&client, &args.model).await?,
+    };
+    let manifest = client.verify_model(&args.model, &hive).await?;
+    if args.json.json {
+        return print_json(&manifest);
+    }
+    println!(
+        "{} on {hive}: {} file(s) match their sha256",
+        manifest.id,
+        manifest.files.len()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
 async fn first_hive_with(client: &Client, model: &str) -> anyhow::Result<String> {
     client
         .models()

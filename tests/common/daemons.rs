@@ -64,7 +64,17 @@ impl Drop for Daemon {
 
 /// Runs `rbee ARGS` with `RBEE_HOME=home` and waits for its first report line.
 pub fn start(home: &Path, args: &[&str]) -> Result<Daemon, serde_json::Value> {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_rbee"))
+    start_command(Command::new(env!("CARGO_BIN_EXE_rbee")), home, args)
+}
+
+/// Runs `command ARGS` (`rbee`, or a wrapper that execs it) with `RBEE_HOME=home` and
+/// waits for its first report line.
+pub fn start_command(
+    mut command: Command,
+    home: &Path,
+    args: &[&str],
+) -> Result<Daemon, serde_json::Value> {
+    let mut child = command
         .args(args)
         .env("RBEE_HOME", home)
         .stdin(Stdio::null())
@@ -94,8 +104,15 @@ pub fn start(home: &Path, args: &[&str]) -> Result<Daemon, serde_json::Value> {
 
 /// A queen with its data in `dir/queen`, its link on `port` (0: any).
 pub fn start_queen(dir: &Path, port: u16, extra: &[&str]) -> (Daemon, SocketAddr) {
+    start_queen_on(dir, "127.0.0.1", port, extra)
+}
+
+/// A queen with its data in `dir/queen`, its link and join endpoint on `ip` (the link on
+/// `port`, 0: any).
+pub fn start_queen_on(dir: &Path, ip: &str, port: u16, extra: &[&str]) -> (Daemon, SocketAddr) {
     let data = dir.join("queen");
-    let listen = format!("127.0.0.1:{port}");
+    let listen = format!("{ip}:{port}");
+    let join = format!("{ip}:0");
     let mut args = vec![
         "queen",
         "serve",
@@ -104,7 +121,7 @@ pub fn start_queen(dir: &Path, port: u16, extra: &[&str]) -> (Daemon, SocketAddr
         "--listen",
         &listen,
     ];
-    args.extend(["--join-listen", "127.0.0.1:0", "--http", "127.0.0.1:0"]);
+    args.extend(["--join-listen", &join, "--http", "127.0.0.1:0"]);
     args.extend(TIMING);
     args.extend(extra);
     let queen = start(dir, &args).expect("the queen starts");
@@ -142,9 +159,19 @@ pub fn token(dir: &Path, ttl_secs: u64) -> String {
 
 /// A hive named `name` with its home in `home`, joining with `token`.
 pub fn start_hive(home: &Path, token: &str, name: &str) -> Result<Daemon, serde_json::Value> {
+    start_hive_with(Command::new(env!("CARGO_BIN_EXE_rbee")), home, token, name)
+}
+
+/// [`start_hive`] through `command` (`rbee`, or a wrapper that execs it).
+pub fn start_hive_with(
+    command: Command,
+    home: &Path,
+    token: &str,
+    name: &str,
+) -> Result<Daemon, serde_json::Value> {
     let mut args = vec!["hive", "serve", "--join", token, "--name", name];
     args.extend(TIMING);
-    start(home, &args)
+    start_command(command, home, &args)
 }
 
 /// Puts the model file at `path` into the store under `home` as `id`.
@@ -248,4 +275,40 @@ pub async fn read_all(mut stream: StreamReceiver<QueenItem>, secs: u64) -> Seen 
         .expect("the generation did not end in time");
     assert_eq!(seen.terminals, 1, "{seen:?}");
     seen
+}
+
+/// Live (not zombie) processes whose command line mentions `dir`: worker processes keep
+/// their identity under their hive's home, so this finds every worker a hive left.
+pub fn processes_under(dir: &Path) -> Vec<u32> {
+    let needle = dir.to_string_lossy().into_owned();
+    let mut found = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return found;
+    };
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+        // Field 3 of stat, after the parenthesised name.
+        let zombie = stat
+            .rsplit(')')
+            .next()
+            .is_some_and(|s| s.trim_start().starts_with('Z'));
+        if !zombie && String::from_utf8_lossy(&cmdline).contains(&needle) {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+/// Sends `signal` to `pid`.
+pub fn signal(pid: u32, signal: i32) {
+    // SAFETY: a plain signal to a process this test started.
+    assert_eq!(unsafe { libc::kill(pid as i32, signal) }, 0, "kill {pid}");
 }

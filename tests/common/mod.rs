@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 pub mod daemons;
+pub mod netns;
 
 use rbee_transport::{
     ClusterCa, Endpoint, Incoming, Link, LinkConfig, LinkIncoming, NodeId, NodeIdentity, Protocol,

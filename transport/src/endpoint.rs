@@ -38,6 +38,14 @@ pub fn dial_from(peer: SocketAddr) -> SocketAddr {
     SocketAddr::new(ip, 0)
 }
 
+/// The local address this machine sends from to reach `peer` (no packet is sent): the
+/// address a peer there can reach this machine at.
+pub fn route_source_ip(peer: SocketAddr) -> std::io::Result<std::net::IpAddr> {
+    let socket = std::net::UdpSocket::bind(dial_from(peer))?;
+    socket.connect(peer)?;
+    Ok(socket.local_addr()?.ip())
+}
+
 /// A link just established, with the receiver of what the peer sends.
 pub type Established<P> = (Link<P>, LinkIncoming<P>);
 
@@ -427,6 +435,12 @@ mod tests {
         type Event = u32;
         type Open = u32;
         type Item = u32;
+    }
+
+    #[test]
+    fn the_route_source_to_loopback_is_loopback() {
+        let ip = route_source_ip("127.0.0.1:9".parse().unwrap()).unwrap();
+        assert_eq!(ip, std::net::Ipv4Addr::LOCALHOST);
     }
 
     fn node(ca: &ClusterCa, id: &str, role: Role) -> NodeIdentity {

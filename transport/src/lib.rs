@@ -18,7 +18,7 @@ pub mod proxy;
 
 pub use backoff::Backoff;
 pub use config::LinkConfig;
-pub use endpoint::{ALPN, Endpoint, Established, dial_from};
+pub use endpoint::{ALPN, Endpoint, Established, dial_from, route_source_ip};
 pub use error::{CloseCause, LinkError};
 pub use hello::PROTOCOL_VERSION;
 pub use identity::{

@@ -2,7 +2,7 @@
 //! joined) the uplink that keeps it connected to its queen. Used by `rbee hive` and by the
 //! in-process local cluster.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -41,6 +41,8 @@ pub struct WorkerProcesses {
     pub program: PathBuf,
     /// Where their identities come from.
     pub issuer: IdentityIssuer,
+    /// The address they listen on (one the queen can reach).
+    pub ip: IpAddr,
 }
 
 /// A hive's settings.
@@ -73,7 +75,7 @@ impl RunningHive {
             Some(workers) => {
                 let endpoint = Endpoint::<WorkerProtocol>::client(
                     config.identity.clone(),
-                    "127.0.0.1:0".parse().map_err(setup)?,
+                    rbee_transport::dial_from(SocketAddr::new(workers.ip, 0)),
                     config.link.clone(),
                 )
                 .map_err(setup)?;
@@ -83,6 +85,7 @@ impl RunningHive {
                     issuer: workers.issuer.clone(),
                     endpoint: Arc::new(endpoint),
                     ready_timeout: Duration::from_secs(120),
+                    worker_ip: workers.ip,
                 })
             }
             None => None,

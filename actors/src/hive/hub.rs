@@ -176,6 +176,21 @@ pub enum HubError {
         /// Where.
         dir: PathBuf,
     },
+    /// The disk filled up while the file was written.
+    #[error(
+        "{file}: the disk of {} filled up at byte {at} of {total}; the partial file is kept to resume once there is room",
+        dir.display()
+    )]
+    DiskFilled {
+        /// The file.
+        file: String,
+        /// Bytes of it written before.
+        at: u64,
+        /// Its size.
+        total: u64,
+        /// The cache directory.
+        dir: PathBuf,
+    },
     /// The downloaded bytes do not hash to the hub's SHA-256; the file was deleted.
     #[error("{file}: sha256 {actual} does not match the hub's {expected}; the file was deleted")]
     Checksum {
@@ -488,31 +503,41 @@ impl Hub {
                 "{url}: the hub answered a range that does not start at byte {have}"
             )));
         }
-        let io = |e: std::io::Error| Attempt::Fail(HubError::Io(e.to_string()));
-        let mut out =
-            tokio::io::BufWriter::with_capacity(1 << 20, options.open(part).await.map_err(io)?);
+        let dir = &self.config.cache_dir;
+        let mut out = tokio::io::BufWriter::with_capacity(
+            1 << 20,
+            options
+                .open(part)
+                .await
+                .map_err(|e| Attempt::Fail(HubError::Io(e.to_string())))?,
+        );
         let mut body = response.bytes_stream();
         loop {
             match tokio::time::timeout(stall, body.next()).await {
                 Err(_) => {
-                    out.flush().await.map_err(io)?;
+                    out.flush().await.map_err(|e| watch.write_failed(e, dir))?;
                     return Err(stalled());
                 }
                 Ok(None) => break,
                 Ok(Some(Err(e))) => {
-                    out.flush().await.map_err(io)?;
+                    out.flush().await.map_err(|e| watch.write_failed(e, dir))?;
                     return Err(Attempt::Retry(e.to_string()));
                 }
                 Ok(Some(Ok(bytes))) => {
                     hasher.update(&bytes);
-                    out.write_all(&bytes).await.map_err(io)?;
+                    out.write_all(&bytes)
+                        .await
+                        .map_err(|e| watch.write_failed(e, dir))?;
                     watch.add(bytes.len() as u64);
                     watch.report(false);
                 }
             }
         }
-        out.flush().await.map_err(io)?;
-        out.get_ref().sync_all().await.map_err(io)
+        out.flush().await.map_err(|e| watch.write_failed(e, dir))?;
+        out.get_ref()
+            .sync_all()
+            .await
+            .map_err(|e| watch.write_failed(e, dir))
     }
 
     /// Checks the content's `actual` SHA-256 against the hub's (the blob's name for LFS
@@ -619,6 +644,21 @@ impl<'a> Watch<'a> {
 
     fn restart(&mut self) {
         self.done = 0;
+    }
+
+    /// A failed write of the partial file: a full disk is said so, with where it filled
+    /// up (the partial file stays, to resume once there is room).
+    fn write_failed(&self, e: std::io::Error, dir: &std::path::Path) -> Attempt {
+        if e.kind() == std::io::ErrorKind::StorageFull {
+            Attempt::Fail(HubError::DiskFilled {
+                file: self.file.into(),
+                at: self.done,
+                total: self.total,
+                dir: dir.to_path_buf(),
+            })
+        } else {
+            Attempt::Fail(HubError::Io(e.to_string()))
+        }
     }
 
     /// Sends a progress event at most every 100 ms, unless `force`.

@@ -7,7 +7,7 @@
 //! once it is ready. A pid alone is not trusted: the kernel's start time of that pid must
 //! match the record, so a recycled pid is never adopted or killed.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -47,6 +47,8 @@ pub struct ProcessConfig {
     pub endpoint: Arc<Endpoint<WorkerProtocol>>,
     /// How long a child may take to load its model and report ready.
     pub ready_timeout: Duration,
+    /// The address workers listen on: one the queen can reach, since it dials them.
+    pub worker_ip: IpAddr,
 }
 
 /// What the hive remembers of a worker process across its own restarts.
@@ -114,7 +116,9 @@ pub async fn start(config: &ProcessConfig, spec: Launch<'_>) -> Result<Started, 
         .arg(spec.path)
         .arg("--identity")
         .arg(&identity_dir)
-        .args(["--listen", "127.0.0.1:0", "--slots"])
+        .arg("--listen")
+        .arg(SocketAddr::new(config.worker_ip, 0).to_string())
+        .arg("--slots")
         .arg(spec.slots.to_string())
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())

@@ -31,6 +31,8 @@ pub enum HiveRequest {
     ListModels,
     /// One ready model.
     GetModel(ModelId),
+    /// One ready model, its files hashed again against its manifest.
+    VerifyModel(ModelId),
     /// Deletes a model.
     DeleteModel(ModelId),
     /// Imports the model file or directory at `path` (on the hive's machine) as `id`.
@@ -203,6 +205,14 @@ pub(crate) async fn answer(service: &HiveService, request: HiveRequest) -> HiveR
             Ok(manifest) => HiveResponse::Model(manifest),
             Err(e) => error(&e),
         },
+        HiveRequest::VerifyModel(id) => {
+            let store = service.store.clone();
+            match tokio::task::spawn_blocking(move || store.verify(&id)).await {
+                Ok(Ok(manifest)) => HiveResponse::Model(manifest),
+                Ok(Err(e)) => error(&e),
+                Err(e) => error(&e),
+            }
+        }
         HiveRequest::GetWorker(id) => match call_t!(hive, HiveMsg::List, CALL_TIMEOUT_MS) {
             Ok(workers) => match workers.into_iter().find(|w| w.id == id) {
                 Some(worker) => HiveResponse::Worker(worker),

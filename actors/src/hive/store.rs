@@ -106,6 +106,22 @@ pub enum Entry {
     },
 }
 
+impl Manifest {
+    /// Whether this manifest can describe model `id` in its directory: the same id, and
+    /// file names that stay inside the directory (a manifest is a file anyone with access
+    /// to the disk could have changed).
+    fn fits(&self, id: &ModelId) -> bool {
+        let plain = |name: &str| {
+            let mut parts = Path::new(name).components();
+            matches!(
+                (parts.next(), parts.next()),
+                (Some(std::path::Component::Normal(_)), None)
+            )
+        };
+        &self.id == id && !self.files.is_empty() && self.files.iter().all(|f| plain(&f.name))
+    }
+}
+
 impl Entry {
     /// The model's id.
     pub fn id(&self) -> &ModelId {
@@ -146,6 +162,20 @@ pub enum StoreError {
         failures: String,
     },
     /// A file operation failed.
+    /// A file of a ready model no longer hashes to what its manifest recorded.
+    #[error(
+        "model {id}: {file} has sha256 {actual}, not the {expected} recorded when it was added; remove it and pull or import it again"
+    )]
+    Corrupt {
+        /// The model.
+        id: ModelId,
+        /// The file.
+        file: String,
+        /// The manifest's hash.
+        expected: String,
+        /// The file's hash now.
+        actual: String,
+    },
     #[error("{context}: {source}")]
     Io {
         /// What was being done.
@@ -208,7 +238,8 @@ impl ModelStore {
         let dir = self.dir(id);
         let manifest = std::fs::read_to_string(dir.join(MANIFEST))
             .ok()
-            .and_then(|text| serde_json::from_str::<Manifest>(&text).ok());
+            .and_then(|text| serde_json::from_str::<Manifest>(&text).ok())
+            .filter(|m| m.fits(id));
         match manifest {
             Some(m) if !dir.join(PARTIAL).exists() => Entry::Ready(m),
             _ => Entry::Partial {
@@ -228,6 +259,26 @@ impl ModelStore {
             Some(Entry::Ready(m)) => Ok(m),
             _ => Err(StoreError::NotFound(id.clone())),
         }
+    }
+
+    /// Hashes every file of the ready model `id` against its manifest.
+    pub fn verify(&self, id: &ModelId) -> Result<Manifest, StoreError> {
+        let manifest = self.get(id)?;
+        let dir = self.dir(id);
+        for file in &manifest.files {
+            let path = dir.join(&file.name);
+            let actual = crate::checksum::sha256_file(&path, &mut |_| {})
+                .map_err(io(format!("hashing {}", path.display())))?;
+            if actual != file.sha256 {
+                return Err(StoreError::Corrupt {
+                    id: id.clone(),
+                    file: file.name.clone(),
+                    expected: file.sha256.clone(),
+                    actual,
+                });
+            }
+        }
+        Ok(manifest)
     }
 
     /// What a worker loads for the ready model `id`: its GGUF file or its directory.
@@ -520,6 +571,57 @@ mod tests {
             store.get(&id("tiny")),
             Err(StoreError::NotFound(_))
         ));
+    }
+
+    #[test]
+    fn a_file_that_changed_since_it_was_added_fails_verification() {
+        let data = tempfile::tempdir().unwrap();
+        let store = ModelStore::open(data.path()).unwrap();
+        let source = data.path().join("tiny.gguf");
+        write_tiny_gguf(&source, "qwen3", 512, GgmlDType::Q8_0).unwrap();
+        store.import(&source, &id("tiny")).unwrap();
+        assert!(store.verify(&id("tiny")).is_ok());
+        // One byte of a tensor flipped on disk (the header stays loadable).
+        let path = store.model_path(&id("tiny")).unwrap();
+        let mut bytes = std::fs::read(&path).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+        std::fs::remove_file(&path).unwrap();
+        std::fs::write(&path, &bytes).unwrap();
+        match store.verify(&id("tiny")) {
+            Err(StoreError::Corrupt { file, .. }) => assert_eq!(file, "tiny.gguf"),
+            other => panic!("expected Corrupt: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_manifest_naming_files_outside_its_directory_or_another_id_is_not_ready() {
+        let data = tempfile::tempdir().unwrap();
+        let store = ModelStore::open(data.path()).unwrap();
+        let source = data.path().join("tiny.gguf");
+        write_tiny_gguf(&source, "qwen3", 512, GgmlDType::Q8_0).unwrap();
+        let good = store.import(&source, &id("tiny")).unwrap();
+        let manifest_path = store.root().join("tiny").join(MANIFEST);
+        let tampered = |m: &Manifest| std::fs::write(&manifest_path, json(m)).unwrap();
+        for name in ["../../etc/passwd", "/etc/passwd", "a/b.gguf", "..", ""] {
+            let mut m = good.clone();
+            m.files[0].name = name.into();
+            tampered(&m);
+            assert!(
+                matches!(store.get(&id("tiny")), Err(StoreError::NotFound(_))),
+                "{name:?}"
+            );
+            assert!(store.model_path(&id("tiny")).is_err(), "{name:?}");
+            assert!(matches!(store.list().unwrap()[0], Entry::Partial { .. }));
+        }
+        let mut m = good.clone();
+        m.id = id("other");
+        tampered(&m);
+        assert!(store.get(&id("tiny")).is_err());
+        std::fs::write(&manifest_path, b"{\"id\": \"tiny\", \"files\": [").unwrap();
+        assert!(store.get(&id("tiny")).is_err());
+        tampered(&good);
+        assert_eq!(store.get(&id("tiny")).unwrap(), good);
     }
 
     #[test]

@@ -169,7 +169,16 @@ pub enum HiveMsg {
     ),
     /// Internal: a backoff delay elapsed.
     RestartDue(String),
-    /// Internal: a worker process exited or its link closed.
+    /// Internal: the link to a worker process closed.
+    LinkClosed {
+        /// The worker.
+        id: String,
+        /// Which process (a late report about an older one is ignored).
+        pid: u32,
+        /// Why.
+        cause: String,
+    },
+    /// Internal: a worker process exited.
     ProcessExited {
         /// The worker.
         id: String,
@@ -363,6 +372,9 @@ impl Actor for Hive {
                 embed(id, running, inputs, reply);
             }
             HiveMsg::RestartDue(id) => restart(&myself, state, id).await,
+            HiveMsg::LinkClosed { id, pid, cause } => {
+                relink(&myself, state, &id, pid, cause).await;
+            }
             HiveMsg::ProcessExited { id, pid, reason } => {
                 let current = state
                     .workers
@@ -423,6 +435,47 @@ fn find_actor(workers: &HashMap<String, Managed>, cell: &ActorCell) -> Option<St
 }
 
 /// A worker died: restart it after a backoff, or mark it failed past the intensity.
+/// The link to worker process `pid` closed (the hive was paused past the idle timeout, or
+/// the network between them blinked): a process still alive is dialed again and keeps
+/// its requests' slots; one that is gone or does not answer is stopped and restarted.
+async fn relink(
+    myself: &ActorRef<HiveMsg>,
+    state: &mut HiveState,
+    id: &str,
+    pid: u32,
+    cause: String,
+) {
+    let record = match state.workers.get(id).and_then(|m| m.running.as_ref()) {
+        Some(Running::Process { record, .. }) if record.pid == pid => record.clone(),
+        _ => return,
+    };
+    let Some(config) = state.args.processes.clone() else {
+        return;
+    };
+    match process::adopt(&config, &record).await {
+        Ok(remote) => {
+            tracing::info!("link to worker {id} (pid {pid}) closed ({cause}); dialed it again");
+            watch_link(myself.clone(), record.clone(), &remote);
+            if let Some(managed) = state.workers.get_mut(id) {
+                managed.running = Some(Running::Process { remote, record });
+            }
+        }
+        Err(e) => {
+            tracing::warn!(
+                "link to worker {id} (pid {pid}) closed ({cause}) and {e}: restarting it"
+            );
+            process::kill(&record);
+            on_exit(
+                myself,
+                state,
+                id,
+                format!("link to worker process {pid} closed: {cause}"),
+            );
+        }
+    }
+    state.changed();
+}
+
 fn on_exit(myself: &ActorRef<HiveMsg>, state: &mut HiveState, id: &str, error: String) {
     let Some(managed) = state.workers.get_mut(id) else {
         return;
@@ -616,6 +669,7 @@ async fn start(
             let started = process::start(config, launch).await?;
             let (record, remote) = (started.record, started.remote);
             watch_child(hive.clone(), record.clone(), started.child);
+            watch_link(hive.clone(), record.clone(), &remote);
             Ok(Running::Process { remote, record })
         }
     }
@@ -651,18 +705,16 @@ fn watch_child(hive: ActorRef<HiveMsg>, record: ChildRecord, mut child: tokio::p
     });
 }
 
-/// Reports an adopted worker process's end (its link closes) to the hive.
-fn watch_adopted(hive: ActorRef<HiveMsg>, record: ChildRecord, remote: &RemoteWorker) {
+/// Tells the hive when its link to a worker process closes (for an adopted one, not its
+/// child, that is also how its exit is known).
+fn watch_link(hive: ActorRef<HiveMsg>, record: ChildRecord, remote: &RemoteWorker) {
     let closed = remote.link().closed();
     tokio::spawn(async move {
         let cause = closed.await;
-        let _ = hive.cast(HiveMsg::ProcessExited {
+        let _ = hive.cast(HiveMsg::LinkClosed {
             id: record.id,
             pid: record.pid,
-            reason: format!(
-                "link to adopted worker process {} closed: {cause}",
-                record.pid
-            ),
+            cause: cause.to_string(),
         });
     });
 }
@@ -687,7 +739,7 @@ async fn adopt_processes(myself: &ActorRef<HiveMsg>, state: &mut HiveState) {
                     idle_timeout: record.idle_timeout,
                     mode: WorkerMode::Process,
                 };
-                watch_adopted(myself.clone(), record.clone(), &remote);
+                watch_link(myself.clone(), record.clone(), &remote);
                 tracing::info!("adopted worker {} (pid {})", record.id, record.pid);
                 let id = record.id.clone();
                 // Ids stay unique: new workers are numbered after every adopted one.

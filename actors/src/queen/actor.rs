@@ -278,8 +278,10 @@ impl Actor for Queen {
             }
             QueenMsg::WorkerDialed(dial, result) => match result {
                 Ok(remote) => {
-                    watch_worker_link(&myself, &dial, &remote);
-                    if state.registry.worker_dialed(&dial, remote) {
+                    // Only the link in use is watched: a spare one (a second dial of the
+                    // same worker) closes unwatched, and so cannot end the one in use.
+                    if state.registry.worker_dialed(&dial, remote.clone()) {
+                        watch_worker_link(&myself, &dial, &remote);
                         state.on_registry_change(&myself);
                     }
                 }

@@ -92,6 +92,13 @@ pub enum ClientRequest {
         /// The model.
         model: ModelId,
     },
+    /// One model on one hive, its files hashed again against its manifest.
+    VerifyModel {
+        /// The hive.
+        hive: String,
+        /// The model.
+        model: ModelId,
+    },
     /// Embeds inputs with whichever worker serves the embedding model `model` (one is
     /// started if none runs); queued and routed like a generation.
     Embed {

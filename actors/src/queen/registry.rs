@@ -338,10 +338,15 @@ impl Registry {
         true
     }
 
-    /// The queen's link to a worker process is up.
+    /// The queen's link to a worker process is up; false when it is not needed (the
+    /// worker left, or another dial of it won: two registry changes can each start one).
     pub fn worker_dialed(&mut self, dial: &Dial, remote: RemoteWorker) -> bool {
         match self.workers.get_mut(&dial.key) {
-            Some(w) if w.incarnation == dial.incarnation && !w.incarnation_over() => {
+            Some(w)
+                if w.incarnation == dial.incarnation
+                    && !w.incarnation_over()
+                    && w.route.is_none() =>
+            {
                 w.route = Some(Route::Direct(remote));
                 true
             }

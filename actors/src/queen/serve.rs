@@ -289,6 +289,13 @@ async fn answer_inner(
                 other => error(QueenErrorKind::Hive, format!("unexpected {other:?}")),
             }
         }
+        ClientRequest::VerifyModel { hive, model } => {
+            let link = hive_link(service, &hive).await?;
+            match call_hive(&link, HiveRequest::VerifyModel(model)).await? {
+                HiveResponse::Model(manifest) => ClientResponse::Model(manifest),
+                other => error(QueenErrorKind::Hive, format!("unexpected {other:?}")),
+            }
+        }
         ClientRequest::DeleteModel { hive, model } => {
             delete_model(service, hive.as_deref(), model).await?
         }
