@@ -31,6 +31,9 @@ pub enum BenchCommand {
     /// The queen: time to first token through it next to a direct worker link, remote
     /// spawn latency, and its CPU with 1,000 simulated workers connected.
     Queen(super::bench_queen::QueenBenchArgs),
+    /// Many clients for a long time against a local cluster of processes: completed,
+    /// errors by kind, time to first token, memory of each process at start and end.
+    Soak(super::bench_soak::SoakArgs),
 }
 
 #[derive(Debug, Args)]
@@ -64,6 +67,7 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<ExitCode> {
         BenchCommand::Engine(args) => engine(args).await,
         BenchCommand::Hive(args) => super::bench_hive::run(args).await,
         BenchCommand::Queen(args) => super::bench_queen::run(args).await,
+        BenchCommand::Soak(args) => super::bench_soak::run(args).await,
     }
 }
 

@@ -52,14 +52,14 @@ pub struct QueenBenchArgs {
 }
 
 /// A child `rbee` process, interrupted (then killed) when dropped.
-struct Daemon {
-    child: Child,
+pub(super) struct Daemon {
+    pub(super) child: Child,
     ready: serde_json::Value,
 }
 
 impl Daemon {
     /// Runs `rbee ARGS` with `RBEE_HOME=home` and waits for its report line.
-    fn start(home: &Path, args: &[&str]) -> anyhow::Result<Daemon> {
+    pub(super) fn start(home: &Path, args: &[&str]) -> anyhow::Result<Daemon> {
         let mut child = Command::new(std::env::current_exe()?)
             .args(args)
             .env("RBEE_HOME", home)
@@ -81,7 +81,7 @@ impl Daemon {
         Ok(daemon)
     }
 
-    fn addr(&self, field: &str) -> anyhow::Result<SocketAddr> {
+    pub(super) fn addr(&self, field: &str) -> anyhow::Result<SocketAddr> {
         let text = self.ready["ready"][field].as_str().context("no address")?;
         Ok(text.parse()?)
     }
@@ -120,14 +120,14 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-fn percentile(mut v: Vec<f64>, p: f64) -> f64 {
+pub(super) fn percentile(mut v: Vec<f64>, p: f64) -> f64 {
     v.sort_by(f64::total_cmp);
     v[((v.len() - 1) as f64 * p).round() as usize]
 }
 
 /// A queen in `dir` whose links keep alive every `keep_alive_ms` (5 × that is the idle
 /// timeout).
-fn queen(dir: &Path, keep_alive_ms: u64) -> anyhow::Result<Daemon> {
+pub(super) fn queen(dir: &Path, keep_alive_ms: u64) -> anyhow::Result<Daemon> {
     let data = dir.join("queen");
     let data = data.to_str().context("a non-UTF-8 temporary path")?;
     let (keep_alive, idle) = (keep_alive_ms.to_string(), (keep_alive_ms * 5).to_string());
@@ -153,9 +153,13 @@ fn queen(dir: &Path, keep_alive_ms: u64) -> anyhow::Result<Daemon> {
 }
 
 /// The default keep-alive of `rbee queen serve`, in ms.
-const DEFAULT_KEEP_ALIVE_MS: u64 = 1000;
+pub(super) const DEFAULT_KEEP_ALIVE_MS: u64 = 1000;
 
-async fn client(dir: &Path, link: SocketAddr, name: &str) -> anyhow::Result<QueenClient> {
+pub(super) async fn client(
+    dir: &Path,
+    link: SocketAddr,
+    name: &str,
+) -> anyhow::Result<QueenClient> {
     let identity = daemon::client_identity(&dir.join("queen"), name)?;
     Ok(QueenClient::connect(identity, link, LinkConfig::default()).await?)
 }
@@ -270,7 +274,7 @@ pub async fn run(args: QueenBenchArgs) -> anyhow::Result<ExitCode> {
 
 /// Waits until the queen lists at least `hives` hives and a number of routable workers
 /// that satisfies `check`.
-async fn wait_for(
+pub(super) async fn wait_for(
     client: &QueenClient,
     hives: usize,
     check: impl Fn(usize) -> bool,

@@ -9,6 +9,7 @@ mod background;
 mod bench;
 mod bench_hive;
 mod bench_queen;
+mod bench_soak;
 mod connect;
 mod hive;
 mod ops;
