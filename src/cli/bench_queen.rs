@@ -164,26 +164,53 @@ pub(super) async fn client(
     Ok(QueenClient::connect(identity, link, LinkConfig::default()).await?)
 }
 
+/// A queen and one joined hive as processes in a directory, the tiny model in the hive's
+/// store. The hive is stopped (stopping its workers) before the queen.
+pub(super) struct TinyCluster {
+    pub(super) hive: Daemon,
+    pub(super) queen: Daemon,
+    pub(super) model: ModelId,
+    pub(super) model_file: std::path::PathBuf,
+    pub(super) link: SocketAddr,
+}
+
+pub(super) fn tiny_cluster(dir: &Path, hive_name: &str) -> anyhow::Result<TinyCluster> {
+    let model_file = dir.join("tiny.gguf");
+    tiny::write_tiny_llama(&model_file, 512)?;
+    let model = ModelId::new("tiny")?;
+    let hive_home = dir.join("hive");
+    ModelStore::open(&hive_home)?.import(&model_file, &model)?;
+    let queen = queen(dir, DEFAULT_KEEP_ALIVE_MS)?;
+    let link = queen.addr("link")?;
+    let token = daemon::create_token(&dir.join("queen"), Duration::from_secs(600))?;
+    let hive = Daemon::start(
+        &hive_home,
+        &[
+            "hive",
+            "serve",
+            "--join",
+            &token.to_string(),
+            "--name",
+            hive_name,
+        ],
+    )?;
+    Ok(TinyCluster {
+        hive,
+        queen,
+        model,
+        model_file,
+        link,
+    })
+}
+
 pub async fn run(args: QueenBenchArgs) -> anyhow::Result<ExitCode> {
     anyhow::ensure!(
         args.rounds >= 1 && args.spawns >= 1 && args.hives >= 1 && args.secs >= 1,
         "need --rounds, --spawns, --hives and --secs >= 1"
     );
     let dir = tempfile::tempdir()?;
-    let model_file = dir.path().join("tiny.gguf");
-    tiny::write_tiny_llama(&model_file, 512)?;
-    let model = ModelId::new("tiny")?;
-    let hive_home = dir.path().join("hive");
-    ModelStore::open(&hive_home)?.import(&model_file, &model)?;
-
-    let queen = queen(dir.path(), DEFAULT_KEEP_ALIVE_MS)?;
-    let link = queen.addr("link")?;
-    let token = daemon::create_token(&dir.path().join("queen"), Duration::from_secs(600))?;
-    let token = token.to_string();
-    let _hive = Daemon::start(
-        &hive_home,
-        &["hive", "serve", "--join", &token, "--name", "bench"],
-    )?;
+    let cluster = tiny_cluster(dir.path(), "bench")?;
+    let (link, model) = (cluster.link, cluster.model.clone());
     let client = client(dir.path(), link, "bench").await?;
     wait_for(&client, 1, |_| true).await?;
 
@@ -191,7 +218,7 @@ pub async fn run(args: QueenBenchArgs) -> anyhow::Result<ExitCode> {
         "rbee bench queen: tiny llama model, loopback, {} rounds",
         args.rounds
     );
-    let http = queen.addr("http")?;
+    let http = cluster.queen.addr("http")?;
     let [direct, via_queen, via_gateway] =
         first_tokens(dir.path(), &client, http, &model, args.rounds).await?;
     let (d, q, g) = (
@@ -226,7 +253,7 @@ pub async fn run(args: QueenBenchArgs) -> anyhow::Result<ExitCode> {
         g / q
     );
 
-    let (local, remote) = spawn_times(&client, &model, &model_file, args.spawns).await?;
+    let (local, remote) = spawn_times(&client, &model, &cluster.model_file, args.spawns).await?;
     let (l, r) = (median(local), median(remote));
     println!("\nspawn to ready, in-process worker           median");
     println!("  load in this process (baseline)          {l:>8.1} ms");
@@ -237,8 +264,7 @@ pub async fn run(args: QueenBenchArgs) -> anyhow::Result<ExitCode> {
         r / l
     );
     drop(client);
-    drop(_hive);
-    drop(queen);
+    drop(cluster);
 
     println!(
         "\nqueen CPU over {} s, % of one core ({} simulated workers on {} hives)",

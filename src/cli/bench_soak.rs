@@ -10,14 +10,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use clap::Args;
-use rbee::actors::hive::store::{ModelId, ModelStore};
+use rbee::actors::hive::store::ModelId;
 use rbee::actors::queen::client::QueenClient;
-use rbee::actors::queen::daemon;
 use rbee::actors::queen::protocol::{ClientRequest, ClientResponse, Placement, QueenItem};
 use rbee::actors::worker::api::{GenerateRequest, GenerationEvent, SamplingParams};
-use rbee::actors::worker::engine::tiny;
 
-use super::bench_queen::{DEFAULT_KEEP_ALIVE_MS, Daemon, client, percentile, queen, wait_for};
+use super::bench_queen::{client, percentile, tiny_cluster, wait_for};
 
 #[derive(Debug, Args)]
 pub struct SoakArgs {
@@ -117,25 +115,8 @@ pub async fn run(args: SoakArgs) -> anyhow::Result<ExitCode> {
         "need --clients, --secs, --workers and --max-tokens >= 1"
     );
     let dir = tempfile::tempdir()?;
-    let model_file = dir.path().join("tiny.gguf");
-    tiny::write_tiny_llama(&model_file, 512)?;
-    let model = ModelId::new("tiny")?;
-    let hive_home = dir.path().join("hive");
-    ModelStore::open(&hive_home)?.import(&model_file, &model)?;
-    let queen = queen(dir.path(), DEFAULT_KEEP_ALIVE_MS)?;
-    let link = queen.addr("link")?;
-    let token = daemon::create_token(&dir.path().join("queen"), Duration::from_secs(600))?;
-    let hive = Daemon::start(
-        &hive_home,
-        &[
-            "hive",
-            "serve",
-            "--join",
-            &token.to_string(),
-            "--name",
-            "soak",
-        ],
-    )?;
+    let cluster = tiny_cluster(dir.path(), "soak")?;
+    let (link, model) = (cluster.link, cluster.model.clone());
     let admin = client(dir.path(), link, "soak-admin").await?;
     wait_for(&admin, 1, |_| true).await?;
     for _ in 0..args.workers {
@@ -150,8 +131,8 @@ pub async fn run(args: SoakArgs) -> anyhow::Result<ExitCode> {
     }
     wait_for(&admin, 1, |routable| routable >= args.workers).await?;
     let mut pids = vec![
-        ("queen".to_string(), queen.child.id()),
-        ("hive".to_string(), hive.child.id()),
+        ("queen".to_string(), cluster.queen.child.id()),
+        ("hive".to_string(), cluster.hive.child.id()),
     ];
     if let ClientResponse::Workers(workers) = admin.call(ClientRequest::ListWorkers).await? {
         for w in workers {
@@ -241,8 +222,7 @@ pub async fn run(args: SoakArgs) -> anyhow::Result<ExitCode> {
         );
     }
     drop(admin);
-    drop(hive);
-    drop(queen);
+    drop(cluster);
     Ok(if failed == 0 {
         ExitCode::SUCCESS
     } else {
