@@ -149,20 +149,33 @@ pub async fn run(args: SoakArgs) -> anyhow::Result<ExitCode> {
     let deadline = Instant::now() + Duration::from_secs(args.secs);
     let mut tasks = Vec::new();
     for n in 0..args.clients {
-        let client = client(dir.path(), link, &format!("soak-{n}")).await?;
+        let name = format!("soak-{n}");
+        let mut client = client(dir.path(), link, &name).await?;
         let (tally, model, max_tokens) = (tally.clone(), model.clone(), args.max_tokens);
+        let queen_dir = dir.path().to_path_buf();
         tasks.push(tokio::spawn(async move {
             let mut seed = n as u64 * 1_000_003;
             while Instant::now() < deadline {
                 seed += 1;
                 let result = one(&client, &model, seed, max_tokens).await;
-                let mut tally = tally.lock().unwrap_or_else(|p| p.into_inner());
-                match result {
-                    Ok(ms) => {
-                        tally.completed += 1;
-                        tally.first_token_ms.push(ms);
+                let lost = matches!(&result, Err(kind) if kind.starts_with("link"));
+                {
+                    let mut tally = tally.lock().unwrap_or_else(|p| p.into_inner());
+                    match result {
+                        Ok(ms) => {
+                            tally.completed += 1;
+                            tally.first_token_ms.push(ms);
+                        }
+                        Err(kind) => *tally.errors.entry(kind).or_default() += 1,
                     }
-                    Err(kind) => *tally.errors.entry(kind).or_default() += 1,
+                }
+                // A client whose link failed connects again, as an application would.
+                while lost && Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    if let Ok(again) = super::bench_queen::client(&queen_dir, link, &name).await {
+                        client = again;
+                        break;
+                    }
                 }
             }
         }));

@@ -196,6 +196,17 @@ pub struct QueenArgs {
 /// A request waiting in a queue.
 struct Waiter {
     tx: mpsc::Sender<Admit>,
+    /// Its queue timeout, cancelled when the waiter leaves the queue any other way (one
+    /// timer per queued request would otherwise live the whole maximum wait).
+    timeout: Option<tokio::task::AbortHandle>,
+}
+
+impl Drop for Waiter {
+    fn drop(&mut self) {
+        if let Some(timeout) = &self.timeout {
+            timeout.abort();
+        }
+    }
 }
 
 /// The queen actor.
@@ -409,11 +420,18 @@ impl QueenState {
             self.grant(myself, &key, &model, tx);
             return;
         }
-        match self.admission.enqueue(&model, Waiter { tx: tx.clone() }) {
-            Ok((ticket, position)) => {
+        let wait = self.admission.limits().max_wait;
+        let queued = self.admission.enqueue_with(&model, |ticket| Waiter {
+            tx: tx.clone(),
+            timeout: Some(
+                myself
+                    .send_after(wait, move || QueenMsg::QueueTimeout(ticket))
+                    .abort_handle(),
+            ),
+        });
+        match queued {
+            Ok((_, position)) => {
                 let _ = tx.try_send(Admit::Queued(position));
-                let wait = self.admission.limits().max_wait;
-                myself.send_after(wait, move || QueenMsg::QueueTimeout(ticket));
                 self.ensure_capacity(myself, &model);
             }
             Err(retry) => {
@@ -462,7 +480,7 @@ impl QueenState {
             let Some(waiter) = self.admission.pop(model) else {
                 break;
             };
-            moved |= self.grant(myself, &key, model, waiter.tx);
+            moved |= self.grant(myself, &key, model, waiter.tx.clone());
         }
         if moved {
             self.send_positions(model);

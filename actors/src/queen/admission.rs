@@ -74,6 +74,16 @@ impl<W> Admission<W> {
     /// Queues `waiter` for `model`: its ticket and position (1 = next), or `Err` with a
     /// retry-after hint when the queue is full.
     pub fn enqueue(&mut self, model: &ModelId, waiter: W) -> Result<(Ticket, usize), Duration> {
+        self.enqueue_with(model, |_| waiter)
+    }
+
+    /// [`Admission::enqueue`] of the waiter `make` builds from its ticket, only when there
+    /// is room.
+    pub fn enqueue_with(
+        &mut self,
+        model: &ModelId,
+        make: impl FnOnce(Ticket) -> W,
+    ) -> Result<(Ticket, usize), Duration> {
         let queue = self.queues.entry(model.clone()).or_default();
         if queue.len() >= self.limits.max_queue {
             return Err(self.retry_after(model));
@@ -81,7 +91,7 @@ impl<W> Admission<W> {
         let ticket = self.next_ticket;
         self.next_ticket += 1;
         let queue = self.queues.entry(model.clone()).or_default();
-        queue.push_back((ticket, waiter));
+        queue.push_back((ticket, make(ticket)));
         Ok((ticket, queue.len()))
     }
 
