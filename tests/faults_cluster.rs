@@ -320,6 +320,36 @@ fn ms(d: Duration) -> String {
     format!("{:.0} ms", d.as_secs_f64() * 1000.0)
 }
 
+/// A phase that silences hive-b with `silence` until the registry shows `lost`, waits 2 s
+/// and undoes it with `restore`: the time to detection (asserted within the idle timeout
+/// and 1 s) and the time from restoring until the same worker is routable again.
+async fn silence_hive_b(
+    traffic: &Arc<Traffic>,
+    observer: &mut Observer,
+    probes: &mut Vec<tokio::task::JoinHandle<()>>,
+    silence: impl FnOnce(),
+    restore: impl FnOnce(),
+    lost: impl Fn(&Snapshot) -> bool,
+) -> (Duration, Duration) {
+    traffic.next_phase();
+    let (_, tasks) = open_probes(traffic).await;
+    probes.extend(tasks);
+    let before = observer.snapshot().await.routable("hive-b");
+    let silenced = Instant::now();
+    silence();
+    let detected = observer.until(silenced, "hive-b lost", lost).await;
+    assert!(detected < IDLE + Duration::from_secs(1), "{detected:?}");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let restored = Instant::now();
+    restore();
+    let converged = observer
+        .until(restored, "hive-b back with the same worker", |s| {
+            s.connected("hive-b") && s.routable("hive-b") == before
+        })
+        .await;
+    (detected, converged)
+}
+
 /// A hive's home, with the tiny model in its store.
 fn hive_home(dir: &Path, name: &str, model_file: &Path) -> PathBuf {
     let home = dir.join(name);
@@ -424,7 +454,6 @@ async fn every_fault_of_the_failure_table_loses_no_request() {
     let (on, tasks) = open_probes(&traffic).await;
     probes.extend(tasks);
     let before = observer.snapshot().await;
-    eprintln!("probes on {on:?}");
     let victim = on
         .iter()
         .find(|w| w.starts_with("hive-a/"))
@@ -459,7 +488,6 @@ async fn every_fault_of_the_failure_table_loses_no_request() {
     let (_, tasks) = open_probes(&traffic).await;
     probes.extend(tasks);
     let before = observer.snapshot().await.routable("hive-a");
-    eprintln!("hive-a's workers before its SIGKILL: {before:?}");
     let killed = Instant::now();
     // The hive process only: its worker is the machine's, to be adopted.
     hive_a.runtime = None;
@@ -485,57 +513,38 @@ async fn every_fault_of_the_failure_table_loses_no_request() {
     assert!(detected < IDLE + Duration::from_secs(1), "{detected:?}");
 
     // 3. A hive stopped (SIGSTOP: silent, not dead) and resumed.
-    traffic.next_phase();
-    let (_, tasks) = open_probes(&traffic).await;
-    probes.extend(tasks);
-    let before = observer.snapshot().await.routable("hive-b");
-    let stopped = Instant::now();
-    signal(hive_b.pid(), libc::SIGSTOP);
-    let detected = observer
-        .until(stopped, "hive-b lost", |s| !s.connected("hive-b"))
-        .await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let resumed = Instant::now();
-    signal(hive_b.pid(), libc::SIGCONT);
-    let converged = observer
-        .until(resumed, "hive-b back", |s| {
-            s.connected("hive-b") && s.routable("hive-b") == before
-        })
-        .await;
+    let pid = hive_b.pid();
+    let (detected, converged) = silence_hive_b(
+        &traffic,
+        &mut observer,
+        &mut probes,
+        || signal(pid, libc::SIGSTOP),
+        || signal(pid, libc::SIGCONT),
+        |s| !s.connected("hive-b"),
+    )
+    .await;
     summary.push(Measured {
         fault: "hive SIGSTOP, SIGCONT 2 s later",
         detected: format!("{} (hive lost)", ms(detected)),
         converged: format!("{} after SIGCONT (same worker)", ms(converged)),
     });
-    assert!(detected < IDLE + Duration::from_secs(1), "{detected:?}");
 
     // 4. hive-b's machine (the hive and its worker) cut off the network, then healed.
     if let Some(netns) = &netns {
-        traffic.next_phase();
-        let (_, tasks) = open_probes(&traffic).await;
-        probes.extend(tasks);
-        let before = observer.snapshot().await.routable("hive-b");
-        let cut = Instant::now();
-        netns.cut();
-        let detected = observer
-            .until(cut, "hive-b and its worker lost", |s| {
-                !s.connected("hive-b") && s.listed("hive-b") == 0
-            })
-            .await;
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        let healed = Instant::now();
-        netns.heal();
-        let converged = observer
-            .until(healed, "hive-b back", |s| {
-                s.connected("hive-b") && s.routable("hive-b") == before
-            })
-            .await;
+        let (detected, converged) = silence_hive_b(
+            &traffic,
+            &mut observer,
+            &mut probes,
+            || netns.cut(),
+            || netns.heal(),
+            |s| !s.connected("hive-b") && s.listed("hive-b") == 0,
+        )
+        .await;
         summary.push(Measured {
             fault: "network partition of hive-b, healed 2 s later",
             detected: format!("{} (hive and worker lost)", ms(detected)),
             converged: format!("{} after healing (same worker)", ms(converged)),
         });
-        assert!(detected < IDLE + Duration::from_secs(1), "{detected:?}");
     } else {
         summary.push(Measured {
             fault: "network partition",

@@ -473,7 +473,6 @@ async fn relink(
             );
         }
     }
-    state.changed();
 }
 
 fn on_exit(myself: &ActorRef<HiveMsg>, state: &mut HiveState, id: &str, error: String) {
