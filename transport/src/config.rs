@@ -21,7 +21,10 @@ pub struct LinkConfig {
     pub stream_window: u32,
     /// How long a new connection may take for TLS and the Hello exchange.
     pub handshake_timeout: Duration,
-    /// Requests and streams one peer may have open at once towards this node.
+    /// Requests and streams one peer may have open at once towards this node; one more
+    /// waits for a stream to end. It is also a memory bound: quinn keeps a recycled
+    /// receive state (~400 B) in each slot of this window once the peer has used it, so a
+    /// busy connection holds up to this many of them for as long as it lives.
     pub max_concurrent_streams: u32,
     /// Incoming messages queued for the application before the link stops reading.
     pub incoming_capacity: usize,
@@ -37,7 +40,7 @@ impl Default for LinkConfig {
             max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
             stream_window: 1 << 20,
             handshake_timeout: Duration::from_secs(5),
-            max_concurrent_streams: 1024,
+            max_concurrent_streams: 128,
             incoming_capacity: 64,
             accept_roles: Role::ALL.to_vec(),
         }
