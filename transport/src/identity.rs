@@ -342,6 +342,21 @@ impl ClusterCa {
     pub fn exists(dir: &Path) -> bool {
         dir.join(CA_CERT_FILE).exists() && dir.join(CA_KEY_FILE).exists()
     }
+
+    /// The CA saved in `dir`, or a new one named after `cluster_name` saved there first.
+    /// Processes that race to create it all end up with the same CA: the first to publish
+    /// its directory wins and the others load it (a CA certificate written by one and a key
+    /// by another would be unusable). A `dir` that holds files but no complete CA is an
+    /// error naming what is missing, never overwritten.
+    pub fn load_or_create(dir: &Path, cluster_name: &str) -> Result<Self, IdentityError> {
+        if !Self::exists(dir) {
+            let ca = Self::generate(cluster_name)?;
+            if publish_dir(dir, |staging| ca.save(staging))? {
+                return Ok(ca);
+            }
+        }
+        Self::load(dir)
+    }
 }
 
 /// A node's certificate and key, with the CA certificate it trusts.
@@ -485,6 +500,13 @@ impl NodeIdentity {
     pub fn exists(dir: &Path) -> bool {
         dir.join(NODE_CERT_FILE).exists() && dir.join(NODE_KEY_FILE).exists()
     }
+
+    /// Saves this identity as `dir` unless `dir` already holds files, all at once (see
+    /// [`ClusterCa::load_or_create`]): returns false, changing nothing, when another
+    /// process published `dir` first.
+    pub fn save_new(&self, dir: &Path) -> Result<bool, IdentityError> {
+        publish_dir(dir, |staging| self.save(staging))
+    }
 }
 
 /// A key pair a node made for itself, waiting for the CA's certificate (a node that joins
@@ -597,6 +619,55 @@ fn read_cert(path: &Path) -> Result<CertificateDer<'static>, IdentityError> {
 
 /// Writes atomically (temp file + rename) so a crash never leaves half a key behind;
 /// secrets are created with mode 0600 before any byte is written.
+/// Makes `dir` appear with every file `write` puts into it, or not at all: the files are
+/// written into a staging directory beside `dir`, which is then renamed to it. Returns
+/// false, leaving `dir` as it was, when `dir` already holds files (rename does not replace
+/// a non-empty directory, so of racing processes exactly one wins).
+fn publish_dir(
+    dir: &Path,
+    write: impl FnOnce(&Path) -> Result<(), IdentityError>,
+) -> Result<bool, IdentityError> {
+    let io_err = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| IdentityError::Io { path, source }
+    };
+    let parent = dir.parent().unwrap_or(Path::new("."));
+    fs::create_dir_all(parent).map_err(io_err(parent))?;
+    let name = dir.file_name().map(|n| n.to_string_lossy().into_owned());
+    let unique = format!(
+        ".{}.new-{}-{}",
+        name.unwrap_or_default(),
+        std::process::id(),
+        STAGING_COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    );
+    let staging = parent.join(unique);
+    let published = write(&staging).and_then(|()| match fs::rename(&staging, dir) {
+        Ok(()) => Ok(true),
+        Err(e) if dir_has_entries(dir) => {
+            tracing::debug!("{} was published by another process ({e})", dir.display());
+            Ok(false)
+        }
+        Err(e) => Err(io_err(dir)(e)),
+    });
+    if !matches!(published, Ok(true)) {
+        let _ = fs::remove_dir_all(&staging);
+    }
+    if published.is_ok() {
+        // The rename is durable only once the parent directory is synced.
+        fs::File::open(parent)
+            .and_then(|d| d.sync_all())
+            .map_err(io_err(parent))?;
+    }
+    published
+}
+
+/// Tells apart the staging directories of threads in one process.
+static STAGING_COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+fn dir_has_entries(dir: &Path) -> bool {
+    fs::read_dir(dir).is_ok_and(|mut entries| entries.next().is_some())
+}
+
 fn write_file(path: &Path, bytes: &[u8], secret: bool) -> Result<(), IdentityError> {
     let io_err = |source| IdentityError::Io {
         path: path.to_path_buf(),
@@ -686,6 +757,66 @@ mod tests {
             Err(IdentityError::Missing(p)) => assert!(p.ends_with(CA_CERT_FILE)),
             other => panic!("expected Missing, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn processes_racing_to_create_the_ca_all_get_the_same_one() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("ca");
+        let barrier = std::sync::Barrier::new(8);
+        let fingerprints: Vec<Fingerprint> = std::thread::scope(|s| {
+            let racers: Vec<_> = (0..8)
+                .map(|_| {
+                    s.spawn(|| {
+                        barrier.wait();
+                        ClusterCa::load_or_create(&dir, "race")
+                            .unwrap()
+                            .fingerprint()
+                    })
+                })
+                .collect();
+            racers.into_iter().map(|r| r.join().unwrap()).collect()
+        });
+        let saved = ClusterCa::load(&dir).unwrap().fingerprint();
+        assert!(fingerprints.iter().all(|f| *f == saved), "{fingerprints:?}");
+        let left: Vec<_> = fs::read_dir(root.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left, ["ca"], "no staging directory stays behind");
+
+        // Racing node identities: one is published, the others are told so.
+        let ca = ClusterCa::load(&dir).unwrap();
+        let id_dir = root.path().join("identity");
+        let barrier = std::sync::Barrier::new(4);
+        let won: Vec<bool> = std::thread::scope(|s| {
+            let racers: Vec<_> = (0..4)
+                .map(|_| {
+                    s.spawn(|| {
+                        let identity = ca.issue(&id("queen"), Role::Queen).unwrap();
+                        barrier.wait();
+                        identity.save_new(&id_dir).unwrap()
+                    })
+                })
+                .collect();
+            racers.into_iter().map(|r| r.join().unwrap()).collect()
+        });
+        assert_eq!(won.iter().filter(|w| **w).count(), 1, "{won:?}");
+        NodeIdentity::load(&id_dir).unwrap();
+    }
+
+    #[test]
+    fn a_half_written_ca_is_an_error_and_is_left_as_it_is() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = ClusterCa::generate("half").unwrap();
+        ca.save(dir.path()).unwrap();
+        fs::remove_file(dir.path().join(CA_KEY_FILE)).unwrap();
+        let cert = fs::read(dir.path().join(CA_CERT_FILE)).unwrap();
+        match ClusterCa::load_or_create(dir.path(), "half") {
+            Err(IdentityError::Missing(p)) => assert!(p.ends_with(CA_KEY_FILE)),
+            other => panic!("expected Missing, got {other:?}"),
+        }
+        assert_eq!(fs::read(dir.path().join(CA_CERT_FILE)).unwrap(), cert);
     }
 
     #[test]

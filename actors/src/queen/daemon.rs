@@ -104,15 +104,10 @@ pub enum QueenDaemonError {
     Actor(String),
 }
 
-/// The CA of the queen with data directory `data`, created on first use.
+/// The CA of the queen with data directory `data`, created on first use (once, even when
+/// several processes start at the same time).
 pub fn cluster_ca(data: &Path) -> Result<ClusterCa, QueenDaemonError> {
-    let dir = data.join("ca");
-    if ClusterCa::exists(&dir) {
-        return Ok(ClusterCa::load(&dir)?);
-    }
-    let ca = ClusterCa::generate("rbee")?;
-    ca.save(&dir)?;
-    Ok(ca)
+    Ok(ClusterCa::load_or_create(&data.join("ca"), "rbee")?)
 }
 
 fn queen_identity(data: &Path, ca: &ClusterCa) -> Result<NodeIdentity, QueenDaemonError> {
@@ -125,7 +120,13 @@ fn queen_identity(data: &Path, ca: &ClusterCa) -> Result<NodeIdentity, QueenDaem
     }
     let node = NodeId::new(QUEEN_NODE_ID)?;
     let identity = ca.issue(&node, Role::Queen)?;
-    identity.save(&dir)?;
+    if NodeIdentity::exists(&dir) {
+        // Issued under another CA: replaced.
+        identity.save(&dir)?;
+    } else if !identity.save_new(&dir)? {
+        // Another process starting on this data directory issued it first.
+        return Ok(NodeIdentity::load(&dir)?);
+    }
     Ok(identity)
 }
 
