@@ -118,6 +118,25 @@ fn roots(identity: &NodeIdentity) -> Result<Arc<RootCertStore>, LinkError> {
     Ok(Arc::new(roots))
 }
 
+/// A listening endpoint's stateless-reset key and connection-id key come from its node's
+/// private key, so a node restarted on the same address (a queen after a crash) recognises
+/// the connection ids of its previous run and resets those links at their next packet:
+/// their peers learn at their next keep-alive instead of at their idle timeout. Without
+/// the node's key nobody can forge such a reset.
+fn endpoint_config(identity: &NodeIdentity) -> quinn::EndpointConfig {
+    let reset_key = identity.derived_secret("quic stateless reset");
+    let mut config = quinn::EndpointConfig::new(Arc::new(ring::hmac::Key::new(
+        ring::hmac::HMAC_SHA256,
+        &reset_key,
+    )));
+    let cid_secret = identity.derived_secret("quic connection ids");
+    let cid_key = u64::from_le_bytes(cid_secret[..8].try_into().unwrap_or_default());
+    config.cid_generator(move || {
+        Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+    });
+    config
+}
+
 fn server_config(
     identity: &NodeIdentity,
     config: &LinkConfig,
@@ -210,8 +229,17 @@ impl<P: Protocol> Endpoint<P> {
         addr: SocketAddr,
         config: LinkConfig,
     ) -> Result<Self, LinkError> {
-        let mut endpoint = quinn::Endpoint::server(server_config(&identity, &config)?, addr)
-            .map_err(|e| LinkError::Endpoint(format!("bind {addr}: {e}")))?;
+        let bind_err = |e: std::io::Error| LinkError::Endpoint(format!("bind {addr}: {e}"));
+        let socket = std::net::UdpSocket::bind(addr).map_err(bind_err)?;
+        let runtime = quinn::default_runtime()
+            .ok_or_else(|| LinkError::Endpoint("no async runtime to bind in".into()))?;
+        let mut endpoint = quinn::Endpoint::new(
+            endpoint_config(&identity),
+            Some(server_config(&identity, &config)?),
+            socket,
+            runtime,
+        )
+        .map_err(bind_err)?;
         endpoint.set_default_client_config(client_config(&identity, &config)?);
         let identity = Arc::new(identity);
         let config = Arc::new(config);
@@ -590,5 +618,78 @@ mod tests {
         // An oversized frame is refused on the sending side too, before it is written.
         let huge = vec![7u32; 1024];
         assert!(encode_frame(&huge, 1024).is_err());
+    }
+
+    /// Relays datagrams between the one client that sends to it and the server `to` names
+    /// at the time: switching `to` is a server that went silent (no close, like a killed
+    /// process) and a new run of it answering on the same address.
+    async fn relay(to: tokio::sync::watch::Receiver<SocketAddr>) -> SocketAddr {
+        let front = tokio::net::UdpSocket::bind(loopback()).await.unwrap();
+        let back = tokio::net::UdpSocket::bind(loopback()).await.unwrap();
+        let addr = front.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut from_client, mut from_server) = ([0u8; 2048], [0u8; 2048]);
+            let mut client = None;
+            loop {
+                tokio::select! {
+                    Ok((n, peer)) = front.recv_from(&mut from_client) => {
+                        client = Some(peer);
+                        let server = *to.borrow();
+                        let _ = back.send_to(&from_client[..n], server).await;
+                    }
+                    Ok((n, server)) = back.recv_from(&mut from_server) => {
+                        if let Some(client) = client.filter(|_| server == *to.borrow()) {
+                            let _ = front.send_to(&from_server[..n], client).await;
+                        }
+                    }
+                }
+            }
+        });
+        addr
+    }
+
+    /// Accepts and keeps every link (dropping one would close it).
+    fn hold_links(endpoint: Endpoint<P>) {
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Some(Ok(link)) = endpoint.accept().await {
+                held.push(link);
+            }
+        });
+    }
+
+    #[tokio::test]
+    async fn a_node_restarted_on_its_address_resets_its_old_links_and_no_other_node_can() {
+        let ca = ClusterCa::generate("t").unwrap();
+        let config = LinkConfig {
+            keep_alive: Duration::from_millis(100),
+            idle_timeout: Duration::from_millis(1500),
+            ..LinkConfig::default()
+        };
+        let queen = node(&ca, "queen", Role::Queen);
+        let impostor = node(&ca, "queen", Role::Queen);
+        let cases = [
+            ("the same node", &queen, CloseCause::Reset),
+            ("another node", &impostor, CloseCause::IdleTimeout),
+        ];
+        for (case, restarted, expected) in cases {
+            let first = Endpoint::<P>::bind(queen.clone(), loopback(), config.clone()).unwrap();
+            let (to, route) = tokio::sync::watch::channel(first.local_addr().unwrap());
+            hold_links(first);
+            let addr = relay(route).await;
+            let hive =
+                Endpoint::<P>::client(node(&ca, "hive", Role::Hive), loopback(), config.clone())
+                    .unwrap();
+            let (link, _incoming) = hive.connect(addr, &[Role::Queen]).await.unwrap();
+
+            let second =
+                Endpoint::<P>::bind(restarted.clone(), loopback(), config.clone()).unwrap();
+            to.send_replace(second.local_addr().unwrap());
+
+            let cause = tokio::time::timeout(Duration::from_secs(5), link.closed())
+                .await
+                .expect("closed in time");
+            assert_eq!(cause, expected, "restarted as {case}");
+        }
     }
 }

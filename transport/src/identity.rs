@@ -422,6 +422,18 @@ impl NodeIdentity {
         PrivateKeyDer::Pkcs8(self.key_der.clone_key())
     }
 
+    /// A secret derived from this node's private key for `purpose`: the same for every run
+    /// of the node, unknown to anyone without its key.
+    pub(crate) fn derived_secret(&self, purpose: &str) -> [u8; 32] {
+        use sha2::Digest;
+        let mut hash = sha2::Sha256::new();
+        hash.update(b"rbee derived secret\0");
+        hash.update(purpose.as_bytes());
+        hash.update(b"\0");
+        hash.update(self.key_der.secret_pkcs8_der());
+        hash.finalize().into()
+    }
+
     pub(crate) fn ca_der(&self) -> CertificateDer<'static> {
         self.ca_der.clone()
     }
