@@ -122,6 +122,26 @@ fn a_cluster_from_the_command_line() {
     assert_eq!(worker["key"], "hive-a/tiny-1", "{workers}");
     let worker_pid = worker["info"]["pid"].as_u64().unwrap();
     assert!(alive(worker_pid));
+    // The queen's default idle timeout, and the idle time since the answer ended.
+    assert_eq!(
+        worker["info"]["idle_timeout"],
+        serde_json::json!({"After": {"secs": 300, "nanos": 0}}),
+        "{workers}"
+    );
+    assert!(worker["idle_secs"].as_u64().unwrap() < 300, "{workers}");
+    let table = ok(&queen_home, &["ps"]);
+    let row: Vec<&str> = table
+        .lines()
+        .nth(1)
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let stop = row[row.len().saturating_sub(2)..].join(" ");
+    assert!(
+        table.starts_with("WORKER") && table.contains("IDLE STOP"),
+        "{table}"
+    );
+    assert!(stop == "in 5m00s" || stop.starts_with("in 4m"), "{table}");
     let status = json(&queen_home, &["status", "--json"]);
     assert_eq!(status["workers"].as_array().unwrap().len(), 1, "{status}");
 

@@ -19,7 +19,7 @@ use anyhow::Context;
 use clap::Args;
 use rbee::actors::hive::capabilities;
 use rbee::actors::hive::store::{ModelId, ModelStore};
-use rbee::actors::hive::workers::{WorkerInfo, WorkerMode, WorkerState};
+use rbee::actors::hive::workers::{IdleTimeout, WorkerInfo, WorkerMode, WorkerState};
 use rbee::actors::queen::client::QueenClient;
 use rbee::actors::queen::daemon;
 use rbee::actors::queen::protocol::{
@@ -593,6 +593,7 @@ fn simulated_worker(id: &str, model: &ModelId, addr: SocketAddr) -> WorkerInfo {
         }),
         memory_bytes: 0,
         uptime_secs: 0,
+        idle_timeout: IdleTimeout::Never,
         restarts: 0,
         last_error: None,
     }

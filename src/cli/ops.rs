@@ -13,7 +13,7 @@ use rbee::actors::hive::capabilities::GpuReport;
 use rbee::actors::hive::hub::DownloadEvent;
 use rbee::actors::hive::remote::HiveItem;
 use rbee::actors::hive::store::{Entry, Manifest, ModelId, ModelStore};
-use rbee::actors::hive::workers::WorkerState;
+use rbee::actors::hive::workers::{IdleTimeout, WorkerState};
 use rbee::actors::queen::protocol::{HiveState, Placement};
 use rbee::{Client, Event};
 
@@ -109,8 +109,8 @@ pub async fn ps(settings: &Effective, json: bool) -> anyhow::Result<ExitCode> {
         return print_json(&workers);
     }
     println!(
-        "{:<28} {:<20} {:<8} {:<10} {:>10} {:>8} {:>8}",
-        "WORKER", "MODEL", "DEVICE", "STATE", "SLOTS BUSY", "PID", "UPTIME"
+        "{:<28} {:<20} {:<8} {:<10} {:>10} {:>8} {:>8} {:>12}",
+        "WORKER", "MODEL", "DEVICE", "STATE", "SLOTS BUSY", "PID", "UPTIME", "IDLE STOP"
     );
     for w in workers {
         // Busy slots are the queen's count (the hive reports state changes, not counters).
@@ -127,17 +127,36 @@ pub async fn ps(settings: &Effective, json: bool) -> anyhow::Result<ExitCode> {
             WorkerState::Failed => ("failed".into(), "-".into()),
         };
         println!(
-            "{:<28} {:<20} {:<8} {:<10} {:>10} {:>8} {:>7}s",
+            "{:<28} {:<20} {:<8} {:<10} {:>10} {:>8} {:>7}s {:>12}",
             w.key,
             w.info.model.to_string(),
             w.info.device,
             state,
             slots,
             w.info.pid.map_or("-".into(), |p| p.to_string()),
-            w.info.uptime_secs
+            w.info.uptime_secs,
+            idle_stop(w.info.idle_timeout, w.idle_secs),
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// When the hive stops a worker for idleness, for `ps`: `in 4m58s` with nothing running on
+/// it, and what the rule is otherwise.
+fn idle_stop(timeout: IdleTimeout, idle_secs: Option<u64>) -> String {
+    match (timeout, idle_secs) {
+        (IdleTimeout::Never, _) => "never".into(),
+        (IdleTimeout::AfterEachRequest, _) => "per request".into(),
+        (IdleTimeout::After(_), None) => "busy".into(),
+        (IdleTimeout::After(limit), Some(idle)) => {
+            let left = limit.as_secs().saturating_sub(idle);
+            match (left / 3600, left / 60 % 60, left % 60) {
+                (0, 0, s) => format!("in {s}s"),
+                (0, m, s) => format!("in {m}m{s:02}s"),
+                (h, m, _) => format!("in {h}h{m:02}m"),
+            }
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -520,4 +539,31 @@ async fn first_hive_with(client: &Client, model: &str) -> anyhow::Result<String>
         .find(|m| matches!(&m.entry, Entry::Ready(x) if x.id.as_str() == model))
         .map(|m| m.hive)
         .ok_or_else(|| anyhow::anyhow!("no hive has {model}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn the_idle_stop_column_counts_down_from_the_last_request() {
+        let five_min = IdleTimeout::After(Duration::from_secs(300));
+        assert_eq!(idle_stop(five_min, Some(2)), "in 4m58s");
+        assert_eq!(idle_stop(five_min, Some(295)), "in 5s");
+        assert_eq!(
+            idle_stop(five_min, Some(400)),
+            "in 0s",
+            "overdue: the hive is on it"
+        );
+        assert_eq!(idle_stop(five_min, None), "busy");
+        let day = IdleTimeout::After(Duration::from_secs(86_400));
+        assert_eq!(idle_stop(day, Some(60)), "in 23h59m");
+        assert_eq!(idle_stop(IdleTimeout::Never, Some(9)), "never");
+        assert_eq!(
+            idle_stop(IdleTimeout::AfterEachRequest, None),
+            "per request"
+        );
+    }
 }

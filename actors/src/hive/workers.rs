@@ -108,6 +108,8 @@ pub struct WorkerInfo {
     pub memory_bytes: u64,
     /// Seconds since it was spawned (or adopted).
     pub uptime_secs: u64,
+    /// When its hive stops it for idleness.
+    pub idle_timeout: IdleTimeout,
     /// Restarts so far.
     pub restarts: u32,
     /// The error of its last failure.
@@ -785,6 +787,7 @@ async fn info(id: &str, managed: &Managed) -> WorkerInfo {
         state,
         memory_bytes: managed.memory_bytes,
         uptime_secs: managed.spawned.elapsed().as_secs(),
+        idle_timeout: managed.spec.idle_timeout,
         restarts: managed.restarts,
         last_error: managed.last_error.clone(),
     }

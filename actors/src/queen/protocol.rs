@@ -265,6 +265,10 @@ pub struct WorkerView {
     pub info: WorkerInfo,
     /// Requests the queen has on it now.
     pub in_flight: usize,
+    /// Seconds since the last request the queen routed to it ended (or since it was listed,
+    /// if none has); `None` while one runs. With `info.idle_timeout` it says when the hive
+    /// will stop it for idleness (the hive's own clock, so to within its idle check).
+    pub idle_secs: Option<u64>,
     /// Whether the queen routes requests to it.
     pub routable: bool,
     /// How inference reaches it: `direct` (a link from the queen to the worker process)

@@ -91,6 +91,8 @@ struct WorkerEntry {
     incarnation: Incarnation,
     route: Option<Route>,
     in_flight: usize,
+    /// When a request was last routed to it or ended there (or it was listed).
+    last_active: Instant,
     /// Set to true when this incarnation ends; leases watch it.
     gone: watch::Sender<bool>,
 }
@@ -107,6 +109,7 @@ impl WorkerEntry {
             info,
             route,
             in_flight: 0,
+            last_active: Instant::now(),
             gone: watch::channel(false).0,
         }
     }
@@ -396,6 +399,7 @@ impl Registry {
     pub fn acquire(&mut self, key: &WorkerKey) -> Option<Acquired> {
         let w = self.workers.get_mut(key).filter(|w| w.routable())?;
         w.in_flight += 1;
+        w.last_active = Instant::now();
         Some(Acquired {
             route: w.route.clone()?,
             incarnation: w.incarnation,
@@ -411,6 +415,7 @@ impl Registry {
             .filter(|w| w.incarnation == incarnation)
         {
             w.in_flight = w.in_flight.saturating_sub(1);
+            w.last_active = Instant::now();
         }
     }
 
@@ -488,6 +493,7 @@ impl Registry {
                     ..w.info.clone()
                 },
                 in_flight: w.in_flight,
+                idle_secs: (w.in_flight == 0).then(|| w.last_active.elapsed().as_secs()),
                 routable: w.routable(),
                 route: match w.info.mode {
                     WorkerMode::Process => "direct".into(),
