@@ -15,6 +15,7 @@ use rbee::actors::hive::remote::HiveItem;
 use rbee::actors::hive::store::{Entry, Manifest, ModelId, ModelStore};
 use rbee::actors::hive::workers::{IdleTimeout, WorkerState};
 use rbee::actors::queen::protocol::{HiveState, Placement};
+use rbee::actors::worker::actor::Phase;
 use rbee::{Client, Event};
 
 use super::connect::Effective;
@@ -135,7 +136,13 @@ pub async fn ps(settings: &Effective, json: bool) -> anyhow::Result<ExitCode> {
             slots,
             w.info.pid.map_or("-".into(), |p| p.to_string()),
             w.info.uptime_secs,
-            idle_stop(w.info.idle_timeout, w.idle_secs),
+            match &w.info.state {
+                // The hive's idle clock runs only while the worker is ready.
+                WorkerState::Running(s) if matches!(s.phase, Phase::Ready | Phase::Busy) => {
+                    idle_stop(w.info.idle_timeout, w.idle_secs)
+                }
+                _ => "-".into(),
+            },
         );
     }
     Ok(ExitCode::SUCCESS)

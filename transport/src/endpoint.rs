@@ -642,6 +642,7 @@ mod tests {
                             let _ = front.send_to(&from_server[..n], client).await;
                         }
                     }
+                    else => break,
                 }
             }
         });

@@ -629,8 +629,6 @@ fn read_cert(path: &Path) -> Result<CertificateDer<'static>, IdentityError> {
         .ok_or_else(|| malformed(path, "expected a PEM block 'CERTIFICATE'"))
 }
 
-/// Writes atomically (temp file + rename) so a crash never leaves half a key behind;
-/// secrets are created with mode 0600 before any byte is written.
 /// Makes `dir` appear with every file `write` puts into it, or not at all: the files are
 /// written into a staging directory beside `dir`, which is then renamed to it. Returns
 /// false, leaving `dir` as it was, when `dir` already holds files (rename does not replace
@@ -680,6 +678,8 @@ fn dir_has_entries(dir: &Path) -> bool {
     fs::read_dir(dir).is_ok_and(|mut entries| entries.next().is_some())
 }
 
+/// Writes atomically (temp file + rename) so a crash never leaves half a key behind;
+/// secrets are created with mode 0600 before any byte is written.
 fn write_file(path: &Path, bytes: &[u8], secret: bool) -> Result<(), IdentityError> {
     let io_err = |source| IdentityError::Io {
         path: path.to_path_buf(),

@@ -285,6 +285,10 @@ impl Registry {
             Some(entry) if entry.incarnation == incarnation => {
                 entry.info = info;
                 entry.reported = std::time::Instant::now();
+                if !entry.ready() {
+                    // The hive's idle clock runs only while the worker is ready.
+                    entry.last_active = Instant::now();
+                }
             }
             _ => {
                 if let Some(old) = self
