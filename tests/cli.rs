@@ -2,7 +2,7 @@
 //! temporary homes: a queen and a hive in the background, a tiny model imported, a run
 //! against the queen, `ps`, `stop`, and nothing left running afterwards.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
@@ -49,6 +49,19 @@ fn json(home: &Path, args: &[&str]) -> serde_json::Value {
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("rbee {args:?}: {e}: {text}"))
 }
 
+/// Stops the daemons started from these homes (`queen` or `hive`) when a test ends, passed
+/// or failed: a failed assertion must not leave a queen, a hive or its workers running.
+/// Declared after the temporary directory, so it runs before the directory goes.
+struct StopDaemons(Vec<(PathBuf, &'static str)>);
+
+impl Drop for StopDaemons {
+    fn drop(&mut self) {
+        for (home, role) in self.0.iter().rev() {
+            let _ = rbee(home, &[role, "stop"]);
+        }
+    }
+}
+
 /// Whether `pid` runs (a zombie counts as gone: it waits only for its parent to reap it).
 fn alive(pid: u64) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
@@ -75,6 +88,10 @@ fn wait_gone(pid: u64) {
 fn a_cluster_from_the_command_line() {
     let dir = tempfile::tempdir().unwrap();
     let (queen_home, hive_home) = (dir.path().join("q"), dir.path().join("h"));
+    let _stop = StopDaemons(vec![
+        (queen_home.clone(), "queen"),
+        (hive_home.clone(), "hive"),
+    ]);
     let model = dir.path().join("tiny.gguf");
     write_tiny_llama(&model, 512).unwrap();
 
@@ -163,6 +180,7 @@ fn a_cluster_from_the_command_line() {
 fn a_wrong_queen_address_fails_fast_with_its_own_exit_code() {
     let dir = tempfile::tempdir().unwrap();
     let home = dir.path();
+    let _stop = StopDaemons(vec![(home.to_path_buf(), "queen")]);
     ok(home, QUEEN_START);
     let credentials = home.join("credentials");
     ok(
@@ -201,6 +219,7 @@ fn a_wrong_queen_address_fails_fast_with_its_own_exit_code() {
 fn the_http_api_is_not_served_beyond_loopback_without_a_key() {
     let dir = tempfile::tempdir().unwrap();
     let home = dir.path();
+    let _stop = StopDaemons(vec![(home.to_path_buf(), "queen")]);
     let mut open = QUEEN_START.to_vec();
     open.pop();
     open.push("0.0.0.0:0");
