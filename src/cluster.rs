@@ -184,7 +184,7 @@ impl Client {
     /// Starts a worker where `placement` says (or where it fits).
     pub async fn spawn(&self, placement: Placement) -> Result<WorkerView, Error> {
         match self.call(ClientRequest::Spawn(placement)).await? {
-            ClientResponse::Worker(view) => Ok(view),
+            ClientResponse::Worker(view) => Ok(*view),
             other => Err(unexpected(other)),
         }
     }

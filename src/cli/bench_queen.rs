@@ -557,6 +557,7 @@ impl Simulation {
                 capabilities: capabilities.clone(),
                 models: Vec::new(),
                 workers: infos,
+                read_at: 1,
             };
             link.cast(HiveEvent::Report(report)).await?;
             // The queen asks a hive nothing unless a client does; what comes is dropped.
@@ -596,5 +597,6 @@ fn simulated_worker(id: &str, model: &ModelId, addr: SocketAddr) -> WorkerInfo {
         idle_timeout: IdleTimeout::Never,
         restarts: 0,
         last_error: None,
+        read_at: 0,
     }
 }

@@ -71,7 +71,7 @@ pub enum HiveResponse {
     /// The workers.
     Workers(Vec<WorkerInfo>),
     /// One worker: the one asked for, or the one just started.
-    Worker(WorkerInfo),
+    Worker(Box<WorkerInfo>),
     /// Done.
     Done,
     /// Embeddings, or the worker's typed refusal.
@@ -215,7 +215,7 @@ pub(crate) async fn answer(service: &HiveService, request: HiveRequest) -> HiveR
         }
         HiveRequest::GetWorker(id) => match call_t!(hive, HiveMsg::List, CALL_TIMEOUT_MS) {
             Ok(workers) => match workers.into_iter().find(|w| w.id == id) {
-                Some(worker) => HiveResponse::Worker(worker),
+                Some(worker) => HiveResponse::Worker(Box::new(worker)),
                 None => HiveResponse::Error(format!("no worker {id}")),
             },
             Err(e) => error(&e),
@@ -255,7 +255,7 @@ pub(crate) async fn answer(service: &HiveService, request: HiveRequest) -> HiveR
             Err(e) => error(&e),
         },
         HiveRequest::Spawn(spawn) => match call_t!(hive, HiveMsg::Spawn, SPAWN_TIMEOUT_MS, spawn) {
-            Ok(Ok(worker)) => HiveResponse::Worker(worker),
+            Ok(Ok(worker)) => HiveResponse::Worker(Box::new(worker)),
             Ok(Err(e)) => error(&e),
             Err(e) => error(&e),
         },

@@ -20,7 +20,7 @@ use tokio::sync::watch;
 
 use super::process::IdentityIssuer;
 use super::remote::{self, HiveService};
-use super::workers::{HiveMsg, WorkerInfo, WorkerState};
+use super::workers::{HiveMsg, WorkerInfo, WorkerState, WorkersSnapshot};
 use crate::queen::protocol::{
     HiveEvent, HiveReport, QueenItem, QueenProtocol, QueenRequest, QueenResponse,
 };
@@ -128,9 +128,15 @@ async fn serve(mut incoming: LinkIncoming<QueenProtocol>, service: HiveService) 
     }
 }
 
-/// What of a worker list is news to the queen (not its counters).
-fn shape(workers: &[WorkerInfo]) -> Vec<(String, Option<u32>, u32, String)> {
-    workers
+/// Workers spawned so far, and each worker's id, pid, restarts and state.
+type WorkersShape = (u64, Vec<(String, Option<u32>, u32, String)>);
+
+/// What of a worker list is news to the queen (not its counters). A spawn is news even
+/// when its worker is gone again: the queen may hold the spawn's answer, and only a later
+/// report tells it the worker went.
+fn shape(snapshot: &WorkersSnapshot) -> WorkersShape {
+    let workers = snapshot
+        .workers
         .iter()
         .map(|w| {
             let state = match &w.state {
@@ -139,7 +145,8 @@ fn shape(workers: &[WorkerInfo]) -> Vec<(String, Option<u32>, u32, String)> {
             };
             (w.id.clone(), w.pid, w.restarts, state)
         })
-        .collect()
+        .collect();
+    (snapshot.spawned, workers)
 }
 
 fn loading(workers: &[WorkerInfo]) -> bool {
@@ -153,7 +160,9 @@ fn loading(workers: &[WorkerInfo]) -> bool {
 /// Casts the report, then every change, until the link fails; returns why it failed.
 async fn report(link: &Link<QueenProtocol>, service: &HiveService) -> rbee_transport::CloseCause {
     let lost = |e: LinkError| rbee_transport::CloseCause::Transport(e.to_string());
-    let workers = list_workers(service).await;
+    let Some(snapshot) = read_workers(service).await else {
+        return rbee_transport::CloseCause::Transport("the worker manager did not answer".into());
+    };
     let capabilities = match service.capabilities(false).await {
         Ok(c) => c,
         Err(e) => return rbee_transport::CloseCause::Transport(format!("capabilities: {e}")),
@@ -162,24 +171,31 @@ async fn report(link: &Link<QueenProtocol>, service: &HiveService) -> rbee_trans
     let first = HiveEvent::Report(HiveReport {
         capabilities,
         models: models.clone(),
-        workers: workers.clone(),
+        workers: snapshot.workers.clone(),
+        read_at: snapshot.read_at,
     });
     if let Err(e) = link.cast(first).await {
         return lost(e);
     }
-    let (mut sent_workers, mut sent_models) = (shape(&workers), models);
-    let mut polling = loading(&workers);
+    let (mut sent_workers, mut sent_models) = (shape(&snapshot), models);
+    let mut polling = loading(&snapshot.workers);
     loop {
         if polling {
             let _ = tokio::time::timeout(LOADING_POLL, service.changes.notified()).await;
         } else {
             service.changes.notified().await;
         }
-        let workers = list_workers(service).await;
-        polling = loading(&workers);
-        if shape(&workers) != sent_workers {
-            sent_workers = shape(&workers);
-            if let Err(e) = link.cast(HiveEvent::Workers(workers)).await {
+        let Some(snapshot) = read_workers(service).await else {
+            continue;
+        };
+        polling = loading(&snapshot.workers);
+        if shape(&snapshot) != sent_workers {
+            sent_workers = shape(&snapshot);
+            let event = HiveEvent::Workers {
+                read_at: snapshot.read_at,
+                workers: snapshot.workers,
+            };
+            if let Err(e) = link.cast(event).await {
                 return lost(e);
             }
         }
@@ -193,6 +209,8 @@ async fn report(link: &Link<QueenProtocol>, service: &HiveService) -> rbee_trans
     }
 }
 
-async fn list_workers(service: &HiveService) -> Vec<WorkerInfo> {
-    call_t!(service.hive, HiveMsg::List, LIST_TIMEOUT_MS).unwrap_or_default()
+/// The hive's workers; `None` when the worker manager did not answer (nothing is reported
+/// then: an empty list would tell the queen every worker is gone).
+async fn read_workers(service: &HiveService) -> Option<WorkersSnapshot> {
+    call_t!(service.hive, HiveMsg::Snapshot, LIST_TIMEOUT_MS).ok()
 }

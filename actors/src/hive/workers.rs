@@ -114,6 +114,22 @@ pub struct WorkerInfo {
     pub restarts: u32,
     /// The error of its last failure.
     pub last_error: Option<String>,
+    /// Which of the hive's reads of its workers this is (they count up within one run of
+    /// the hive): orders a spawn's answer against the hive's reports, so an answer older
+    /// than a report cannot bring back a worker that report no longer listed.
+    pub read_at: u64,
+}
+
+/// The hive's workers as of one read, for its reports to the queen.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WorkersSnapshot {
+    /// Which read (see [`WorkerInfo::read_at`]).
+    pub read_at: u64,
+    /// Workers this run of the hive has started so far: a spawn changes it even when the
+    /// worker is gone again by the next read.
+    pub spawned: u64,
+    /// The workers, by id.
+    pub workers: Vec<WorkerInfo>,
 }
 
 /// Errors of the hive's worker operations.
@@ -161,6 +177,8 @@ pub enum HiveMsg {
     Stop(String, RpcReplyPort<Result<(), HiveError>>),
     /// Lists the workers.
     List(RpcReplyPort<Vec<WorkerInfo>>),
+    /// Lists the workers with the read's number (what the hive reports to the queen).
+    Snapshot(RpcReplyPort<WorkersSnapshot>),
     /// Runs a generation on a worker.
     Generate(String, GenerateRequest, mpsc::Sender<GenerationEvent>),
     /// Embeds inputs on a worker of an embedding model.
@@ -278,6 +296,30 @@ pub struct HiveState {
     intensity: RestartIntensity,
     workers: HashMap<String, Managed>,
     next_number: u64,
+    /// Reads of the workers so far (see [`WorkerInfo::read_at`]).
+    reads: u64,
+}
+
+impl HiveState {
+    /// The next read's number.
+    fn read(&mut self) -> u64 {
+        self.reads += 1;
+        self.reads
+    }
+
+    async fn snapshot(&mut self) -> WorkersSnapshot {
+        let read_at = self.read();
+        let mut workers = Vec::new();
+        for (id, managed) in &self.workers {
+            workers.push(info(id, managed, read_at).await);
+        }
+        workers.sort_by(|a, b| a.id.cmp(&b.id));
+        WorkersSnapshot {
+            read_at,
+            spawned: self.next_number.saturating_sub(1),
+            workers,
+        }
+    }
 }
 
 impl Actor for Hive {
@@ -296,6 +338,7 @@ impl Actor for Hive {
             args,
             workers: HashMap::new(),
             next_number: 1,
+            reads: 0,
         };
         adopt_processes(&myself, &mut state).await;
         Ok(state)
@@ -334,7 +377,7 @@ impl Actor for Hive {
         // Reading the list or routing a request changes nothing the queen is told.
         let changes = !matches!(
             msg,
-            HiveMsg::List(_) | HiveMsg::Generate(..) | HiveMsg::Embed(..)
+            HiveMsg::List(_) | HiveMsg::Snapshot(_) | HiveMsg::Generate(..) | HiveMsg::Embed(..)
         );
         match msg {
             HiveMsg::Spawn(request, reply) => {
@@ -358,12 +401,10 @@ impl Actor for Hive {
                 let _ = reply.send(result);
             }
             HiveMsg::List(reply) => {
-                let mut list = Vec::new();
-                for (id, managed) in &state.workers {
-                    list.push(info(id, managed).await);
-                }
-                list.sort_by(|a, b| a.id.cmp(&b.id));
-                let _ = reply.send(list);
+                let _ = reply.send(state.snapshot().await.workers);
+            }
+            HiveMsg::Snapshot(reply) => {
+                let _ = reply.send(state.snapshot().await);
             }
             HiveMsg::Generate(id, request, events) => {
                 let running = state.workers.get(&id).and_then(|m| m.running.clone());
@@ -627,7 +668,8 @@ async fn spawn(
         .await
         .map_err(HiveError::Start)?;
     let managed = Managed::new(request, path, running, needed);
-    let listed = info(&id, &managed).await;
+    let read_at = state.read();
+    let listed = info(&id, &managed, read_at).await;
     state.workers.insert(id, managed);
     Ok(listed)
 }
@@ -765,7 +807,7 @@ async fn adopt_processes(myself: &ActorRef<HiveMsg>, state: &mut HiveState) {
     }
 }
 
-async fn info(id: &str, managed: &Managed) -> WorkerInfo {
+async fn info(id: &str, managed: &Managed, read_at: u64) -> WorkerInfo {
     let state = match (&managed.running, managed.failed) {
         (_, true) => WorkerState::Failed,
         (Some(running), false) => match running.status().await {
@@ -790,6 +832,7 @@ async fn info(id: &str, managed: &Managed) -> WorkerInfo {
         idle_timeout: managed.spec.idle_timeout,
         restarts: managed.restarts,
         last_error: managed.last_error.clone(),
+        read_at,
     }
 }
 

@@ -262,11 +262,14 @@ impl Actor for Queen {
                     HiveEvent::Report(report) => {
                         state.registry.hive_capabilities(&id, report.capabilities);
                         state.registry.hive_models(&id, report.models);
-                        let dials = state.registry.hive_workers(&id, report.workers);
+                        let dials =
+                            state
+                                .registry
+                                .hive_workers(&id, report.read_at, report.workers);
                         state.dial_all(&myself, dials);
                     }
-                    HiveEvent::Workers(workers) => {
-                        let dials = state.registry.hive_workers(&id, workers);
+                    HiveEvent::Workers { read_at, workers } => {
+                        let dials = state.registry.hive_workers(&id, read_at, workers);
                         state.dial_all(&myself, dials);
                     }
                     HiveEvent::Models(models) => state.registry.hive_models(&id, models),
@@ -541,7 +544,7 @@ pub async fn spawn_on_hive(
     let request = QueenRequest::Hive(HiveRequest::Spawn(placed.spawn));
     let answer = placed.link.call(request, SPAWN_TIMEOUT).await;
     let info = match answer {
-        Ok(QueenResponse::Hive(HiveResponse::Worker(info))) => info,
+        Ok(QueenResponse::Hive(HiveResponse::Worker(info))) => *info,
         Ok(QueenResponse::Hive(HiveResponse::Error(e))) => {
             return Err(QueenError::new(QueenErrorKind::Hive, e));
         }

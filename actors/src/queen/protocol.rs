@@ -163,7 +163,7 @@ pub enum ClientResponse {
     /// Workers.
     Workers(Vec<WorkerView>),
     /// One worker (the one asked for, or the one just started).
-    Worker(WorkerView),
+    Worker(Box<WorkerView>),
     /// Models, each with the hive that holds it.
     Models(Vec<HostedModel>),
     /// One model.
@@ -285,6 +285,8 @@ pub struct HiveReport {
     pub models: Vec<Entry>,
     /// The workers (a process worker with its listen address: the queen dials it).
     pub workers: Vec<WorkerInfo>,
+    /// Which of the hive's reads of its workers this is ([`WorkerInfo::read_at`]).
+    pub read_at: u64,
 }
 
 /// Casts from a hive to the queen, in order.
@@ -293,7 +295,12 @@ pub enum HiveEvent {
     /// Everything, sent first on every link (so a restarted queen learns it all).
     Report(HiveReport),
     /// The workers changed (spawned, ready, restarted, stopped, died).
-    Workers(Vec<WorkerInfo>),
+    Workers {
+        /// Which of the hive's reads of its workers this is ([`WorkerInfo::read_at`]).
+        read_at: u64,
+        /// The workers.
+        workers: Vec<WorkerInfo>,
+    },
     /// The store changed.
     Models(Vec<Entry>),
 }

@@ -153,6 +153,8 @@ struct HiveEntry {
     capabilities: Capabilities,
     models: Vec<Entry>,
     lost: Option<(String, Instant)>,
+    /// The read of its workers the registry last took from its reports.
+    workers_read_at: u64,
 }
 
 /// A worker the queen should dial: a process worker that runs and has no link yet.
@@ -219,9 +221,10 @@ impl Registry {
             capabilities: report.capabilities,
             models: report.models,
             lost: None,
+            workers_read_at: 0,
         };
         self.hives.insert(id.to_string(), entry);
-        self.hive_workers(id, report.workers)
+        self.hive_workers(id, report.read_at, report.workers)
     }
 
     /// A hive's store changed.
@@ -238,9 +241,14 @@ impl Registry {
         }
     }
 
-    /// A hive reported its workers: the registry now holds exactly these for it. Ended
-    /// incarnations are signalled; returns the process workers to dial.
-    pub fn hive_workers(&mut self, id: &str, reported: Vec<WorkerInfo>) -> Vec<Dial> {
+    /// A hive reported its workers as of its read `read_at`: the registry now holds exactly
+    /// these for it. Ended incarnations are signalled; returns the process workers to dial.
+    /// A report older than one already taken changes nothing.
+    pub fn hive_workers(&mut self, id: &str, read_at: u64, reported: Vec<WorkerInfo>) -> Vec<Dial> {
+        match self.hives.get_mut(id) {
+            Some(hive) if read_at >= hive.workers_read_at => hive.workers_read_at = read_at,
+            _ => return self.dials(),
+        }
         let listed: std::collections::BTreeSet<String> =
             reported.iter().map(|w| w.id.clone()).collect();
         self.workers.retain(|key, worker| {
@@ -258,14 +266,18 @@ impl Registry {
 
     /// A hive answered a spawn with this worker; returns the workers to dial. Only a
     /// worker the hive has not reported yet is taken from it: the answer was read when the
-    /// spawn began and may arrive after a newer report (the worker ready), which it must
-    /// not overwrite.
+    /// spawn began and may arrive after a newer report, which it must not overwrite (the
+    /// worker ready) nor undo (the worker already stopped: it would be a ghost).
     pub fn worker_started(&mut self, id: &str, info: WorkerInfo) -> Vec<Dial> {
         let key = WorkerKey {
             hive: id.to_string(),
             worker: info.id.clone(),
         };
-        if self.workers.contains_key(&key) {
+        let reported_since = self
+            .hives
+            .get(id)
+            .is_some_and(|h| h.workers_read_at > info.read_at);
+        if self.workers.contains_key(&key) || reported_since {
             return self.dials();
         }
         self.upsert_worker(id, info)
@@ -634,5 +646,99 @@ impl WorkerEntry {
     /// The reported state says this run is over (restarting or failed).
     fn incarnation_over(&self) -> bool {
         !matches!(self.info.state, WorkerState::Running(_))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rbee_transport::{ClusterCa, Endpoint, LinkConfig, NodeId, Role};
+
+    use super::*;
+    use crate::worker::actor::WorkerStatus;
+
+    /// A real link from a hive to a queen on 127.0.0.1 (the registry only holds it).
+    async fn hive_link() -> (Link<QueenProtocol>, Endpoint<QueenProtocol>) {
+        let ca = ClusterCa::generate("t").unwrap();
+        let issue = |id: &str, role| ca.issue(&NodeId::new(id).unwrap(), role).unwrap();
+        let loopback = "127.0.0.1:0".parse().unwrap();
+        let queen = Endpoint::<QueenProtocol>::bind(
+            issue("queen", Role::Queen),
+            loopback,
+            LinkConfig::default(),
+        )
+        .unwrap();
+        let hive = Endpoint::<QueenProtocol>::client(
+            issue("h", Role::Hive),
+            loopback,
+            LinkConfig::default(),
+        )
+        .unwrap();
+        let (link, _incoming) = hive
+            .connect(queen.local_addr().unwrap(), &[Role::Queen])
+            .await
+            .unwrap();
+        (link, queen)
+    }
+
+    fn worker(id: &str, read_at: u64) -> WorkerInfo {
+        WorkerInfo {
+            id: id.into(),
+            model: ModelId::new("tiny").unwrap(),
+            mode: WorkerMode::InProcess,
+            pid: None,
+            addr: None,
+            device: "cpu".into(),
+            state: WorkerState::Running(WorkerStatus {
+                phase: Phase::Ready,
+                model: None,
+                slots: 1,
+                active: 0,
+                requests: 0,
+                generated_tokens: 0,
+                last_finish: None,
+            }),
+            memory_bytes: 0,
+            uptime_secs: 0,
+            idle_timeout: IdleTimeout::Never,
+            restarts: 0,
+            last_error: None,
+            read_at,
+        }
+    }
+
+    fn listed(registry: &Registry) -> Vec<String> {
+        registry.worker_views().into_iter().map(|w| w.key).collect()
+    }
+
+    #[tokio::test]
+    async fn a_spawn_answer_older_than_a_report_does_not_bring_back_a_stopped_worker() {
+        let (link, _queen) = hive_link().await;
+        let mut registry = Registry::default();
+        let report = HiveReport {
+            capabilities: crate::hive::capabilities::probe(None, std::path::Path::new(".")),
+            models: Vec::new(),
+            workers: Vec::new(),
+            read_at: 1,
+        };
+        registry.hive_up("h", link, 1, report);
+
+        // The spawn's answer was read at 2; the worker was stopped and the hive's report
+        // read at 3 (without it) arrived first.
+        registry.hive_workers("h", 3, Vec::new());
+        registry.worker_started("h", worker("tiny-1", 2));
+        assert!(
+            listed(&registry).is_empty(),
+            "a ghost: {:?}",
+            listed(&registry)
+        );
+
+        // An answer newer than every report is taken; a stale report changes nothing.
+        registry.worker_started("h", worker("tiny-2", 4));
+        assert_eq!(listed(&registry), ["h/tiny-2"]);
+        registry.hive_workers("h", 2, Vec::new());
+        assert_eq!(listed(&registry), ["h/tiny-2"]);
+        // The next report is the truth.
+        registry.hive_workers("h", 5, Vec::new());
+        assert!(listed(&registry).is_empty());
     }
 }

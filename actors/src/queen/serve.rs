@@ -252,11 +252,13 @@ async fn answer_inner(
         ClientRequest::ListWorkers => ClientResponse::Workers(workers(service).await?),
         ClientRequest::GetWorker(key) => {
             match workers(service).await?.into_iter().find(|w| w.key == key) {
-                Some(worker) => ClientResponse::Worker(worker),
+                Some(worker) => ClientResponse::Worker(Box::new(worker)),
                 None => error(QueenErrorKind::NoWorker, format!("no worker {key}")),
             }
         }
-        ClientRequest::Spawn(placement) => ClientResponse::Worker(spawn(service, placement).await?),
+        ClientRequest::Spawn(placement) => {
+            ClientResponse::Worker(Box::new(spawn(service, placement).await?))
+        }
         ClientRequest::Stop(key) => {
             let parsed = WorkerKey::parse(&key).ok_or_else(|| {
                 QueenError::new(
