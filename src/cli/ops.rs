@@ -115,7 +115,7 @@ pub async fn ps(settings: &Effective, json: bool) -> anyhow::Result<ExitCode> {
     );
     for w in workers {
         // Busy slots are the queen's count (the hive reports state changes, not counters).
-        let (state, slots) = match &w.info.state {
+        let (state, slots, idle) = match &w.info.state {
             WorkerState::Running(s) => (
                 format!("{:?}", s.phase)
                     .split('(')
@@ -123,9 +123,14 @@ pub async fn ps(settings: &Effective, json: bool) -> anyhow::Result<ExitCode> {
                     .unwrap_or("")
                     .to_lowercase(),
                 format!("{}/{}", w.in_flight, s.slots),
+                // The hive's idle clock runs only while the worker is ready.
+                match s.phase {
+                    Phase::Ready | Phase::Busy => idle_stop(w.info.idle_timeout, w.idle_secs),
+                    _ => "-".into(),
+                },
             ),
-            WorkerState::Restarting => ("restarting".into(), "-".into()),
-            WorkerState::Failed => ("failed".into(), "-".into()),
+            WorkerState::Restarting => ("restarting".into(), "-".into(), "-".into()),
+            WorkerState::Failed => ("failed".into(), "-".into(), "-".into()),
         };
         println!(
             "{:<28} {:<20} {:<8} {:<10} {:>10} {:>8} {:>7}s {:>12}",
@@ -136,13 +141,7 @@ pub async fn ps(settings: &Effective, json: bool) -> anyhow::Result<ExitCode> {
             slots,
             w.info.pid.map_or("-".into(), |p| p.to_string()),
             w.info.uptime_secs,
-            match &w.info.state {
-                // The hive's idle clock runs only while the worker is ready.
-                WorkerState::Running(s) if matches!(s.phase, Phase::Ready | Phase::Busy) => {
-                    idle_stop(w.info.idle_timeout, w.idle_secs)
-                }
-                _ => "-".into(),
-            },
+            idle,
         );
     }
     Ok(ExitCode::SUCCESS)

@@ -771,24 +771,41 @@ mod tests {
         }
     }
 
-    #[test]
-    fn processes_racing_to_create_the_ca_all_get_the_same_one() {
-        let root = tempfile::tempdir().unwrap();
-        let dir = root.path().join("ca");
-        let barrier = std::sync::Barrier::new(8);
-        let fingerprints: Vec<Fingerprint> = std::thread::scope(|s| {
-            let racers: Vec<_> = (0..8)
+    /// Runs `act` on `n` threads released at once, each with what `prepare` made for it
+    /// beforehand; returns what each returned.
+    fn race<P: Send, T: Send>(
+        n: usize,
+        prepare: impl Fn() -> P + Sync,
+        act: impl Fn(P) -> T + Sync,
+    ) -> Vec<T> {
+        let barrier = std::sync::Barrier::new(n);
+        std::thread::scope(|s| {
+            let racers: Vec<_> = (0..n)
                 .map(|_| {
                     s.spawn(|| {
+                        let prepared = prepare();
                         barrier.wait();
-                        ClusterCa::load_or_create(&dir, "race")
-                            .unwrap()
-                            .fingerprint()
+                        act(prepared)
                     })
                 })
                 .collect();
             racers.into_iter().map(|r| r.join().unwrap()).collect()
-        });
+        })
+    }
+
+    #[test]
+    fn processes_racing_to_create_the_ca_all_get_the_same_one() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("ca");
+        let fingerprints = race(
+            8,
+            || (),
+            |()| {
+                ClusterCa::load_or_create(&dir, "race")
+                    .unwrap()
+                    .fingerprint()
+            },
+        );
         let saved = ClusterCa::load(&dir).unwrap().fingerprint();
         assert!(fingerprints.iter().all(|f| *f == saved), "{fingerprints:?}");
         let left: Vec<_> = fs::read_dir(root.path())
@@ -800,19 +817,11 @@ mod tests {
         // Racing node identities: one is published, the others are told so.
         let ca = ClusterCa::load(&dir).unwrap();
         let id_dir = root.path().join("identity");
-        let barrier = std::sync::Barrier::new(4);
-        let won: Vec<bool> = std::thread::scope(|s| {
-            let racers: Vec<_> = (0..4)
-                .map(|_| {
-                    s.spawn(|| {
-                        let identity = ca.issue(&id("queen"), Role::Queen).unwrap();
-                        barrier.wait();
-                        identity.save_new(&id_dir).unwrap()
-                    })
-                })
-                .collect();
-            racers.into_iter().map(|r| r.join().unwrap()).collect()
-        });
+        let won = race(
+            4,
+            || ca.issue(&id("queen"), Role::Queen).unwrap(),
+            |identity| identity.save_new(&id_dir).unwrap(),
+        );
         assert_eq!(won.iter().filter(|w| **w).count(), 1, "{won:?}");
         NodeIdentity::load(&id_dir).unwrap();
     }

@@ -189,8 +189,9 @@ async fn report(link: &Link<QueenProtocol>, service: &HiveService) -> rbee_trans
             continue;
         };
         polling = loading(&snapshot.workers);
-        if shape(&snapshot) != sent_workers {
-            sent_workers = shape(&snapshot);
+        let now = shape(&snapshot);
+        if now != sent_workers {
+            sent_workers = now;
             let event = HiveEvent::Workers {
                 read_at: snapshot.read_at,
                 workers: snapshot.workers,
