@@ -7,9 +7,11 @@ use clap::{Args, Parser, Subcommand};
 
 mod background;
 mod bench;
+mod bench_engine;
 mod bench_hive;
 mod bench_queen;
 mod bench_soak;
+mod llama_cpp;
 mod connect;
 mod hive;
 mod ops;

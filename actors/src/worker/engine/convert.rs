@@ -14,6 +14,8 @@ use candle_core::Device;
 use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 
+use super::model::EngineKind;
+
 /// Quantizations candle has no x86 SIMD kernel for.
 pub const SLOW_ON_CPU: &[GgmlDType] = &[GgmlDType::Q4_1, GgmlDType::Q5_0, GgmlDType::Q5_1];
 
@@ -41,22 +43,43 @@ pub enum ConvertError {
     },
 }
 
-/// True when any tensor of `content` is in a quantization without a SIMD kernel.
-pub fn has_slow_tensors(content: &gguf_file::Content) -> bool {
-    content
-        .tensor_infos
-        .values()
-        .any(|t| SLOW_ON_CPU.contains(&t.ggml_dtype))
+/// True when any tensor of `content` is in a quantization without a SIMD kernel on
+/// `engine` (the native engine runs Q4_1 itself).
+pub fn has_slow_tensors(content: &gguf_file::Content, engine: EngineKind) -> bool {
+    content.tensor_infos.values().any(|t| {
+        SLOW_ON_CPU.contains(&t.ggml_dtype)
+            && !(t.ggml_dtype == GgmlDType::Q4_1 && matches!(engine, EngineKind::Native { .. }))
+    })
 }
 
-/// Where the Q8_0 copy of `source` with checksum `sha256` lives: beside the source when
-/// that directory is writable, in `fallback_dir` otherwise.
-pub fn cached_path(source: &Path, sha256: &str, fallback_dir: &Path) -> PathBuf {
+/// Which tensors a copy requantizes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Selection {
+    /// Those in [`SLOW_ON_CPU`] (what loading does).
+    Slow,
+    /// Every quantized weight matrix (the engine benchmark's Q8_0 and Q4_0 copies of a
+    /// file; norms and F32 tensors stay).
+    AllMatrices,
+}
+
+impl Selection {
+    fn takes(self, dtype: GgmlDType, rank: usize) -> bool {
+        match self {
+            Selection::Slow => SLOW_ON_CPU.contains(&dtype),
+            Selection::AllMatrices => rank == 2 && !matches!(dtype, GgmlDType::F32),
+        }
+    }
+}
+
+/// Where the copy of `source` (checksum `sha256`) requantized as `label` names it
+/// (`q8_0` for loading's copy) lives: beside the source when that directory is writable,
+/// in `fallback_dir` otherwise.
+pub fn cached_path(source: &Path, sha256: &str, fallback_dir: &Path, label: &str) -> PathBuf {
     let stem = source
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_else(|| "model".into());
-    let name = format!("{stem}.q8_0-{}.gguf", &sha256[..16.min(sha256.len())]);
+    let name = format!("{stem}.{label}-{}.gguf", &sha256[..16.min(sha256.len())]);
     match source.parent() {
         Some(dir) if is_writable(dir) => dir.join(name),
         _ => fallback_dir.join(name),
@@ -85,14 +108,17 @@ pub fn is_valid_copy(path: &Path, sha256: &str) -> bool {
         .is_some_and(|s| s == sha256)
 }
 
-/// Writes a copy of the GGUF `content` (read from `reader`) with every slow tensor
-/// requantized to Q8_0, atomically at `target`. `progress` gets the fraction of tensors done.
-pub fn write_q8_0_copy<R: Read + Seek>(
+/// Writes a copy of the GGUF `content` (read from `reader`) with the tensors `which`
+/// selects requantized to `to`, atomically at `target`. `progress` gets the fraction of
+/// tensors done.
+#[allow(clippy::too_many_arguments)]
+pub fn write_copy<R: Read + Seek>(
     source: &Path,
     content: &gguf_file::Content,
     reader: &mut R,
     sha256: &str,
     target: &Path,
+    (to, which): (GgmlDType, Selection),
     progress: &mut dyn FnMut(f32),
 ) -> Result<(), ConvertError> {
     let tensor_err = |e: candle_core::Error| ConvertError::Tensor {
@@ -115,9 +141,9 @@ pub fn write_q8_0_copy<R: Read + Seek>(
         let tensor = content
             .tensor(reader, name, &Device::Cpu)
             .map_err(tensor_err)?;
-        let tensor = if SLOW_ON_CPU.contains(&tensor.dtype()) {
+        let tensor = if which.takes(tensor.dtype(), tensor.rank()) && tensor.dtype() != to {
             let values = tensor.dequantize(&Device::Cpu).map_err(tensor_err)?;
-            QTensor::quantize(&values, GgmlDType::Q8_0).map_err(tensor_err)?
+            QTensor::quantize(&values, to).map_err(tensor_err)?
         } else {
             tensor
         };
@@ -160,14 +186,19 @@ mod tests {
         write_tiny_gguf(&source, "llama", 64, GgmlDType::Q4_1).unwrap();
         let mut reader = BufReader::new(File::open(&source).unwrap());
         let content = gguf_file::Content::read(&mut reader).unwrap();
-        assert!(has_slow_tensors(&content));
+        assert!(has_slow_tensors(&content, EngineKind::Candle));
+        assert!(!has_slow_tensors(
+            &content,
+            EngineKind::Native { threads: 1 }
+        ));
 
         let sha = crate::checksum::sha256_file(&source, &mut |_| {}).unwrap();
-        let target = cached_path(&source, &sha, Path::new("/unused"));
+        let target = cached_path(&source, &sha, Path::new("/unused"), "q8_0");
         assert_eq!(target.parent(), Some(dir.path()));
         assert!(!is_valid_copy(&target, &sha));
         let mut fractions = Vec::new();
-        write_q8_0_copy(&source, &content, &mut reader, &sha, &target, &mut |f| {
+        let to = (GgmlDType::Q8_0, Selection::Slow);
+        write_copy(&source, &content, &mut reader, &sha, &target, to, &mut |f| {
             fractions.push(f)
         })
         .unwrap();
@@ -176,7 +207,7 @@ mod tests {
         assert!(!is_valid_copy(&target, "another source"));
 
         let converted = gguf_file::Content::read(&mut File::open(&target).unwrap()).unwrap();
-        assert!(!has_slow_tensors(&converted));
+        assert!(!has_slow_tensors(&converted, EngineKind::Candle));
         assert!(
             converted
                 .tensor_infos

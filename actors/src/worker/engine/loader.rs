@@ -6,11 +6,11 @@ use std::io::{BufReader, Read};
 use std::path::{Path, PathBuf};
 
 use candle_core::Device;
-use candle_core::quantized::gguf_file;
+use candle_core::quantized::{GgmlDType, gguf_file};
 use serde::{Deserialize, Serialize};
 
 use super::convert::{self, ConvertError};
-use super::model::{EngineError, Model, gguf_architecture};
+use super::model::{EngineError, EngineKind, Model, gguf_architecture};
 use super::template::{ChatTemplate, TemplateError};
 use super::tokenizer::{ModelTokenizer, TokenizerError};
 
@@ -19,8 +19,11 @@ use super::tokenizer::{ModelTokenizer, TokenizerError};
 pub struct LoadOptions {
     /// Sequences served at once; each gets its own KV cache over shared weights.
     pub slots: usize,
-    /// Requantize Q4_1/Q5_0/Q5_1 GGUF weights to Q8_0 (cached) for candle's SIMD kernels.
+    /// Requantize GGUF weights the engine has no fast kernel for to Q8_0 (cached): Q5_0
+    /// and Q5_1, and Q4_1 too on candle.
     pub requantize: bool,
+    /// The engine that runs GGUF models.
+    pub engine: EngineKind,
     /// Where the Q8_0 copy goes when the model's own directory is not writable.
     pub fallback_cache_dir: PathBuf,
 }
@@ -30,6 +33,7 @@ impl Default for LoadOptions {
         LoadOptions {
             slots: 1,
             requantize: true,
+            engine: EngineKind::from_env(),
             fallback_cache_dir: crate::paths::cache_dir().join("requantized"),
         }
     }
@@ -357,7 +361,8 @@ fn load_gguf(
     }
     let mut requantized_from = None;
     let mut weights_path = path.to_path_buf();
-    if options.requantize && device.is_cpu() && convert::has_slow_tensors(&content) {
+    if options.requantize && device.is_cpu() && convert::has_slow_tensors(&content, options.engine)
+    {
         let sha = crate::checksum::sha256_file(path, &mut |fraction| {
             report(progress, LoadStep::Checksum, fraction)
         })
@@ -365,9 +370,10 @@ fn load_gguf(
             path: path.to_path_buf(),
             source,
         })?;
-        let target = convert::cached_path(path, &sha, &options.fallback_cache_dir);
+        let target = convert::cached_path(path, &sha, &options.fallback_cache_dir, "q8_0");
         if !convert::is_valid_copy(&target, &sha) {
-            convert::write_q8_0_copy(path, &content, &mut reader, &sha, &target, &mut |f| {
+            let to = (GgmlDType::Q8_0, convert::Selection::Slow);
+            convert::write_copy(path, &content, &mut reader, &sha, &target, to, &mut |f| {
                 report(progress, LoadStep::Requantize, f)
             })?;
         }
@@ -385,7 +391,7 @@ fn load_gguf(
         .transpose()?;
     report(progress, LoadStep::Weights, 0.0);
     let quantization = dominant_dtype(&content);
-    let model = Model::from_gguf(&weights_path, content, &mut reader, device)?;
+    let model = Model::from_gguf(&weights_path, content, &mut reader, device, options.engine)?;
     report(progress, LoadStep::Weights, 1.0);
     let info = ModelInfo {
         path: path.display().to_string(),
@@ -515,17 +521,42 @@ mod tests {
         LoadOptions {
             slots,
             requantize: true,
+            engine: EngineKind::Native { threads: 2 },
             fallback_cache_dir: PathBuf::from("/nonexistent"),
         }
     }
 
+    fn on_candle(slots: usize) -> LoadOptions {
+        LoadOptions {
+            engine: EngineKind::Candle,
+            ..options(slots)
+        }
+    }
+
     #[test]
-    fn a_q4_1_gguf_is_requantized_once_with_progress_reported() {
+    fn the_native_engine_runs_q4_1_as_shipped_and_requantizes_q5_0() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.gguf");
+        write_tiny_gguf(&path, "llama", 128, GgmlDType::Q4_1).unwrap();
+        let loaded = load(&path, &options(2), &mut |_| {}).unwrap();
+        assert_eq!(loaded.info.quantization, "Q4_1");
+        assert_eq!(loaded.info.requantized_from, None);
+        assert!(loaded.sessions[0].native().is_some());
+        write_tiny_gguf(&path, "llama", 128, GgmlDType::Q5_0).unwrap();
+        let loaded = load(&path, &options(1), &mut |_| {}).unwrap();
+        assert_eq!(loaded.info.quantization, "Q8_0");
+        assert_eq!(loaded.info.requantized_from.as_deref(), Some("Q5_0"));
+        assert!(loaded.sessions[0].native().is_some());
+    }
+
+    #[test]
+    fn a_q4_1_gguf_is_requantized_once_for_candle_with_progress_reported() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("m.gguf");
         write_tiny_gguf(&path, "llama", 128, GgmlDType::Q4_1).unwrap();
         let mut steps = Vec::new();
-        let loaded = load(&path, &options(2), &mut |p| steps.push(p)).unwrap();
+        let loaded = load(&path, &on_candle(2), &mut |p| steps.push(p)).unwrap();
+        assert!(loaded.sessions[0].native().is_none());
         assert_eq!(loaded.sessions.len(), 2);
         assert_eq!(loaded.info.quantization, "Q8_0");
         assert_eq!(loaded.info.requantized_from.as_deref(), Some("Q4_1"));
@@ -543,7 +574,7 @@ mod tests {
 
         // Second load: the cached copy is reused, nothing is requantized.
         let mut again = Vec::new();
-        load(&path, &options(1), &mut |p| again.push(p.step)).unwrap();
+        load(&path, &on_candle(1), &mut |p| again.push(p.step)).unwrap();
         assert!(!again.contains(&LoadStep::Requantize));
         assert!(again.contains(&LoadStep::Checksum));
     }
@@ -597,9 +628,17 @@ mod tests {
         let path = dir.path().join("m.gguf");
         write_tiny_gguf(&path, "qwen2", 64, GgmlDType::F32).unwrap();
         assert!(matches!(
-            load(&path, &options(2), &mut |_| {}),
+            load(&path, &on_candle(2), &mut |_| {}),
             Err(LoadError::SlotsUnsupported { .. })
         ));
+        // The native engine shares qwen2 weights between slots.
+        assert_eq!(
+            load(&path, &options(2), &mut |_| {})
+                .unwrap()
+                .sessions
+                .len(),
+            2
+        );
         assert!(matches!(
             load(&path, &options(0), &mut |_| {}),
             Err(LoadError::NoSlots)

@@ -5,6 +5,7 @@ pub mod convert;
 pub mod embed;
 pub mod loader;
 pub mod model;
+pub mod native;
 pub mod pipeline;
 pub mod sampling;
 pub mod stop;

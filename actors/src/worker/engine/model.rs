@@ -1,8 +1,9 @@
 //! A model loaded with candle, and generation over it with the KV cache at the right
 //! absolute positions.
 //!
-//! GGUF files load through candle's quantized models (`llama`, `qwen2`, `qwen3`);
-//! safetensors directories through its full-precision ones (`llama`, `mistral`, `qwen2`).
+//! GGUF files run on rbee's own forward pass ([`super::native`]) when it covers the file,
+//! otherwise on candle's quantized models (`llama`, `qwen2`, `qwen3`); safetensors
+//! directories on candle's full-precision ones (`llama`, `mistral`, `qwen2`).
 //! The architecture always comes from the file (`general.architecture`, or config.json's
 //! `model_type`), never from its name.
 
@@ -17,7 +18,33 @@ use candle_transformers::models::{
     llama, mistral, quantized_llama, quantized_qwen2, quantized_qwen3, qwen2,
 };
 
+use super::native;
 use super::sampling::{Sampler, SamplingError};
+
+/// Which implementation runs a GGUF model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EngineKind {
+    /// rbee's own forward pass on `threads` threads where it runs the file (llama-family
+    /// architectures, F32/F16/Q8_0/Q4_0/Q4_1 weights), candle's models otherwise.
+    Native {
+        /// Threads of its pool, the calling thread included.
+        threads: usize,
+    },
+    /// candle's models only (the reference implementation).
+    Candle,
+}
+
+impl EngineKind {
+    /// The native engine unless `RBEE_ENGINE=candle`; threads from [`native::default_threads`].
+    pub fn from_env() -> EngineKind {
+        match std::env::var("RBEE_ENGINE").as_deref() {
+            Ok("candle") => EngineKind::Candle,
+            _ => EngineKind::Native {
+                threads: native::default_threads(),
+            },
+        }
+    }
+}
 
 /// Architectures this build loads from GGUF.
 pub const GGUF_ARCHITECTURES: &[&str] = &["llama", "qwen2", "qwen3"];
@@ -104,8 +131,9 @@ pub struct Generation {
     pub finish: FinishReason,
 }
 
-/// candle's model types; each keeps its own KV cache.
+/// The model implementations; each keeps its own KV cache.
 enum Backend {
+    Native(native::Session),
     QuantizedLlama(quantized_llama::ModelWeights),
     QuantizedQwen2(Box<quantized_qwen2::ModelWeights>),
     QuantizedQwen3(quantized_qwen3::ModelWeights),
@@ -122,6 +150,7 @@ enum Backend {
 impl Backend {
     fn forward(&mut self, input: &Tensor, position: usize) -> candle_core::Result<Tensor> {
         match self {
+            Backend::Native(_) => unreachable!("the native session takes token ids"),
             Backend::QuantizedLlama(m) => m.forward(input, position),
             Backend::QuantizedQwen2(m) => m.forward(input, position),
             Backend::QuantizedQwen3(m) => m.forward(input, position),
@@ -133,6 +162,7 @@ impl Backend {
 
     fn clear_kv_cache(&mut self) {
         match self {
+            Backend::Native(s) => s.clear(),
             Backend::QuantizedLlama(m) => m.clear_kv_cache(),
             Backend::QuantizedQwen2(m) => m.clear_kv_cache(),
             Backend::QuantizedQwen3(m) => m.clear_kv_cache(),
@@ -145,6 +175,7 @@ impl Backend {
     /// A second session on the same weights, when candle's type allows it.
     fn try_clone(&self) -> Option<Backend> {
         Some(match self {
+            Backend::Native(s) => Backend::Native(native::Session::new(s.engine().clone())),
             Backend::QuantizedLlama(m) => Backend::QuantizedLlama(m.clone()),
             Backend::QuantizedQwen2(_) => return None,
             Backend::QuantizedQwen3(m) => Backend::QuantizedQwen3(m.clone()),
@@ -187,14 +218,38 @@ pub fn gguf_architecture(content: &gguf_file::Content) -> Result<String, EngineE
 }
 
 impl Model {
-    /// Loads the GGUF whose header is `content` (read from `reader`, the file at `path`).
+    /// Loads the GGUF whose header is `content` (read from `reader`, the file at `path`)
+    /// on the engine `kind` asks for.
     pub fn from_gguf<R: Read + Seek>(
         path: &Path,
         content: gguf_file::Content,
         reader: &mut R,
         device: &Device,
+        kind: EngineKind,
     ) -> Result<Self, EngineError> {
         let architecture = gguf_architecture(&content)?;
+        if let (EngineKind::Native { threads }, true) = (kind, device.is_cpu()) {
+            match native::Engine::load(&content, reader, threads) {
+                Ok(engine) => {
+                    tracing::info!(
+                        "native engine: {} kernels, {} threads, {:?} weights",
+                        engine.level().name(),
+                        engine.threads(),
+                        engine.format()
+                    );
+                    let context = engine.context_length();
+                    let backend = Backend::Native(native::Session::new(engine));
+                    return Ok(Model::new(backend, architecture, context, device));
+                }
+                Err(native::Unsupported::Read { name, reason }) => {
+                    return Err(EngineError::Invalid {
+                        path: path.to_path_buf(),
+                        reason: format!("tensor {name}: {reason}"),
+                    });
+                }
+                Err(why) => tracing::info!("candle runs {}: {why}", path.display()),
+            }
+        }
         let key = format!("{architecture}.context_length");
         let declared = content
             .metadata
@@ -331,9 +386,22 @@ impl Model {
         self.context_length
     }
 
+    /// The native engine running this model, if it is.
+    pub fn native(&self) -> Option<&native::Engine> {
+        match &self.backend {
+            Backend::Native(s) => Some(s.engine()),
+            _ => None,
+        }
+    }
+
     /// Logits for the next token after feeding `tokens` at absolute position `position`
     /// (the number of tokens already in the KV cache).
     fn forward(&mut self, tokens: &[u32], position: usize) -> Result<Vec<f32>, EngineError> {
+        if let Backend::Native(session) = &mut self.backend {
+            return session
+                .forward(tokens, position)
+                .map_err(|e| EngineError::Compute(e.to_string()));
+        }
         let input = Tensor::new(tokens, &self.device)
             .and_then(|t| t.unsqueeze(0))
             .map_err(compute)?;
@@ -424,8 +492,12 @@ pub(crate) mod tests {
     use crate::worker::engine::tiny::{write_tiny_gguf, write_tiny_llama, write_tiny_safetensors};
 
     pub(crate) fn load_gguf(path: &Path) -> Result<Model, EngineError> {
+        load_gguf_on(path, EngineKind::Native { threads: 2 })
+    }
+
+    pub(crate) fn load_gguf_on(path: &Path, kind: EngineKind) -> Result<Model, EngineError> {
         let (content, mut reader) = crate::worker::engine::loader::read_gguf(path)?;
-        Model::from_gguf(path, content, &mut reader, &Device::Cpu)
+        Model::from_gguf(path, content, &mut reader, &Device::Cpu, kind)
     }
 
     fn tiny(context: u32) -> (tempfile::TempDir, Model) {

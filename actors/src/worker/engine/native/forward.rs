@@ -1,0 +1,330 @@
+//! The llama family's forward pass over the native kernels: a chunk of tokens at known
+//! absolute positions in, the last token's logits out, the KV cache written in place.
+//!
+//! Buffers live in the session and only grow, so a decode step allocates nothing but the
+//! logits it returns. Each matrix product is one parallel section over the weight rows
+//! (Q, K and V together; gate and up together); attention is one section over
+//! (token, head) pairs reading K and V straight from the cache (grouped-query heads share
+//! their key/value head, nothing is repeated or copied).
+
+use std::sync::Mutex;
+
+use super::Engine;
+use super::kernels::{Matrix, Out, TILE_TOKENS, matmul_rows};
+use super::quant::{Format, Q8Rows, dot_f32};
+use super::weights::{Arch, Linear, Weights};
+
+/// Prompt tokens processed per forward chunk (bounds the scratch buffers).
+pub const CHUNK: usize = 128;
+
+/// One sequence's keys and values per layer: `[position][kv_head][head_dim]`, grown as
+/// the sequence grows.
+#[derive(Debug, Default)]
+pub(super) struct LayerKv {
+    k: Vec<f32>,
+    v: Vec<f32>,
+}
+
+/// Reused buffers of one session.
+#[derive(Debug, Default)]
+pub(super) struct Scratch {
+    x: Vec<f32>,
+    xb: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    att: Vec<f32>,
+    ffn_a: Vec<f32>,
+    ffn_b: Vec<f32>,
+    q8: Q8Rows,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    /// Attention scores, one buffer per pool thread.
+    scores: Vec<Mutex<Vec<f32>>>,
+}
+
+fn sized(buf: &mut Vec<f32>, len: usize) -> &mut [f32] {
+    if buf.len() < len {
+        buf.resize(len, 0.0);
+    }
+    &mut buf[..len]
+}
+
+fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
+    let mean = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
+    let scale = 1.0 / (mean + eps).sqrt();
+    for ((o, x), w) in out.iter_mut().zip(x).zip(weight) {
+        *o = x * scale * w;
+    }
+}
+
+fn rms_norm_in_place(x: &mut [f32], weight: &[f32], eps: f32) {
+    let mean = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
+    let scale = 1.0 / (mean + eps).sqrt();
+    for (x, w) in x.iter_mut().zip(weight) {
+        *x = *x * scale * w;
+    }
+}
+
+fn rms_norm_rows(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
+    let width = weight.len();
+    for (x, out) in x.chunks_exact(width).zip(out.chunks_exact_mut(width)) {
+        rms_norm(x, weight, eps, out);
+    }
+}
+
+/// Products of one input with several matrices in one parallel section:
+/// `outs[j][t][r] = mats[j]_r · x_t`.
+fn linears(
+    engine: &Engine,
+    mats: &[&Linear],
+    x: &[f32],
+    q8: &mut Q8Rows,
+    n: usize,
+    outs: &mut [&mut [f32]],
+) {
+    let cols = mats[0].cols;
+    if mats.iter().any(|m| m.format != Format::F32) {
+        q8.quantize(x, n, cols, n.next_multiple_of(TILE_TOKENS));
+    }
+    let targets: Vec<Out> = outs
+        .iter_mut()
+        .zip(mats)
+        .map(|(o, m)| Out {
+            ptr: o.as_mut_ptr(),
+            stride: m.rows,
+        })
+        .collect();
+    let total: usize = mats.iter().map(|m| m.rows).sum();
+    let q8 = &*q8;
+    let level = engine.level;
+    engine.pool.split(total, 16, &|_, range| {
+        let mut base = 0;
+        for (m, out) in mats.iter().zip(&targets) {
+            let (lo, hi) = (range.start.max(base), range.end.min(base + m.rows));
+            if lo < hi {
+                let rows = lo - base..hi - base;
+                if m.format == Format::F32 {
+                    for r in rows {
+                        let w = &m.floats[r * cols..][..cols];
+                        for t in 0..n {
+                            // SAFETY: rows are disjoint between threads (see `Out`).
+                            unsafe {
+                                *out.ptr.add(t * out.stride + r) =
+                                    dot_f32(w, &x[t * cols..][..cols])
+                            };
+                        }
+                    }
+                } else {
+                    let w = Matrix {
+                        format: m.format,
+                        data: &m.bytes,
+                        row_bytes: m.row_bytes(),
+                    };
+                    matmul_rows(level, w, rows, q8, n, *out);
+                }
+            }
+            base += m.rows;
+        }
+    });
+}
+
+/// Rotates each head of each row in place; `cos`/`sin` hold one row of half-widths per
+/// token.
+fn rope(x: &mut [f32], heads: usize, head_dim: usize, neox: bool, cos: &[f32], sin: &[f32]) {
+    let half = head_dim / 2;
+    for (t, row) in x.chunks_exact_mut(heads * head_dim).enumerate() {
+        let (cos, sin) = (&cos[t * half..][..half], &sin[t * half..][..half]);
+        for head in row.chunks_exact_mut(head_dim) {
+            for i in 0..half {
+                let (a, b) = if neox {
+                    (i, i + half)
+                } else {
+                    (2 * i, 2 * i + 1)
+                };
+                let (x0, x1) = (head[a], head[b]);
+                head[a] = x0 * cos[i] - x1 * sin[i];
+                head[b] = x0 * sin[i] + x1 * cos[i];
+            }
+        }
+    }
+}
+
+fn add_rows(x: &mut [f32], bias: &[f32]) {
+    for row in x.chunks_exact_mut(bias.len()) {
+        for (v, b) in row.iter_mut().zip(bias) {
+            *v += b;
+        }
+    }
+}
+
+impl super::Session {
+    /// Feeds `tokens` at positions `self.len..` and returns the logits after the last.
+    pub(super) fn forward_tokens(&mut self, tokens: &[u32]) -> Vec<f32> {
+        let mut start = 0;
+        while tokens.len() - start > CHUNK {
+            self.forward_chunk(&tokens[start..start + CHUNK], false);
+            start += CHUNK;
+        }
+        self.forward_chunk(&tokens[start..], true)
+    }
+
+    fn forward_chunk(&mut self, tokens: &[u32], logits: bool) -> Vec<f32> {
+        let engine = &*self.engine;
+        let w: &Weights = &engine.weights;
+        let c = &w.config;
+        let n = tokens.len();
+        let pos0 = self.len;
+        let (dim, hd) = (c.dim, c.head_dim);
+        let (q_dim, kv_dim) = (c.heads * hd, c.kv_heads * hd);
+        let s = &mut self.scratch;
+        let x = sized(&mut s.x, n * dim);
+        for (t, &id) in tokens.iter().enumerate() {
+            w.embed.row_into(id as usize, &mut x[t * dim..][..dim]);
+        }
+        // Rotation angles of this chunk's positions, shared by every layer and head.
+        let half = hd / 2;
+        let (cos, sin) = (sized(&mut s.cos, n * half), sized(&mut s.sin, n * half));
+        for t in 0..n {
+            for (i, f) in engine.inv_freq.iter().enumerate() {
+                let angle = (pos0 + t) as f32 * f;
+                cos[t * half + i] = angle.cos();
+                sin[t * half + i] = angle.sin();
+            }
+        }
+        let neox = c.arch != Arch::Llama;
+        let end = pos0 + n;
+        let group = c.heads / c.kv_heads;
+        let scale = 1.0 / (hd as f32).sqrt();
+        if s.scores.len() < engine.pool.threads() {
+            s.scores
+                .resize_with(engine.pool.threads(), Default::default);
+        }
+        for (layer, kv) in w.layers.iter().zip(&mut self.kv) {
+            let xb = sized(&mut s.xb, n * dim);
+            rms_norm_rows(x, &layer.attn_norm, c.eps, xb);
+            let q = sized(&mut s.q, n * q_dim);
+            let k = sized(&mut s.k, n * kv_dim);
+            let v = sized(&mut s.v, n * kv_dim);
+            linears(
+                engine,
+                &[&layer.q, &layer.k, &layer.v],
+                xb,
+                &mut s.q8,
+                n,
+                &mut [q, k, v],
+            );
+            let (q, k, v) = (
+                &mut s.q[..n * q_dim],
+                &mut s.k[..n * kv_dim],
+                &mut s.v[..n * kv_dim],
+            );
+            if let Some([bq, bk, bv]) = &layer.qkv_bias {
+                add_rows(q, bq);
+                add_rows(k, bk);
+                add_rows(v, bv);
+            }
+            if let Some([nq, nk]) = &layer.qk_norm {
+                q.chunks_exact_mut(hd)
+                    .for_each(|h| rms_norm_in_place(h, nq, c.eps));
+                k.chunks_exact_mut(hd)
+                    .for_each(|h| rms_norm_in_place(h, nk, c.eps));
+            }
+            rope(q, c.heads, hd, neox, cos, sin);
+            rope(k, c.kv_heads, hd, neox, cos, sin);
+            // Append this chunk's keys and values; the cache only grows.
+            let want = end * kv_dim;
+            if kv.k.len() < want {
+                let grown = want.next_power_of_two().max(want);
+                kv.k.resize(grown, 0.0);
+                kv.v.resize(grown, 0.0);
+            }
+            kv.k[pos0 * kv_dim..want].copy_from_slice(k);
+            kv.v[pos0 * kv_dim..want].copy_from_slice(v);
+            let att = sized(&mut s.att, n * q_dim);
+            let att_out = Out {
+                ptr: att.as_mut_ptr(),
+                stride: q_dim,
+            };
+            let (kc, vc, q, scores) = (&kv.k, &kv.v, &*q, &s.scores);
+            engine.pool.split(n * c.heads, 1, &|thread, items| {
+                let mut buf = scores[thread].lock().unwrap_or_else(|e| e.into_inner());
+                let buf = sized(&mut buf, end);
+                for item in items {
+                    let (t, h) = (item / c.heads, item % c.heads);
+                    let last = pos0 + t;
+                    let g = h / group;
+                    let qh = &q[t * q_dim + h * hd..][..hd];
+                    let mut max = f32::NEG_INFINITY;
+                    for (j, s) in buf[..=last].iter_mut().enumerate() {
+                        *s = dot_f32(qh, &kc[j * kv_dim + g * hd..][..hd]) * scale;
+                        max = max.max(*s);
+                    }
+                    let mut sum = 0.0;
+                    for s in &mut buf[..=last] {
+                        *s = (*s - max).exp();
+                        sum += *s;
+                    }
+                    // SAFETY: each (token, head) pair is one item, written by one thread.
+                    let out = unsafe { att_out.slice(t * q_dim + h * hd, hd) };
+                    out.fill(0.0);
+                    for (j, p) in buf[..=last].iter().enumerate() {
+                        let p = p / sum;
+                        for (o, v) in out.iter_mut().zip(&vc[j * kv_dim + g * hd..][..hd]) {
+                            *o += p * v;
+                        }
+                    }
+                }
+            });
+            let att = &s.att[..n * q_dim];
+            let xb = sized(&mut s.xb, n * dim);
+            linears(engine, &[&layer.o], att, &mut s.q8, n, &mut [xb]);
+            for (x, o) in x.iter_mut().zip(&s.xb[..n * dim]) {
+                *x += o;
+            }
+            let xb = sized(&mut s.xb, n * dim);
+            rms_norm_rows(x, &layer.ffn_norm, c.eps, xb);
+            let ffn_a = sized(&mut s.ffn_a, n * c.ffn);
+            let ffn_b = sized(&mut s.ffn_b, n * c.ffn);
+            linears(
+                engine,
+                &[&layer.gate, &layer.up],
+                xb,
+                &mut s.q8,
+                n,
+                &mut [ffn_a, ffn_b],
+            );
+            for (a, b) in s.ffn_a[..n * c.ffn].iter_mut().zip(&s.ffn_b[..n * c.ffn]) {
+                *a = *a / (1.0 + (-*a).exp()) * b;
+            }
+            let xb = sized(&mut s.xb, n * dim);
+            linears(
+                engine,
+                &[&layer.down],
+                &s.ffn_a[..n * c.ffn],
+                &mut s.q8,
+                n,
+                &mut [xb],
+            );
+            for (x, o) in x.iter_mut().zip(&s.xb[..n * dim]) {
+                *x += o;
+            }
+        }
+        self.len = end;
+        if !logits {
+            return Vec::new();
+        }
+        let xb = sized(&mut s.xb, dim);
+        rms_norm(&x[(n - 1) * dim..], &w.out_norm, c.eps, xb);
+        let mut logits = vec![0f32; c.vocab];
+        linears(
+            engine,
+            &[w.head()],
+            &s.xb[..dim],
+            &mut s.q8,
+            1,
+            &mut [&mut logits],
+        );
+        logits
+    }
+}

@@ -1,0 +1,441 @@
+//! The quantized matrix kernels: `out[t][r] = w_r · x_t` over a range of weight rows and
+//! every token of `x`, in register tiles (`R` weight rows × `C` tokens share each load).
+//!
+//! One body serves every level and format: it is generic over the instruction set
+//! ([`Isa`]) and the block layout ([`Blocks`]), `#[inline(always)]`, and instantiated
+//! inside `#[target_feature]` functions so the intrinsics compile for that level (kernels
+//! inlined into a closure without the attribute lose their SIMD codegen).
+
+use std::ops::Range;
+
+use super::cpu::Level;
+use super::quant::{BLOCK, Format, Q8Rows, dot_portable};
+
+/// Where the kernel writes: `out[t * stride + r]`. Threads write disjoint rows.
+#[derive(Clone, Copy)]
+pub struct Out {
+    /// The first element.
+    pub ptr: *mut f32,
+    /// Distance between two tokens' outputs.
+    pub stride: usize,
+}
+
+impl Out {
+    /// `len` values from `offset`, to write.
+    ///
+    /// # Safety
+    /// The range is inside the buffer and no other thread touches it meanwhile.
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn slice(&self, offset: usize, len: usize) -> &mut [f32] {
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(offset), len) }
+    }
+}
+
+// SAFETY: every user writes a disjoint set of indices (its own rows) and the buffer
+// outlives the parallel section that shares it.
+unsafe impl Send for Out {}
+unsafe impl Sync for Out {}
+
+/// A weight matrix as the kernels read it.
+#[derive(Clone, Copy)]
+pub struct Matrix<'a> {
+    /// Its format (not F32: those take [`super::quant::dot_f32`]).
+    pub format: Format,
+    /// All rows, back to back.
+    pub data: &'a [u8],
+    /// Bytes of one row.
+    pub row_bytes: usize,
+}
+
+/// `out[t][r] = w_r · x_t` for `r` in `rows` and `t < tokens` at `level`.
+pub fn matmul_rows(
+    level: Level,
+    w: Matrix<'_>,
+    rows: Range<usize>,
+    x: &Q8Rows,
+    tokens: usize,
+    out: Out,
+) {
+    debug_assert!(w.format != Format::F32);
+    debug_assert!(rows.end * w.row_bytes <= w.data.len());
+    #[cfg(target_arch = "x86_64")]
+    {
+        // SAFETY: the level was detected on this CPU (cpu::level), rows are in bounds
+        // (asserted by the caller's construction of `w`), and `x` holds at least
+        // `tokens` rows padded to the tile width (Q8Rows::quantize with padded_rows).
+        unsafe {
+            match (level, w.format) {
+                (Level::Avx512Vnni, Format::Q8_0) => x86::vnni_q8_0(w, rows, x, tokens, out),
+                (Level::Avx512Vnni, Format::Q4_0) => x86::vnni_q4_0(w, rows, x, tokens, out),
+                (Level::Avx512Vnni, Format::Q4_1) => x86::vnni_q4_1(w, rows, x, tokens, out),
+                (Level::Avx2, Format::Q8_0) => x86::avx2_q8_0(w, rows, x, tokens, out),
+                (Level::Avx2, Format::Q4_0) => x86::avx2_q4_0(w, rows, x, tokens, out),
+                (Level::Avx2, Format::Q4_1) => x86::avx2_q4_1(w, rows, x, tokens, out),
+                _ => portable(w, rows, x, tokens, out),
+            }
+        }
+        return;
+    }
+    #[allow(unreachable_code)]
+    portable(w, rows, x, tokens, out)
+}
+
+/// Tokens a prefill tile covers: activations are padded to a multiple of this.
+pub const TILE_TOKENS: usize = 4;
+
+fn portable(w: Matrix<'_>, rows: Range<usize>, x: &Q8Rows, tokens: usize, out: Out) {
+    for r in rows {
+        let row = &w.data[r * w.row_bytes..][..w.row_bytes];
+        for t in 0..tokens {
+            // SAFETY: see `Out`.
+            unsafe { *out.ptr.add(t * out.stride + r) = dot_portable(w.format, row, x, t) };
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+    use std::ops::Range;
+
+    use super::{BLOCK, Matrix, Out, Q8Rows, TILE_TOKENS};
+
+    /// An instruction set's 32 × (u8 · i8) → 8 × i32 product.
+    pub trait Isa {
+        /// `Σ u·a` in groups of four bytes; `u` unsigned, `a` signed.
+        unsafe fn dot(u: __m256i, a: __m256i) -> __m256i;
+    }
+
+    pub struct Avx2;
+    impl Isa for Avx2 {
+        #[inline(always)]
+        unsafe fn dot(u: __m256i, a: __m256i) -> __m256i {
+            // u ≤ 128 here (nibbles, or |q8|), so the i16 pair sums cannot saturate.
+            unsafe { _mm256_madd_epi16(_mm256_maddubs_epi16(u, a), _mm256_set1_epi16(1)) }
+        }
+    }
+
+    pub struct Vnni;
+    impl Isa for Vnni {
+        #[inline(always)]
+        unsafe fn dot(u: __m256i, a: __m256i) -> __m256i {
+            unsafe { _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, a) }
+        }
+    }
+
+    /// A block layout: 32 values, a scale `d` and an offset `b` (value = d·v + b).
+    pub trait Blocks {
+        const BYTES: usize;
+        /// Values are signed (Q8_0): the kernel multiplies |v| by a·sign(v).
+        const SIGNED: bool;
+        /// `b` is not always zero.
+        const OFFSET: bool;
+        /// `(v, d, b)` of the block at `p`.
+        unsafe fn load(p: *const u8) -> (__m256i, f32, f32);
+    }
+
+    #[inline(always)]
+    unsafe fn f16(p: *const u8) -> f32 {
+        unsafe {
+            let h = (p as *const u16).read_unaligned();
+            _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h as i32)))
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn nibbles(p: *const u8) -> __m256i {
+        unsafe {
+            let raw = _mm_loadu_si128(p as *const __m128i);
+            let mask = _mm_set1_epi8(0x0F);
+            let lo = _mm_and_si128(raw, mask);
+            let hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
+            _mm256_set_m128i(hi, lo)
+        }
+    }
+
+    pub struct Q80;
+    impl Blocks for Q80 {
+        const BYTES: usize = 34;
+        const SIGNED: bool = true;
+        const OFFSET: bool = false;
+        #[inline(always)]
+        unsafe fn load(p: *const u8) -> (__m256i, f32, f32) {
+            unsafe { (_mm256_loadu_si256(p.add(2) as *const __m256i), f16(p), 0.0) }
+        }
+    }
+
+    pub struct Q40;
+    impl Blocks for Q40 {
+        const BYTES: usize = 18;
+        const SIGNED: bool = false;
+        const OFFSET: bool = true;
+        #[inline(always)]
+        unsafe fn load(p: *const u8) -> (__m256i, f32, f32) {
+            unsafe {
+                let d = f16(p);
+                (nibbles(p.add(2)), d, -8.0 * d)
+            }
+        }
+    }
+
+    pub struct Q41;
+    impl Blocks for Q41 {
+        const BYTES: usize = 20;
+        const SIGNED: bool = false;
+        const OFFSET: bool = true;
+        #[inline(always)]
+        unsafe fn load(p: *const u8) -> (__m256i, f32, f32) {
+            unsafe { (nibbles(p.add(4)), f16(p), f16(p.add(2))) }
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn hsum(v: __m256) -> f32 {
+        unsafe {
+            let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+            let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+            _mm_cvtss_f32(s)
+        }
+    }
+
+    /// One tile: rows `r0..r0+R` × tokens `t0..t0+C`, written where `r < rows_end`
+    /// and `t < tokens`.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn tile<I: Isa, B: Blocks, const R: usize, const C: usize>(
+        w: Matrix<'_>,
+        r0: usize,
+        x: &Q8Rows,
+        t0: usize,
+        blocks: usize,
+        rows_end: usize,
+        tokens: usize,
+        out: Out,
+    ) {
+        unsafe {
+            let mut acc = [[_mm256_setzero_ps(); C]; R];
+            let mut corr = [[0f32; C]; R];
+            let wp: [*const u8; R] = std::array::from_fn(|r| {
+                w.data
+                    .as_ptr()
+                    .add((r0 + r).min(rows_end - 1) * w.row_bytes)
+            });
+            let qs = x.qs.as_ptr();
+            for b in 0..blocks {
+                let mut v = [_mm256_setzero_si256(); R];
+                let mut d = [0f32; R];
+                let mut o = [0f32; R];
+                for r in 0..R {
+                    let (vr, dr, or) = B::load(wp[r].add(b * B::BYTES));
+                    v[r] = vr;
+                    d[r] = dr;
+                    o[r] = or;
+                }
+                let u: [__m256i; R] = std::array::from_fn(|r| {
+                    if B::SIGNED {
+                        _mm256_sign_epi8(v[r], v[r])
+                    } else {
+                        v[r]
+                    }
+                });
+                for c in 0..C {
+                    let i = (t0 + c) * blocks + b;
+                    let a = _mm256_loadu_si256(qs.add(i * BLOCK) as *const __m256i);
+                    let da = *x.d.get_unchecked(i);
+                    for r in 0..R {
+                        let a = if B::SIGNED {
+                            _mm256_sign_epi8(a, v[r])
+                        } else {
+                            a
+                        };
+                        let p = _mm256_cvtepi32_ps(I::dot(u[r], a));
+                        acc[r][c] = _mm256_fmadd_ps(_mm256_set1_ps(d[r] * da), p, acc[r][c]);
+                        if B::OFFSET {
+                            corr[r][c] += o[r] * *x.s.get_unchecked(i);
+                        }
+                    }
+                }
+            }
+            for r in 0..R {
+                if r0 + r >= rows_end {
+                    break;
+                }
+                for c in 0..C {
+                    if t0 + c < tokens {
+                        *out.ptr.add((t0 + c) * out.stride + r0 + r) = hsum(acc[r][c]) + corr[r][c];
+                    }
+                }
+            }
+        }
+    }
+
+    /// Every tile of `rows` × tokens: `R × 1` tiles for one token (decode), `RP × TILE`
+    /// tiles otherwise; a row tile runs over all tokens so its weights stay in L1.
+    #[inline(always)]
+    unsafe fn drive<I: Isa, B: Blocks, const R: usize, const RP: usize>(
+        w: Matrix<'_>,
+        rows: Range<usize>,
+        x: &Q8Rows,
+        tokens: usize,
+        out: Out,
+    ) {
+        let blocks = x.cols() / BLOCK;
+        unsafe {
+            if tokens == 1 {
+                let mut r = rows.start;
+                while r < rows.end {
+                    tile::<I, B, R, 1>(w, r, x, 0, blocks, rows.end, 1, out);
+                    r += R;
+                }
+                return;
+            }
+            let mut r = rows.start;
+            while r < rows.end {
+                let mut t = 0;
+                while t < tokens {
+                    tile::<I, B, RP, TILE_TOKENS>(w, r, x, t, blocks, rows.end, tokens, out);
+                    t += TILE_TOKENS;
+                }
+                r += RP;
+            }
+        }
+    }
+
+    macro_rules! entry {
+        ($name:ident, $features:literal, $isa:ty, $blocks:ty, $r:literal, $rp:literal) => {
+            #[target_feature(enable = $features)]
+            pub unsafe fn $name(
+                w: Matrix<'_>,
+                rows: Range<usize>,
+                x: &Q8Rows,
+                tokens: usize,
+                out: Out,
+            ) {
+                unsafe { drive::<$isa, $blocks, $r, $rp>(w, rows, x, tokens, out) }
+            }
+        };
+    }
+
+    entry!(avx2_q8_0, "avx2,fma,f16c", Avx2, Q80, 4, 2);
+    entry!(avx2_q4_0, "avx2,fma,f16c", Avx2, Q40, 4, 2);
+    entry!(avx2_q4_1, "avx2,fma,f16c", Avx2, Q41, 4, 2);
+    entry!(
+        vnni_q8_0,
+        "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni",
+        Vnni,
+        Q80,
+        4,
+        4
+    );
+    entry!(
+        vnni_q4_0,
+        "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni",
+        Vnni,
+        Q40,
+        4,
+        4
+    );
+    entry!(
+        vnni_q4_1,
+        "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni",
+        Vnni,
+        Q41,
+        4,
+        4
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::worker::engine::native::quant::{Format, dequantize_row};
+    use rand::{Rng, SeedableRng};
+
+    /// Random blocks with extreme scales too (tiny, huge, zero, negative).
+    fn random_matrix(format: Format, rows: usize, cols: usize, rng: &mut impl Rng) -> Vec<u8> {
+        let mut data = Vec::new();
+        let scales = [1e-3f32, 0.02, 1.0, 7.5, 0.0, -0.5, 6e4];
+        for _ in 0..rows * cols / BLOCK {
+            let d = half::f16::from_f32(scales[rng.random_range(0..scales.len())]);
+            let m = half::f16::from_f32(rng.random_range(-2.0..2.0));
+            data.extend(d.to_le_bytes());
+            match format {
+                Format::Q8_0 => data.extend((0..32).map(|_| rng.random_range(-128i32..=127) as u8)),
+                Format::Q4_0 => data.extend((0..16).map(|_| rng.random::<u8>())),
+                Format::Q4_1 => {
+                    data.extend(m.to_le_bytes());
+                    data.extend((0..16).map(|_| rng.random::<u8>()));
+                }
+                Format::F32 => unreachable!(),
+            }
+        }
+        data
+    }
+
+    #[test]
+    fn every_level_matches_the_portable_kernel_and_the_dequantized_product() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        for format in [Format::Q8_0, Format::Q4_0, Format::Q4_1] {
+            // 7 rows and 6 tokens: partial tiles in both directions.
+            let (rows, cols, tokens) = (7, 96, 6);
+            let data = random_matrix(format, rows, cols, &mut rng);
+            let w = Matrix {
+                format,
+                data: &data,
+                row_bytes: format.row_bytes(cols),
+            };
+            let xs: Vec<f32> = (0..tokens * cols)
+                .map(|i| {
+                    if i % 97 == 0 {
+                        300.0
+                    } else {
+                        rng.random_range(-3.0..3.0)
+                    }
+                })
+                .collect();
+            let mut x = Q8Rows::default();
+            x.quantize(&xs, tokens, cols, tokens.next_multiple_of(TILE_TOKENS));
+            // The exact product of the dequantized weights with the dequantized activations.
+            let mut expected = vec![0f64; tokens * rows];
+            let mut wrow = vec![0f32; cols];
+            for r in 0..rows {
+                dequantize_row(format, &data[r * w.row_bytes..][..w.row_bytes], &mut wrow);
+                for t in 0..tokens {
+                    expected[t * rows + r] = (0..cols)
+                        .map(|k| {
+                            wrow[k] as f64
+                                * (x.d[(t * cols + k) / 32] * x.qs[t * cols + k] as f32) as f64
+                        })
+                        .sum();
+                }
+            }
+            for level in Level::available() {
+                for n in [1, tokens] {
+                    let mut out = vec![f32::NAN; tokens * rows];
+                    // Two calls over split row ranges, as two threads would make them.
+                    let o = Out {
+                        ptr: out.as_mut_ptr(),
+                        stride: rows,
+                    };
+                    matmul_rows(level, w, 0..3, &x, n, o);
+                    matmul_rows(level, w, 3..rows, &x, n, o);
+                    for t in 0..n {
+                        for r in 0..rows {
+                            let (got, want) = (out[t * rows + r] as f64, expected[t * rows + r]);
+                            let scale = (0..cols).map(|_| 1.0).sum::<f64>() * want.abs().max(1.0);
+                            assert!(
+                                (got - want).abs() <= 1e-5 * scale,
+                                "{format:?} {level:?} tokens {n} row {r} token {t}: {got} vs {want}"
+                            );
+                        }
+                    }
+                    assert!(
+                        out[n * rows..].iter().all(|v| v.is_nan()),
+                        "wrote past the tokens"
+                    );
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,229 @@
+//! Weight formats as GGUF stores them, activations quantized to 8 bits, and the portable
+//! (scalar) kernels every SIMD kernel is tested against.
+//!
+//! Every quantized format is handled through one identity: a block of 32 weights holds
+//! values `d·v + b` with small integers `v`, so against activations `da·a` (blocks of 32
+//! signed bytes with `sa = da·Σa`) a block's dot product is `d·da·Σ v·a + b·sa`. Only the
+//! integer part runs in SIMD; `b` is `0` for Q8_0, `-8d` for Q4_0 and the block minimum
+//! for Q4_1.
+
+use candle_core::quantized::GgmlDType;
+
+/// Values per quantized block.
+pub const BLOCK: usize = 32;
+
+/// A weight matrix's storage format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// Plain f32 (F16 files are widened to this at load).
+    F32,
+    /// 32 signed bytes and an f16 scale.
+    Q8_0,
+    /// 32 nibbles (value − 8) and an f16 scale.
+    Q4_0,
+    /// 32 nibbles, an f16 scale and an f16 minimum.
+    Q4_1,
+}
+
+impl Format {
+    /// The format of a GGUF tensor type, when the native engine runs it.
+    pub fn of(dtype: GgmlDType) -> Option<Format> {
+        Some(match dtype {
+            GgmlDType::F32 | GgmlDType::F16 => Format::F32,
+            GgmlDType::Q8_0 => Format::Q8_0,
+            GgmlDType::Q4_0 => Format::Q4_0,
+            GgmlDType::Q4_1 => Format::Q4_1,
+            _ => return None,
+        })
+    }
+
+    /// Bytes of one block.
+    pub fn block_bytes(self) -> usize {
+        match self {
+            Format::F32 => 4,
+            Format::Q8_0 => 34,
+            Format::Q4_0 => 18,
+            Format::Q4_1 => 20,
+        }
+    }
+
+    /// Values in one block.
+    pub fn block_len(self) -> usize {
+        match self {
+            Format::F32 => 1,
+            _ => BLOCK,
+        }
+    }
+
+    /// Bytes of a row of `cols` values (`cols` a multiple of the block length).
+    pub fn row_bytes(self, cols: usize) -> usize {
+        cols / self.block_len() * self.block_bytes()
+    }
+}
+
+pub(crate) fn f16_at(bytes: &[u8], at: usize) -> f32 {
+    half::f16::from_le_bytes([bytes[at], bytes[at + 1]]).to_f32()
+}
+
+/// The weights of one block as `(d, b, v)`: value `i` is `d·v[i] + b`.
+pub fn block_values(format: Format, block: &[u8]) -> (f32, f32, [i8; BLOCK]) {
+    let mut v = [0i8; BLOCK];
+    match format {
+        Format::F32 => unreachable!("f32 rows have no blocks"),
+        Format::Q8_0 => {
+            for (o, b) in v.iter_mut().zip(&block[2..34]) {
+                *o = *b as i8;
+            }
+            (f16_at(block, 0), 0.0, v)
+        }
+        Format::Q4_0 | Format::Q4_1 => {
+            let qs = if format == Format::Q4_0 {
+                &block[2..18]
+            } else {
+                &block[4..20]
+            };
+            for (j, q) in qs.iter().enumerate() {
+                v[j] = (q & 0x0F) as i8;
+                v[j + 16] = (q >> 4) as i8;
+            }
+            let d = f16_at(block, 0);
+            let b = if format == Format::Q4_0 {
+                -8.0 * d
+            } else {
+                f16_at(block, 2)
+            };
+            (d, b, v)
+        }
+    }
+}
+
+/// Dequantizes one row stored in `format` into `out`.
+pub fn dequantize_row(format: Format, row: &[u8], out: &mut [f32]) {
+    if format == Format::F32 {
+        for (o, c) in out.iter_mut().zip(row.chunks_exact(4)) {
+            *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+        }
+        return;
+    }
+    for (block, out) in row
+        .chunks_exact(format.block_bytes())
+        .zip(out.chunks_exact_mut(BLOCK))
+    {
+        let (d, b, v) = block_values(format, block);
+        for (o, v) in out.iter_mut().zip(v) {
+            *o = d * v as f32 + b;
+        }
+    }
+}
+
+/// Rows of activations quantized to blocks of 32 signed bytes, as the quantized kernels
+/// read them: per block a scale `d` and `s = d·Σq`.
+#[derive(Debug, Default, Clone)]
+pub struct Q8Rows {
+    cols: usize,
+    /// `rows × cols` quantized values.
+    pub qs: Vec<i8>,
+    /// `rows × cols/32` scales.
+    pub d: Vec<f32>,
+    /// `rows × cols/32` scaled sums.
+    pub s: Vec<f32>,
+}
+
+impl Q8Rows {
+    /// Quantizes `rows` rows of `cols` values (`cols` a multiple of 32) from `x`, padding
+    /// with zero rows up to `padded_rows` so tiled kernels may read whole tiles.
+    pub fn quantize(&mut self, x: &[f32], rows: usize, cols: usize, padded_rows: usize) {
+        debug_assert!(cols.is_multiple_of(BLOCK) && padded_rows >= rows);
+        let blocks = cols / BLOCK;
+        self.cols = cols;
+        self.qs.clear();
+        self.qs.resize(padded_rows * cols, 0);
+        self.d.clear();
+        self.d.resize(padded_rows * blocks, 0.0);
+        self.s.clear();
+        self.s.resize(padded_rows * blocks, 0.0);
+        for (i, (x, q)) in x[..rows * cols]
+            .chunks_exact(BLOCK)
+            .zip(self.qs.chunks_exact_mut(BLOCK))
+            .enumerate()
+        {
+            let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+            // Kept in f32 (ggml rounds it to f16): closer to the unquantized product.
+            let d = amax / 127.0;
+            let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+            let mut sum = 0i32;
+            for (q, x) in q.iter_mut().zip(x) {
+                let v = (x * id).round() as i8;
+                *q = v;
+                sum += v as i32;
+            }
+            self.d[i] = d;
+            self.s[i] = d * sum as f32;
+        }
+    }
+
+    /// Values per row.
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+}
+
+/// The portable kernel: `w` (one row in `format`) · row `t` of `x`.
+pub fn dot_portable(format: Format, w: &[u8], x: &Q8Rows, t: usize) -> f32 {
+    let blocks = x.cols / BLOCK;
+    let mut sum = 0f32;
+    for (i, block) in w.chunks_exact(format.block_bytes()).enumerate() {
+        let (d, b, v) = block_values(format, block);
+        let a = &x.qs[(t * blocks + i) * BLOCK..][..BLOCK];
+        let dot: i32 = v.iter().zip(a).map(|(v, a)| *v as i32 * *a as i32).sum();
+        sum += d * x.d[t * blocks + i] * dot as f32 + b * x.s[t * blocks + i];
+    }
+    sum
+}
+
+/// Plain f32 dot product (the F32 format's kernel; vectorised by the compiler).
+pub fn dot_f32(w: &[f32], x: &[f32]) -> f32 {
+    // Eight independent sums let the compiler keep a vector of accumulators.
+    let mut acc = [0f32; 8];
+    let mut wc = w.chunks_exact(8);
+    let mut xc = x.chunks_exact(8);
+    for (w, x) in (&mut wc).zip(&mut xc) {
+        for i in 0..8 {
+            acc[i] += w[i] * x[i];
+        }
+    }
+    let tail: f32 = wc
+        .remainder()
+        .iter()
+        .zip(xc.remainder())
+        .map(|(w, x)| w * x)
+        .sum();
+    acc.iter().sum::<f32>() + tail
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn activations_round_trip_within_half_a_step() {
+        let x: Vec<f32> = (0..64)
+            .map(|i| ((i * 37 % 64) as f32 - 31.5) * 0.3)
+            .collect();
+        let mut q = Q8Rows::default();
+        q.quantize(&x, 1, 64, 2);
+        assert_eq!(q.qs.len(), 128, "padded to two rows");
+        for (b, x) in x.chunks(32).enumerate() {
+            let d = q.d[b];
+            let sum: i32 = q.qs[b * 32..][..32].iter().map(|v| *v as i32).sum();
+            assert!((q.s[b] - d * sum as f32).abs() < 1e-4);
+            for (i, x) in x.iter().enumerate() {
+                let back = d * q.qs[b * 32 + i] as f32;
+                assert!((back - x).abs() <= d / 2.0 + 1e-6, "{back} vs {x}");
+            }
+        }
+        // A zero block quantizes to zeros, not NaN.
+        q.quantize(&[0.0; 32], 1, 32, 1);
+        assert_eq!((q.d[0], q.s[0]), (0.0, 0.0));
+    }
+}

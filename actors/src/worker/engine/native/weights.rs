@@ -1,0 +1,395 @@
+//! The llama family's weights read from a GGUF file into the native engine's layout, and
+//! the hyper-parameters its forward pass needs.
+
+use std::io::{Read, Seek, SeekFrom};
+
+use candle_core::quantized::GgmlDType;
+use candle_core::quantized::gguf_file::Content;
+
+use super::quant::{BLOCK, Format};
+
+/// Architectures the native forward pass runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arch {
+    /// Llama, SmolLM, Mistral-style GGUFs: interleaved RoPE.
+    Llama,
+    /// Qwen2: biases on Q, K and V; half-split (NeoX) RoPE.
+    Qwen2,
+    /// Qwen3: RMSNorm on each head of Q and K; NeoX RoPE.
+    Qwen3,
+}
+
+impl Arch {
+    fn of(name: &str) -> Option<Arch> {
+        Some(match name {
+            "llama" => Arch::Llama,
+            "qwen2" => Arch::Qwen2,
+            "qwen3" => Arch::Qwen3,
+            _ => return None,
+        })
+    }
+}
+
+/// Hyper-parameters from the GGUF metadata and tensor shapes.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The architecture.
+    pub arch: Arch,
+    /// Transformer blocks.
+    pub layers: usize,
+    /// Width of the residual stream.
+    pub dim: usize,
+    /// Query heads.
+    pub heads: usize,
+    /// Key/value heads (grouped-query attention when fewer than `heads`).
+    pub kv_heads: usize,
+    /// Width of one head.
+    pub head_dim: usize,
+    /// Width of the feed-forward layer.
+    pub ffn: usize,
+    /// Vocabulary size.
+    pub vocab: usize,
+    /// RoPE base frequency.
+    pub rope_base: f32,
+    /// RMSNorm epsilon.
+    pub eps: f32,
+    /// Context length the file declares.
+    pub context: usize,
+}
+
+/// A weight matrix: `rows` outputs of `cols` inputs.
+#[derive(Debug)]
+pub struct Linear {
+    /// Storage format.
+    pub format: Format,
+    /// Output features.
+    pub rows: usize,
+    /// Input features.
+    pub cols: usize,
+    /// Quantized rows back to back (empty for F32).
+    pub bytes: Vec<u8>,
+    /// F32 rows back to back (empty for quantized).
+    pub floats: Vec<f32>,
+}
+
+impl Linear {
+    /// Row `r` as f32 values (an embedding lookup).
+    pub fn row_into(&self, r: usize, out: &mut [f32]) {
+        if self.format == Format::F32 {
+            out.copy_from_slice(&self.floats[r * self.cols..][..self.cols]);
+        } else {
+            let n = self.format.row_bytes(self.cols);
+            super::quant::dequantize_row(self.format, &self.bytes[r * n..][..n], out);
+        }
+    }
+
+    /// Bytes of one stored row.
+    pub fn row_bytes(&self) -> usize {
+        self.format.row_bytes(self.cols)
+    }
+}
+
+/// One transformer block.
+#[derive(Debug)]
+pub struct Layer {
+    pub attn_norm: Vec<f32>,
+    pub q: Linear,
+    pub k: Linear,
+    pub v: Linear,
+    pub o: Linear,
+    /// Qwen2's projection biases.
+    pub qkv_bias: Option<[Vec<f32>; 3]>,
+    /// Qwen3's per-head norms of Q and K.
+    pub qk_norm: Option<[Vec<f32>; 2]>,
+    pub ffn_norm: Vec<f32>,
+    pub gate: Linear,
+    pub up: Linear,
+    pub down: Linear,
+}
+
+/// Every weight of a model.
+#[derive(Debug)]
+pub struct Weights {
+    pub config: Config,
+    pub embed: Linear,
+    pub layers: Vec<Layer>,
+    pub out_norm: Vec<f32>,
+    /// `None` when the output head is the embedding matrix (tied weights).
+    pub output: Option<Linear>,
+}
+
+impl Weights {
+    /// The output head.
+    pub fn head(&self) -> &Linear {
+        self.output.as_ref().unwrap_or(&self.embed)
+    }
+
+    /// The most common weight format (what benchmarks name).
+    pub fn format(&self) -> Format {
+        self.layers
+            .first()
+            .map_or(self.embed.format, |l| l.q.format)
+    }
+}
+
+/// Why a file is not for the native engine (the caller then uses candle's models).
+#[derive(Debug, thiserror::Error)]
+pub enum Unsupported {
+    /// Not a llama-family architecture the native pass implements.
+    #[error("architecture {0} has no native forward pass")]
+    Architecture(String),
+    /// A tensor in a format without native kernels.
+    #[error("tensor {name} is {dtype:?}, which has no native kernel")]
+    Format {
+        /// The tensor.
+        name: String,
+        /// Its type.
+        dtype: GgmlDType,
+    },
+    /// A shape or hyper-parameter the native pass does not handle (partial RoPE, rows
+    /// not a multiple of the block length, …).
+    #[error("{0}")]
+    Shape(String),
+    /// A metadata key is missing or of the wrong type.
+    #[error("metadata {0} is missing or of the wrong type")]
+    Metadata(String),
+    /// Reading the file failed.
+    #[error("cannot read tensor {name}: {reason}")]
+    Read {
+        /// The tensor.
+        name: String,
+        /// What went wrong.
+        reason: String,
+    },
+}
+
+struct Reader<'a, R> {
+    content: &'a Content,
+    reader: &'a mut R,
+}
+
+impl<R: Read + Seek> Reader<'_, R> {
+    fn has(&self, name: &str) -> bool {
+        self.content.tensor_infos.contains_key(name)
+    }
+
+    /// Raw bytes and shape (`[rows, cols]` or `[n]`) of a tensor.
+    fn raw(&mut self, name: &str) -> Result<(GgmlDType, Vec<usize>, Vec<u8>), Unsupported> {
+        let info = self
+            .content
+            .tensor_infos
+            .get(name)
+            .ok_or_else(|| Unsupported::Shape(format!("tensor {name} is missing")))?;
+        let dims = info.shape.dims().to_vec();
+        let elems: usize = dims.iter().product();
+        let dtype = info.ggml_dtype;
+        if !elems.is_multiple_of(dtype.block_size()) {
+            return Err(Unsupported::Shape(format!(
+                "{name}: {elems} values are not whole blocks"
+            )));
+        }
+        let size = elems / dtype.block_size() * dtype.type_size();
+        let read_err = |e: std::io::Error| Unsupported::Read {
+            name: name.into(),
+            reason: e.to_string(),
+        };
+        self.reader
+            .seek(SeekFrom::Start(
+                self.content.tensor_data_offset + info.offset,
+            ))
+            .map_err(read_err)?;
+        let mut bytes = vec![0u8; size];
+        self.reader.read_exact(&mut bytes).map_err(read_err)?;
+        Ok((dtype, dims, bytes))
+    }
+
+    fn vector(&mut self, name: &str, len: usize) -> Result<Vec<f32>, Unsupported> {
+        let (dtype, dims, bytes) = self.raw(name)?;
+        let floats = to_f32(name, dtype, &bytes)?;
+        if dims.iter().product::<usize>() != len {
+            return Err(Unsupported::Shape(format!(
+                "{name}: {dims:?}, expected {len} values"
+            )));
+        }
+        Ok(floats)
+    }
+
+    fn linear(&mut self, name: &str, rows: usize, cols: usize) -> Result<Linear, Unsupported> {
+        let (dtype, dims, bytes) = self.raw(name)?;
+        if dims != [rows, cols] {
+            return Err(Unsupported::Shape(format!(
+                "{name}: {dims:?}, expected [{rows}, {cols}]"
+            )));
+        }
+        let format = Format::of(dtype).ok_or_else(|| Unsupported::Format {
+            name: name.into(),
+            dtype,
+        })?;
+        if !cols.is_multiple_of(BLOCK) {
+            return Err(Unsupported::Shape(format!(
+                "{name}: {cols} inputs are not a multiple of {BLOCK}"
+            )));
+        }
+        let (bytes, floats) = if format == Format::F32 {
+            (Vec::new(), to_f32(name, dtype, &bytes)?)
+        } else {
+            (bytes, Vec::new())
+        };
+        Ok(Linear {
+            format,
+            rows,
+            cols,
+            bytes,
+            floats,
+        })
+    }
+}
+
+fn to_f32(name: &str, dtype: GgmlDType, bytes: &[u8]) -> Result<Vec<f32>, Unsupported> {
+    Ok(match dtype {
+        GgmlDType::F32 => bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        GgmlDType::F16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        _ => {
+            return Err(Unsupported::Format {
+                name: name.into(),
+                dtype,
+            });
+        }
+    })
+}
+
+/// Reads the weights of a llama-family GGUF whose header is `content`.
+pub fn read<R: Read + Seek>(content: &Content, reader: &mut R) -> Result<Weights, Unsupported> {
+    let meta = |key: &str| content.metadata.get(key);
+    let arch_name = meta("general.architecture")
+        .and_then(|v| v.to_string().ok())
+        .cloned()
+        .ok_or_else(|| Unsupported::Metadata("general.architecture".into()))?;
+    let arch = Arch::of(&arch_name).ok_or(Unsupported::Architecture(arch_name.clone()))?;
+    let a = arch_name.as_str();
+    let number = |key: String| {
+        meta(&key)
+            .and_then(|v| v.to_u32().ok())
+            .map(|v| v as usize)
+            .ok_or(Unsupported::Metadata(key))
+    };
+    let layers = number(format!("{a}.block_count"))?;
+    let dim = number(format!("{a}.embedding_length"))?;
+    let heads = number(format!("{a}.attention.head_count"))?;
+    let kv_heads = number(format!("{a}.attention.head_count_kv"))?;
+    let context = number(format!("{a}.context_length"))?;
+    if heads == 0 || kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
+        return Err(Unsupported::Shape(format!(
+            "{heads} query heads over {kv_heads} key/value heads"
+        )));
+    }
+    let head_dim = match arch {
+        Arch::Qwen3 => number(format!("{a}.attention.key_length"))?,
+        _ => dim / heads,
+    };
+    if let Ok(rope) = number(format!("{a}.rope.dimension_count"))
+        && rope != head_dim
+    {
+        return Err(Unsupported::Shape(format!(
+            "RoPE over {rope} of {head_dim} head dimensions"
+        )));
+    }
+    if !head_dim.is_multiple_of(2) {
+        return Err(Unsupported::Shape(format!("odd head dimension {head_dim}")));
+    }
+    let rope_base = meta(&format!("{a}.rope.freq_base"))
+        .and_then(|v| v.to_f32().ok())
+        .unwrap_or(10000.0);
+    let eps = meta(&format!("{a}.attention.layer_norm_rms_epsilon"))
+        .and_then(|v| v.to_f32().ok())
+        .ok_or_else(|| Unsupported::Metadata(format!("{a}.attention.layer_norm_rms_epsilon")))?;
+    let embed_info = content
+        .tensor_infos
+        .get("token_embd.weight")
+        .ok_or_else(|| Unsupported::Shape("tensor token_embd.weight is missing".into()))?;
+    let vocab = embed_info.shape.dims().first().copied().unwrap_or(0);
+    let ffn = content
+        .tensor_infos
+        .get("blk.0.ffn_gate.weight")
+        .and_then(|t| t.shape.dims().first().copied())
+        .ok_or_else(|| Unsupported::Shape("tensor blk.0.ffn_gate.weight is missing".into()))?;
+    let config = Config {
+        arch,
+        layers,
+        dim,
+        heads,
+        kv_heads,
+        head_dim,
+        ffn,
+        vocab,
+        rope_base,
+        eps,
+        context,
+    };
+    // Every tensor's format is checked before any is read, so an unsupported file falls
+    // back to candle without reading its weights twice.
+    for (name, info) in &content.tensor_infos {
+        if info.shape.rank() == 2 && Format::of(info.ggml_dtype).is_none() {
+            return Err(Unsupported::Format {
+                name: name.clone(),
+                dtype: info.ggml_dtype,
+            });
+        }
+    }
+    let mut r = Reader { content, reader };
+    let (q_dim, kv_dim) = (heads * head_dim, kv_heads * head_dim);
+    let embed = r.linear("token_embd.weight", vocab, dim)?;
+    let out_norm = r.vector("output_norm.weight", dim)?;
+    let output = if r.has("output.weight") {
+        Some(r.linear("output.weight", vocab, dim)?)
+    } else {
+        None
+    };
+    let mut blocks = Vec::with_capacity(layers);
+    for l in 0..layers {
+        let p = format!("blk.{l}");
+        let qkv_bias = if arch == Arch::Qwen2 {
+            Some([
+                r.vector(&format!("{p}.attn_q.bias"), q_dim)?,
+                r.vector(&format!("{p}.attn_k.bias"), kv_dim)?,
+                r.vector(&format!("{p}.attn_v.bias"), kv_dim)?,
+            ])
+        } else {
+            None
+        };
+        let qk_norm = if arch == Arch::Qwen3 {
+            Some([
+                r.vector(&format!("{p}.attn_q_norm.weight"), head_dim)?,
+                r.vector(&format!("{p}.attn_k_norm.weight"), head_dim)?,
+            ])
+        } else {
+            None
+        };
+        blocks.push(Layer {
+            attn_norm: r.vector(&format!("{p}.attn_norm.weight"), dim)?,
+            q: r.linear(&format!("{p}.attn_q.weight"), q_dim, dim)?,
+            k: r.linear(&format!("{p}.attn_k.weight"), kv_dim, dim)?,
+            v: r.linear(&format!("{p}.attn_v.weight"), kv_dim, dim)?,
+            o: r.linear(&format!("{p}.attn_output.weight"), dim, q_dim)?,
+            qkv_bias,
+            qk_norm,
+            ffn_norm: r.vector(&format!("{p}.ffn_norm.weight"), dim)?,
+            gate: r.linear(&format!("{p}.ffn_gate.weight"), ffn, dim)?,
+            up: r.linear(&format!("{p}.ffn_up.weight"), ffn, dim)?,
+            down: r.linear(&format!("{p}.ffn_down.weight"), dim, ffn)?,
+        });
+    }
+    Ok(Weights {
+        config,
+        embed,
+        layers: blocks,
+        out_norm,
+        output,
+    })
+}
