@@ -30,4 +30,3 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<ExitCode> {
         BenchCommand::Soak(args) => super::bench_soak::run(args).await,
     }
 }
-

@@ -149,7 +149,14 @@ pub async fn run(args: EngineArgs) -> anyhow::Result<ExitCode> {
     );
     println!(
         "{:<34} {:>7} {:>12} {:>12} {:>6} {:>12} {:>12} {:>6}",
-        "file", "threads", "rbee pp t/s", "llama pp t/s", "ratio", "rbee tg t/s", "llama tg t/s", "ratio"
+        "file",
+        "threads",
+        "rbee pp t/s",
+        "llama pp t/s",
+        "ratio",
+        "rbee tg t/s",
+        "llama tg t/s",
+        "ratio"
     );
     for case in &cases {
         let rbee = medians(&case.rbee_runs);
@@ -178,14 +185,20 @@ fn label_of(path: &Path, how: &str) -> anyhow::Result<String> {
     let mut file = std::fs::File::open(path)?;
     let content = gguf_file::Content::read(&mut file)?;
     let mut counts: Vec<(GgmlDType, usize)> = Vec::new();
-    for info in content.tensor_infos.values().filter(|t| t.shape.rank() == 2) {
+    for info in content
+        .tensor_infos
+        .values()
+        .filter(|t| t.shape.rank() == 2)
+    {
         match counts.iter_mut().find(|(d, _)| *d == info.ggml_dtype) {
             Some((_, n)) => *n += 1,
             None => counts.push((info.ggml_dtype, 1)),
         }
     }
     let dtype = counts.iter().max_by_key(|(_, n)| *n).map(|(d, _)| *d);
-    Ok(format!("{dtype:?} {how}").replace("Some(", "").replace(')', ""))
+    Ok(format!("{dtype:?} {how}")
+        .replace("Some(", "")
+        .replace(')', ""))
 }
 
 /// A copy of `source` with every weight matrix requantized to `dtype`, made once.
@@ -198,7 +211,15 @@ fn requantized(source: &Path, dtype: GgmlDType, label: &str) -> anyhow::Result<P
         let mut reader = std::io::BufReader::new(std::fs::File::open(source)?);
         let content = gguf_file::Content::read(&mut reader)?;
         let to = (dtype, Selection::AllMatrices);
-        convert::write_copy(source, &content, &mut reader, &sha, &target, to, &mut |_| {})?;
+        convert::write_copy(
+            source,
+            &content,
+            &mut reader,
+            &sha,
+            &target,
+            to,
+            &mut |_| {},
+        )?;
     }
     Ok(target)
 }
@@ -278,8 +299,8 @@ fn llama_bench_run(
         "llama-bench failed: {}",
         String::from_utf8_lossy(&output.stderr)
     );
-    let runs: Vec<serde_json::Value> = serde_json::from_slice(&output.stdout)
-        .context("llama-bench printed no JSON array")?;
+    let runs: Vec<serde_json::Value> =
+        serde_json::from_slice(&output.stdout).context("llama-bench printed no JSON array")?;
     let rate = |want_prompt: bool| {
         runs.iter()
             .find(|r| (r["n_prompt"].as_u64().unwrap_or(0) > 0) == want_prompt)

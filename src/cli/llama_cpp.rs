@@ -61,8 +61,18 @@ pub fn tool(tool: &str) -> anyhow::Result<PathBuf> {
         run(
             &format!("downloading the {SDIST} source distribution (pip)"),
             Command::new(&python)
-                .args(["-m", "pip", "download", "--quiet", "--disable-pip-version-check"])
-                .args(["--no-deps", "--no-build-isolation", "--no-binary=llama-cpp-python"])
+                .args([
+                    "-m",
+                    "pip",
+                    "download",
+                    "--quiet",
+                    "--disable-pip-version-check",
+                ])
+                .args([
+                    "--no-deps",
+                    "--no-build-isolation",
+                    "--no-binary=llama-cpp-python",
+                ])
                 .arg(SDIST)
                 .arg("-d")
                 .arg(&root),
@@ -84,7 +94,12 @@ pub fn tool(tool: &str) -> anyhow::Result<PathBuf> {
             .arg(&sources)
             .arg("-B")
             .arg(&build)
-            .args(["-G", "Ninja", "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON"])
+            .args([
+                "-G",
+                "Ninja",
+                "-DCMAKE_BUILD_TYPE=Release",
+                "-DGGML_NATIVE=ON",
+            ])
             .args(["-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF"])
             .args(["-DLLAMA_BUILD_EXAMPLES=OFF", "-DBUILD_SHARED_LIBS=OFF"]),
     )?;
@@ -110,8 +125,17 @@ pub fn cpu_line() -> String {
     let simd: Vec<&str> = flags
         .split_whitespace()
         .filter(|f| {
-            ["avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni"]
-                .contains(f)
+            [
+                "avx2",
+                "fma",
+                "f16c",
+                "avx512f",
+                "avx512bw",
+                "avx512vl",
+                "avx512_vnni",
+                "avx_vnni",
+            ]
+            .contains(f)
         })
         .collect();
     format!(

@@ -198,9 +198,15 @@ mod tests {
         assert!(!is_valid_copy(&target, &sha));
         let mut fractions = Vec::new();
         let to = (GgmlDType::Q8_0, Selection::Slow);
-        write_copy(&source, &content, &mut reader, &sha, &target, to, &mut |f| {
-            fractions.push(f)
-        })
+        write_copy(
+            &source,
+            &content,
+            &mut reader,
+            &sha,
+            &target,
+            to,
+            &mut |f| fractions.push(f),
+        )
         .unwrap();
         assert_eq!(fractions.last(), Some(&1.0));
         assert!(is_valid_copy(&target, &sha));

@@ -216,29 +216,32 @@ mod x86 {
         unsafe {
             let mut acc = [[_mm256_setzero_ps(); C]; R];
             let mut corr = [[0f32; C]; R];
-            let wp: [*const u8; R] = std::array::from_fn(|r| {
-                w.data
+            // Plain loops, not closures: a closure does not inherit the caller's
+            // target features, and its intrinsics would become calls.
+            let mut wp = [std::ptr::null::<u8>(); R];
+            for (r, p) in wp.iter_mut().enumerate() {
+                *p = w
+                    .data
                     .as_ptr()
-                    .add((r0 + r).min(rows_end - 1) * w.row_bytes)
-            });
+                    .add((r0 + r).min(rows_end - 1) * w.row_bytes);
+            }
             let qs = x.qs.as_ptr();
             for b in 0..blocks {
                 let mut v = [_mm256_setzero_si256(); R];
+                let mut u = [_mm256_setzero_si256(); R];
                 let mut d = [0f32; R];
                 let mut o = [0f32; R];
                 for r in 0..R {
                     let (vr, dr, or) = B::load(wp[r].add(b * B::BYTES));
                     v[r] = vr;
+                    u[r] = if B::SIGNED {
+                        _mm256_sign_epi8(vr, vr)
+                    } else {
+                        vr
+                    };
                     d[r] = dr;
                     o[r] = or;
                 }
-                let u: [__m256i; R] = std::array::from_fn(|r| {
-                    if B::SIGNED {
-                        _mm256_sign_epi8(v[r], v[r])
-                    } else {
-                        v[r]
-                    }
-                });
                 for c in 0..C {
                     let i = (t0 + c) * blocks + b;
                     let a = _mm256_loadu_si256(qs.add(i * BLOCK) as *const __m256i);
@@ -317,15 +320,15 @@ mod x86 {
         };
     }
 
-    entry!(avx2_q8_0, "avx2,fma,f16c", Avx2, Q80, 4, 2);
-    entry!(avx2_q4_0, "avx2,fma,f16c", Avx2, Q40, 4, 2);
-    entry!(avx2_q4_1, "avx2,fma,f16c", Avx2, Q41, 4, 2);
+    entry!(avx2_q8_0, "avx2,fma,f16c", Avx2, Q80, 1, 2);
+    entry!(avx2_q4_0, "avx2,fma,f16c", Avx2, Q40, 1, 2);
+    entry!(avx2_q4_1, "avx2,fma,f16c", Avx2, Q41, 1, 2);
     entry!(
         vnni_q8_0,
         "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni",
         Vnni,
         Q80,
-        4,
+        1,
         4
     );
     entry!(
@@ -333,7 +336,7 @@ mod x86 {
         "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni",
         Vnni,
         Q40,
-        4,
+        1,
         4
     );
     entry!(
@@ -341,7 +344,7 @@ mod x86 {
         "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni",
         Vnni,
         Q41,
-        4,
+        1,
         4
     );
 }

@@ -198,7 +198,7 @@ impl<R: Read + Seek> Reader<'_, R> {
                 self.content.tensor_data_offset + info.offset,
             ))
             .map_err(read_err)?;
-        let mut bytes = vec![0u8; size];
+        let mut bytes = huge_page_buffer(size);
         self.reader.read_exact(&mut bytes).map_err(read_err)?;
         Ok((dtype, dims, bytes))
     }
@@ -243,6 +243,25 @@ impl<R: Read + Seek> Reader<'_, R> {
             floats,
         })
     }
+}
+
+/// A zeroed buffer whose memory the kernel may back with 2 MiB pages: a decode step
+/// streams every weight once, and with 4 KiB pages each matrix costs thousands of TLB
+/// misses. Asked before first touch, so the reads fault huge pages in directly.
+fn huge_page_buffer(size: usize) -> Vec<u8> {
+    let buffer = vec![0u8; size];
+    #[cfg(target_os = "linux")]
+    {
+        const HUGE: usize = 2 << 20;
+        let start = (buffer.as_ptr() as usize).next_multiple_of(HUGE);
+        let end = (buffer.as_ptr() as usize + size) / HUGE * HUGE;
+        if end > start {
+            // SAFETY: advice on whole pages inside the buffer's own allocation; it changes
+            // how the memory is backed, never its contents.
+            unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE) };
+        }
+    }
+    buffer
 }
 
 fn to_f32(name: &str, dtype: GgmlDType, bytes: &[u8]) -> Result<Vec<f32>, Unsupported> {
