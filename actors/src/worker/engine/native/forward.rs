@@ -120,6 +120,7 @@ fn linears(
                         format: m.format,
                         data: &m.bytes,
                         row_bytes: m.row_bytes(),
+                        packed: m.packed,
                     };
                     matmul_rows(level, w, rows, q8, n, *out);
                 }

@@ -45,6 +45,8 @@ pub struct Matrix<'a> {
     pub data: &'a [u8],
     /// Bytes of one row.
     pub row_bytes: usize,
+    /// Repacked in groups of eight rows ([`super::packed`]).
+    pub packed: bool,
 }
 
 /// `out[t][r] = w_r · x_t` for `r` in `rows` and `t < tokens` at `level`.
@@ -64,20 +66,58 @@ pub fn matmul_rows(
         // (asserted by the caller's construction of `w`), and `x` holds at least
         // `tokens` rows padded to the tile width (Q8Rows::quantize with padded_rows).
         unsafe {
-            match (level, w.format) {
-                (Level::Avx512Vnni, Format::Q8_0) => x86::vnni_q8_0(w, rows, x, tokens, out),
-                (Level::Avx512Vnni, Format::Q4_0) => x86::vnni_q4_0(w, rows, x, tokens, out),
-                (Level::Avx512Vnni, Format::Q4_1) => x86::vnni_q4_1(w, rows, x, tokens, out),
-                (Level::Avx2, Format::Q8_0) => x86::avx2_q8_0(w, rows, x, tokens, out),
-                (Level::Avx2, Format::Q4_0) => x86::avx2_q4_0(w, rows, x, tokens, out),
-                (Level::Avx2, Format::Q4_1) => x86::avx2_q4_1(w, rows, x, tokens, out),
+            match (level, w.format, w.packed) {
+                (Level::Avx512Vnni, Format::Q8_0, true) => {
+                    x86::vnni_p_q8_0(w, rows, x, tokens, out)
+                }
+                (Level::Avx512Vnni, Format::Q4_0, true) => {
+                    x86::vnni_p_q4_0(w, rows, x, tokens, out)
+                }
+                (Level::Avx512Vnni, Format::Q4_1, true) => {
+                    x86::vnni_p_q4_1(w, rows, x, tokens, out)
+                }
+                (Level::Avx2, Format::Q8_0, true) => x86::avx2_p_q8_0(w, rows, x, tokens, out),
+                (Level::Avx2, Format::Q4_0, true) => x86::avx2_p_q4_0(w, rows, x, tokens, out),
+                (Level::Avx2, Format::Q4_1, true) => x86::avx2_p_q4_1(w, rows, x, tokens, out),
+                (_, _, true) => portable_packed(w, rows, x, tokens, out),
+                (Level::Avx512Vnni, Format::Q8_0, _) => x86::vnni_q8_0(w, rows, x, tokens, out),
+                (Level::Avx512Vnni, Format::Q4_0, _) => x86::vnni_q4_0(w, rows, x, tokens, out),
+                (Level::Avx512Vnni, Format::Q4_1, _) => x86::vnni_q4_1(w, rows, x, tokens, out),
+                (Level::Avx2, Format::Q8_0, _) => x86::avx2_q8_0(w, rows, x, tokens, out),
+                (Level::Avx2, Format::Q4_0, _) => x86::avx2_q4_0(w, rows, x, tokens, out),
+                (Level::Avx2, Format::Q4_1, _) => x86::avx2_q4_1(w, rows, x, tokens, out),
                 _ => portable(w, rows, x, tokens, out),
             }
         }
         return;
     }
     #[allow(unreachable_code)]
-    portable(w, rows, x, tokens, out)
+    if w.packed {
+        portable_packed(w, rows, x, tokens, out)
+    } else {
+        portable(w, rows, x, tokens, out)
+    }
+}
+
+/// Repacked rows on a CPU without the SIMD kernels: dequantized row by row (the engine
+/// only repacks where those kernels run, so this serves tests and odd callers).
+fn portable_packed(w: Matrix<'_>, rows: Range<usize>, x: &Q8Rows, tokens: usize, out: Out) {
+    let cols = x.cols();
+    let mut row = vec![0f32; cols];
+    for r in rows {
+        super::packed::dequantize_row(w.format, w.data, r, &mut row);
+        for t in 0..tokens {
+            let a = &x.qs[t * cols..][..cols];
+            let dot: f32 = row
+                .iter()
+                .zip(a)
+                .enumerate()
+                .map(|(k, (w, a))| w * x.d[(t * cols + k) / BLOCK] * *a as f32)
+                .sum();
+            // SAFETY: see `Out`.
+            unsafe { *out.ptr.add(t * out.stride + r) = dot };
+        }
+    }
 }
 
 /// Tokens a prefill tile covers: activations are padded to a multiple of this.
@@ -305,6 +345,169 @@ mod x86 {
         }
     }
 
+    /// Eight rows of group `g` × tokens `t0..t0+C` from the repacked layout
+    /// (`F`: 0 = Q8_0, 1 = Q4_0, 2 = Q4_1). Lane `i` of each result is row `8g + i`.
+    #[inline(always)]
+    unsafe fn packed_group<const VNNI: bool, const F: u8, const C: usize>(
+        data: *const u8,
+        g: usize,
+        blocks: usize,
+        x: &Q8Rows,
+        t0: usize,
+    ) -> [__m256; C] {
+        let gb = [272, 144, 160][F as usize];
+        let quants = if F == 2 { 32 } else { 16 };
+        unsafe {
+            let mut acc = [_mm256_setzero_ps(); C];
+            let base = data.add(g * blocks * gb);
+            let mask = _mm256_set1_epi8(0x0F);
+            let ones = _mm256_set1_epi16(1);
+            for b in 0..blocks {
+                let p = base.add(b * gb);
+                let d = _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i));
+                let mut w = [_mm256_setzero_si256(); 8];
+                if F == 0 {
+                    for (k, w) in w.iter_mut().enumerate() {
+                        let v = _mm256_loadu_si256(p.add(quants + 32 * k) as *const __m256i);
+                        // VNNI multiplies unsigned by signed bytes: w + 128, offset below.
+                        *w = if VNNI {
+                            _mm256_xor_si256(v, _mm256_set1_epi8(-128))
+                        } else {
+                            v
+                        };
+                    }
+                } else {
+                    for j in 0..4 {
+                        let raw = _mm256_loadu_si256(p.add(quants + 32 * j) as *const __m256i);
+                        w[j] = _mm256_and_si256(raw, mask);
+                        w[j + 4] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), mask);
+                    }
+                }
+                // value = d·v + o per row.
+                let o = match F {
+                    0 => _mm256_mul_ps(d, _mm256_set1_ps(-128.0)),
+                    1 => _mm256_mul_ps(d, _mm256_set1_ps(-8.0)),
+                    _ => _mm256_cvtph_ps(_mm_loadu_si128(p.add(16) as *const __m128i)),
+                };
+                for (c, acc) in acc.iter_mut().enumerate() {
+                    let i = (t0 + c) * blocks + b;
+                    let ap = x.qs.as_ptr().add(i * BLOCK) as *const i32;
+                    let mut int = _mm256_setzero_si256();
+                    for (k, w) in w.iter().enumerate() {
+                        let a4 = _mm256_set1_epi32(ap.add(k).read_unaligned());
+                        int = if VNNI {
+                            _mm256_dpbusd_epi32(int, *w, a4)
+                        } else if F == 0 {
+                            let p = _mm256_maddubs_epi16(
+                                _mm256_sign_epi8(*w, *w),
+                                _mm256_sign_epi8(a4, *w),
+                            );
+                            _mm256_add_epi32(int, _mm256_madd_epi16(p, ones))
+                        } else {
+                            let p = _mm256_maddubs_epi16(*w, a4);
+                            _mm256_add_epi32(int, _mm256_madd_epi16(p, ones))
+                        };
+                    }
+                    let da = _mm256_set1_ps(*x.d.get_unchecked(i));
+                    *acc = _mm256_fmadd_ps(_mm256_mul_ps(d, da), _mm256_cvtepi32_ps(int), *acc);
+                    // AVX2 multiplies Q8_0's signed values directly: no offset.
+                    if F != 0 || VNNI {
+                        *acc = _mm256_fmadd_ps(o, _mm256_set1_ps(*x.s.get_unchecked(i)), *acc);
+                    }
+                }
+            }
+            acc
+        }
+    }
+
+    /// Writes a group's eight results for token `t`, only the lanes inside `rows`.
+    #[inline(always)]
+    unsafe fn store_group(v: __m256, g: usize, t: usize, rows: &Range<usize>, out: Out) {
+        unsafe {
+            let first = g * 8;
+            let dst = out.ptr.add(t * out.stride + first);
+            if first >= rows.start && first + 8 <= rows.end {
+                _mm256_storeu_ps(dst, v);
+            } else {
+                let mut lanes = [0f32; 8];
+                _mm256_storeu_ps(lanes.as_mut_ptr(), v);
+                for (i, value) in lanes.iter().enumerate() {
+                    if rows.contains(&(first + i)) {
+                        *dst.add(i) = *value;
+                    }
+                }
+            }
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn packed_drive<const VNNI: bool, const F: u8>(
+        w: Matrix<'_>,
+        rows: Range<usize>,
+        x: &Q8Rows,
+        tokens: usize,
+        out: Out,
+    ) {
+        let blocks = x.cols() / BLOCK;
+        let data = w.data.as_ptr();
+        unsafe {
+            for g in rows.start / 8..rows.end.div_ceil(8) {
+                if tokens == 1 {
+                    let [v] = packed_group::<VNNI, F, 1>(data, g, blocks, x, 0);
+                    store_group(v, g, 0, &rows, out);
+                    continue;
+                }
+                let mut t = 0;
+                while t < tokens {
+                    let acc = packed_group::<VNNI, F, TILE_TOKENS>(data, g, blocks, x, t);
+                    for (c, v) in acc.into_iter().enumerate() {
+                        if t + c < tokens {
+                            store_group(v, g, t + c, &rows, out);
+                        }
+                    }
+                    t += TILE_TOKENS;
+                }
+            }
+        }
+    }
+
+    macro_rules! packed_entry {
+        ($name:ident, $features:literal, $vnni:literal, $f:literal) => {
+            #[target_feature(enable = $features)]
+            pub unsafe fn $name(
+                w: Matrix<'_>,
+                rows: Range<usize>,
+                x: &Q8Rows,
+                tokens: usize,
+                out: Out,
+            ) {
+                unsafe { packed_drive::<$vnni, $f>(w, rows, x, tokens, out) }
+            }
+        };
+    }
+
+    packed_entry!(avx2_p_q8_0, "avx2,fma,f16c", false, 0);
+    packed_entry!(avx2_p_q4_0, "avx2,fma,f16c", false, 1);
+    packed_entry!(avx2_p_q4_1, "avx2,fma,f16c", false, 2);
+    packed_entry!(
+        vnni_p_q8_0,
+        "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni",
+        true,
+        0
+    );
+    packed_entry!(
+        vnni_p_q4_0,
+        "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni",
+        true,
+        1
+    );
+    packed_entry!(
+        vnni_p_q4_1,
+        "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni",
+        true,
+        2
+    );
+
     macro_rules! entry {
         ($name:ident, $features:literal, $isa:ty, $blocks:ty, $r:literal, $rp:literal) => {
             #[target_feature(enable = $features)]
@@ -379,14 +582,24 @@ mod tests {
     #[test]
     fn every_level_matches_the_portable_kernel_and_the_dequantized_product() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(3);
-        for format in [Format::Q8_0, Format::Q4_0, Format::Q4_1] {
-            // 7 rows and 6 tokens: partial tiles in both directions.
-            let (rows, cols, tokens) = (7, 96, 6);
+        // Row-major with 7 rows, and repacked with 16 (two groups, split mid-group below);
+        // 6 tokens: partial tiles in both directions.
+        for (format, packed) in [Format::Q8_0, Format::Q4_0, Format::Q4_1]
+            .into_iter()
+            .flat_map(|f| [(f, false), (f, true)])
+        {
+            let (rows, cols, tokens) = (if packed { 16 } else { 7 }, 96, 6);
             let data = random_matrix(format, rows, cols, &mut rng);
+            let repacked = if packed {
+                super::super::packed::repack(format, &data, rows, cols)
+            } else {
+                Vec::new()
+            };
             let w = Matrix {
                 format,
-                data: &data,
+                data: if packed { &repacked } else { &data },
                 row_bytes: format.row_bytes(cols),
+                packed,
             };
             let xs: Vec<f32> = (0..tokens * cols)
                 .map(|i| {
@@ -402,8 +615,13 @@ mod tests {
             // The exact product of the dequantized weights with the dequantized activations.
             let mut expected = vec![0f64; tokens * rows];
             let mut wrow = vec![0f32; cols];
+            let mut from_packed = vec![0f32; cols];
             for r in 0..rows {
                 dequantize_row(format, &data[r * w.row_bytes..][..w.row_bytes], &mut wrow);
+                if packed {
+                    super::super::packed::dequantize_row(format, &repacked, r, &mut from_packed);
+                    assert_eq!(wrow, from_packed, "row {r} repacked differs");
+                }
                 for t in 0..tokens {
                     expected[t * rows + r] = (0..cols)
                         .map(|k| {
@@ -429,7 +647,7 @@ mod tests {
                             let scale = (0..cols).map(|_| 1.0).sum::<f64>() * want.abs().max(1.0);
                             assert!(
                                 (got - want).abs() <= 1e-5 * scale,
-                                "{format:?} {level:?} tokens {n} row {r} token {t}: {got} vs {want}"
+                                "{format:?} packed {packed} {level:?} tokens {n} row {r} token {t}: {got} vs {want}"
                             );
                         }
                     }

@@ -9,6 +9,7 @@
 pub mod cpu;
 pub mod forward;
 pub mod kernels;
+pub mod packed;
 pub mod pool;
 pub mod quant;
 pub mod weights;
@@ -51,7 +52,8 @@ impl Engine {
         reader: &mut R,
         threads: usize,
     ) -> Result<Arc<Engine>, Unsupported> {
-        let weights = weights::read(content, reader)?;
+        let level = cpu::level();
+        let weights = weights::read(content, reader, level >= Level::Avx2)?;
         let hd = weights.config.head_dim;
         let base = weights.config.rope_base;
         let inv_freq = (0..hd)
@@ -61,7 +63,7 @@ impl Engine {
         Ok(Arc::new(Engine {
             weights,
             pool: Pool::new(threads),
-            level: cpu::level(),
+            level,
             inv_freq,
         }))
     }

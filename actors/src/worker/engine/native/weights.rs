@@ -6,6 +6,7 @@ use std::io::{Read, Seek, SeekFrom};
 use candle_core::quantized::GgmlDType;
 use candle_core::quantized::gguf_file::Content;
 
+use super::packed;
 use super::quant::{BLOCK, Format};
 
 /// Architectures the native forward pass runs.
@@ -70,6 +71,8 @@ pub struct Linear {
     pub bytes: Vec<u8>,
     /// F32 rows back to back (empty for quantized).
     pub floats: Vec<f32>,
+    /// `bytes` are repacked in groups of eight rows ([`super::packed`]).
+    pub packed: bool,
 }
 
 impl Linear {
@@ -77,6 +80,8 @@ impl Linear {
     pub fn row_into(&self, r: usize, out: &mut [f32]) {
         if self.format == Format::F32 {
             out.copy_from_slice(&self.floats[r * self.cols..][..self.cols]);
+        } else if self.packed {
+            super::packed::dequantize_row(self.format, &self.bytes, r, out);
         } else {
             let n = self.format.row_bytes(self.cols);
             super::quant::dequantize_row(self.format, &self.bytes[r * n..][..n], out);
@@ -166,6 +171,8 @@ pub enum Unsupported {
 struct Reader<'a, R> {
     content: &'a Content,
     reader: &'a mut R,
+    /// Repack quantized matrices for the SIMD kernels.
+    pack: bool,
 }
 
 impl<R: Read + Seek> Reader<'_, R> {
@@ -230,8 +237,15 @@ impl<R: Read + Seek> Reader<'_, R> {
                 "{name}: {cols} inputs are not a multiple of {BLOCK}"
             )));
         }
+        let packed = self.pack && format != Format::F32 && rows.is_multiple_of(packed::ROWS);
         let (bytes, floats) = if format == Format::F32 {
             (Vec::new(), to_f32(name, dtype, &bytes)?)
+        } else if packed {
+            let repacked = packed::repack(format, &bytes, rows, cols);
+            drop(bytes);
+            let mut buffer = huge_page_buffer(repacked.len());
+            buffer.copy_from_slice(&repacked);
+            (buffer, Vec::new())
         } else {
             (bytes, Vec::new())
         };
@@ -241,6 +255,7 @@ impl<R: Read + Seek> Reader<'_, R> {
             cols,
             bytes,
             floats,
+            packed,
         })
     }
 }
@@ -283,8 +298,13 @@ fn to_f32(name: &str, dtype: GgmlDType, bytes: &[u8]) -> Result<Vec<f32>, Unsupp
     })
 }
 
-/// Reads the weights of a llama-family GGUF whose header is `content`.
-pub fn read<R: Read + Seek>(content: &Content, reader: &mut R) -> Result<Weights, Unsupported> {
+/// Reads the weights of a llama-family GGUF whose header is `content`, repacking
+/// quantized matrices for the SIMD kernels when `pack`.
+pub fn read<R: Read + Seek>(
+    content: &Content,
+    reader: &mut R,
+    pack: bool,
+) -> Result<Weights, Unsupported> {
     let meta = |key: &str| content.metadata.get(key);
     let arch_name = meta("general.architecture")
         .and_then(|v| v.to_string().ok())
@@ -361,7 +381,11 @@ pub fn read<R: Read + Seek>(content: &Content, reader: &mut R) -> Result<Weights
             });
         }
     }
-    let mut r = Reader { content, reader };
+    let mut r = Reader {
+        content,
+        reader,
+        pack,
+    };
     let (q_dim, kv_dim) = (heads * head_dim, kv_heads * head_dim);
     let embed = r.linear("token_embd.weight", vocab, dim)?;
     let out_norm = r.vector("output_norm.weight", dim)?;
