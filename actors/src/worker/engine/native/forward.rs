@@ -151,6 +151,57 @@ fn rope(x: &mut [f32], heads: usize, head_dim: usize, neox: bool, cos: &[f32], s
     }
 }
 
+/// One key/value head's cached positions `0..len`.
+struct Cache<'a> {
+    keys: &'a [f32],
+    values: &'a [f32],
+    /// Distance between two positions.
+    stride: usize,
+    /// Where this head starts within a position.
+    offset: usize,
+    len: usize,
+}
+
+/// Attention of the query heads in `q` (back to back, `head_dim` each) over `cache`,
+/// written to `out` (same shape); `scores` holds `heads × len` values.
+fn attend(
+    q: &[f32],
+    cache: &Cache<'_>,
+    head_dim: usize,
+    scale: f32,
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
+    let (heads, len) = (q.len() / head_dim, cache.len);
+    let scores = &mut scores[..heads * len];
+    for j in 0..len {
+        let k = &cache.keys[j * cache.stride + cache.offset..][..head_dim];
+        for (i, q) in q.chunks_exact(head_dim).enumerate() {
+            scores[i * len + j] = dot_f32(q, k) * scale;
+        }
+    }
+    for row in scores.chunks_exact_mut(len) {
+        let max = row.iter().fold(f32::NEG_INFINITY, |m, s| m.max(*s));
+        let mut sum = 0.0;
+        for s in row.iter_mut() {
+            *s = (*s - max).exp();
+            sum += *s;
+        }
+        let inv = 1.0 / sum;
+        row.iter_mut().for_each(|s| *s *= inv);
+    }
+    out.fill(0.0);
+    for j in 0..len {
+        let v = &cache.values[j * cache.stride + cache.offset..][..head_dim];
+        for (i, out) in out.chunks_exact_mut(head_dim).enumerate() {
+            let p = scores[i * len + j];
+            for (o, v) in out.iter_mut().zip(v) {
+                *o += p * v;
+            }
+        }
+    }
+}
+
 fn add_rows(x: &mut [f32], bias: &[f32]) {
     for row in x.chunks_exact_mut(bias.len()) {
         for (v, b) in row.iter_mut().zip(bias) {
@@ -248,33 +299,24 @@ impl super::Session {
                 stride: q_dim,
             };
             let (kc, vc, q, scores) = (&kv.k, &kv.v, &*q, &s.scores);
-            engine.pool.split(n * c.heads, 1, &|thread, items| {
+            // One item per (token, key/value head): the query heads of its group read
+            // each cached key and value once, together.
+            engine.pool.split(n * c.kv_heads, 1, &|thread, items| {
                 let mut buf = scores[thread].lock().unwrap_or_else(|e| e.into_inner());
-                let buf = sized(&mut buf, end);
+                let buf = sized(&mut buf, group * end);
                 for item in items {
-                    let (t, h) = (item / c.heads, item % c.heads);
-                    let last = pos0 + t;
-                    let g = h / group;
-                    let qh = &q[t * q_dim + h * hd..][..hd];
-                    let mut max = f32::NEG_INFINITY;
-                    for (j, s) in buf[..=last].iter_mut().enumerate() {
-                        *s = dot_f32(qh, &kc[j * kv_dim + g * hd..][..hd]) * scale;
-                        max = max.max(*s);
-                    }
-                    let mut sum = 0.0;
-                    for s in &mut buf[..=last] {
-                        *s = (*s - max).exp();
-                        sum += *s;
-                    }
-                    // SAFETY: each (token, head) pair is one item, written by one thread.
-                    let out = unsafe { att_out.slice(t * q_dim + h * hd, hd) };
-                    out.fill(0.0);
-                    for (j, p) in buf[..=last].iter().enumerate() {
-                        let p = p / sum;
-                        for (o, v) in out.iter_mut().zip(&vc[j * kv_dim + g * hd..][..hd]) {
-                            *o += p * v;
-                        }
-                    }
+                    let (t, g) = (item / c.kv_heads, item % c.kv_heads);
+                    let heads = t * q_dim + g * group * hd;
+                    // SAFETY: each (token, group) item's heads are written by one thread.
+                    let out = unsafe { att_out.slice(heads, group * hd) };
+                    let cache = Cache {
+                        keys: kc,
+                        values: vc,
+                        stride: kv_dim,
+                        offset: g * hd,
+                        len: pos0 + t + 1,
+                    };
+                    attend(&q[heads..][..group * hd], &cache, hd, scale, buf, out);
                 }
             });
             let att = &s.att[..n * q_dim];
