@@ -11,7 +11,9 @@ use rbee::actors::worker::api::{
     ChatMessage, FinishReason, GenerateRequest, GenerationEvent, GenerationStats, SamplingParams,
 };
 use rbee::actors::worker::engine::loader::{LoadOptions, load};
+use rbee::actors::worker::engine::model::EngineKind;
 use rbee::actors::worker::engine::pipeline::{Vocabulary, prompt_tokens};
+use rbee::actors::worker::engine::sampling::Sampler;
 use tokio::sync::mpsc;
 
 fn smollm2() -> PathBuf {
@@ -74,7 +76,10 @@ fn ask(question: &str) -> Vec<ChatMessage> {
 fn in_tokenizes_without_a_prefix_space_and_the_chat_template_is_chatml() {
     let loaded = load(&smollm2(), &LoadOptions::default(), &mut |_| {}).unwrap();
     assert_eq!(loaded.info.architecture, "llama");
-    assert_eq!(loaded.info.requantized_from.as_deref(), Some("Q4_1"));
+    // The native engine serves Q4_1 as shipped.
+    assert_eq!(loaded.info.quantization, "Q4_1");
+    assert_eq!(loaded.info.requantized_from, None);
+    assert!(loaded.sessions[0].native().is_some());
     let ids = loaded.tokenizer.encode("In", false).unwrap();
     assert_eq!(ids.len(), 1, "{ids:?}");
     assert_eq!(loaded.tokenizer.piece(ids[0]).as_deref(), Some("In"));
@@ -146,4 +151,65 @@ async fn two_runs_with_the_same_seed_are_identical() {
     assert_eq!((text_a, &ids_a), (text_b, &ids_b));
     let (_, ids_c, _) = generate(&worker, request(8)).await;
     assert_ne!(ids_a, ids_c);
+}
+
+#[test]
+fn greedy_answers_on_the_native_engine_follow_candle_up_to_rounding_ties() {
+    // The same file on both (candle without requantization), so only the implementations
+    // differ: their logits differ in rounding (8-bit activations here, as llama.cpp does).
+    // Greedy answers must match token for token until a step where candle's own top two
+    // candidates are a near tie; a wrong kernel or position diverges at once, by far.
+    let on = |engine| LoadOptions {
+        engine,
+        requantize: false,
+        ..LoadOptions::default()
+    };
+    let mut native = load(
+        &smollm2(),
+        &on(EngineKind::Native { threads: 2 }),
+        &mut |_| {},
+    )
+    .unwrap();
+    let mut candle = load(&smollm2(), &on(EngineKind::Candle), &mut |_| {}).unwrap();
+    assert!(native.sessions[0].native().is_some() && candle.sessions[0].native().is_none());
+    let mut identical = 0;
+    for question in [
+        "What is the capital of France?",
+        "Name three colours.",
+        "Write a line about bees.",
+    ] {
+        let vocabulary = Vocabulary {
+            tokenizer: &native.tokenizer,
+            template: native.template.as_ref(),
+        };
+        let prompt = prompt_tokens(
+            &vocabulary,
+            &rbee::actors::worker::api::Prompt::Chat(ask(question)),
+        )
+        .unwrap();
+        let answer = |loaded: &mut rbee::actors::worker::engine::loader::LoadedModel| {
+            let mut sampler = Sampler::new(SamplingParams::greedy()).unwrap();
+            loaded.sessions[0]
+                .generate(&prompt, &mut sampler, 24, &[], |_| {
+                    std::ops::ControlFlow::Continue(())
+                })
+                .unwrap()
+                .tokens
+        };
+        let (a, b) = (answer(&mut native), answer(&mut candle));
+        let Some(k) = a.iter().zip(&b).position(|(x, y)| x != y) else {
+            assert_eq!(a, b, "{question}");
+            identical += 1;
+            continue;
+        };
+        let context: Vec<u32> = prompt.iter().chain(&b[..k]).copied().collect();
+        let logits = candle.sessions[0].logits_uncached(&context).unwrap();
+        let gap = logits[b[k] as usize] - logits[a[k] as usize];
+        assert!(
+            gap < 0.5,
+            "{question}: diverged at token {k} where candle prefers its pick by {gap} logits"
+        );
+        eprintln!("{question}: diverged at token {k}, a near tie for candle ({gap:.3} logits)");
+    }
+    assert!(identical >= 1, "no answer was identical");
 }

@@ -92,6 +92,8 @@ pub async fn run(args: EngineArgs) -> anyhow::Result<ExitCode> {
         }
     }
     let prompt_len = prompt_len(&given)?;
+    // First, while this process holds nothing else: memory of a four-slot worker.
+    let memory = slot_memory(&given, 4, args.tokens).await?;
     let mut cases = Vec::new();
     for (label, file) in &files {
         for &threads in &args.threads {
@@ -174,10 +176,45 @@ pub async fn run(args: EngineArgs) -> anyhow::Result<ExitCode> {
             case.label, case.threads, rbee.prefill, rbee.decode
         );
     }
+    println!("{memory}");
     for case in cases {
         case.rbee.worker.stop(None);
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// This process's resident memory in bytes.
+fn resident_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map_or(0, |pages| pages * 4096)
+}
+
+/// What a worker with `slots` slots adds to resident memory once every slot has run a
+/// request at once, next to its weight file: weights are shared, each slot adds only
+/// its KV cache and buffers.
+async fn slot_memory(file: &Path, slots: usize, tokens: usize) -> anyhow::Result<String> {
+    let before = resident_bytes();
+    let options = LoadOptions {
+        slots,
+        ..LoadOptions::default()
+    };
+    let started = actor::start(file.to_path_buf(), options, |_| {}).await?;
+    let runs: Vec<_> = (0..slots)
+        .map(|_| through_actor(&started.worker, tokens))
+        .collect();
+    for run in futures::future::join_all(runs).await {
+        run?;
+    }
+    let added = resident_bytes().saturating_sub(before);
+    started.worker.stop(None);
+    let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+    Ok(format!(
+        "memory: a {slots}-slot worker after {slots} requests at once adds {:.1} MiB resident; its file is {:.1} MiB",
+        mib(added),
+        mib(std::fs::metadata(file)?.len())
+    ))
 }
 
 /// `NAME.gguf (Q4_1, as given)`.

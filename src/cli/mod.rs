@@ -123,7 +123,8 @@ pub struct ModelArgs {
     /// Sequences served at once.
     #[arg(long, default_value_t = 1)]
     slots: usize,
-    /// Keep Q4_1/Q5_0/Q5_1 weights as they are instead of requantizing them to Q8_0.
+    /// Keep Q5_0/Q5_1 weights (and Q4_1 on candle) as they are instead of requantizing
+    /// them to Q8_0.
     #[arg(long)]
     no_requantize: bool,
 }

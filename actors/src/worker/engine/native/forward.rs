@@ -287,7 +287,7 @@ impl super::Session {
             // Append this chunk's keys and values; the cache only grows.
             let want = end * kv_dim;
             if kv.k.len() < want {
-                let grown = want.next_power_of_two().max(want);
+                let grown = want.next_power_of_two().min(c.context * kv_dim).max(want);
                 kv.k.resize(grown, 0.0);
                 kv.v.resize(grown, 0.0);
             }
