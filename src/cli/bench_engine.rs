@@ -1,5 +1,5 @@
 //! `rbee bench engine`: prefill and decode speed of rbee's engine through the worker actor
-//! and its stream, on a GGUF as given and requantized to Q8_0 and Q4_0, at each thread
+//! and its stream, on a GGUF as given and requantized to Q8_0, Q4_0 and Q5_0, at each thread
 //! count; with `--against-llama-cpp`, llama.cpp's `llama-bench` on the same files, prompt
 //! length and threads, interleaved round by round so a noisy neighbour hits both alike.
 //! Medians are reported with the ratio rbee / llama.cpp.
@@ -44,7 +44,7 @@ pub struct EngineArgs {
     /// at candle's thread count (`CANDLE_NUM_THREADS`).
     #[arg(long)]
     candle: bool,
-    /// Only the file as given, not its Q8_0 and Q4_0 copies.
+    /// Only the file as given, not its Q8_0, Q4_0 and Q5_0 copies.
     #[arg(long)]
     only_given: bool,
 }
@@ -86,7 +86,12 @@ pub async fn run(args: EngineArgs) -> anyhow::Result<ExitCode> {
     };
     let mut files = vec![(label_of(&given, "as given")?, given.clone())];
     if !args.only_given {
-        for (dtype, label) in [(GgmlDType::Q8_0, "all-q8_0"), (GgmlDType::Q4_0, "all-q4_0")] {
+        let copies = [
+            (GgmlDType::Q8_0, "all-q8_0"),
+            (GgmlDType::Q4_0, "all-q4_0"),
+            (GgmlDType::Q5_0, "all-q5_0"),
+        ];
+        for (dtype, label) in copies {
             let copy = requantized(&given, dtype, label)?;
             files.push((label_of(&copy, "requantized")?, copy));
         }

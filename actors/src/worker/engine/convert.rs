@@ -44,11 +44,12 @@ pub enum ConvertError {
 }
 
 /// True when any tensor of `content` is in a quantization without a SIMD kernel on
-/// `engine` (the native engine runs Q4_1 itself).
+/// `engine` (the native engine runs Q4_1 and Q5_0 itself).
 pub fn has_slow_tensors(content: &gguf_file::Content, engine: EngineKind) -> bool {
     content.tensor_infos.values().any(|t| {
         SLOW_ON_CPU.contains(&t.ggml_dtype)
-            && !(t.ggml_dtype == GgmlDType::Q4_1 && matches!(engine, EngineKind::Native { .. }))
+            && !(matches!(t.ggml_dtype, GgmlDType::Q4_1 | GgmlDType::Q5_0)
+                && matches!(engine, EngineKind::Native { .. }))
     })
 }
 

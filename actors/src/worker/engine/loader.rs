@@ -19,8 +19,8 @@ use super::tokenizer::{ModelTokenizer, TokenizerError};
 pub struct LoadOptions {
     /// Sequences served at once; each gets its own KV cache over shared weights.
     pub slots: usize,
-    /// Requantize GGUF weights the engine has no fast kernel for to Q8_0 (cached): Q5_0
-    /// and Q5_1, and Q4_1 too on candle.
+    /// Requantize GGUF weights the engine has no fast kernel for to Q8_0 (cached): Q5_1,
+    /// and Q4_1 and Q5_0 too on candle.
     pub requantize: bool,
     /// The engine that runs GGUF models.
     pub engine: EngineKind,
@@ -534,7 +534,7 @@ mod tests {
     }
 
     #[test]
-    fn the_native_engine_runs_q4_1_as_shipped_and_requantizes_q5_0() {
+    fn the_native_engine_runs_q4_1_and_q5_0_as_shipped_and_requantizes_q5_1() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("m.gguf");
         write_tiny_gguf(&path, "llama", 128, GgmlDType::Q4_1).unwrap();
@@ -544,8 +544,12 @@ mod tests {
         assert!(loaded.sessions[0].native().is_some());
         write_tiny_gguf(&path, "llama", 128, GgmlDType::Q5_0).unwrap();
         let loaded = load(&path, &options(1), &mut |_| {}).unwrap();
+        assert_eq!(loaded.info.quantization, "Q5_0");
+        assert_eq!(loaded.info.requantized_from, None);
+        write_tiny_gguf(&path, "llama", 128, GgmlDType::Q5_1).unwrap();
+        let loaded = load(&path, &options(1), &mut |_| {}).unwrap();
         assert_eq!(loaded.info.quantization, "Q8_0");
-        assert_eq!(loaded.info.requantized_from.as_deref(), Some("Q5_0"));
+        assert_eq!(loaded.info.requantized_from.as_deref(), Some("Q5_1"));
         assert!(loaded.sessions[0].native().is_some());
     }
 

@@ -25,7 +25,7 @@ use super::sampling::{Sampler, SamplingError};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EngineKind {
     /// rbee's own forward pass on `threads` threads where it runs the file (llama-family
-    /// architectures, F32/F16/Q8_0/Q4_0/Q4_1 weights), candle's models otherwise.
+    /// architectures, F32/F16/Q8_0/Q4_0/Q4_1/Q5_0 weights), candle's models otherwise.
     Native {
         /// Threads of its pool, the calling thread included.
         threads: usize,

@@ -4,8 +4,8 @@
 //! Buffers live in the session and only grow, so a decode step allocates nothing but the
 //! logits it returns. Each matrix product is one parallel section over the weight rows
 //! (Q, K and V together; gate and up together); attention is one section over
-//! (token, head) pairs reading K and V straight from the cache (grouped-query heads share
-//! their key/value head, nothing is repeated or copied).
+//! (token, key/value head) pairs reading K and V straight from the cache: the query heads
+//! of a group read each cached key and value once, nothing is repeated or copied.
 
 use std::sync::Mutex;
 
@@ -50,14 +50,6 @@ fn sized(buf: &mut Vec<f32>, len: usize) -> &mut [f32] {
     &mut buf[..len]
 }
 
-fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
-    let mean = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
-    let scale = 1.0 / (mean + eps).sqrt();
-    for ((o, x), w) in out.iter_mut().zip(x).zip(weight) {
-        *o = x * scale * w;
-    }
-}
-
 fn rms_norm_in_place(x: &mut [f32], weight: &[f32], eps: f32) {
     let mean = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
     let scale = 1.0 / (mean + eps).sqrt();
@@ -66,10 +58,11 @@ fn rms_norm_in_place(x: &mut [f32], weight: &[f32], eps: f32) {
     }
 }
 
+/// RMSNorm of each row of `x` (rows of `weight.len()` values) into `out`.
 fn rms_norm_rows(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
-    let width = weight.len();
-    for (x, out) in x.chunks_exact(width).zip(out.chunks_exact_mut(width)) {
-        rms_norm(x, weight, eps, out);
+    out.copy_from_slice(x);
+    for row in out.chunks_exact_mut(weight.len()) {
+        rms_norm_in_place(row, weight, eps);
     }
 }
 
@@ -358,7 +351,7 @@ impl super::Session {
             return Vec::new();
         }
         let xb = sized(&mut s.xb, dim);
-        rms_norm(&x[(n - 1) * dim..], &w.out_norm, c.eps, xb);
+        rms_norm_rows(&x[(n - 1) * dim..], &w.out_norm, c.eps, xb);
         let mut logits = vec![0f32; c.vocab];
         linears(
             engine,

@@ -79,6 +79,10 @@ pub fn matmul_rows(
                 (Level::Avx2, Format::Q8_0, true) => x86::avx2_p_q8_0(w, rows, x, tokens, out),
                 (Level::Avx2, Format::Q4_0, true) => x86::avx2_p_q4_0(w, rows, x, tokens, out),
                 (Level::Avx2, Format::Q4_1, true) => x86::avx2_p_q4_1(w, rows, x, tokens, out),
+                (Level::Avx512Vnni, Format::Q5_0, true) => {
+                    x86::vnni_p_q5_0(w, rows, x, tokens, out)
+                }
+                (Level::Avx2, Format::Q5_0, true) => x86::avx2_p_q5_0(w, rows, x, tokens, out),
                 (_, _, true) => portable_packed(w, rows, x, tokens, out),
                 (Level::Avx512Vnni, Format::Q8_0, _) => x86::vnni_q8_0(w, rows, x, tokens, out),
                 (Level::Avx512Vnni, Format::Q4_0, _) => x86::vnni_q4_0(w, rows, x, tokens, out),
@@ -346,7 +350,8 @@ mod x86 {
     }
 
     /// Eight rows of group `g` × tokens `t0..t0+C` from the repacked layout
-    /// (`F`: 0 = Q8_0, 1 = Q4_0, 2 = Q4_1). Lane `i` of each result is row `8g + i`.
+    /// (`F`: 0 = Q8_0, 1 = Q4_0, 2 = Q4_1, 3 = Q5_0). Lane `i` of each result is row
+    /// `8g + i`.
     #[inline(always)]
     unsafe fn packed_group<const VNNI: bool, const F: u8, const C: usize>(
         data: *const u8,
@@ -355,8 +360,8 @@ mod x86 {
         x: &Q8Rows,
         t0: usize,
     ) -> [__m256; C] {
-        let gb = [272, 144, 160][F as usize];
-        let quants = if F == 2 { 32 } else { 16 };
+        let gb = [272, 144, 160, 176][F as usize];
+        let quants = [16, 16, 32, 48][F as usize];
         unsafe {
             let mut acc = [_mm256_setzero_ps(); C];
             let base = data.add(g * blocks * gb);
@@ -382,11 +387,29 @@ mod x86 {
                         w[j] = _mm256_and_si256(raw, mask);
                         w[j + 4] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), mask);
                     }
+                    if F == 3 {
+                        // Q5_0's fifth bits: lane r's u32 holds bit i for value i. Four of
+                        // them (values 4j..4j+4, or 16+4j..) spread to bit 4 of four bytes
+                        // by one multiply (bit k moves 7k places up: to byte k).
+                        let high = _mm256_loadu_si256(p.add(16) as *const __m256i);
+                        let spread = _mm256_set1_epi32(0x0020_4081);
+                        let ones = _mm256_set1_epi32(0x0101_0101);
+                        for (k, w) in w.iter_mut().enumerate() {
+                            let shift = if k < 4 { 4 * k } else { 16 + 4 * (k - 4) };
+                            let bits = _mm256_and_si256(
+                                _mm256_srl_epi32(high, _mm_cvtsi32_si128(shift as i32)),
+                                _mm256_set1_epi32(0xF),
+                            );
+                            let bytes = _mm256_and_si256(_mm256_mullo_epi32(bits, spread), ones);
+                            *w = _mm256_or_si256(*w, _mm256_slli_epi32(bytes, 4));
+                        }
+                    }
                 }
                 // value = d·v + o per row.
                 let o = match F {
                     0 => _mm256_mul_ps(d, _mm256_set1_ps(-128.0)),
                     1 => _mm256_mul_ps(d, _mm256_set1_ps(-8.0)),
+                    3 => _mm256_mul_ps(d, _mm256_set1_ps(-16.0)),
                     _ => _mm256_cvtph_ps(_mm_loadu_si128(p.add(16) as *const __m128i)),
                 };
                 for (c, acc) in acc.iter_mut().enumerate() {
@@ -492,6 +515,7 @@ mod x86 {
     packed_entry!(avx2_p_q8_0, "avx2,fma,f16c", false, 0);
     packed_entry!(avx2_p_q4_0, "avx2,fma,f16c", false, 1);
     packed_entry!(avx2_p_q4_1, "avx2,fma,f16c", false, 2);
+    packed_entry!(avx2_p_q5_0, "avx2,fma,f16c", false, 3);
     packed_entry!(
         vnni_p_q8_0,
         "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni",
@@ -509,6 +533,12 @@ mod x86 {
         "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni",
         true,
         2
+    );
+    packed_entry!(
+        vnni_p_q5_0,
+        "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni",
+        true,
+        3
     );
 
     macro_rules! entry {
@@ -576,6 +606,7 @@ mod tests {
                     data.extend(m.to_le_bytes());
                     data.extend((0..16).map(|_| rng.random::<u8>()));
                 }
+                Format::Q5_0 => data.extend((0..20).map(|_| rng.random::<u8>())),
                 Format::F32 => unreachable!(),
             }
         }
@@ -587,7 +618,7 @@ mod tests {
         let mut rng = rand::rngs::StdRng::seed_from_u64(3);
         // Row-major with 7 rows, and repacked with 16 (two groups, split mid-group below);
         // 6 tokens: partial tiles in both directions.
-        for (format, packed) in [Format::Q8_0, Format::Q4_0, Format::Q4_1]
+        for (format, packed) in [Format::Q8_0, Format::Q4_0, Format::Q4_1, Format::Q5_0]
             .into_iter()
             .flat_map(|f| [(f, false), (f, true)])
         {

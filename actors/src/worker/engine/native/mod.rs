@@ -192,16 +192,17 @@ mod tests {
         // Float weights match to rounding (measured ≤ 6e-6 of the largest logit), except
         // qwen3, whose candle prefill runs an approximate CPU flash attention (≤ 1.3% at
         // 300 tokens). Quantized weights: candle multiplies by dequantized weights in f32,
-        // this pass by 8-bit activations as ggml does (measured ≤ 3.3% on these random
+        // this pass by 8-bit activations as ggml does (measured ≤ 5.1% on these random
         // models, which amplify noise; a wrong kernel is off by the whole scale).
         for arch in ["llama", "qwen2", "qwen3"] {
             let float = if arch == "qwen3" { 0.02 } else { 1e-4 };
             for (dtype, tolerance) in [
                 (GgmlDType::F32, float),
                 (GgmlDType::F16, float),
-                (GgmlDType::Q8_0, 0.05),
-                (GgmlDType::Q4_0, 0.05),
-                (GgmlDType::Q4_1, 0.05),
+                (GgmlDType::Q8_0, 0.08),
+                (GgmlDType::Q4_0, 0.08),
+                (GgmlDType::Q4_1, 0.08),
+                (GgmlDType::Q5_0, 0.08),
             ] {
                 let path = dir.path().join(format!("{arch}-{dtype:?}.gguf"));
                 write_tiny_gguf(&path, arch, 512, dtype).unwrap();

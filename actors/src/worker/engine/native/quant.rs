@@ -23,6 +23,9 @@ pub enum Format {
     Q4_0,
     /// 32 nibbles, an f16 scale and an f16 minimum.
     Q4_1,
+    /// 32 five-bit values (nibbles plus a 32-bit plane of high bits; value − 16) and an
+    /// f16 scale.
+    Q5_0,
 }
 
 impl Format {
@@ -33,6 +36,7 @@ impl Format {
             GgmlDType::Q8_0 => Format::Q8_0,
             GgmlDType::Q4_0 => Format::Q4_0,
             GgmlDType::Q4_1 => Format::Q4_1,
+            GgmlDType::Q5_0 => Format::Q5_0,
             _ => return None,
         })
     }
@@ -44,6 +48,7 @@ impl Format {
             Format::Q8_0 => 34,
             Format::Q4_0 => 18,
             Format::Q4_1 => 20,
+            Format::Q5_0 => 22,
         }
     }
 
@@ -93,6 +98,15 @@ pub fn block_values(format: Format, block: &[u8]) -> (f32, f32, [i8; BLOCK]) {
                 f16_at(block, 2)
             };
             (d, b, v)
+        }
+        Format::Q5_0 => {
+            let high = u32::from_le_bytes([block[2], block[3], block[4], block[5]]);
+            for (j, q) in block[6..22].iter().enumerate() {
+                v[j] = ((q & 0x0F) | (((high >> j) & 1) << 4) as u8) as i8;
+                v[j + 16] = ((q >> 4) | (((high >> (j + 16)) & 1) << 4) as u8) as i8;
+            }
+            let d = f16_at(block, 0);
+            (d, -16.0 * d, v)
         }
     }
 }
