@@ -107,9 +107,8 @@ impl Pool {
             shared.wake.notify_all();
         }
         let mine = catch_unwind(AssertUnwindSafe(|| job(0)));
-        let mut spins = 0u32;
         while shared.pending.load(Ordering::Acquire) != 0 {
-            pause(&mut spins);
+            std::hint::spin_loop();
         }
         *shared.job.lock().unwrap_or_else(|e| e.into_inner()) = None;
         if let Err(panic) = mine {
@@ -140,18 +139,6 @@ impl Pool {
     }
 }
 
-/// One step of a wait: a CPU pause for the first spins (a section's hand-off takes
-/// microseconds), then a yield, so that when more threads want to run than there are
-/// cores (other workers, the runtime) a waiter gives its core to the thread it waits for.
-fn pause(spins: &mut u32) {
-    *spins = spins.wrapping_add(1);
-    if *spins < 256 {
-        std::hint::spin_loop();
-    } else {
-        std::thread::yield_now();
-    }
-}
-
 fn worker(shared: &Shared, index: usize) {
     let mut seen = 0u64;
     loop {
@@ -162,7 +149,8 @@ fn worker(shared: &Shared, index: usize) {
             if epoch != seen || shared.stop.load(Ordering::Relaxed) {
                 break epoch;
             }
-            pause(&mut spins);
+            std::hint::spin_loop();
+            spins += 1;
             if spins.is_multiple_of(1024) {
                 let started = *since.get_or_insert_with(Instant::now);
                 if started.elapsed() > SPIN {
