@@ -222,7 +222,7 @@ async fn slot_memory(file: &Path, slots: usize, tokens: usize) -> anyhow::Result
     ))
 }
 
-/// `NAME.gguf (Q4_1, as given)`.
+/// `Q4_1 as given`: the file's most common matrix type and how it was made.
 fn label_of(path: &Path, how: &str) -> anyhow::Result<String> {
     let mut file = std::fs::File::open(path)?;
     let content = gguf_file::Content::read(&mut file)?;
@@ -237,10 +237,10 @@ fn label_of(path: &Path, how: &str) -> anyhow::Result<String> {
             None => counts.push((info.ggml_dtype, 1)),
         }
     }
-    let dtype = counts.iter().max_by_key(|(_, n)| *n).map(|(d, _)| *d);
-    Ok(format!("{dtype:?} {how}")
-        .replace("Some(", "")
-        .replace(')', ""))
+    Ok(match counts.iter().max_by_key(|(_, n)| *n) {
+        Some((dtype, _)) => format!("{dtype:?} {how}"),
+        None => format!("no matrices, {how}"),
+    })
 }
 
 /// A copy of `source` with every weight matrix requantized to `dtype`, made once.

@@ -31,10 +31,16 @@ pub fn scale_bytes(format: Format) -> usize {
 
 /// Repacks `rows` rows (a multiple of [`ROWS`]) of `cols` values stored in `format`.
 pub fn repack(format: Format, data: &[u8], rows: usize, cols: usize) -> Vec<u8> {
+    let mut out = vec![0u8; data.len()];
+    repack_into(format, data, rows, cols, &mut out);
+    out
+}
+
+/// [`repack`] into `out` (as long as `data`).
+pub fn repack_into(format: Format, data: &[u8], rows: usize, cols: usize, out: &mut [u8]) {
     let blocks = cols / BLOCK;
     let bb = format.block_bytes();
     let row_bytes = blocks * bb;
-    let mut out = vec![0u8; data.len()];
     let gb = group_block_bytes(format);
     let quant_at = scale_bytes(format);
     for g in 0..rows / ROWS {
@@ -72,7 +78,6 @@ pub fn repack(format: Format, data: &[u8], rows: usize, cols: usize) -> Vec<u8> 
             }
         }
     }
-    out
 }
 
 /// Row `r` of a repacked matrix, dequantized into `out` (`cols` values).

@@ -241,10 +241,8 @@ impl<R: Read + Seek> Reader<'_, R> {
         let (bytes, floats) = if format == Format::F32 {
             (Vec::new(), to_f32(name, dtype, &bytes)?)
         } else if packed {
-            let repacked = packed::repack(format, &bytes, rows, cols);
-            drop(bytes);
-            let mut buffer = huge_page_buffer(repacked.len());
-            buffer.copy_from_slice(&repacked);
+            let mut buffer = huge_page_buffer(bytes.len());
+            packed::repack_into(format, &bytes, rows, cols, &mut buffer);
             (buffer, Vec::new())
         } else {
             (bytes, Vec::new())
