@@ -66,6 +66,9 @@ fn rms_norm_rows(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
     }
 }
 
+/// Most matrices one section multiplies (Q, K and V).
+const MAX_MATS: usize = 3;
+
 /// Products of one input with several matrices in one parallel section:
 /// `outs[j][t][r] = mats[j]_r · x_t`.
 fn linears(
@@ -80,20 +83,24 @@ fn linears(
     if mats.iter().any(|m| m.format != Format::F32) {
         q8.quantize(x, n, cols, n.next_multiple_of(TILE_TOKENS));
     }
-    let targets: Vec<Out> = outs
-        .iter_mut()
-        .zip(mats)
-        .map(|(o, m)| Out {
+    // On the stack: a decode step runs ~150 of these sections.
+    let mut targets = [Out {
+        ptr: std::ptr::null_mut(),
+        stride: 0,
+    }; MAX_MATS];
+    for ((t, o), m) in targets.iter_mut().zip(outs.iter_mut()).zip(mats) {
+        *t = Out {
             ptr: o.as_mut_ptr(),
             stride: m.rows,
-        })
-        .collect();
+        };
+    }
+    let targets = &targets[..mats.len()];
     let total: usize = mats.iter().map(|m| m.rows).sum();
     let q8 = &*q8;
     let level = engine.level;
     engine.pool.split(total, 16, &|_, range| {
         let mut base = 0;
-        for (m, out) in mats.iter().zip(&targets) {
+        for (m, out) in mats.iter().zip(targets) {
             let (lo, hi) = (range.start.max(base), range.end.min(base + m.rows));
             if lo < hi {
                 let rows = lo - base..hi - base;

@@ -625,7 +625,9 @@ mod tests {
             let (rows, cols, tokens) = (if packed { 16 } else { 7 }, 96, 6);
             let data = random_matrix(format, rows, cols, &mut rng);
             let repacked = if packed {
-                super::super::packed::repack(format, &data, rows, cols)
+                let mut out = vec![0u8; data.len()];
+                super::super::packed::repack_into(format, &data, rows, cols, &mut out);
+                out
             } else {
                 Vec::new()
             };

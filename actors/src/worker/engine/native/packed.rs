@@ -29,14 +29,8 @@ pub fn scale_bytes(format: Format) -> usize {
     }
 }
 
-/// Repacks `rows` rows (a multiple of [`ROWS`]) of `cols` values stored in `format`.
-pub fn repack(format: Format, data: &[u8], rows: usize, cols: usize) -> Vec<u8> {
-    let mut out = vec![0u8; data.len()];
-    repack_into(format, data, rows, cols, &mut out);
-    out
-}
-
-/// [`repack`] into `out` (as long as `data`).
+/// Repacks `rows` rows (a multiple of [`ROWS`]) of `cols` values stored in `format` into
+/// `out` (as long as `data`).
 pub fn repack_into(format: Format, data: &[u8], rows: usize, cols: usize, out: &mut [u8]) {
     let blocks = cols / BLOCK;
     let bb = format.block_bytes();
