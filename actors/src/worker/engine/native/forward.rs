@@ -1,8 +1,14 @@
-//! The llama family's forward pass over the native kernels: a chunk of tokens at known
-//! absolute positions in, the last token's logits out, the KV cache written in place.
+//! The llama family's forward pass over the native kernels: one step over the tokens of
+//! several sequences at once (ragged, no padding: each row carries its sequence and
+//! absolute position), each sequence's KV cache written in place, logits out only for the
+//! sequences that ask.
 //!
-//! Buffers live in the session and only grow, so a decode step allocates nothing but the
-//! logits it returns. Each matrix product is one parallel section over the weight rows
+//! Every row's arithmetic is the same whichever rows share its step (each product's row
+//! and token accumulate in a fixed order; attention reads only its own sequence), so a
+//! sequence's tokens do not depend on what it was batched with.
+//!
+//! Buffers live in the caller's [`Scratch`] and only grow, so a step allocates little
+//! besides the logits it returns. Each matrix product is one parallel section over the weight rows
 //! (Q, K and V together; gate and up together); attention is one section over
 //! (token, key/value head) pairs reading K and V straight from the cache: the query heads
 //! of a group read each cached key and value once, nothing is repeated or copied.
@@ -19,15 +25,15 @@ pub const CHUNK: usize = 128;
 
 /// One sequence's keys and values per layer: `[position][kv_head][head_dim]`, grown as
 /// the sequence grows.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub(super) struct LayerKv {
-    k: Vec<f32>,
-    v: Vec<f32>,
+    pub(super) k: Vec<f32>,
+    pub(super) v: Vec<f32>,
 }
 
-/// Reused buffers of one session.
+/// Reused buffers of a forward step, shared by whatever sequences take the step.
 #[derive(Debug, Default)]
-pub(super) struct Scratch {
+pub struct Scratch {
     x: Vec<f32>,
     xb: Vec<f32>,
     q: Vec<f32>,
@@ -41,6 +47,8 @@ pub(super) struct Scratch {
     sin: Vec<f32>,
     /// Attention scores, one buffer per pool thread.
     scores: Vec<Mutex<Vec<f32>>>,
+    /// Per row: its part and its absolute position.
+    rows: Vec<(usize, usize)>,
 }
 
 fn sized(buf: &mut Vec<f32>, len: usize) -> &mut [f32] {
@@ -210,56 +218,65 @@ fn add_rows(x: &mut [f32], bias: &[f32]) {
     }
 }
 
-impl super::Session {
-    /// Feeds `tokens` at positions `self.len..` and returns the logits after the last.
-    pub(super) fn forward_tokens(&mut self, tokens: &[u32]) -> Vec<f32> {
-        let mut start = 0;
-        while tokens.len() - start > CHUNK {
-            self.forward_chunk(&tokens[start..start + CHUNK], false);
-            start += CHUNK;
-        }
-        self.forward_chunk(&tokens[start..], true)
-    }
+/// One sequence's share of a step: its cache, the tokens it feeds after what the cache
+/// holds, and whether it wants the logits after its last token.
+pub struct Part<'a> {
+    /// Its keys, values and length.
+    pub seq: &'a mut super::Sequence,
+    /// Tokens to feed at positions `seq.len()..`.
+    pub tokens: &'a [u32],
+    /// Whether the step returns logits after its last token.
+    pub logits: bool,
+}
 
-    fn forward_chunk(&mut self, tokens: &[u32], logits: bool) -> Vec<f32> {
-        let engine = &*self.engine;
-        let w: &Weights = &engine.weights;
+impl super::Engine {
+    /// Feeds every part's tokens in one pass over the weights and returns, back to back,
+    /// the logits of each part that asks, in order. Parts are checked by the caller
+    /// ([`super::Engine::step`]).
+    pub(super) fn forward_parts(&self, s: &mut Scratch, parts: &mut [Part<'_>]) -> Vec<f32> {
+        let w: &Weights = &self.weights;
         let c = &w.config;
-        let n = tokens.len();
-        let pos0 = self.len;
         let (dim, hd) = (c.dim, c.head_dim);
         let (q_dim, kv_dim) = (c.heads * hd, c.kv_heads * hd);
-        let s = &mut self.scratch;
+        s.rows.clear();
+        for (p, part) in parts.iter().enumerate() {
+            let pos0 = part.seq.len;
+            s.rows.extend((0..part.tokens.len()).map(|t| (p, pos0 + t)));
+        }
+        let n = s.rows.len();
         let x = sized(&mut s.x, n * dim);
-        for (t, &id) in tokens.iter().enumerate() {
+        for (t, &id) in parts.iter().flat_map(|p| p.tokens).enumerate() {
             w.embed.row_into(id as usize, &mut x[t * dim..][..dim]);
         }
-        // Rotation angles of this chunk's positions, shared by every layer and head.
+        // Rotation angles of each row's position, shared by every layer and head.
         let half = hd / 2;
         let (cos, sin) = (sized(&mut s.cos, n * half), sized(&mut s.sin, n * half));
-        for t in 0..n {
-            for (i, f) in engine.inv_freq.iter().enumerate() {
-                let angle = (pos0 + t) as f32 * f;
+        for (t, &(_, pos)) in s.rows.iter().enumerate() {
+            for (i, f) in self.inv_freq.iter().enumerate() {
+                let angle = pos as f32 * f;
                 cos[t * half + i] = angle.cos();
                 sin[t * half + i] = angle.sin();
             }
         }
         let neox = c.arch != Arch::Llama;
-        let end = pos0 + n;
         let group = c.heads / c.kv_heads;
         let scale = 1.0 / (hd as f32).sqrt();
-        if s.scores.len() < engine.pool.threads() {
-            s.scores
-                .resize_with(engine.pool.threads(), Default::default);
+        let longest = parts
+            .iter()
+            .map(|p| p.seq.len + p.tokens.len())
+            .max()
+            .unwrap_or(0);
+        if s.scores.len() < self.pool.threads() {
+            s.scores.resize_with(self.pool.threads(), Default::default);
         }
-        for (layer, kv) in w.layers.iter().zip(&mut self.kv) {
+        for (l, layer) in w.layers.iter().enumerate() {
             let xb = sized(&mut s.xb, n * dim);
             rms_norm_rows(x, &layer.attn_norm, c.eps, xb);
             let q = sized(&mut s.q, n * q_dim);
             let k = sized(&mut s.k, n * kv_dim);
             let v = sized(&mut s.v, n * kv_dim);
             linears(
-                engine,
+                self,
                 &[&layer.q, &layer.k, &layer.v],
                 xb,
                 &mut s.q8,
@@ -284,44 +301,58 @@ impl super::Session {
             }
             rope(q, c.heads, hd, neox, cos, sin);
             rope(k, c.kv_heads, hd, neox, cos, sin);
-            // Append this chunk's keys and values; the cache only grows.
-            let want = end * kv_dim;
-            if kv.k.len() < want {
-                let grown = want.next_power_of_two().min(c.context * kv_dim).max(want);
-                kv.k.resize(grown, 0.0);
-                kv.v.resize(grown, 0.0);
+            // Append each part's keys and values to its own cache.
+            let mut row = 0;
+            for part in parts.iter_mut() {
+                let pos0 = part.seq.len;
+                let count = part.tokens.len();
+                let kv = &mut part.seq.kv[l];
+                let want = (pos0 + count) * kv_dim;
+                if kv.k.len() < want {
+                    let cap = part.seq.capacity.max(pos0 + count) * kv_dim;
+                    let grown = want.next_power_of_two().min(cap).max(want);
+                    kv.k.resize(grown, 0.0);
+                    kv.v.resize(grown, 0.0);
+                }
+                kv.k[pos0 * kv_dim..want].copy_from_slice(&k[row * kv_dim..][..count * kv_dim]);
+                kv.v[pos0 * kv_dim..want].copy_from_slice(&v[row * kv_dim..][..count * kv_dim]);
+                row += count;
             }
-            kv.k[pos0 * kv_dim..want].copy_from_slice(k);
-            kv.v[pos0 * kv_dim..want].copy_from_slice(v);
+            let caches: Vec<(&[f32], &[f32])> = parts
+                .iter()
+                .map(|p| (&p.seq.kv[l].k[..], &p.seq.kv[l].v[..]))
+                .collect();
             let att = sized(&mut s.att, n * q_dim);
             let att_out = Out {
                 ptr: att.as_mut_ptr(),
                 stride: q_dim,
             };
-            let (kc, vc, q, scores) = (&kv.k, &kv.v, &*q, &s.scores);
-            // One item per (token, key/value head): the query heads of its group read
-            // each cached key and value once, together.
-            engine.pool.split(n * c.kv_heads, 1, &|thread, items| {
+            let (q, scores, rows) = (&*q, &s.scores, &s.rows);
+            // One item per (row, key/value head): the query heads of its group read each
+            // of its sequence's cached keys and values once, together.
+            self.pool.split(n * c.kv_heads, 1, &|thread, items| {
                 let mut buf = scores[thread].lock().unwrap_or_else(|e| e.into_inner());
-                let buf = sized(&mut buf, group * end);
+                let buf = sized(&mut buf, group * longest);
                 for item in items {
                     let (t, g) = (item / c.kv_heads, item % c.kv_heads);
+                    let (part, pos) = rows[t];
                     let heads = t * q_dim + g * group * hd;
-                    // SAFETY: each (token, group) item's heads are written by one thread.
+                    // SAFETY: each (row, group) item's heads are written by one thread.
                     let out = unsafe { att_out.slice(heads, group * hd) };
                     let cache = Cache {
-                        keys: kc,
-                        values: vc,
+                        keys: caches[part].0,
+                        values: caches[part].1,
                         stride: kv_dim,
                         offset: g * hd,
-                        len: pos0 + t + 1,
+                        len: pos + 1,
                     };
                     attend(&q[heads..][..group * hd], &cache, hd, scale, buf, out);
                 }
             });
+            drop(caches);
             let att = &s.att[..n * q_dim];
             let xb = sized(&mut s.xb, n * dim);
-            linears(engine, &[&layer.o], att, &mut s.q8, n, &mut [xb]);
+            linears(self, &[&layer.o], att, &mut s.q8, n, &mut [xb]);
             for (x, o) in x.iter_mut().zip(&s.xb[..n * dim]) {
                 *x += o;
             }
@@ -330,7 +361,7 @@ impl super::Session {
             let ffn_a = sized(&mut s.ffn_a, n * c.ffn);
             let ffn_b = sized(&mut s.ffn_b, n * c.ffn);
             linears(
-                engine,
+                self,
                 &[&layer.gate, &layer.up],
                 xb,
                 &mut s.q8,
@@ -342,7 +373,7 @@ impl super::Session {
             }
             let xb = sized(&mut s.xb, n * dim);
             linears(
-                engine,
+                self,
                 &[&layer.down],
                 &s.ffn_a[..n * c.ffn],
                 &mut s.q8,
@@ -353,19 +384,29 @@ impl super::Session {
                 *x += o;
             }
         }
-        self.len = end;
-        if !logits {
+        // Only the last row of each part that asks goes through the output head.
+        let mut wanted = 0;
+        let mut row = 0;
+        let xb = sized(&mut s.xb, parts.len() * dim);
+        for part in parts.iter_mut() {
+            row += part.tokens.len();
+            part.seq.len += part.tokens.len();
+            if part.logits {
+                let last = &x[(row - 1) * dim..][..dim];
+                rms_norm_rows(last, &w.out_norm, c.eps, &mut xb[wanted * dim..][..dim]);
+                wanted += 1;
+            }
+        }
+        if wanted == 0 {
             return Vec::new();
         }
-        let xb = sized(&mut s.xb, dim);
-        rms_norm_rows(&x[(n - 1) * dim..], &w.out_norm, c.eps, xb);
-        let mut logits = vec![0f32; c.vocab];
+        let mut logits = vec![0f32; wanted * c.vocab];
         linears(
-            engine,
+            self,
             &[w.head()],
-            &s.xb[..dim],
+            &s.xb[..wanted * dim],
             &mut s.q8,
-            1,
+            wanted,
             &mut [&mut logits],
         );
         logits

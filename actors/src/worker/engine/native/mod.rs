@@ -111,25 +111,139 @@ pub enum ForwardError {
     Empty,
 }
 
-/// One sequence over shared weights: its KV cache and scratch buffers.
+/// One sequence's KV cache: what it has fed so far, at positions `0..len`.
+#[derive(Debug, Clone)]
+pub struct Sequence {
+    kv: Vec<forward::LayerKv>,
+    /// Tokens in the cache.
+    len: usize,
+    /// Most tokens its cache grows to (the context, or what its owner reserved).
+    capacity: usize,
+    /// Floats one token takes in one layer's keys (or values).
+    per_token: usize,
+}
+
+impl Sequence {
+    /// An empty sequence whose cache grows to at most `capacity` tokens.
+    pub fn new(engine: &Engine, capacity: usize) -> Sequence {
+        Sequence {
+            kv: vec![Default::default(); engine.weights.layers.len()],
+            len: 0,
+            capacity: capacity.min(engine.context_length()),
+            per_token: engine.weights.config.kv_heads * engine.weights.config.head_dim,
+        }
+    }
+
+    /// Tokens in the cache.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the cache is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Keeps the first `len` cached tokens (a shared prefix), dropping the rest.
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+
+    /// Lets the cache grow to `capacity` tokens (never below what it holds).
+    pub fn set_capacity(&mut self, capacity: usize) {
+        self.capacity = capacity.max(self.len);
+    }
+
+    /// A copy of the first `len` cached tokens, growing to `capacity`.
+    pub fn prefix(&self, len: usize, capacity: usize) -> Sequence {
+        let len = len.min(self.len);
+        let floats = |kv: &[f32]| kv[..len * self.per_token].to_vec();
+        Sequence {
+            kv: self
+                .kv
+                .iter()
+                .map(|kv| forward::LayerKv {
+                    k: floats(&kv.k),
+                    v: floats(&kv.v),
+                })
+                .collect(),
+            len,
+            capacity: capacity.max(len),
+            per_token: self.per_token,
+        }
+    }
+
+    /// Bytes its cache holds now.
+    pub fn bytes(&self) -> usize {
+        self.kv
+            .iter()
+            .map(|kv| (kv.k.capacity() + kv.v.capacity()) * 4)
+            .sum()
+    }
+}
+
+/// Why a step's part was refused before any work.
+fn check_part(config: &weights::Config, part: &forward::Part<'_>) -> Result<(), ForwardError> {
+    if part.tokens.is_empty() {
+        return Err(ForwardError::Empty);
+    }
+    if let Some(bad) = part.tokens.iter().find(|t| **t as usize >= config.vocab) {
+        return Err(ForwardError::Token(*bad, config.vocab));
+    }
+    let end = part.seq.len + part.tokens.len();
+    if end > config.context {
+        return Err(ForwardError::Context(end, config.context));
+    }
+    Ok(())
+}
+
+impl Engine {
+    /// Feeds every part's tokens in one pass over the weights (see [`forward::Part`]) and
+    /// returns, back to back, `vocab` logits for each part that asks, in order. Nothing is
+    /// computed when any part is refused.
+    pub fn step(
+        &self,
+        scratch: &mut forward::Scratch,
+        parts: &mut [forward::Part<'_>],
+    ) -> Result<Vec<f32>, ForwardError> {
+        for part in parts.iter() {
+            check_part(&self.weights.config, part)?;
+        }
+        if parts.is_empty() {
+            return Err(ForwardError::Empty);
+        }
+        Ok(self.forward_parts(scratch, parts))
+    }
+
+    /// Size of the vocabulary (the length of one row of logits).
+    pub fn vocab(&self) -> usize {
+        self.weights.config.vocab
+    }
+
+    /// Bytes one cached token takes in a [`Sequence`].
+    pub fn kv_bytes_per_token(&self) -> usize {
+        let c = &self.weights.config;
+        self.weights.layers.len() * 2 * c.kv_heads * c.head_dim * 4
+    }
+}
+
+/// One sequence over shared weights, with its own scratch buffers: the one-request-at-a-
+/// time path (a worker batching many sequences shares one [`forward::Scratch`]).
 #[derive(Debug)]
 pub struct Session {
     engine: Arc<Engine>,
-    kv: Vec<forward::LayerKv>,
+    seq: Sequence,
     scratch: forward::Scratch,
-    /// Tokens in the cache.
-    len: usize,
 }
 
 impl Session {
     /// An empty sequence.
     pub fn new(engine: Arc<Engine>) -> Session {
-        let layers = engine.weights.layers.len();
+        let seq = Sequence::new(&engine, usize::MAX);
         Session {
             engine,
-            kv: (0..layers).map(|_| Default::default()).collect(),
+            seq,
             scratch: Default::default(),
-            len: 0,
         }
     }
 
@@ -140,33 +254,41 @@ impl Session {
 
     /// Logits for the next token after feeding `tokens` at absolute `position`. A position
     /// before the cache's end drops the cached tokens from there (their prefix is kept).
+    /// Long inputs go through in chunks of [`forward::CHUNK`] tokens.
     pub fn forward(&mut self, tokens: &[u32], position: usize) -> Result<Vec<f32>, ForwardError> {
-        let config = &self.engine.weights.config;
-        if tokens.is_empty() {
-            return Err(ForwardError::Empty);
-        }
-        if position > self.len {
+        if position > self.seq.len {
             return Err(ForwardError::Position {
                 position,
-                cached: self.len,
+                cached: self.seq.len,
             });
         }
-        if let Some(bad) = tokens.iter().find(|t| **t as usize >= config.vocab) {
-            return Err(ForwardError::Token(*bad, config.vocab));
+        self.seq.truncate(position);
+        let chunks: Vec<&[u32]> = tokens.chunks(forward::CHUNK).collect();
+        if chunks.is_empty() {
+            return Err(ForwardError::Empty);
         }
-        if position + tokens.len() > config.context {
-            return Err(ForwardError::Context(
-                position + tokens.len(),
-                config.context,
-            ));
+        // Refuse before any work, so a refused call leaves the cache as it was.
+        let whole = forward::Part {
+            seq: &mut self.seq,
+            tokens,
+            logits: true,
+        };
+        check_part(&self.engine.weights.config, &whole)?;
+        let mut logits = Vec::new();
+        for (i, chunk) in chunks.iter().enumerate() {
+            let mut parts = [forward::Part {
+                seq: &mut self.seq,
+                tokens: chunk,
+                logits: i + 1 == chunks.len(),
+            }];
+            logits = self.engine.step(&mut self.scratch, &mut parts)?;
         }
-        self.len = position;
-        Ok(self.forward_tokens(tokens))
+        Ok(logits)
     }
 
     /// Empties the cache (its memory is kept for the next sequence).
     pub fn clear(&mut self) {
-        self.len = 0;
+        self.seq.truncate(0);
     }
 }
 
@@ -222,6 +344,108 @@ mod tests {
                         worst <= tolerance * scale,
                         "{arch} {dtype:?} after {n} tokens: worst gap {worst} of {scale}"
                     );
+                }
+            }
+        }
+    }
+
+    fn argmax(row: &[f32]) -> u32 {
+        (0..row.len()).fold(0, |best, i| if row[i] > row[best] { i } else { best }) as u32
+    }
+
+    /// Greedy tokens of `prompt` fed alone: the whole prompt, then one token per step.
+    fn alone(engine: &super::Engine, prompt: &[u32], steps: usize) -> Vec<Vec<f32>> {
+        let mut scratch = super::forward::Scratch::default();
+        let mut seq = super::Sequence::new(engine, 1024);
+        let mut feed = prompt.to_vec();
+        let mut all = Vec::new();
+        for _ in 0..steps {
+            let mut parts = [super::forward::Part {
+                seq: &mut seq,
+                tokens: &feed,
+                logits: true,
+            }];
+            let logits = engine.step(&mut scratch, &mut parts).unwrap();
+            feed = vec![argmax(&logits)];
+            all.push(logits);
+        }
+        all
+    }
+
+    #[test]
+    fn a_sequence_batched_with_others_gets_bit_identical_logits() {
+        let dir = tempfile::tempdir().unwrap();
+        let prompts: Vec<Vec<u32>> = [3usize, 17, 40, 1]
+            .iter()
+            .enumerate()
+            .map(|(s, n)| {
+                (0..*n as u32)
+                    .map(|i| (i * 31 + 7 * s as u32) % 258)
+                    .collect()
+            })
+            .collect();
+        for dtype in [GgmlDType::F32, GgmlDType::Q8_0, GgmlDType::Q4_1] {
+            let path = dir.path().join(format!("{dtype:?}.gguf"));
+            write_tiny_gguf(&path, "qwen2", 512, dtype).unwrap();
+            let model = load_gguf_on(&path, EngineKind::Native { threads: 2 }).unwrap();
+            let engine = model.native().unwrap();
+            let steps = 6;
+            let expected: Vec<_> = prompts.iter().map(|p| alone(engine, p, steps)).collect();
+            // Batched: prompts arrive at different steps and are prefilled in chunks of
+            // at most 8 tokens, beside the others' decode tokens.
+            let mut scratch = super::forward::Scratch::default();
+            let mut seqs: Vec<_> = prompts
+                .iter()
+                .map(|_| super::Sequence::new(engine, 1024))
+                .collect();
+            let mut fed = vec![0usize; prompts.len()];
+            let mut next: Vec<Option<u32>> = vec![None; prompts.len()];
+            let mut got: Vec<Vec<Vec<f32>>> = vec![Vec::new(); prompts.len()];
+            for step in 0.. {
+                let mut feeds: Vec<(usize, Vec<u32>, bool)> = Vec::new();
+                for (i, prompt) in prompts.iter().enumerate() {
+                    if step < i || got[i].len() == steps {
+                        continue;
+                    }
+                    if fed[i] < prompt.len() {
+                        let end = (fed[i] + 8).min(prompt.len());
+                        feeds.push((i, prompt[fed[i]..end].to_vec(), end == prompt.len()));
+                        fed[i] = end;
+                    } else if let Some(t) = next[i] {
+                        feeds.push((i, vec![t], true));
+                    }
+                }
+                if feeds.is_empty() {
+                    break;
+                }
+                let mut parts: Vec<_> = seqs
+                    .iter_mut()
+                    .enumerate()
+                    .filter_map(|(i, seq)| {
+                        let (_, tokens, logits) = feeds.iter().find(|f| f.0 == i)?;
+                        Some(super::forward::Part {
+                            seq,
+                            tokens,
+                            logits: *logits,
+                        })
+                    })
+                    .collect();
+                let logits = engine.step(&mut scratch, &mut parts).unwrap();
+                let vocab = engine.vocab();
+                let mut rows = logits.chunks_exact(vocab);
+                for (i, _, wants) in &feeds {
+                    if *wants {
+                        let row = rows.next().unwrap();
+                        next[*i] = Some(argmax(row));
+                        got[*i].push(row.to_vec());
+                    }
+                }
+            }
+            for (i, (a, b)) in got.iter().zip(&expected).enumerate() {
+                assert_eq!(a.len(), steps);
+                for (s, (x, y)) in a.iter().zip(b).enumerate() {
+                    let same = x.iter().zip(y).all(|(x, y)| x.to_bits() == y.to_bits());
+                    assert!(same, "{dtype:?}: sequence {i} differs at step {s}");
                 }
             }
         }
