@@ -587,6 +587,7 @@ fn simulated_worker(id: &str, model: &ModelId, addr: SocketAddr) -> WorkerInfo {
             phase: Phase::Ready,
             model: None,
             slots: 2,
+            kv: None,
             active: 0,
             requests: 0,
             generated_tokens: 0,

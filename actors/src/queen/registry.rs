@@ -692,6 +692,7 @@ mod tests {
                 phase: Phase::Ready,
                 model: None,
                 slots: 1,
+                kv: None,
                 active: 0,
                 requests: 0,
                 generated_tokens: 0,

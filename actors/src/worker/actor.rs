@@ -1,9 +1,12 @@
 //! The worker actor: loading → ready ⇄ busy → draining.
 //!
-//! Loading and generation run on blocking threads, so the actor answers `Status` while the
-//! model loads or computes. Each generation takes a session (its own KV cache over the
-//! shared weights) from the pool and gives it back when it ends; with every slot taken a
-//! request is refused with `Busy` (queueing is the queen's job, which sees all workers).
+//! Loading and generation run off the actor's task, so the actor answers `Status` while
+//! the model loads or computes. A model on the native engine is served by the batch
+//! scheduler ([`super::batch`]): up to [`MAX_SEQUENCES`] requests at once, admitted by KV
+//! memory. A model on candle serves one request per slot: each generation takes a session
+//! (its own KV cache over the shared weights) on a blocking thread and gives it back when
+//! it ends. Past that many requests a request is refused with `Busy` (queueing is the
+//! queen's job, which sees all workers).
 //! A token stream is a bounded channel: a slow consumer slows generation, a dropped one
 //! stops it before the next token.
 
@@ -17,12 +20,11 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
 use super::api::{ErrorKind, FinishReason, GenerateRequest, GenerationError, GenerationEvent};
+use super::batch::{self, Batcher, KvMemory, MAX_SEQUENCES, Vocab};
 use super::engine::embed::{self, EmbedError, Embedder};
 use super::engine::loader::{self, LoadOptions, LoadProgress, ModelInfo};
 use super::engine::model::Model;
-use super::engine::pipeline::{self, Outcome, Vocabulary};
-use super::engine::template::ChatTemplate;
-use super::engine::tokenizer::ModelTokenizer;
+use super::engine::pipeline::{self, Outcome};
 
 /// Events buffered between a generation and its consumer: enough to ride out a consumer's
 /// hiccup, small enough that a stalled consumer stalls generation.
@@ -128,6 +130,9 @@ pub struct WorkerStatus {
     pub model: Option<ModelInfo>,
     /// Sequences served at once.
     pub slots: usize,
+    /// KV memory, on a worker that batches (the native engine).
+    #[serde(default)]
+    pub kv: Option<KvMemory>,
     /// Sequences generating now.
     pub active: usize,
     /// Requests ended since start (completed, cancelled or failed).
@@ -150,8 +155,10 @@ pub enum WorkerMsg {
     Progress(LoadProgress),
     /// Internal: loading ended.
     Loaded(Result<Box<loader::LoadedModel>, String>),
-    /// Internal: a generation ended and gives its session back.
-    Finished(Box<Model>, Outcome),
+    /// Internal: a generation ended (giving its session back, on a slot).
+    Finished(Option<Box<Model>>, Outcome),
+    /// Internal: the batch scheduler failed; the worker fails with it.
+    BatchFailed(String),
     /// Embed the inputs (an embedding model's worker only).
     Embed(Vec<String>, RpcReplyPort<Result<Embedded, GenerationError>>),
     /// Internal: an embedding model finished loading.
@@ -165,12 +172,6 @@ pub struct Embedded {
     pub vectors: Vec<Vec<f32>>,
     /// Tokens the inputs had (after truncation).
     pub tokens: usize,
-}
-
-/// What every session shares.
-struct Shared {
-    tokenizer: ModelTokenizer,
-    template: Option<ChatTemplate>,
 }
 
 /// Set when the worker stops: running generations end with an error at their next token.
@@ -188,7 +189,11 @@ pub struct WorkerActorState {
     phase: Phase,
     slots: usize,
     idle: Vec<Model>,
-    shared: Option<Arc<Shared>>,
+    /// Set instead of `idle` when the model is on the native engine.
+    batcher: Option<Batcher>,
+    /// Requests handed to the batcher and not ended.
+    batched: usize,
+    shared: Option<Arc<Vocab>>,
     info: Option<ModelInfo>,
     requests: u64,
     generated_tokens: u64,
@@ -200,7 +205,9 @@ pub struct WorkerActorState {
 
 impl WorkerActorState {
     fn active(&self) -> usize {
-        if self.shared.is_some() {
+        if self.batcher.is_some() {
+            self.batched
+        } else if self.shared.is_some() {
             self.slots - self.idle.len()
         } else {
             0
@@ -212,6 +219,7 @@ impl WorkerActorState {
             phase: self.phase,
             model: self.info.clone(),
             slots: self.slots,
+            kv: self.batcher.as_ref().map(Batcher::memory),
             active: self.active(),
             requests: self.requests,
             generated_tokens: self.generated_tokens,
@@ -286,6 +294,8 @@ impl Actor for Worker {
             phase: Phase::Loading(None),
             slots,
             idle: Vec::new(),
+            batcher: None,
+            batched: 0,
             shared: None,
             info: None,
             requests: 0,
@@ -321,12 +331,33 @@ impl Actor for Worker {
                 if let Some(tx) = state.progress.take() {
                     let _ = tx.send(LoadEvent::Ready(loaded.info.clone()));
                 }
-                state.idle = loaded.sessions;
-                state.info = Some(loaded.info);
-                state.shared = Some(Arc::new(Shared {
+                let vocab = Arc::new(Vocab {
                     tokenizer: loaded.tokenizer,
                     template: loaded.template,
-                }));
+                });
+                match loaded.sessions[0].native() {
+                    Some(engine) => {
+                        // The grant is room for `slots` full-context sequences; any number
+                        // of shorter ones share it.
+                        let budget = state.slots as u64
+                            * engine.context_length() as u64
+                            * engine.kv_bytes_per_token() as u64;
+                        let owner = BatchOwner(myself.clone());
+                        let batcher = Batcher::start(
+                            engine.clone(),
+                            vocab.clone(),
+                            budget,
+                            state.stopping.0.clone(),
+                            owner,
+                        )
+                        .map_err(|e| format!("cannot start the batch scheduler: {e}"))?;
+                        state.batcher = Some(batcher);
+                        state.slots = MAX_SEQUENCES;
+                    }
+                    None => state.idle = loaded.sessions,
+                }
+                state.info = Some(loaded.info);
+                state.shared = Some(vocab);
                 if state.phase != Phase::Draining {
                     state.phase = Phase::Ready;
                 } else {
@@ -355,8 +386,14 @@ impl Actor for Worker {
                 }
             }
             WorkerMsg::Embed(inputs, reply) => start_embedding(state, inputs, reply),
+            WorkerMsg::BatchFailed(reason) => {
+                return Err(format!("the batch scheduler failed: {reason}").into());
+            }
             WorkerMsg::Finished(session, outcome) => {
-                state.idle.push(*session);
+                match session {
+                    Some(session) => state.idle.push(*session),
+                    None => state.batched = state.batched.saturating_sub(1),
+                }
                 state.requests += 1;
                 state.generated_tokens += outcome.completion_tokens as u64;
                 state.last_finish = outcome.finish;
@@ -377,6 +414,19 @@ impl Actor for Worker {
             }
         }
         Ok(())
+    }
+}
+
+/// The batch scheduler's reports, as messages to the worker.
+struct BatchOwner(ActorRef<WorkerMsg>);
+
+impl batch::Owner for BatchOwner {
+    fn ended(&self, outcome: Outcome) {
+        let _ = self.0.cast(WorkerMsg::Finished(None, outcome));
+    }
+
+    fn failed(&self, reason: String) {
+        let _ = self.0.cast(WorkerMsg::BatchFailed(reason));
     }
 }
 
@@ -436,6 +486,18 @@ fn start_generation(
         Phase::Draining => return refuse(&events, ErrorKind::Draining, "the worker is draining"),
         Phase::Ready | Phase::Busy => {}
     }
+    if let Some(batcher) = &state.batcher {
+        if state.batched >= state.slots {
+            return refuse(
+                &events,
+                ErrorKind::Busy,
+                &format!("all {} sequences are generating", state.slots),
+            );
+        }
+        state.batched += 1;
+        state.phase = Phase::Busy;
+        return batcher.submit(request, events);
+    }
     let (Some(shared), Some(mut session)) = (state.shared.clone(), state.idle.pop()) else {
         return refuse(
             &events,
@@ -446,10 +508,7 @@ fn start_generation(
     state.phase = Phase::Busy;
     let stopping = state.stopping.0.clone();
     tokio::task::spawn_blocking(move || {
-        let vocabulary = Vocabulary {
-            tokenizer: &shared.tokenizer,
-            template: shared.template.as_ref(),
-        };
+        let vocabulary = shared.borrow();
         let mut terminal = None;
         let outcome = pipeline::run(&mut session, &vocabulary, &request, |event| {
             if stopping.load(Ordering::Acquire) {
@@ -468,7 +527,7 @@ fn start_generation(
         });
         // The slot is given back before the consumer hears the end, so a request sent
         // right after `Done` finds it free.
-        let _ = myself.cast(WorkerMsg::Finished(Box::new(session), outcome));
+        let _ = myself.cast(WorkerMsg::Finished(Some(Box::new(session)), outcome));
         if let Some(event) = terminal {
             let _ = events.blocking_send(event);
         }
@@ -483,11 +542,22 @@ mod tests {
 
     use super::*;
     use crate::worker::api::SamplingParams;
+    use crate::worker::engine::model::EngineKind;
     use crate::worker::engine::tiny::write_tiny_llama;
 
+    /// A tiny llama on the native engine: batched, up to `MAX_SEQUENCES` at once within
+    /// KV memory for `slots` full contexts.
     async fn spawn(
         context: u32,
         slots: usize,
+    ) -> (tempfile::TempDir, ActorRef<WorkerMsg>, Vec<LoadProgress>) {
+        spawn_on(context, slots, EngineKind::Native { threads: 2 }).await
+    }
+
+    async fn spawn_on(
+        context: u32,
+        slots: usize,
+        engine: EngineKind,
     ) -> (tempfile::TempDir, ActorRef<WorkerMsg>, Vec<LoadProgress>) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("tiny.gguf");
@@ -497,13 +567,21 @@ mod tests {
             model: path,
             options: LoadOptions {
                 slots,
+                engine,
                 ..LoadOptions::default()
             },
             progress: Some(tx),
         };
         let (worker, _) = Actor::spawn(None, Worker, args).await.unwrap();
         let status = wait_for(&worker, |s| s.phase == Phase::Ready).await;
-        assert_eq!(status.slots, slots);
+        match engine {
+            EngineKind::Native { .. } => {
+                assert_eq!(status.slots, MAX_SEQUENCES);
+                let kv = status.kv.expect("a batching worker reports its KV memory");
+                assert!(kv.budget_bytes > 0 && kv.reserved_bytes == 0);
+            }
+            EngineKind::Candle => assert_eq!((status.slots, status.kv), (slots, None)),
+        }
         let mut progress = Vec::new();
         while let Ok(LoadEvent::Progress(p)) = rx.try_recv() {
             progress.push(p);
@@ -622,56 +700,219 @@ mod tests {
 
     #[tokio::test]
     async fn busy_slots_and_draining_are_refused_with_typed_errors() {
-        let (_d, worker, _) = spawn(4096, 1).await;
-        let (tx, mut rx) = mpsc::channel(STREAM_CAPACITY);
-        worker
-            .cast(WorkerMsg::Generate(long_request(), tx))
-            .unwrap();
-        assert!(rx.recv().await.is_some());
-        let (tx2, mut rx2) = mpsc::channel(STREAM_CAPACITY);
-        worker
-            .cast(WorkerMsg::Generate(long_request(), tx2))
-            .unwrap();
-        match rx2.recv().await {
-            Some(GenerationEvent::Error(e)) => assert_eq!(e.kind, ErrorKind::Busy),
-            other => panic!("{other:?}"),
-        }
-        worker.cast(WorkerMsg::Drain).unwrap();
-        let (tx3, mut rx3) = mpsc::channel(STREAM_CAPACITY);
-        worker
-            .cast(WorkerMsg::Generate(long_request(), tx3))
-            .unwrap();
-        match rx3.recv().await {
-            Some(GenerationEvent::Error(e)) => assert_eq!(e.kind, ErrorKind::Draining),
-            other => panic!("{other:?}"),
-        }
-        // The running stream is finished, not cut; then the worker stops by itself.
-        drop(rx);
-        for _ in 0..500 {
-            if worker.get_status() == ractor::ActorStatus::Stopped {
-                return;
+        // One slot on candle; `MAX_SEQUENCES` on the batching engine, whatever memory
+        // holds (those past the memory wait inside the worker).
+        for (engine, capacity) in [
+            (EngineKind::Candle, 1),
+            (EngineKind::Native { threads: 2 }, MAX_SEQUENCES),
+        ] {
+            let (_d, worker, _) = spawn_on(4096, 1, engine).await;
+            let mut streams = Vec::new();
+            for _ in 0..capacity {
+                let (tx, rx) = mpsc::channel(STREAM_CAPACITY);
+                worker
+                    .cast(WorkerMsg::Generate(long_request(), tx))
+                    .unwrap();
+                streams.push(rx);
             }
-            tokio::time::sleep(Duration::from_millis(10)).await;
+            assert!(streams[0].recv().await.is_some());
+            let (tx2, mut rx2) = mpsc::channel(STREAM_CAPACITY);
+            worker
+                .cast(WorkerMsg::Generate(long_request(), tx2))
+                .unwrap();
+            match rx2.recv().await {
+                Some(GenerationEvent::Error(e)) => assert_eq!(e.kind, ErrorKind::Busy),
+                other => panic!("{engine:?}: {other:?}"),
+            }
+            worker.cast(WorkerMsg::Drain).unwrap();
+            let (tx3, mut rx3) = mpsc::channel(STREAM_CAPACITY);
+            worker
+                .cast(WorkerMsg::Generate(long_request(), tx3))
+                .unwrap();
+            match rx3.recv().await {
+                Some(GenerationEvent::Error(e)) => assert_eq!(e.kind, ErrorKind::Draining),
+                other => panic!("{other:?}"),
+            }
+            // The running streams are finished, not cut; then the worker stops by itself.
+            drop(streams);
+            let mut stopped = false;
+            for _ in 0..500 {
+                if worker.get_status() == ractor::ActorStatus::Stopped {
+                    stopped = true;
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            assert!(stopped, "{engine:?}: a drained worker did not stop");
         }
-        panic!("a drained worker did not stop");
+    }
+
+    /// The token ids of a stream, and its one terminal event.
+    async fn drain_ids(rx: &mut mpsc::Receiver<GenerationEvent>) -> (Vec<u32>, GenerationEvent) {
+        let mut ids = Vec::new();
+        while let Some(event) = rx.recv().await {
+            match event {
+                GenerationEvent::Token { id, .. } => ids.push(id),
+                GenerationEvent::Text(_) => {}
+                terminal => {
+                    assert!(rx.recv().await.is_none(), "events after the terminal one");
+                    return (ids, terminal);
+                }
+            }
+        }
+        panic!("the stream ended without a terminal event");
+    }
+
+    fn varied_requests() -> Vec<GenerateRequest> {
+        (0..6)
+            .map(|i| GenerateRequest {
+                sampling: if i % 2 == 0 {
+                    SamplingParams::greedy()
+                } else {
+                    SamplingParams {
+                        temperature: 0.8,
+                        seed: Some(i),
+                        ..SamplingParams::default()
+                    }
+                },
+                ..GenerateRequest::text(&"In the beginning ".repeat(1 + i as usize * 7), 40)
+            })
+            .collect()
     }
 
     #[tokio::test]
-    async fn two_slots_generate_at_once() {
-        let (_d, worker, _) = spawn(4096, 2).await;
-        let (tx1, mut rx1) = mpsc::channel(STREAM_CAPACITY);
-        let (tx2, mut rx2) = mpsc::channel(STREAM_CAPACITY);
-        worker
-            .cast(WorkerMsg::Generate(long_request(), tx1))
-            .unwrap();
-        worker
-            .cast(WorkerMsg::Generate(long_request(), tx2))
-            .unwrap();
-        let a = rx1.recv().await;
-        let b = rx2.recv().await;
-        assert!(matches!(a, Some(GenerationEvent::Token { .. })), "{a:?}");
-        assert!(matches!(b, Some(GenerationEvent::Token { .. })), "{b:?}");
-        assert_eq!(status(&worker).await.active, 2);
+    async fn batched_requests_produce_the_tokens_they_produce_alone() {
+        let (_d, worker, _) = spawn(4096, 1).await;
+        let requests = varied_requests();
+        let mut alone = Vec::new();
+        for request in &requests {
+            let (tx, mut rx) = mpsc::channel(STREAM_CAPACITY);
+            worker
+                .cast(WorkerMsg::Generate(request.clone(), tx))
+                .unwrap();
+            alone.push(drain_ids(&mut rx).await);
+        }
+        let mut streams = Vec::new();
+        for request in &requests {
+            let (tx, rx) = mpsc::channel(STREAM_CAPACITY);
+            worker
+                .cast(WorkerMsg::Generate(request.clone(), tx))
+                .unwrap();
+            streams.push(rx);
+        }
+        assert!(
+            status(&worker).await.active > 1,
+            "the requests did not overlap"
+        );
+        for (i, rx) in streams.iter_mut().enumerate() {
+            let (ids, terminal) = drain_ids(rx).await;
+            assert_eq!(ids, alone[i].0, "request {i} differs batched");
+            assert!(matches!(terminal, GenerationEvent::Done(_)), "{terminal:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_sequence_frees_its_memory_and_the_others_go_on_unchanged() {
+        let (_d, worker, _) = spawn(4096, 1).await;
+        let request = |seed| GenerateRequest {
+            sampling: SamplingParams {
+                temperature: 0.8,
+                seed: Some(seed),
+                ..SamplingParams::default()
+            },
+            ..GenerateRequest::text("In", 400)
+        };
+        let mut alone = Vec::new();
+        for seed in [1, 2] {
+            let (tx, mut rx) = mpsc::channel(STREAM_CAPACITY);
+            worker.cast(WorkerMsg::Generate(request(seed), tx)).unwrap();
+            alone.push(drain_ids(&mut rx).await.0);
+        }
+        let mut streams = Vec::new();
+        for seed in [1, 2, 3] {
+            let (tx, rx) = mpsc::channel(STREAM_CAPACITY);
+            worker.cast(WorkerMsg::Generate(request(seed), tx)).unwrap();
+            streams.push(rx);
+        }
+        let mut firsts = Vec::new();
+        for rx in &mut streams {
+            match rx.recv().await {
+                Some(GenerationEvent::Token { id, .. }) => firsts.push(id),
+                other => panic!("{other:?}"),
+            }
+        }
+        let three = status(&worker).await.kv.unwrap().reserved_bytes;
+        let cancelled = streams.pop().unwrap();
+        drop(cancelled);
+        let after = wait_for(&worker, |s| s.active == 2).await;
+        let two = after.kv.unwrap().reserved_bytes;
+        assert!(two < three, "reserved {three} bytes before, {two} after");
+        assert_eq!(after.last_finish, Some(FinishReason::Cancelled));
+        // The two left finish exactly as they do alone.
+        for ((rx, first), expected) in streams.iter_mut().zip(firsts).zip(&alone) {
+            let (ids, _) = drain_ids(rx).await;
+            assert_eq!(first, expected[0]);
+            assert_eq!(ids, expected[1..], "a sequence changed when another left");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_repeated_prompt_starts_from_the_cached_prefix() {
+        let (_d, worker, _) = spawn(4096, 1).await;
+        let first = GenerateRequest {
+            sampling: SamplingParams::greedy(),
+            ..GenerateRequest::text(&"a shared system prompt ".repeat(60), 8)
+        };
+        let (tx, mut rx) = mpsc::channel(STREAM_CAPACITY);
+        worker.cast(WorkerMsg::Generate(first.clone(), tx)).unwrap();
+        let (ids, _) = drain_ids(&mut rx).await;
+        wait_for(&worker, |s| {
+            s.kv.is_some_and(|kv| kv.reserved_bytes == 0 && kv.cached_bytes > 0)
+        })
+        .await;
+        // The same prompt again reads only its last token from the cache's copy and
+        // answers the same.
+        let (tx, mut rx) = mpsc::channel(STREAM_CAPACITY);
+        worker.cast(WorkerMsg::Generate(first, tx)).unwrap();
+        let (again, terminal) = drain_ids(&mut rx).await;
+        assert_eq!(again, ids);
+        match terminal {
+            GenerationEvent::Done(stats) => {
+                assert!(stats.prompt_tokens > 100);
+                assert_eq!(stats.cached_prompt_tokens, stats.prompt_tokens - 1);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn requests_wait_for_kv_memory_and_one_past_the_context_is_refused() {
+        // A 256-token context and one slot: the budget holds 256 tokens of cache.
+        let (_d, worker, _) = spawn(256, 1).await;
+        let big = GenerateRequest {
+            sampling: SamplingParams::greedy(),
+            ignore_eos: true,
+            ..GenerateRequest::text("In", 200)
+        };
+        let mut streams = Vec::new();
+        for _ in 0..3 {
+            let (tx, rx) = mpsc::channel(STREAM_CAPACITY);
+            worker.cast(WorkerMsg::Generate(big.clone(), tx)).unwrap();
+            streams.push(rx);
+        }
+        // Each reserves ~200 tokens: they run one after another, all to the end.
+        for rx in &mut streams {
+            let (ids, terminal) = drain_ids(rx).await;
+            assert_eq!(ids.len(), 200);
+            assert!(matches!(terminal, GenerationEvent::Done(_)));
+        }
+        let too_long = GenerateRequest::text("In", 300);
+        let (tx, mut rx) = mpsc::channel(STREAM_CAPACITY);
+        worker.cast(WorkerMsg::Generate(too_long, tx)).unwrap();
+        match rx.recv().await {
+            Some(GenerationEvent::Error(e)) => assert_eq!(e.kind, ErrorKind::ContextExceeded),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[tokio::test]

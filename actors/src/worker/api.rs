@@ -151,6 +151,10 @@ pub struct GenerationStats {
     pub finish: FinishReason,
     /// Tokens in the prompt (after the chat template).
     pub prompt_tokens: usize,
+    /// Of those, tokens whose KV came from the worker's prefix cache instead of being
+    /// computed again.
+    #[serde(default)]
+    pub cached_prompt_tokens: usize,
     /// Tokens generated (an end-of-sequence token is not counted).
     pub completion_tokens: usize,
     /// From the request's start to the first generated token.

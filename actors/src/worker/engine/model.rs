@@ -387,7 +387,7 @@ impl Model {
     }
 
     /// The native engine running this model, if it is.
-    pub fn native(&self) -> Option<&native::Engine> {
+    pub fn native(&self) -> Option<&std::sync::Arc<native::Engine>> {
         match &self.backend {
             Backend::Native(s) => Some(s.engine()),
             _ => None,
@@ -471,6 +471,17 @@ impl Model {
             tokens: generated,
             finish: FinishReason::Length,
         })
+    }
+
+    /// Logits after `tokens`, fed from an empty KV cache.
+    pub fn forward_from_start(&mut self, tokens: &[u32]) -> Result<Vec<f32>, EngineError> {
+        self.backend.clear_kv_cache();
+        self.forward(tokens, 0)
+    }
+
+    /// Logits after feeding `tokens` at absolute `position` (the tokens already cached).
+    pub fn forward_at(&mut self, tokens: &[u32], position: usize) -> Result<Vec<f32>, EngineError> {
+        self.forward(tokens, position)
     }
 
     /// Logits after `tokens` computed from scratch, without reusing any cache.

@@ -62,13 +62,197 @@ pub fn prompt_tokens(
     }
 }
 
-fn engine_error(e: EngineError) -> GenerationError {
+pub fn engine_error(e: EngineError) -> GenerationError {
     let kind = match e {
         EngineError::ContextExceeded { .. } => ErrorKind::ContextExceeded,
         EngineError::EmptyPrompt | EngineError::Sampling(_) => ErrorKind::InvalidRequest,
         _ => ErrorKind::Compute,
     };
     GenerationError::new(kind, e.to_string())
+}
+
+/// What one sampled token did to a request.
+#[derive(Debug)]
+pub struct Sampled {
+    /// The token event to send, unless the token ended the request without text (an
+    /// end-of-sequence token).
+    pub event: Option<GenerationEvent>,
+    /// The token to feed next, while the request goes on.
+    pub feed: Option<u32>,
+    /// Why the request ended, when it did.
+    pub finish: Option<FinishReason>,
+}
+
+/// A request between its prompt and its terminal event: sampler, stop sequences, held-back
+/// text and statistics. Both the one-session path ([`run`]) and the worker's batch
+/// scheduler drive one per request, so a request's tokens and events do not depend on
+/// which path or batch ran it.
+pub struct Decoder {
+    started: Instant,
+    first_token_at: Option<Instant>,
+    prompt_len: usize,
+    /// Prompt tokens that came from a prefix cache.
+    cached: usize,
+    resumed: usize,
+    /// Prompt, resumed tokens and generated tokens: what repetition penalties look at.
+    history: Vec<u32>,
+    sampler: Sampler,
+    utf8: Utf8Buffer,
+    stops: StopMatcher,
+    stopped_by_text: bool,
+    eos: Vec<u32>,
+    /// Index of the next token event.
+    index: u32,
+    /// Tokens this worker may still generate.
+    remaining: usize,
+    generated: usize,
+}
+
+impl Decoder {
+    /// Validates and tokenizes `request` (the model's own fit check comes after).
+    pub fn new(
+        vocabulary: &Vocabulary<'_>,
+        request: &GenerateRequest,
+    ) -> Result<Self, GenerationError> {
+        request.validate()?;
+        let prompt = prompt_tokens(vocabulary, &request.prompt)?;
+        if prompt.is_empty() {
+            return Err(engine_error(EngineError::EmptyPrompt));
+        }
+        let mut sampler =
+            Sampler::new(request.sampling.clone()).map_err(|e| engine_error(e.into()))?;
+        let mut utf8 = Utf8Buffer::new();
+        let mut stops = StopMatcher::new(request.stop.iter().cloned());
+        // A resumed request continues after tokens another worker delivered: their text
+        // went out already, but the held-back state (partial characters, stop prefixes) and
+        // the sampler's draws are rebuilt so the continuation is the one that worker would
+        // make.
+        let resumed = &request.resume;
+        for &id in resumed {
+            let _ = stops.push(&utf8.push(vocabulary.tokenizer.bytes(id)));
+        }
+        sampler.skip(resumed.len());
+        let eos = if request.ignore_eos {
+            Vec::new()
+        } else {
+            vocabulary.tokenizer.end_of_sequence().to_vec()
+        };
+        Ok(Decoder {
+            started: Instant::now(),
+            first_token_at: None,
+            prompt_len: prompt.len(),
+            cached: 0,
+            resumed: resumed.len(),
+            history: prompt.iter().chain(resumed).copied().collect(),
+            sampler,
+            utf8,
+            stops,
+            stopped_by_text: false,
+            eos,
+            index: resumed.len() as u32,
+            remaining: request.max_tokens - resumed.len(),
+            generated: 0,
+        })
+    }
+
+    /// Tokens of the prompt (and resumed tokens): what the model is fed first.
+    pub fn context(&self) -> &[u32] {
+        &self.history[..self.prompt_len + self.resumed]
+    }
+
+    /// Every token so far: context, then generated ones.
+    pub fn history(&self) -> &[u32] {
+        &self.history
+    }
+
+    /// Records that the first `tokens` of the context came from a prefix cache.
+    pub fn reused(&mut self, tokens: usize) {
+        self.cached = tokens.min(self.prompt_len);
+    }
+
+    /// Tokens generated here and by a worker this request resumes from.
+    pub fn completion_tokens(&self) -> usize {
+        self.resumed + self.generated
+    }
+
+    /// Tokens this worker may still generate (for memory reservations).
+    pub fn max_new_tokens(&self) -> usize {
+        self.remaining
+    }
+
+    /// Picks the next token from `logits`.
+    pub fn sample(
+        &mut self,
+        vocabulary: &Vocabulary<'_>,
+        logits: &mut [f32],
+    ) -> Result<Sampled, GenerationError> {
+        let id = self
+            .sampler
+            .sample(logits, &self.history)
+            .map_err(|e| engine_error(e.into()))?;
+        if self.eos.contains(&id) {
+            return Ok(Sampled {
+                event: None,
+                feed: None,
+                finish: Some(FinishReason::Stop),
+            });
+        }
+        self.first_token_at.get_or_insert_with(Instant::now);
+        self.generated += 1;
+        self.history.push(id);
+        let check = self
+            .stops
+            .push(&self.utf8.push(vocabulary.tokenizer.bytes(id)));
+        let event = GenerationEvent::Token {
+            index: self.index,
+            id,
+            text: check.emit,
+        };
+        self.index += 1;
+        let finish = if check.stopped {
+            self.stopped_by_text = true;
+            Some(FinishReason::Stop)
+        } else if self.generated == self.remaining {
+            Some(FinishReason::Length)
+        } else {
+            None
+        };
+        Ok(Sampled {
+            event: Some(event),
+            feed: finish.is_none().then_some(id),
+            finish,
+        })
+    }
+
+    /// The events after the last token of a request that ended with `finish` (not
+    /// cancelled): held-back text, then `Done`.
+    pub fn finish(mut self, finish: FinishReason) -> Vec<GenerationEvent> {
+        let mut events = Vec::with_capacity(2);
+        if !self.stopped_by_text {
+            // Bytes of an unfinished character become U+FFFD; held-back text is ordinary.
+            let mut tail = self.stops.push(&self.utf8.finish()).emit;
+            tail.push_str(&self.stops.finish());
+            if !tail.is_empty() {
+                events.push(GenerationEvent::Text(tail));
+            }
+        }
+        let ended = Instant::now();
+        let first = self.first_token_at.unwrap_or(ended);
+        let prefill_secs = first.duration_since(self.started).as_secs_f64();
+        let decode_secs = ended.duration_since(first).as_secs_f64();
+        let completion_tokens = self.completion_tokens();
+        events.push(GenerationEvent::Done(GenerationStats {
+            finish,
+            prompt_tokens: self.prompt_len,
+            cached_prompt_tokens: self.cached,
+            completion_tokens,
+            time_to_first_token_ms: prefill_secs * 1000.0,
+            prefill_tokens_per_s: rate(self.prompt_len - self.cached, prefill_secs),
+            decode_tokens_per_s: rate(completion_tokens.saturating_sub(1), decode_secs),
+            seed: self.sampler.seed(),
+        }));
+        events
+    }
 }
 
 /// Runs `request` on `session`, handing each event to `emit`; `emit` breaking means the
@@ -79,114 +263,64 @@ pub fn run(
     request: &GenerateRequest,
     mut emit: impl FnMut(GenerationEvent) -> ControlFlow<()>,
 ) -> Outcome {
-    let started = Instant::now();
-    let failed = |e: GenerationError, emit: &mut dyn FnMut(GenerationEvent) -> ControlFlow<()>| {
+    fn failed(
+        emit: &mut dyn FnMut(GenerationEvent) -> ControlFlow<()>,
+        e: GenerationError,
+        completion_tokens: usize,
+    ) -> Outcome {
         let _ = emit(GenerationEvent::Error(e));
         Outcome {
             finish: None,
-            completion_tokens: 0,
+            completion_tokens,
         }
-    };
-    if let Err(e) = request.validate() {
-        return failed(e, &mut emit);
     }
-    let prompt = match prompt_tokens(vocabulary, &request.prompt) {
-        Ok(p) => p,
-        Err(e) => return failed(e, &mut emit),
+    let mut decoder = match Decoder::new(vocabulary, request) {
+        Ok(d) => d,
+        Err(e) => return failed(&mut emit, e, 0),
     };
-    if let Err(e) = session.check_fits(prompt.len(), request.max_tokens) {
-        return failed(engine_error(e), &mut emit);
+    // Resumed tokens count against both: prompt + max_tokens is the request's whole size.
+    if let Err(e) = session.check_fits(decoder.prompt_len, request.max_tokens) {
+        return failed(&mut emit, engine_error(e), 0);
     }
-    let mut sampler = match Sampler::new(request.sampling.clone()) {
-        Ok(s) => s,
-        Err(e) => return failed(engine_error(e.into()), &mut emit),
+    let mut logits = match session.forward_from_start(decoder.context()) {
+        Ok(l) => l,
+        Err(e) => return failed(&mut emit, engine_error(e), decoder.completion_tokens()),
     };
-
-    let mut utf8 = Utf8Buffer::new();
-    let mut stops = StopMatcher::new(request.stop.iter().cloned());
-    // A resumed request continues after tokens another worker delivered: their text went
-    // out already, but the held-back state (partial characters, stop prefixes) and the
-    // sampler's draws are rebuilt so the continuation is the one that worker would make.
-    let resumed = &request.resume;
-    for &id in resumed {
-        let _ = stops.push(&utf8.push(vocabulary.tokenizer.bytes(id)));
-    }
-    sampler.skip(resumed.len());
-    let context: Vec<u32> = prompt.iter().chain(resumed).copied().collect();
-    let mut first_token_at = None;
-    let mut stopped_by_text = false;
-    let mut consumer_gone = false;
-    let mut index = resumed.len() as u32;
-    let eos = if request.ignore_eos {
-        &[][..]
-    } else {
-        vocabulary.tokenizer.end_of_sequence()
-    };
-    let remaining = request.max_tokens - resumed.len();
-    let generation = session.generate(&context, &mut sampler, remaining, eos, |id| {
-        first_token_at.get_or_insert_with(Instant::now);
-        let check = stops.push(&utf8.push(vocabulary.tokenizer.bytes(id)));
-        let event = GenerationEvent::Token {
-            index,
-            id,
-            text: check.emit,
+    let finish = loop {
+        let sampled = match decoder.sample(vocabulary, &mut logits) {
+            Ok(s) => s,
+            Err(e) => return failed(&mut emit, e, decoder.completion_tokens()),
         };
-        index += 1;
-        if emit(event).is_break() {
-            consumer_gone = true;
-            return ControlFlow::Break(());
-        }
-        if check.stopped {
-            stopped_by_text = true;
-            return ControlFlow::Break(());
-        }
-        ControlFlow::Continue(())
-    });
-    let generation = match generation {
-        Ok(g) => g,
-        Err(e) => {
-            let outcome = failed(engine_error(e), &mut emit);
+        if let Some(event) = sampled.event
+            && emit(event).is_break()
+        {
             return Outcome {
-                completion_tokens: index as usize,
-                ..outcome
+                finish: Some(FinishReason::Cancelled),
+                completion_tokens: decoder.completion_tokens(),
             };
         }
+        if let Some(finish) = sampled.finish {
+            break finish;
+        }
+        let fed = decoder.history().len() - 1;
+        let next = sampled
+            .feed
+            .expect("a request that goes on feeds its token");
+        logits = match session.forward_at(&[next], fed) {
+            Ok(l) => l,
+            Err(e) => return failed(&mut emit, engine_error(e), decoder.completion_tokens()),
+        };
     };
-    let finish = if stopped_by_text {
-        FinishReason::Stop
-    } else {
-        generation.finish
-    };
-    let completion_tokens = resumed.len() + generation.tokens.len();
-    let outcome = Outcome {
-        finish: Some(finish),
-        completion_tokens,
-    };
-    if consumer_gone {
-        return outcome;
-    }
-    if !stopped_by_text {
-        // Bytes of an unfinished character become U+FFFD; held-back text is ordinary.
-        let mut tail = stops.push(&utf8.finish()).emit;
-        tail.push_str(&stops.finish());
-        if !tail.is_empty() && emit(GenerationEvent::Text(tail)).is_break() {
-            return outcome;
+    let completion_tokens = decoder.completion_tokens();
+    for event in decoder.finish(finish) {
+        if emit(event).is_break() {
+            break;
         }
     }
-    let ended = Instant::now();
-    let first = first_token_at.unwrap_or(ended);
-    let prefill_secs = first.duration_since(started).as_secs_f64();
-    let decode_secs = ended.duration_since(first).as_secs_f64();
-    let _ = emit(GenerationEvent::Done(GenerationStats {
-        finish,
-        prompt_tokens: prompt.len(),
+    Outcome {
+        finish: Some(finish),
         completion_tokens,
-        time_to_first_token_ms: prefill_secs * 1000.0,
-        prefill_tokens_per_s: rate(prompt.len(), prefill_secs),
-        decode_tokens_per_s: rate(completion_tokens.saturating_sub(1), decode_secs),
-        seed: sampler.seed(),
-    }));
-    outcome
+    }
 }
 
 fn rate(count: usize, secs: f64) -> f64 {

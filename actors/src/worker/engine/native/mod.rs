@@ -460,7 +460,7 @@ mod tests {
         let clones: Vec<_> = (0..3).map(|_| model.try_clone().unwrap()).collect();
         let engine = model.native().unwrap();
         for c in &clones {
-            assert!(std::ptr::eq(c.native().unwrap(), engine));
+            assert!(std::sync::Arc::ptr_eq(c.native().unwrap(), engine));
         }
     }
 }
