@@ -10,7 +10,9 @@ use rbee::actors::worker::engine::tiny::write_tiny_llama;
 
 use rbee::actors::queen::protocol::{ClientRequest, ClientResponse};
 
-use common::daemons::{client, eventually, import, start_hive, start_queen, token};
+use common::daemons::{
+    client, eventually, import, start_hive, start_hive_with, start_queen, token,
+};
 
 #[tokio::test]
 async fn the_openai_client_lists_completes_streams_and_is_refused_a_wrong_key() {
@@ -84,7 +86,11 @@ async fn a_full_queue_is_a_429_and_a_client_that_disconnects_frees_the_worker_sl
     import(&hive_home, &smollm2, "smollm2");
     let (queen, link) = start_queen(dir.path(), 0, &["--slots", "1", "--max-queue", "1"]);
     let http = queen.ready["ready"]["http"].as_str().unwrap().to_string();
-    let _hive = start_hive(&hive_home, &token(dir.path(), 600), "hive-a").unwrap();
+    // The queue is the queen's: a worker on candle serves one request per slot, so one
+    // slot fills with one stream (a batching worker takes 16 before the queen queues).
+    let mut rbee = Command::new(env!("CARGO_BIN_EXE_rbee"));
+    rbee.env("RBEE_ENGINE", "candle");
+    let _hive = start_hive_with(rbee, &hive_home, &token(dir.path(), 600), "hive-a").unwrap();
     let native = client(dir.path(), link).await;
     eventually(20, "the hive connected", || async {
         matches!(native.call(ClientRequest::ListHives).await, Ok(ClientResponse::Hives(h)) if h.len() == 1)

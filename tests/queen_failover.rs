@@ -16,7 +16,8 @@ use rbee::actors::worker::api::{ErrorKind, GenerateRequest, SamplingParams};
 use rbee::transport::StreamReceiver;
 
 use common::daemons::{
-    Daemon, Seen, client, eventually, import, read_all, start_hive, start_queen, token, workers,
+    Daemon, Seen, client, eventually, import, read_all, start_hive_with, start_queen, token,
+    workers,
 };
 
 fn smollm2() -> PathBuf {
@@ -39,13 +40,27 @@ fn long(max_tokens: usize) -> GenerateRequest {
 /// A queen in `dir` with `extra` flags and one hive per name, each with SmolLM2 in its
 /// store and one process worker of it running.
 async fn cluster(dir: &Path, extra: &[&str], hives: &[&str]) -> (Daemon, Vec<Daemon>, QueenClient) {
+    cluster_on(dir, extra, hives, None).await
+}
+
+/// [`cluster`] with the workers' engine set (`RBEE_ENGINE`), when `engine` is some.
+async fn cluster_on(
+    dir: &Path,
+    extra: &[&str],
+    hives: &[&str],
+    engine: Option<&str>,
+) -> (Daemon, Vec<Daemon>, QueenClient) {
     let (queen, link) = start_queen(dir, 0, extra);
     let token = token(dir, 600);
     let mut daemons = Vec::new();
     for name in hives {
         let home = dir.join(name);
         import(&home, &smollm2(), "smollm2");
-        daemons.push(start_hive(&home, &token, name).unwrap());
+        let mut rbee = std::process::Command::new(env!("CARGO_BIN_EXE_rbee"));
+        if let Some(engine) = engine {
+            rbee.env("RBEE_ENGINE", engine);
+        }
+        daemons.push(start_hive_with(rbee, &home, &token, name).unwrap());
     }
     let client = client(dir, link).await;
     eventually(20, "the hives connected", || async {
@@ -86,7 +101,10 @@ async fn pid_of(client: &QueenClient, key: &str) -> u32 {
 async fn a_full_queue_refuses_at_once_and_a_cancelled_stream_frees_its_slot() {
     let dir = tempfile::tempdir().unwrap();
     let limits = ["--slots", "1", "--max-queue", "1", "--max-wait-ms", "60000"];
-    let (_queen, _hives, client) = cluster(dir.path(), &limits, &["hive-a"]).await;
+    // The queue is the queen's: a worker on candle serves one request per slot, so one
+    // stream fills it (a batching worker takes 16 before the queen queues).
+    let (_queen, _hives, client) =
+        cluster_on(dir.path(), &limits, &["hive-a"], Some("candle")).await;
 
     // A holds the only slot…
     let mut a = client.generate(model(), long(2000)).await.unwrap();
@@ -194,4 +212,59 @@ async fn a_killed_worker_moves_its_stream_and_a_killed_hive_leaves_the_registry(
         assert!(seen.done.is_some(), "{seen:?}");
         assert!(seen.assigned[0].starts_with("hive-a/"), "{seen:?}");
     }
+}
+
+#[tokio::test]
+async fn a_worker_killed_with_eight_batched_streams_gives_each_a_resumed_stream_or_one_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_queen, _hives, client) =
+        cluster(dir.path(), &["--slots", "1"], &["hive-a", "hive-b"]).await;
+    let requested = 60;
+    let mut streams = Vec::new();
+    for _ in 0..8 {
+        let mut stream = client.generate(model(), long(requested)).await.unwrap();
+        let mut seen = Seen::default();
+        read_tokens(&mut stream, &mut seen, 2).await;
+        streams.push((stream, seen));
+    }
+    // The worker with the most of them dies.
+    let mut on: Vec<String> = streams.iter().map(|(_, s)| s.assigned[0].clone()).collect();
+    on.sort();
+    let busiest = on
+        .iter()
+        .max_by_key(|k| on.iter().filter(|o| o == k).count())
+        .unwrap()
+        .clone();
+    let hit = on.iter().filter(|k| **k == busiest).count();
+    assert!(
+        hit >= 4,
+        "8 streams over 2 workers put {hit} on the busiest"
+    );
+    let pid = pid_of(&client, &busiest).await;
+    // SAFETY: a plain signal to a child process of this test's hive.
+    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGKILL) }, 0);
+    let mut moved = 0;
+    for (mut stream, mut seen) in streams {
+        let read = async {
+            while let Some(item) = stream.next().await {
+                seen.take(item.unwrap());
+            }
+            seen
+        };
+        let seen = tokio::time::timeout(Duration::from_secs(180), read)
+            .await
+            .expect("every stream ends");
+        assert_eq!(seen.terminals, 1, "{seen:?}");
+        match (&seen.done, &seen.error) {
+            (Some(stats), None) => {
+                assert_eq!(stats.completion_tokens, requested, "{seen:?}");
+                let indices: Vec<u32> = (0..requested as u32).collect();
+                assert_eq!(seen.indices, indices, "each token once, in order");
+                moved += seen.moved.len();
+            }
+            (None, Some(_)) => {}
+            other => panic!("{other:?}: {seen:?}"),
+        }
+    }
+    assert!(moved >= 1, "no stream was resumed on the other worker");
 }

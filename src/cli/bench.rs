@@ -17,6 +17,10 @@ pub enum BenchCommand {
     /// The queen: time to first token through it next to a direct worker link, remote
     /// spawn latency, and its CPU with 1,000 simulated workers connected.
     Queen(super::bench_queen::QueenBenchArgs),
+    /// Many streaming users through the OpenAI HTTP API of a local cluster of processes at
+    /// 1, 4 and 8 concurrent clients, and a multi-turn case; with `--against-llama-server`
+    /// next to llama-server on the same file.
+    Serve(super::bench_serve::ServeArgs),
     /// Many clients for a long time against a local cluster of processes: completed,
     /// errors by kind, time to first token, memory of each process at start and end.
     Soak(super::bench_soak::SoakArgs),
@@ -27,6 +31,7 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<ExitCode> {
         BenchCommand::Engine(args) => super::bench_engine::run(args).await,
         BenchCommand::Hive(args) => super::bench_hive::run(args).await,
         BenchCommand::Queen(args) => super::bench_queen::run(args).await,
+        BenchCommand::Serve(args) => super::bench_serve::run(args).await,
         BenchCommand::Soak(args) => super::bench_soak::run(args).await,
     }
 }

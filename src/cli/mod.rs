@@ -10,6 +10,7 @@ mod bench;
 mod bench_engine;
 mod bench_hive;
 mod bench_queen;
+mod bench_serve;
 mod bench_soak;
 mod connect;
 mod hive;

@@ -163,7 +163,9 @@ pub struct ServeArgs {
     /// Longest a request waits for a worker, in milliseconds.
     #[arg(long, default_value_t = 60_000)]
     max_wait_ms: u64,
-    /// Slots of the workers the queen starts.
+    /// Slots of the workers the queen starts: KV memory for that many full-context
+    /// sequences (on the native engine up to 16 shorter sequences share it; on candle,
+    /// sequences at once).
     #[arg(long, default_value_t = 2)]
     slots: usize,
     /// Start workers inside their hive's process instead of as processes of their own.

@@ -137,6 +137,10 @@ pub struct Sampling {
     #[serde(default)]
     pub stream: bool,
     pub stream_options: Option<StreamOptions>,
+    /// Generate to `max_tokens` past end-of-sequence tokens (vLLM's and llama-server's
+    /// extension, for benchmarks).
+    #[serde(default)]
+    pub ignore_eos: bool,
 }
 
 /// `POST /v1/chat/completions`.
@@ -217,6 +221,7 @@ impl Sampling {
             sampling,
             max_tokens,
             stop,
+            ignore_eos: self.ignore_eos,
             ..GenerateRequest::text("", 1)
         };
         request
@@ -385,6 +390,13 @@ pub struct Usage {
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
     pub total_tokens: usize,
+    pub prompt_tokens_details: PromptTokensDetails,
+}
+
+/// OpenAI's breakdown of prompt tokens: those served from the prefix cache.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct PromptTokensDetails {
+    pub cached_tokens: usize,
 }
 
 impl Usage {
@@ -393,6 +405,9 @@ impl Usage {
             prompt_tokens: stats.prompt_tokens,
             completion_tokens: stats.completion_tokens,
             total_tokens: stats.prompt_tokens + stats.completion_tokens,
+            prompt_tokens_details: PromptTokensDetails {
+                cached_tokens: stats.cached_prompt_tokens,
+            },
         }
     }
 }

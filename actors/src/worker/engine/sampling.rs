@@ -182,8 +182,8 @@ impl Sampler {
         }
     }
 
-    /// The tokens that survive top-k, min-p and top-p, most likely first, with
-    /// unnormalised probabilities.
+    /// The tokens that survive top-k, min-p and top-p with unnormalised probabilities: most
+    /// likely first when any of them cuts, in vocabulary order when none does.
     fn candidates(&self, logits: &[f32]) -> Vec<(u32, f32)> {
         let inv_t = 1.0 / self.params.temperature;
         let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -195,6 +195,11 @@ impl Sampler {
         // A total order (probability, then token id), so equal seeds replay exactly.
         let order = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
         let k = self.params.top_k;
+        if (k == 0 || k >= probs.len()) && self.params.min_p <= 0.0 && self.params.top_p >= 1.0 {
+            // Nothing is cut: every token is a candidate, in vocabulary order (also a total
+            // order), without sorting the vocabulary for each token.
+            return probs;
+        }
         if k > 0 && k < probs.len() {
             // Runs once per token over the whole vocabulary: partition out the top k in
             // linear time and sort only those.
