@@ -77,6 +77,9 @@ pub struct SpawnRequest {
 }
 
 /// A worker's state as the hive sees it.
+// A status report, copied a few times a second per worker, not a hot path: boxing it
+// would only add an allocation per report.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum WorkerState {
     /// Running; the worker's own status.
