@@ -148,6 +148,8 @@ pub enum QueenMsg {
     Acquire {
         /// The model.
         model: ModelId,
+        /// Fingerprints of its prompt's prefixes ([`super::affinity`]).
+        prints: Vec<u64>,
         /// Where the news go.
         waiter: mpsc::Sender<Admit>,
     },
@@ -196,6 +198,8 @@ pub struct QueenArgs {
 /// A request waiting in a queue.
 struct Waiter {
     tx: mpsc::Sender<Admit>,
+    /// Fingerprints of its prompt's prefixes.
+    prints: Vec<u64>,
     /// Its queue timeout, cancelled when the waiter leaves the queue any other way (one
     /// timer per queued request would otherwise live the whole maximum wait).
     timeout: Option<tokio::task::AbortHandle>,
@@ -320,7 +324,11 @@ impl Actor for Queen {
                 }
                 state.on_registry_change(&myself);
             }
-            QueenMsg::Acquire { model, waiter } => state.acquire(&myself, model, waiter),
+            QueenMsg::Acquire {
+                model,
+                prints,
+                waiter,
+            } => state.acquire(&myself, model, prints, waiter),
             QueenMsg::Release {
                 key,
                 incarnation,
@@ -416,16 +424,23 @@ impl QueenState {
         }
     }
 
-    fn acquire(&mut self, myself: &ActorRef<QueenMsg>, model: ModelId, tx: mpsc::Sender<Admit>) {
+    fn acquire(
+        &mut self,
+        myself: &ActorRef<QueenMsg>,
+        model: ModelId,
+        prints: Vec<u64>,
+        tx: mpsc::Sender<Admit>,
+    ) {
         if self.admission.waiting(&model) == 0
-            && let Some(key) = self.registry.pick(&model)
+            && let Some(key) = self.registry.pick(&model, &prints)
         {
-            self.grant(myself, &key, &model, tx);
+            self.grant(myself, &key, &model, &prints, tx);
             return;
         }
         let wait = self.admission.limits().max_wait;
         let queued = self.admission.enqueue_with(&model, |ticket| Waiter {
             tx: tx.clone(),
+            prints: prints.clone(),
             timeout: Some(
                 myself
                     .send_after(wait, move || QueenMsg::QueueTimeout(ticket))
@@ -456,9 +471,10 @@ impl QueenState {
         myself: &ActorRef<QueenMsg>,
         key: &WorkerKey,
         model: &ModelId,
+        prints: &[u64],
         tx: mpsc::Sender<Admit>,
     ) -> bool {
-        let Some(acquired) = self.registry.acquire(key) else {
+        let Some(acquired) = self.registry.acquire(key, prints) else {
             return false;
         };
         let lease = Lease {
@@ -476,14 +492,15 @@ impl QueenState {
     /// Hands free slots of `model`'s workers to its queue, in order.
     fn dispatch(&mut self, myself: &ActorRef<QueenMsg>, model: &ModelId) {
         let mut moved = false;
-        while self.admission.waiting(model) > 0 {
-            let Some(key) = self.registry.pick(model) else {
+        loop {
+            let head = self.admission.positions(model).next();
+            let Some(key) = head.and_then(|(_, w)| self.registry.pick(model, &w.prints)) else {
                 break;
             };
             let Some(waiter) = self.admission.pop(model) else {
                 break;
             };
-            moved |= self.grant(myself, &key, model, waiter.tx.clone());
+            moved |= self.grant(myself, &key, model, &waiter.prints, waiter.tx.clone());
         }
         if moved {
             self.send_positions(model);

@@ -4,6 +4,7 @@
 //! - [`tokens`]: join tokens and the hives that joined.
 //! - [`registry`]: hives and workers, placement and the choice of a worker per request.
 //! - [`admission`]: the bounded per-model queues.
+//! - [`affinity`]: which worker likely holds a request's prompt prefix in its cache.
 //! - [`client`]: a client of the queen over the node link.
 //! - [`actor`]: the queen actor that owns both and acts on what the links report.
 //! - [`route`]: one generation through the queen, with failover.
@@ -12,6 +13,7 @@
 
 pub mod actor;
 pub mod admission;
+pub mod affinity;
 pub mod client;
 pub mod daemon;
 pub mod keys;

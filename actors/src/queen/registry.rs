@@ -15,6 +15,7 @@ use std::time::Instant;
 use rbee_transport::Link;
 use tokio::sync::watch;
 
+use super::affinity::Affinity;
 use super::protocol::{
     HiveReport, HiveState, HiveView, Placement, QueenError, QueenErrorKind, QueenProtocol,
     WorkerView,
@@ -24,6 +25,11 @@ use crate::hive::store::{Entry, ModelId};
 use crate::hive::workers::{IdleTimeout, SpawnRequest, WorkerInfo, WorkerMode, WorkerState};
 use crate::worker::actor::Phase;
 use crate::worker::remote::RemoteWorker;
+
+/// Requests more than the least busy worker's that a worker may have and still be
+/// preferred for holding a request's prompt prefix (a cache hit saves a prefill; a pile-up
+/// on one worker costs every stream there).
+pub const AFFINITY_SLACK: usize = 2;
 
 /// Memory a model needs beyond its files (the hive's own preflight uses the same).
 const MEMORY_HEADROOM: f64 = 1.2;
@@ -95,6 +101,8 @@ struct WorkerEntry {
     last_active: Instant,
     /// Set to true when this incarnation ends; leases watch it.
     gone: watch::Sender<bool>,
+    /// Prompts it was given, for prefix-aware routing.
+    affinity: Affinity,
 }
 
 impl WorkerEntry {
@@ -111,6 +119,7 @@ impl WorkerEntry {
             in_flight: 0,
             last_active: Instant::now(),
             gone: watch::channel(false).0,
+            affinity: Affinity::default(),
         }
     }
 
@@ -396,13 +405,26 @@ impl Registry {
         })
     }
 
-    /// The routable worker of `model` with the most free slots, if any has one.
-    pub fn pick(&self, model: &ModelId) -> Option<WorkerKey> {
-        self.workers
-            .iter()
-            .filter(|(_, w)| &w.info.model == model && w.routable() && w.in_flight < w.slots())
+    /// The routable worker of `model` for a request whose prompt has the fingerprints
+    /// `prints` ([`super::affinity`]), if any has a free slot: the one given the longest of
+    /// those prefixes before (its prefix cache likely holds it), unless it has more than
+    /// [`AFFINITY_SLACK`] requests more than the least busy; then the most free slots.
+    pub fn pick(&self, model: &ModelId, prints: &[u64]) -> Option<WorkerKey> {
+        let free = || {
+            self.workers
+                .iter()
+                .filter(|(_, w)| &w.info.model == model && w.routable() && w.in_flight < w.slots())
+        };
+        let least = free().map(|(_, w)| w.in_flight).min()?;
+        free()
             .max_by_key(|(key, w)| {
+                let depth = if w.in_flight <= least + AFFINITY_SLACK {
+                    w.affinity.depth(prints)
+                } else {
+                    0
+                };
                 (
+                    depth,
                     w.slots() - w.in_flight,
                     std::cmp::Reverse(w.in_flight),
                     std::cmp::Reverse((*key).clone()),
@@ -411,10 +433,11 @@ impl Registry {
             .map(|(key, _)| key.clone())
     }
 
-    /// Takes a slot of `key` for one request.
-    pub fn acquire(&mut self, key: &WorkerKey) -> Option<Acquired> {
+    /// Takes a slot of `key` for one request whose prompt has the fingerprints `prints`.
+    pub fn acquire(&mut self, key: &WorkerKey, prints: &[u64]) -> Option<Acquired> {
         let w = self.workers.get_mut(key).filter(|w| w.routable())?;
         w.in_flight += 1;
+        w.affinity.record(prints);
         w.last_active = Instant::now();
         Some(Acquired {
             route: w.route.clone()?,
@@ -741,5 +764,44 @@ mod tests {
         // The next report is the truth.
         registry.hive_workers("h", 5, Vec::new());
         assert!(listed(&registry).is_empty());
+    }
+    #[tokio::test]
+    async fn a_request_goes_to_the_worker_given_its_prefix_unless_that_one_is_much_busier() {
+        let (link, _queen) = hive_link().await;
+        let mut registry = Registry::default();
+        let report = HiveReport {
+            capabilities: crate::hive::capabilities::probe(None, std::path::Path::new(".")),
+            models: Vec::new(),
+            workers: Vec::new(),
+            read_at: 1,
+        };
+        registry.hive_up("h", link, 1, report);
+        let roomy = |id: &str| {
+            let mut w = worker(id, 2);
+            if let WorkerState::Running(s) = &mut w.state {
+                s.slots = 16;
+            }
+            w
+        };
+        registry.worker_started("h", roomy("tiny-1"));
+        registry.worker_started("h", roomy("tiny-2"));
+        let model = ModelId::new("tiny").unwrap();
+        let key = |id: &str| WorkerKey {
+            hive: "h".into(),
+            worker: id.into(),
+        };
+        let first_turn = [11, 12];
+        let second_turn = [11, 12, 13, 14];
+        // Without a known prefix the least busy wins; tiny-1 gets the first turn.
+        registry.acquire(&key("tiny-1"), &first_turn).unwrap();
+        // The second turn follows its prefix although tiny-1 is the busier one.
+        assert_eq!(registry.pick(&model, &second_turn), Some(key("tiny-1")));
+        // A stranger goes to the least busy.
+        assert_eq!(registry.pick(&model, &[99]), Some(key("tiny-2")));
+        // Beyond the slack, load wins over the prefix.
+        for _ in 0..AFFINITY_SLACK {
+            registry.acquire(&key("tiny-1"), &[]).unwrap();
+        }
+        assert_eq!(registry.pick(&model, &second_turn), Some(key("tiny-2")));
     }
 }

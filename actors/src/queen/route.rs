@@ -14,6 +14,7 @@ use rbee_transport::StreamReceiver;
 use tokio::sync::mpsc;
 
 use super::actor::{ADMIT_CAPACITY, Admit, Lease, QueenMsg};
+use super::affinity;
 use super::protocol::{QueenItem, QueenOpen, QueenRequest, QueenResponse};
 use super::registry::Route;
 use crate::hive::remote::{HiveItem, HiveOpen, HiveRequest, HiveResponse};
@@ -45,6 +46,7 @@ pub async fn generate(
         let _ = out.send(end(e)).await;
         return;
     }
+    let prints = affinity::fingerprints(&request.prompt);
     // A fixed seed makes a resumed generation the same one.
     request.sampling.seed.get_or_insert_with(rand::random);
     let mut delivered: Vec<u32> = Vec::new();
@@ -52,7 +54,7 @@ pub async fn generate(
     let mut last_loss = String::new();
     let (mut losses, mut refusals) = (0, 0);
     while losses < MAX_ATTEMPTS && refusals < MAX_REFUSALS {
-        let lease = match admit(&queen, &model, &out).await {
+        let lease = match admit(&queen, &model, &prints, &out).await {
             Ok(lease) => lease,
             Err(None) => return,
             Err(Some(error)) => {
@@ -128,11 +130,13 @@ enum Outcome {
 async fn admit(
     queen: &ActorRef<QueenMsg>,
     model: &ModelId,
+    prints: &[u64],
     out: &mpsc::Sender<QueenItem>,
 ) -> Result<Lease, Option<GenerationError>> {
     let (tx, mut rx) = mpsc::channel(ADMIT_CAPACITY);
     let acquire = QueenMsg::Acquire {
         model: model.clone(),
+        prints: prints.to_vec(),
         waiter: tx,
     };
     if queen.cast(acquire).is_err() {
@@ -282,7 +286,7 @@ pub async fn embed(
         let (news, mut ignored) = mpsc::channel(ADMIT_CAPACITY);
         let drain = async { while ignored.recv().await.is_some() {} };
         let lease = tokio::select! {
-            lease = admit(&queen, &model, &news) => lease,
+            lease = admit(&queen, &model, &[], &news) => lease,
             () = drain => unreachable!("the news sender lives in this loop"),
         };
         let lease = match lease {
