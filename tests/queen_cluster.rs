@@ -1,9 +1,15 @@
 //! One queen and two hives as real processes on 127.0.0.1 with tiny models: joining with
-//! tokens, requests spread over both hives, a worker started on demand.
+//! tokens, requests spread over both hives, a worker started on demand, the queen crashed
+//! or stopped gracefully (and upgraded) while the hives and their workers run on.
 
 mod common;
 
 use std::collections::BTreeSet;
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use rbee::actors::hive::store::ModelId;
 use rbee::actors::queen::protocol::{ClientRequest, ClientResponse, Placement};
@@ -12,7 +18,8 @@ use rbee::actors::worker::engine::tiny::write_tiny_llama;
 use rbee::transport::{ClusterCa, Endpoint, NodeId, Role};
 
 use common::daemons::{
-    client, eventually, import, link_config, read_all, start_hive, start_queen, token, workers,
+    Daemon, Seen, client, eventually, import, link_config, processes_under, read_all, signal,
+    start_hive, start_queen, start_queen_program, token, workers,
 };
 
 fn greedy(max_tokens: usize) -> GenerateRequest {
@@ -211,4 +218,277 @@ async fn incarnations(
         .collect();
     listed.sort();
     listed
+}
+
+/// How long the queen stays away in the graceful-restart test (`RBEE_TEST_QUEEN_AWAY_SECS`
+/// to try a longer outage by hand).
+fn queen_away() -> Duration {
+    let secs = std::env::var("RBEE_TEST_QUEEN_AWAY_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(10);
+    Duration::from_secs(secs)
+}
+
+#[tokio::test]
+async fn a_queen_stopped_gracefully_and_started_again_keeps_every_hive_and_worker() {
+    let dir = tempfile::tempdir().unwrap();
+    let model_file = dir.path().join("tiny.gguf");
+    write_tiny_llama(&model_file, 512).unwrap();
+    let (home_a, home_b) = (dir.path().join("a"), dir.path().join("b"));
+    import(&home_a, &model_file, "tiny");
+    import(&home_b, &model_file, "tiny");
+    let (mut queen, link) = start_queen(dir.path(), 0, &[]);
+    let token = token(dir.path(), 600);
+    let mut hives = [
+        start_hive(&home_a, &token, "hive-a").unwrap(),
+        start_hive(&home_b, &token, "hive-b").unwrap(),
+    ];
+    let tiny = ModelId::new("tiny").unwrap();
+    let before = {
+        let client = client(dir.path(), link).await;
+        eventually(20, "both hives connected", || async {
+            hive_count(&client).await == 2
+        })
+        .await;
+        for hive in ["hive-a", "hive-b"] {
+            let placement = Placement {
+                hive: Some(hive.into()),
+                ..Placement::of(tiny.clone())
+            };
+            client.call(ClientRequest::Spawn(placement)).await.unwrap();
+        }
+        incarnations(&client).await
+    };
+    assert_eq!(before.len(), 2);
+    assert!(before.iter().all(|(_, pid, _)| pid.is_some()), "{before:?}");
+
+    let traffic = Traffic::start(dir.path(), link, tiny.clone(), 2);
+    traffic
+        .wait_for_more_done(4, "traffic before the first stop")
+        .await;
+
+    // 1. SIGTERM, as systemd or Kubernetes stop a service; 2. SIGINT (`rbee queen stop`),
+    // then a copy of the binary, as an upgrade installs one.
+    let upgraded = dir.path().join("rbee-upgraded");
+    std::fs::copy(env!("CARGO_BIN_EXE_rbee"), &upgraded).unwrap();
+    for (stop, program) in [
+        (libc::SIGTERM, env!("CARGO_BIN_EXE_rbee").as_ref()),
+        (libc::SIGINT, upgraded.as_path()),
+    ] {
+        stop_gracefully(&mut queen, stop);
+        tokio::time::sleep(queen_away()).await;
+        for hive in &mut hives {
+            assert!(
+                hive.child.try_wait().unwrap().is_none(),
+                "a hive exited while its queen was away"
+            );
+        }
+        let started = Instant::now();
+        let (again, addr) = start_queen_program(
+            Command::new(program),
+            dir.path(),
+            "127.0.0.1",
+            link.port(),
+            &[],
+        );
+        assert_eq!(addr, link);
+        queen = again;
+        let client = client(dir.path(), link).await;
+        eventually(15, "both hives reconnected", || async {
+            hive_count(&client).await == 2
+        })
+        .await;
+        eprintln!(
+            "both hives back {:?} after the queen started (away {:?}, signal {stop})",
+            started.elapsed(),
+            queen_away()
+        );
+        eventually(20, "the workers are back and routable", || async {
+            let listed = workers(&client).await;
+            listed.len() == 2 && listed.iter().all(|w| w.routable)
+        })
+        .await;
+        assert_eq!(
+            incarnations(&client).await,
+            before,
+            "the same worker processes, none restarted"
+        );
+        traffic
+            .wait_for_more_done(4, "traffic after the restart")
+            .await;
+    }
+    let outcome = traffic.stop().await;
+    eprintln!("traffic: {outcome:?}");
+    assert_eq!(outcome.without_terminal, 0, "{outcome:?}");
+
+    // Nothing orphaned: the hives run, and of the processes naming the test's directory
+    // (the queen's data, the workers' identities) there are the queen and the two workers.
+    for hive in &mut hives {
+        assert!(hive.child.try_wait().unwrap().is_none());
+    }
+    let mut expected: Vec<u32> = before.iter().filter_map(|(_, pid, _)| *pid).collect();
+    expected.push(queen.pid());
+    expected.sort();
+    let mut running = processes_under(dir.path());
+    running.sort();
+    assert_eq!(running, expected);
+}
+
+async fn hive_count(client: &rbee::actors::queen::client::QueenClient) -> usize {
+    match client.call(ClientRequest::ListHives).await {
+        Ok(ClientResponse::Hives(h)) => h.len(),
+        _ => 0,
+    }
+}
+
+/// Signals the queen and waits (at most 15 s) until it has exited on its own, cleanly.
+fn stop_gracefully(queen: &mut Daemon, stop: i32) {
+    signal(queen.pid(), stop);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Some(status) = queen.child.try_wait().unwrap() {
+            assert!(
+                status.success(),
+                "the queen's exit after signal {stop}: {status}"
+            );
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the queen did not stop on signal {stop}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// What steady traffic saw.
+#[derive(Debug, Default)]
+struct TrafficOutcome {
+    done: usize,
+    /// Generations that ended with a typed error (an error event, or the link's error
+    /// when the queen went away).
+    errors: usize,
+    /// Generations whose stream ended, or hung past 30 s, without a terminal event: must
+    /// stay 0.
+    without_terminal: usize,
+}
+
+/// Clients sending greedy requests back to back, redialing the queen whenever it is away.
+struct Traffic {
+    done: Arc<AtomicUsize>,
+    halt: Arc<AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<TrafficOutcome>>,
+}
+
+impl Traffic {
+    fn start(dir: &Path, queen: std::net::SocketAddr, model: ModelId, clients: usize) -> Self {
+        let (done, halt) = (
+            Arc::new(AtomicUsize::new(0)),
+            Arc::new(AtomicBool::new(false)),
+        );
+        let tasks = (0..clients)
+            .map(|_| {
+                let (dir, model) = (dir.to_path_buf(), model.clone());
+                let (done, halt) = (done.clone(), halt.clone());
+                tokio::spawn(async move {
+                    let mut outcome = TrafficOutcome::default();
+                    let identity =
+                        rbee::actors::queen::daemon::client_identity(&dir.join("queen"), "traffic")
+                            .unwrap();
+                    let mut client = None;
+                    while !halt.load(Ordering::Relaxed) {
+                        let Some(c) = &client else {
+                            client = rbee::actors::queen::client::QueenClient::connect(
+                                identity.clone(),
+                                queen,
+                                link_config(),
+                            )
+                            .await
+                            .ok();
+                            if client.is_none() {
+                                tokio::time::sleep(Duration::from_millis(200)).await;
+                            }
+                            continue;
+                        };
+                        let ended = match c.generate(model.clone(), greedy(16)).await {
+                            Ok(stream) => read_to_terminal(stream).await,
+                            Err(_) => Ended::LinkError,
+                        };
+                        match &ended {
+                            Ended::Done => {
+                                outcome.done += 1;
+                                done.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Ended::Error => outcome.errors += 1,
+                            Ended::LinkError => {
+                                outcome.errors += 1;
+                                client = None;
+                            }
+                            Ended::WithoutTerminal => outcome.without_terminal += 1,
+                        }
+                        if !matches!(ended, Ended::Done) {
+                            // A queen that just came back has no routable worker for a moment.
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                    }
+                    outcome
+                })
+            })
+            .collect();
+        Traffic { done, halt, tasks }
+    }
+
+    /// Waits (at most 60 s) until `more` generations have completed from now on.
+    async fn wait_for_more_done(&self, more: usize, what: &str) {
+        let target = self.done.load(Ordering::Relaxed) + more;
+        eventually(60, what, || async {
+            self.done.load(Ordering::Relaxed) >= target
+        })
+        .await;
+    }
+
+    async fn stop(self) -> TrafficOutcome {
+        self.halt.store(true, Ordering::Relaxed);
+        let mut total = TrafficOutcome::default();
+        for task in self.tasks {
+            let outcome = task.await.unwrap();
+            total.done += outcome.done;
+            total.errors += outcome.errors;
+            total.without_terminal += outcome.without_terminal;
+        }
+        total
+    }
+}
+
+enum Ended {
+    Done,
+    Error,
+    LinkError,
+    WithoutTerminal,
+}
+
+async fn read_to_terminal(
+    mut stream: rbee::transport::StreamReceiver<rbee::actors::queen::protocol::QueenItem>,
+) -> Ended {
+    let mut seen = Seen::default();
+    let read = async {
+        while let Some(item) = stream.next().await {
+            match item {
+                Ok(item) => {
+                    if seen.take(item) {
+                        return match seen.done {
+                            Some(_) => Ended::Done,
+                            None => Ended::Error,
+                        };
+                    }
+                }
+                Err(_) => return Ended::LinkError,
+            }
+        }
+        Ended::WithoutTerminal
+    };
+    tokio::time::timeout(Duration::from_secs(30), read)
+        .await
+        .unwrap_or(Ended::WithoutTerminal)
 }

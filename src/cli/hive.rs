@@ -267,12 +267,15 @@ async fn serve(args: HiveArgsCli) -> anyhow::Result<()> {
         Some((queen, current)) => {
             report(&serde_json::json!({ "ready": { "id": node, "queen": queen.to_string() } }));
             let uplink = running.join(&config, queen, current);
+            // Only a permanent refusal (a certificate the queen no longer takes, another
+            // CA) ends the uplink: the hive says so and its workers serve on until it is
+            // stopped (a queen being away or restarting is redialed forever).
             tokio::spawn(async move {
                 if let Ok(refused) = uplink.await {
-                    report(
-                        &serde_json::json!({ "failed": format!("the queen refused this hive: {refused}") }),
+                    tracing::error!(
+                        "the queen refused this hive: {refused}; no longer dialing it, the \
+                         workers serve on until `rbee hive stop`"
                     );
-                    std::process::exit(1);
                 }
             })
         }
@@ -290,7 +293,7 @@ async fn serve(args: HiveArgsCli) -> anyhow::Result<()> {
     let mut running = running;
     let interrupted = tokio::select! {
         _ = &mut running.stopped => false,
-        _ = tokio::signal::ctrl_c() => true,
+        () = super::stop_requested() => true,
     };
     if interrupted {
         running.stop("interrupted").await;

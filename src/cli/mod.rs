@@ -164,6 +164,24 @@ fn init_logs() {
         .try_init();
 }
 
+/// Resolves when the daemon is asked to stop: SIGINT (`rbee … stop`, Ctrl-C) or SIGTERM
+/// (systemd, Kubernetes, `kill`). Either way it stops gracefully.
+async fn stop_requested() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        // No SIGTERM handler could be installed: Ctrl-C still works.
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
 /// The name of the default model (a built-in model card).
 const DEFAULT_MODEL_NAME: &str = "smollm2-135m";
 

@@ -300,7 +300,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         "join": queen.addrs.join.to_string(),
         "http": gateway.as_ref().map(|g| g.addr.to_string()),
     }}));
-    tokio::signal::ctrl_c().await?;
+    super::stop_requested().await;
     drop(gateway);
     queen.stop().await;
     Ok(())

@@ -85,7 +85,7 @@ async fn serve(args: WorkerArgs) -> anyhow::Result<()> {
     // Runs until the worker stops (drained) or the process is interrupted, which drains it.
     tokio::select! {
         _ = &mut stopped => {}
-        _ = tokio::signal::ctrl_c() => {
+        () = super::stop_requested() => {
             worker.cast(WorkerMsg::Drain)?;
             let _ = stopped.await;
         }

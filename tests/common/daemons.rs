@@ -110,6 +110,18 @@ pub fn start_queen(dir: &Path, port: u16, extra: &[&str]) -> (Daemon, SocketAddr
 /// A queen with its data in `dir/queen`, its link and join endpoint on `ip` (the link on
 /// `port`, 0: any).
 pub fn start_queen_on(dir: &Path, ip: &str, port: u16, extra: &[&str]) -> (Daemon, SocketAddr) {
+    let rbee = Command::new(env!("CARGO_BIN_EXE_rbee"));
+    start_queen_program(rbee, dir, ip, port, extra)
+}
+
+/// [`start_queen_on`] with another program (a copy of `rbee`, as an upgrade installs).
+pub fn start_queen_program(
+    program: Command,
+    dir: &Path,
+    ip: &str,
+    port: u16,
+    extra: &[&str],
+) -> (Daemon, SocketAddr) {
     let data = dir.join("queen");
     let listen = format!("{ip}:{port}");
     let join = format!("{ip}:0");
@@ -124,7 +136,7 @@ pub fn start_queen_on(dir: &Path, ip: &str, port: u16, extra: &[&str]) -> (Daemo
     args.extend(["--join-listen", &join, "--http", "127.0.0.1:0"]);
     args.extend(TIMING);
     args.extend(extra);
-    let queen = start(dir, &args).expect("the queen starts");
+    let queen = start_command(program, dir, &args).expect("the queen starts");
     let link = queen
         .ready
         .pointer("/ready/link")

@@ -35,7 +35,11 @@ pub enum CloseCause {
     IdleTimeout,
     /// The peer reset the connection (it restarted and no longer knows it).
     Reset,
-    /// A TLS or QUIC transport failure.
+    /// The TLS handshake refused a certificate (foreign CA, revoked, expired): this node's
+    /// or the peer's.
+    Certificate(String),
+    /// Any other QUIC transport failure (among them a listener that is shutting down and
+    /// refuses new connections).
     Transport(String),
 }
 
@@ -48,6 +52,7 @@ impl fmt::Display for CloseCause {
             CloseCause::ProtocolViolation(r) => write!(f, "protocol violation: {r}"),
             CloseCause::IdleTimeout => f.write_str("peer silent past the idle timeout"),
             CloseCause::Reset => f.write_str("connection reset by the peer"),
+            CloseCause::Certificate(r) => write!(f, "certificate refused: {r}"),
             CloseCause::Transport(r) => write!(f, "transport failure: {r}"),
         }
     }
@@ -68,10 +73,20 @@ impl From<quinn::ConnectionError> for CloseCause {
             E::LocallyClosed => CloseCause::Local("closed".into()),
             E::TimedOut => CloseCause::IdleTimeout,
             E::Reset => CloseCause::Reset,
+            E::ConnectionClosed(c) if is_crypto(c.error_code) => {
+                CloseCause::Certificate(c.to_string())
+            }
+            E::TransportError(t) if is_crypto(t.code) => CloseCause::Certificate(t.to_string()),
             E::ConnectionClosed(c) => CloseCause::Transport(c.to_string()),
             other => CloseCause::Transport(other.to_string()),
         }
     }
+}
+
+/// Whether a QUIC transport error code carries a TLS alert (RFC 9001 §4.8: 0x100–0x1ff),
+/// which is how a refused certificate ends a handshake.
+fn is_crypto(code: quinn::TransportErrorCode) -> bool {
+    (0x100..0x200).contains(&u64::from(code))
 }
 
 /// Errors of establishing and using a link.
@@ -142,7 +157,9 @@ pub enum LinkError {
 
 impl LinkError {
     /// Whether dialing again cannot help: the peer or this node refuses the other for what it
-    /// is (version, role, identity, certificate), not for a passing condition.
+    /// is (version, role, identity, certificate), not for a passing condition. A listener
+    /// that is shutting down ("refused to accept a new connection") or any other transport
+    /// failure is passing: a queen being restarted must not lose its hives.
     pub fn is_permanent(&self) -> bool {
         match self {
             LinkError::Endpoint(_)
@@ -151,9 +168,45 @@ impl LinkError {
             | LinkError::RoleMismatch { .. }
             | LinkError::IdentityMismatch { .. } => true,
             LinkError::Closed { cause, .. } => {
-                matches!(cause, CloseCause::Rejected(_) | CloseCause::Transport(_))
+                matches!(cause, CloseCause::Rejected(_) | CloseCause::Certificate(_))
             }
             _ => false,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use quinn::{ConnectionClose, ConnectionError, TransportErrorCode};
+
+    use super::*;
+
+    fn closed_by(code: TransportErrorCode) -> LinkError {
+        let close = ConnectionClose {
+            error_code: code,
+            frame_type: None,
+            reason: bytes::Bytes::new(),
+        };
+        LinkError::Closed {
+            peer: "queen".into(),
+            cause: ConnectionError::ConnectionClosed(close).into(),
+        }
+    }
+
+    #[test]
+    fn a_listener_shutting_down_is_passing_and_a_refused_certificate_is_permanent() {
+        // What a queen in the middle of a graceful stop answers a hive that redials.
+        let shutting_down = closed_by(TransportErrorCode::CONNECTION_REFUSED);
+        assert!(!shutting_down.is_permanent(), "{shutting_down}");
+        // TLS alert 42 (bad_certificate) and 48 (unknown_ca).
+        for alert in [42, 48] {
+            let refused = closed_by(TransportErrorCode::crypto(alert));
+            assert!(refused.is_permanent(), "{refused}");
+        }
+        let lost = LinkError::Closed {
+            peer: "queen".into(),
+            cause: ConnectionError::TimedOut.into(),
+        };
+        assert!(!lost.is_permanent());
     }
 }
