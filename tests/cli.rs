@@ -100,10 +100,16 @@ fn a_cluster_from_the_command_line() {
     assert_eq!(status["running"], true, "{status}");
     let queen_pid = status["pid"].as_u64().unwrap();
     let token = ok(&queen_home, &["queen", "token"]);
-    ok(
-        &hive_home,
-        &["hive", "start", "--join", token.trim(), "--name", "hive-a"],
-    );
+    // The hive's hub is a closed port on loopback: pulls from it fail at once.
+    let started = Command::new(env!("CARGO_BIN_EXE_rbee"))
+        .args(["hive", "start", "--join", token.trim(), "--name", "hive-a"])
+        .env("RBEE_HOME", &hive_home)
+        .env("HOME", &hive_home)
+        .env("RBEE_CONFIG", hive_home.join("config.toml"))
+        .env("HF_ENDPOINT", "http://127.0.0.1:9")
+        .output()
+        .unwrap();
+    assert!(started.status.success(), "{started:?}");
     let hive_pid = json(&hive_home, &["hive", "status", "--json"])["pid"]
         .as_u64()
         .unwrap();
@@ -114,6 +120,27 @@ fn a_cluster_from_the_command_line() {
         &["import", model.to_str().unwrap(), "--id", "tiny"],
     );
     assert!(imported.contains("imported tiny"), "{imported}");
+    // A failed pull says why in plain lines when its output is not a terminal, and in
+    // JSON lines with --json; it leaves no catalog entry.
+    let pulled = rbee(&queen_home, &["pull", "hf:org/missing", "--id", "missing"]);
+    let said = String::from_utf8_lossy(&pulled.stderr);
+    assert_eq!(pulled.status.code(), Some(1), "{said}");
+    assert!(said.contains("hive-a: failed: "), "{said}");
+    let pulled = rbee(
+        &queen_home,
+        &["pull", "hf:org/missing", "--id", "missing", "--json"],
+    );
+    let last = String::from_utf8_lossy(&pulled.stdout)
+        .lines()
+        .last()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap());
+    assert!(
+        last.as_ref()
+            .is_some_and(|l| l["hive"] == "hive-a" && l["failed"].is_string()),
+        "{last:?}"
+    );
+    let models = json(&queen_home, &["models", "--json"]);
+    assert_eq!(models.as_array().unwrap().len(), 1, "{models}");
     let models = json(&queen_home, &["models", "--json"]);
     assert_eq!(models[0]["hive"], "hive-a", "{models}");
     let hives = json(&queen_home, &["hives", "--json"]);

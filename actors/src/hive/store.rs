@@ -403,7 +403,9 @@ impl ModelStore {
 impl ModelStore {
     /// Downloads `source` (`hf:ORG/NAME[:FILE.gguf]`) from `hub` and registers it as `id`;
     /// a GGUF is chosen by `preference` unless named. While it runs, and if it is
-    /// interrupted or cancelled, the model is listed as partial; calling again resumes.
+    /// interrupted or cancelled, the model is listed as partial; calling again resumes (the
+    /// bytes are in the hub's cache). A download that fails (a checksum mismatch, a missing
+    /// file, retries exhausted) leaves no entry.
     ///
     /// # Cancel safety
     /// Dropping the future stops the transfer and leaves a partial model to resume.
@@ -419,16 +421,24 @@ impl ModelStore {
         let siblings = hub.list(&spec.repo).await?;
         let selection = super::hub::select(&spec, &siblings, preference)?;
         let dir = self.begin(id, source)?;
-        for file in &selection.files {
-            let blob = hub.fetch(&spec.repo, file, events).await?;
-            place(&blob, &dir.join(file))?;
-        }
-        let target = match selection.files.iter().find(|f| f.ends_with(".gguf")) {
-            Some(gguf) => dir.join(gguf),
-            None => dir.clone(),
+        let fetched = async {
+            for file in &selection.files {
+                let blob = hub.fetch(&spec.repo, file, events).await?;
+                place(&blob, &dir.join(file))?;
+            }
+            let target = match selection.files.iter().find(|f| f.ends_with(".gguf")) {
+                Some(gguf) => dir.join(gguf),
+                None => dir.clone(),
+            };
+            let summary = loader::inspect(&target)?;
+            self.commit(id, source, &selection.files, summary)
         };
-        let summary = loader::inspect(&target)?;
-        self.commit(id, source, &selection.files, summary)
+        let result = fetched.await;
+        if result.is_err() && self.get(id).is_err() {
+            // Nothing here is worth keeping: what a retry can resume is in the hub's cache.
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        result
     }
 }
 
@@ -648,6 +658,34 @@ mod tests {
             store.model_path(&id("tiny-st")).unwrap(),
             store.root().join("tiny-st")
         );
+    }
+
+    #[tokio::test]
+    async fn a_hub_download_that_fails_its_checksum_leaves_no_entry() {
+        use crate::hive::hub::tests::config;
+        use crate::hive::local_hub::LocalHub;
+
+        let data = tempfile::tempdir().unwrap();
+        let (_server, addr) = LocalHub {
+            files: [("tiny.Q8_0.gguf".to_string(), vec![7u8; 4096])].into(),
+            announced_sha: [("tiny.Q8_0.gguf".to_string(), "ab".repeat(32))].into(),
+            ..LocalHub::default()
+        }
+        .serve()
+        .await
+        .unwrap();
+        let hub = Hub::new(config(addr, &data.path().join("hf"))).unwrap();
+        let store = ModelStore::open(data.path()).unwrap();
+        let (tx, _rx) = tokio::sync::mpsc::channel(1024);
+        let preference = crate::hive::hub::DEFAULT_GGUF_PREFERENCE;
+        let failed = store
+            .add_hub(&hub, "hf:org/tiny", preference, &id("tiny"), &tx)
+            .await;
+        assert!(
+            matches!(failed, Err(StoreError::Hub(HubError::Checksum { .. }))),
+            "{failed:?}"
+        );
+        assert_eq!(store.list().unwrap(), []);
     }
 
     #[tokio::test]

@@ -143,7 +143,7 @@ pub enum HiveError {
     Model(String),
     /// Preflight: the worker would not fit.
     #[error(
-        "{model} needs {needed} bytes (weights × {MEMORY_HEADROOM} + KV cache for {context} tokens × {slots} slots) but {available} are available"
+        "{model} needs {} (weights × {MEMORY_HEADROOM} + KV cache for {context} tokens × {slots} slots) but {} are available", crate::size::Size(*needed), crate::size::Size(*available)
     )]
     DoesNotFit {
         /// The model.
@@ -212,6 +212,8 @@ pub enum HiveMsg {
     },
     /// Internal: time to look for idle workers.
     IdleCheck,
+    /// Whether the hive's queen is away (its link down): idle clocks pause meanwhile.
+    QueenAway(bool),
 }
 
 /// How the hive's worker manager starts.
@@ -274,6 +276,8 @@ struct Managed {
     /// Requests seen at the last idle check, and since when that count has not moved.
     requests_seen: u64,
     idle_since: Instant,
+    /// The status its current run last answered.
+    last_status: Option<WorkerStatus>,
 }
 
 impl Managed {
@@ -289,6 +293,7 @@ impl Managed {
             last_error: None,
             requests_seen: 0,
             idle_since: Instant::now(),
+            last_status: None,
         }
     }
 }
@@ -301,6 +306,8 @@ pub struct HiveState {
     next_number: u64,
     /// Reads of the workers so far (see [`WorkerInfo::read_at`]).
     reads: u64,
+    /// Whether the queen of a joined hive is away (see [`HiveMsg::QueenAway`]).
+    queen_away: bool,
 }
 
 impl HiveState {
@@ -313,7 +320,7 @@ impl HiveState {
     async fn snapshot(&mut self) -> WorkersSnapshot {
         let read_at = self.read();
         let mut workers = Vec::new();
-        for (id, managed) in &self.workers {
+        for (id, managed) in &mut self.workers {
             workers.push(info(id, managed, read_at).await);
         }
         workers.sort_by(|a, b| a.id.cmp(&b.id));
@@ -342,6 +349,7 @@ impl Actor for Hive {
             workers: HashMap::new(),
             next_number: 1,
             reads: 0,
+            queen_away: false,
         };
         adopt_processes(&myself, &mut state).await;
         Ok(state)
@@ -431,6 +439,7 @@ impl Actor for Hive {
                 }
             }
             HiveMsg::IdleCheck => stop_idle(state).await,
+            HiveMsg::QueenAway(away) => state.queen_away = away,
         }
         if changes {
             state.changed();
@@ -530,6 +539,7 @@ fn on_exit(myself: &ActorRef<HiveMsg>, state: &mut HiveState, id: &str, error: S
     {
         process::forget(&processes.runtime_dir, &record.id);
     }
+    managed.last_status = None;
     managed.last_error = Some(error);
     match state
         .intensity
@@ -670,9 +680,9 @@ async fn spawn(
     let running = start(myself, &state.args, &id, &request, &path)
         .await
         .map_err(HiveError::Start)?;
-    let managed = Managed::new(request, path, running, needed);
+    let mut managed = Managed::new(request, path, running, needed);
     let read_at = state.read();
-    let listed = info(&id, &managed, read_at).await;
+    let listed = info(&id, &mut managed, read_at).await;
     state.workers.insert(id, managed);
     Ok(listed)
 }
@@ -810,12 +820,21 @@ async fn adopt_processes(myself: &ActorRef<HiveMsg>, state: &mut HiveState) {
     }
 }
 
-async fn info(id: &str, managed: &Managed, read_at: u64) -> WorkerInfo {
+async fn info(id: &str, managed: &mut Managed, read_at: u64) -> WorkerInfo {
     let state = match (&managed.running, managed.failed) {
         (_, true) => WorkerState::Failed,
         (Some(running), false) => match running.status().await {
-            Some(status) => WorkerState::Running(status),
-            None => WorkerState::Restarting,
+            Some(status) => {
+                managed.last_status = Some(status.clone());
+                WorkerState::Running(status)
+            }
+            // A status call that timed out (a busy machine) is not a restart: the run goes
+            // on, and reporting it as over would end its streams at the queen. Its exit,
+            // if it died, comes as its own event.
+            None => match &managed.last_status {
+                Some(last) => WorkerState::Running(last.clone()),
+                None => WorkerState::Restarting,
+            },
         },
         (None, false) => WorkerState::Restarting,
     };
@@ -875,6 +894,12 @@ async fn stop_detached(
 /// Stops workers whose idle timeout has passed.
 async fn stop_idle(state: &mut HiveState) {
     let now = Instant::now();
+    if state.queen_away {
+        for managed in state.workers.values_mut() {
+            managed.idle_since = now;
+        }
+        return;
+    }
     let mut expired = Vec::new();
     for (id, managed) in state.workers.iter_mut() {
         let Some(running) = &managed.running else {
@@ -1097,5 +1122,28 @@ mod tests {
         generate(&s.hive, "tiny-3").await;
         let left = wait_until(&s.hive, "the idle workers stop", |w| w.len() == 1).await;
         assert_eq!(left[0].id, "tiny-2", "the one that never idles out");
+    }
+
+    #[tokio::test]
+    async fn idle_clocks_pause_while_the_queen_is_away() {
+        let s = hive(None).await;
+        let after = IdleTimeout::After(Duration::from_millis(300));
+        s.hive.cast(HiveMsg::QueenAway(true)).unwrap();
+        call_t!(s.hive, HiveMsg::Spawn, 2000, request(after))
+            .unwrap()
+            .unwrap();
+        wait_until(&s.hive, "a ready worker", |w| {
+            w.len() == 1 && w.iter().all(ready)
+        })
+        .await;
+        // Well past its timeout, checked every 50 ms: nobody could have asked it anything.
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        assert_eq!(
+            list(&s.hive).await.len(),
+            1,
+            "stopped while its queen was away"
+        );
+        s.hive.cast(HiveMsg::QueenAway(false)).unwrap();
+        wait_until(&s.hive, "the idle worker stops", |w| w.is_empty()).await;
     }
 }

@@ -2,6 +2,9 @@
 //! mode 0600). Only a SHA-256 of each key is stored; a presented key is hashed and
 //! compared with every stored hash in constant time, so neither the file nor the timing of
 //! a refusal tells anything about a valid key.
+//!
+//! Once a key was created the API stays closed without one: revoking the last key does not
+//! open it again; only `rbee queen keys open` does ([`KeyStore::open`]).
 
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -17,6 +20,38 @@ pub const KEY_PREFIX: &str = "rbee-sk-";
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 struct Keys {
     keys: Vec<StoredKey>,
+    /// Whether requests need a key even when none is left (set by the first key created).
+    #[serde(default)]
+    required: bool,
+}
+
+/// What a request is checked against.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Access {
+    /// Hashes of the current keys.
+    pub hashes: Vec<[u8; 32]>,
+    /// Whether a key is required even when there is none (then nobody is admitted).
+    pub required: bool,
+}
+
+impl Access {
+    /// Admits nobody (a key store that cannot be read).
+    pub fn closed() -> Self {
+        Access {
+            hashes: Vec::new(),
+            required: true,
+        }
+    }
+
+    /// Whether the API is open to requests without a key.
+    pub fn is_open(&self) -> bool {
+        !self.required && self.hashes.is_empty()
+    }
+
+    /// Whether a request presenting `key` (the bearer token, if any) is admitted.
+    pub fn admits(&self, key: Option<&str>) -> bool {
+        self.is_open() || key.is_some_and(|k| accepts(&self.hashes, k))
+    }
 }
 
 /// A key as listed: never the key itself.
@@ -41,6 +76,9 @@ pub enum KeyError {
     /// No key has this id or name.
     #[error("no API key has the id or name {0:?}")]
     Unknown(String),
+    /// The API cannot be opened while keys exist.
+    #[error("{0} API key(s) exist: revoke them first to open the API to requests without a key")]
+    KeysExist(usize),
 }
 
 /// The queen's API keys.
@@ -83,6 +121,7 @@ impl KeyStore {
                 .map_or(0, |d| d.as_secs()),
         };
         keys.keys.push(stored.clone());
+        keys.required = true;
         crate::private_json::write(&self.dir, KEYS_FILE, &keys).map_err(KeyError::Store)?;
         Ok((key, stored))
     }
@@ -106,14 +145,27 @@ impl KeyStore {
         Ok(revoked)
     }
 
-    /// Hashes of the current keys, for [`accepts`] (read once per change, not per request).
-    pub fn hashes(&self) -> Result<Vec<[u8; 32]>, KeyError> {
-        Ok(self
-            .read()?
-            .keys
-            .iter()
-            .filter_map(|k| hex::decode(&k.sha256).ok()?.try_into().ok())
-            .collect())
+    /// What requests are checked against (read once per change, not per request).
+    pub fn access(&self) -> Result<Access, KeyError> {
+        let keys = self.read()?;
+        Ok(Access {
+            hashes: keys
+                .keys
+                .iter()
+                .filter_map(|k| hex::decode(&k.sha256).ok()?.try_into().ok())
+                .collect(),
+            required: keys.required,
+        })
+    }
+
+    /// Opens the API to requests without a key again, once every key is revoked.
+    pub fn open(&self) -> Result<(), KeyError> {
+        let mut keys = self.read()?;
+        if !keys.keys.is_empty() {
+            return Err(KeyError::KeysExist(keys.keys.len()));
+        }
+        keys.required = false;
+        crate::private_json::write(&self.dir, KEYS_FILE, &keys).map_err(KeyError::Store)
     }
 }
 
@@ -133,16 +185,33 @@ mod tests {
     fn a_created_key_is_accepted_until_revoked_and_never_stored() {
         let dir = tempfile::tempdir().unwrap();
         let store = KeyStore::new(dir.path());
+        assert!(store.access().unwrap().admits(None), "no key yet: open");
         let (key, listed) = store.create("ci").unwrap();
         assert!(key.starts_with(KEY_PREFIX));
         let file = std::fs::read_to_string(dir.path().join(KEYS_FILE)).unwrap();
         assert!(!file.contains(&key[KEY_PREFIX.len()..]));
-        assert!(accepts(&store.hashes().unwrap(), &key));
-        assert!(!accepts(&store.hashes().unwrap(), "rbee-sk-wrong"));
-        assert!(!accepts(&store.hashes().unwrap(), ""));
+        let access = store.access().unwrap();
+        assert!(access.admits(Some(&key)));
+        assert!(!access.admits(Some("rbee-sk-wrong")));
+        assert!(!access.admits(Some("")));
+        assert!(!access.admits(None));
         assert_eq!(store.list().unwrap(), std::slice::from_ref(&listed));
+        assert!(matches!(store.open(), Err(KeyError::KeysExist(1))));
         assert_eq!(store.revoke(&listed.id).unwrap(), 1);
-        assert!(!accepts(&store.hashes().unwrap(), &key));
+        assert!(!store.access().unwrap().admits(Some(&key)));
         assert!(matches!(store.revoke("ci"), Err(KeyError::Unknown(_))));
+    }
+
+    #[test]
+    fn revoking_the_last_key_keeps_the_api_closed_until_it_is_opened() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = KeyStore::new(dir.path());
+        let (key, _) = store.create("only").unwrap();
+        store.revoke("only").unwrap();
+        let access = store.access().unwrap();
+        assert!(!access.admits(None));
+        assert!(!access.admits(Some(&key)));
+        store.open().unwrap();
+        assert!(store.access().unwrap().admits(None));
     }
 }

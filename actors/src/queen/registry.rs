@@ -23,6 +23,7 @@ use super::protocol::{
 use crate::hive::capabilities::{Capabilities, GpuReport};
 use crate::hive::store::{Entry, ModelId};
 use crate::hive::workers::{IdleTimeout, SpawnRequest, WorkerInfo, WorkerMode, WorkerState};
+use crate::size::Size;
 use crate::worker::actor::Phase;
 use crate::worker::remote::RemoteWorker;
 
@@ -306,6 +307,11 @@ impl Registry {
             Some(entry) if entry.incarnation == incarnation => {
                 entry.info = info;
                 entry.reported = std::time::Instant::now();
+                if entry.info.mode == WorkerMode::InProcess && !entry.incarnation_over() {
+                    // Its route is its hive's link: the current one, even after a report
+                    // that took the route away (only a dial restores a process worker's).
+                    entry.route = Some(Route::Hive(link.clone()));
+                }
                 if !entry.ready() {
                     // The hive's idle clock runs only while the worker is ready.
                     entry.last_active = Instant::now();
@@ -638,7 +644,9 @@ impl Registry {
         let needed = (weights as f64 * MEMORY_HEADROOM) as u64 + kv;
         if needed > free {
             return Err(format!(
-                "{model} needs {needed} bytes with {slots} slots, {free} are free"
+                "{model} needs {} with {slots} slots, {} are free",
+                Size(needed),
+                Size(free)
             ));
         }
         Ok(free)
@@ -803,5 +811,35 @@ mod tests {
             registry.acquire(&key("tiny-1"), &[]).unwrap();
         }
         assert_eq!(registry.pick(&model, &second_turn), Some(key("tiny-2")));
+    }
+
+    #[tokio::test]
+    async fn a_worker_reported_unreachable_once_takes_requests_again_when_it_answers() {
+        let (link, _queen) = hive_link().await;
+        let mut registry = Registry::default();
+        let report = HiveReport {
+            capabilities: crate::hive::capabilities::probe(None, std::path::Path::new(".")),
+            models: Vec::new(),
+            workers: Vec::new(),
+            read_at: 1,
+        };
+        registry.hive_up("h", link, 1, report);
+        registry.worker_started("h", worker("tiny-1", 2));
+        let key = WorkerKey {
+            hive: "h".into(),
+            worker: "tiny-1".into(),
+        };
+        let model = ModelId::new("tiny").unwrap();
+        let a = registry.acquire(&key, &[]).unwrap();
+        assert_eq!(registry.pick(&model, &[]), None, "its one slot is taken");
+        // One report without its status (a hive that could not ask it in time), then it
+        // answers again: the same run.
+        let mut silent = worker("tiny-1", 3);
+        silent.state = WorkerState::Restarting;
+        registry.hive_workers("h", 3, vec![silent]);
+        registry.hive_workers("h", 4, vec![worker("tiny-1", 4)]);
+        registry.release(&key, a.incarnation);
+        assert!(registry.has_capacity_for(&model));
+        assert_eq!(registry.pick(&model, &[]), Some(key));
     }
 }

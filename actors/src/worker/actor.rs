@@ -775,7 +775,7 @@ mod tests {
                         ..SamplingParams::default()
                     }
                 },
-                ..GenerateRequest::text(&"In the beginning ".repeat(1 + i as usize * 7), 40)
+                ..GenerateRequest::text("In the beginning ".repeat(1 + i as usize * 7), 40)
             })
             .collect()
     }
@@ -861,7 +861,7 @@ mod tests {
         let (_d, worker, _) = spawn(4096, 1).await;
         let first = GenerateRequest {
             sampling: SamplingParams::greedy(),
-            ..GenerateRequest::text(&"a shared system prompt ".repeat(60), 8)
+            ..GenerateRequest::text("a shared system prompt ".repeat(60), 8)
         };
         let (tx, mut rx) = mpsc::channel(STREAM_CAPACITY);
         worker.cast(WorkerMsg::Generate(first.clone(), tx)).unwrap();
