@@ -404,8 +404,8 @@ impl ModelStore {
     /// Downloads `source` (`hf:ORG/NAME[:FILE.gguf]`) from `hub` and registers it as `id`;
     /// a GGUF is chosen by `preference` unless named. While it runs, and if it is
     /// interrupted or cancelled, the model is listed as partial; calling again resumes (the
-    /// bytes are in the hub's cache). A download that fails (a checksum mismatch, a missing
-    /// file, retries exhausted) leaves no entry.
+    /// bytes are in the hub's cache). A download that fails for good (a checksum mismatch,
+    /// a missing file, not a model) leaves no entry.
     ///
     /// # Cancel safety
     /// Dropping the future stops the transfer and leaves a partial model to resume.
@@ -434,12 +434,22 @@ impl ModelStore {
             self.commit(id, source, &selection.files, summary)
         };
         let result = fetched.await;
-        if result.is_err() && self.get(id).is_err() {
-            // Nothing here is worth keeping: what a retry can resume is in the hub's cache.
+        if result.as_ref().is_err_and(is_final) && self.get(id).is_err() {
             let _ = std::fs::remove_dir_all(&dir);
         }
         result
     }
+}
+
+/// Whether a failed download is one no retry can mend (the hub's file is not what it
+/// says, or not a model): it leaves no entry. A full disk or a network that gave up
+/// leaves the model partial, to resume from the hub's cache on the next pull.
+fn is_final(error: &StoreError) -> bool {
+    matches!(
+        error,
+        StoreError::Hub(HubError::Checksum { .. } | HubError::NotFound { .. })
+            | StoreError::NotAModel(_)
+    )
 }
 
 /// The partial mark: what an unfinished operation was doing.
