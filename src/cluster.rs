@@ -196,6 +196,14 @@ impl Client {
             .map(|_| ())
     }
 
+    /// Removes the hive `id` from the cluster: its certificate and its workers' are
+    /// revoked, so it is refused at its next handshake.
+    pub async fn remove_hive(&self, id: &str) -> Result<(), Error> {
+        self.call(ClientRequest::RemoveHive(id.to_string()))
+            .await
+            .map(|_| ())
+    }
+
     /// Every worker.
     pub async fn workers(&self) -> Result<Vec<WorkerView>, Error> {
         match self.call(ClientRequest::ListWorkers).await? {

@@ -76,3 +76,30 @@ async fn a_dialer_refuses_a_peer_in_the_wrong_role() {
         "role mismatch: peer is a hive, expected queen"
     );
 }
+
+#[tokio::test]
+async fn a_peer_the_check_refuses_is_refused_for_good_whatever_its_certificate() {
+    let cluster = Cluster::new("t");
+    let config = LinkConfig {
+        peer_check: rbee_transport::PeerCheck::new(|peer| {
+            (peer.node_id.as_str() == "hive-x").then(|| "revoked by the test".to_string())
+        }),
+        ..LinkConfig::default()
+    };
+    let server = start_server(cluster.identity("queen", Role::Queen), config);
+    let revoked = client(
+        cluster.identity("hive-x", Role::Hive),
+        LinkConfig::default(),
+    );
+    let err = revoked
+        .connect(server.addr, &[Role::Queen])
+        .await
+        .unwrap_err();
+    assert!(err.is_permanent(), "{err}");
+    assert!(err.to_string().contains("revoked by the test"), "{err}");
+    let other = client(
+        cluster.identity("hive-y", Role::Hive),
+        LinkConfig::default(),
+    );
+    assert!(other.connect(server.addr, &[Role::Queen]).await.is_ok());
+}

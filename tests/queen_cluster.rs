@@ -492,3 +492,63 @@ async fn read_to_terminal(
         .await
         .unwrap_or(Ended::WithoutTerminal)
 }
+
+#[tokio::test]
+async fn a_removed_hive_is_refused_at_its_next_handshake_even_after_a_queen_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let (home_a, home_b) = (dir.path().join("a"), dir.path().join("b"));
+    let (mut queen, link) = start_queen(dir.path(), 0, &[]);
+    let token = token(dir.path(), 600);
+    let mut hive_a = start_hive(&home_a, &token, "hive-a").unwrap();
+    let _b = start_hive(&home_b, &token, "hive-b").unwrap();
+    let client = client(dir.path(), link).await;
+    eventually(20, "both hives connected", || async {
+        connected(&client).await.len() == 2
+    })
+    .await;
+    let unknown = client
+        .call(ClientRequest::RemoveHive("never-joined".into()))
+        .await;
+    assert!(unknown.is_err(), "{unknown:?}");
+    client
+        .call(ClientRequest::RemoveHive("hive-a".into()))
+        .await
+        .unwrap();
+    eventually(10, "hive-a gone", || async {
+        connected(&client).await == ["hive-b"]
+    })
+    .await;
+    // It redials (≤ 5 s between dials) and is refused each time for good.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_eq!(connected(&client).await, ["hive-b"]);
+    assert!(
+        hive_a.child.try_wait().unwrap().is_none(),
+        "the hive serves on"
+    );
+
+    // The revocation is on disk: a restarted queen refuses it too, when the hive (which
+    // gave up dialing) is started again with its certificate.
+    queen.kill();
+    hive_a.kill();
+    let (_queen, again) = start_queen(dir.path(), link.port(), &[]);
+    let _a = start_hive(&home_a, &token, "hive-a").unwrap();
+    let client = common::daemons::client(dir.path(), again).await;
+    eventually(20, "hive-b back", || async {
+        connected(&client).await == ["hive-b"]
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_eq!(connected(&client).await, ["hive-b"]);
+}
+
+/// The ids of the hives the queen lists, sorted.
+async fn connected(client: &rbee::actors::queen::client::QueenClient) -> Vec<String> {
+    match client.call(ClientRequest::ListHives).await {
+        Ok(ClientResponse::Hives(h)) => {
+            let mut ids: Vec<String> = h.into_iter().map(|h| h.id).collect();
+            ids.sort();
+            ids
+        }
+        _ => Vec::new(),
+    }
+}

@@ -50,6 +50,12 @@ pub enum HiveCommand {
     },
     /// Run the hive in the foreground (what `start` runs in the background).
     Serve(HiveArgsCli),
+    /// Remove a hive from the cluster (asks the queen): its certificate and its workers'
+    /// are revoked and it is refused from its next handshake on; the name stays taken.
+    Remove {
+        /// The hive's name (`rbee hives`).
+        name: String,
+    },
 }
 
 /// The hive's pid and log files.
@@ -57,8 +63,13 @@ fn files() -> DaemonFiles {
     DaemonFiles::new(&rbee::actors::paths::data_dir().join("hive"), "hive")
 }
 
-pub async fn command(command: HiveCommand) -> anyhow::Result<ExitCode> {
+/// Runs `command`; `settings` finds the queen for the commands that ask it.
+pub async fn command(
+    command: HiveCommand,
+    settings: impl FnOnce() -> anyhow::Result<super::connect::Effective>,
+) -> anyhow::Result<ExitCode> {
     match command {
+        HiveCommand::Remove { name } => super::ops::remove_hive(&settings()?, &name).await,
         HiveCommand::Start {
             args,
             foreground: true,

@@ -235,7 +235,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Worker(args) => worker::run(args).await,
-        Command::Hive(command) => hive::command(command).await,
+        Command::Hive(command) => hive::command(command, settings).await,
         Command::Queen(command) => queen::run(command).await,
         Command::Bench(command) => bench::run(command).await,
     }

@@ -194,6 +194,15 @@ pub async fn spawn(settings: &Effective, args: SpawnArgs) -> anyhow::Result<Exit
     Ok(ExitCode::SUCCESS)
 }
 
+/// Removes a hive from the cluster.
+pub async fn remove_hive(settings: &Effective, name: &str) -> anyhow::Result<ExitCode> {
+    settings.client().await?.remove_hive(name).await?;
+    println!(
+        "hive {name} removed: its certificate and its workers' are refused from now on; stop it on its machine with `rbee hive stop`"
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
 /// Stops one worker (`hive/worker`), or every worker of a model.
 pub async fn stop(settings: &Effective, target: &str) -> anyhow::Result<ExitCode> {
     let client = settings.client().await?;

@@ -78,6 +78,8 @@ impl KeyCache {
 
 struct Gateway {
     service: QueenService,
+    /// Whether it listens on loopback only.
+    loopback: bool,
     keys: KeyCache,
     metrics: Metrics,
 }
@@ -110,6 +112,7 @@ pub async fn start(
     }
     let gateway = Arc::new(Gateway {
         service,
+        loopback: addr.ip().is_loopback(),
         keys: KeyCache {
             store,
             file: data.join(keys::KEYS_FILE),
@@ -180,7 +183,13 @@ impl Gateway {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
             .map(str::trim);
-        if self.keys.access().admits(presented) {
+        let access = self.keys.access();
+        // Keys opened again (`rbee queen keys open`) while this gateway listens beyond
+        // loopback: as at start, an open API is for loopback only.
+        if access.is_open() && !self.loopback {
+            return Err(ApiError::unauthorized());
+        }
+        if access.admits(presented) {
             Ok(())
         } else {
             Err(ApiError::unauthorized())

@@ -1,9 +1,42 @@
 //! Settings of a node's links, with the defaults the design measured.
 
+use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::codec::DEFAULT_MAX_FRAME_BYTES;
-use crate::identity::Role;
+use crate::identity::{PeerIdentity, Role};
+
+/// A check of a verified peer beyond its certificate (a revocation list): the reason it is
+/// refused, if it is. Applied at the Hello exchange on both sides of a link, so a refused
+/// peer gets a permanent [`crate::CloseCause::Rejected`] with that reason.
+#[derive(Clone, Default)]
+pub struct PeerCheck(Option<Arc<RefusalOf>>);
+
+/// Why a peer is refused, if it is.
+type RefusalOf = dyn Fn(&PeerIdentity) -> Option<String> + Send + Sync;
+
+impl PeerCheck {
+    /// A check that refuses the peers `refuses` gives a reason for.
+    pub fn new(refuses: impl Fn(&PeerIdentity) -> Option<String> + Send + Sync + 'static) -> Self {
+        PeerCheck(Some(Arc::new(refuses)))
+    }
+
+    /// Why `peer` is refused, if it is.
+    pub fn refuses(&self, peer: &PeerIdentity) -> Option<String> {
+        self.0.as_ref().and_then(|check| check(peer))
+    }
+}
+
+impl fmt::Debug for PeerCheck {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "PeerCheck(set)"
+        } else {
+            "PeerCheck(none)"
+        })
+    }
+}
 
 /// How a node's links behave. Both ends should use the same keep-alive and idle timeout:
 /// QUIC takes the smaller idle timeout of the two.
@@ -30,6 +63,8 @@ pub struct LinkConfig {
     pub incoming_capacity: usize,
     /// Roles allowed to dial this node; others are refused at Hello.
     pub accept_roles: Vec<Role>,
+    /// Peers refused at Hello whatever their certificate says (revoked ones).
+    pub peer_check: PeerCheck,
 }
 
 impl Default for LinkConfig {
@@ -43,6 +78,7 @@ impl Default for LinkConfig {
             max_concurrent_streams: 128,
             incoming_capacity: 64,
             accept_roles: Role::ALL.to_vec(),
+            peer_check: PeerCheck::default(),
         }
     }
 }

@@ -201,6 +201,24 @@ fn reject(conn: &quinn::Connection, err: LinkError) -> LinkError {
     err
 }
 
+/// Refuses a peer the configured [`crate::PeerCheck`] refuses.
+fn check_peer(
+    config: &LinkConfig,
+    conn: &quinn::Connection,
+    peer: &PeerIdentity,
+) -> Result<(), LinkError> {
+    match config.peer_check.refuses(peer) {
+        Some(reason) => Err(reject(
+            conn,
+            LinkError::PeerRefused {
+                peer: peer.to_string(),
+                reason,
+            },
+        )),
+        None => Ok(()),
+    }
+}
+
 impl<P: Protocol> Endpoint<P> {
     /// An endpoint that only dials, on an ephemeral port of `bind` (use `127.0.0.1:0` or
     /// `0.0.0.0:0`).
@@ -306,6 +324,7 @@ impl<P: Protocol> Endpoint<P> {
             };
             let theirs = Hello::decode(&reply).map_err(|e| reject(&conn, e))?;
             theirs.check(&peer, expect).map_err(|e| reject(&conn, e))?;
+            check_peer(&self.config, &conn, &peer)?;
             Ok(Link::start(
                 conn,
                 peer,
@@ -423,6 +442,7 @@ async fn accept_handshake<P: Protocol>(
     theirs
         .check(&peer, &config.accept_roles)
         .map_err(|e| reject(&conn, e))?;
+    check_peer(config, &conn, &peer)?;
     let ours = encode_frame_bytes(&Hello::ours(&identity.peer_identity()).encode());
     send.write_all(&ours)
         .await

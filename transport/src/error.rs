@@ -133,6 +133,14 @@ pub enum LinkError {
         /// The identity the peer claimed.
         hello: String,
     },
+    /// The peer is refused whatever its certificate says (see [`crate::PeerCheck`]).
+    #[error("{peer} is refused: {reason}")]
+    PeerRefused {
+        /// Who.
+        peer: String,
+        /// Why (a revocation).
+        reason: String,
+    },
     /// The link is closed; no more messages pass.
     #[error("link to {peer} closed: {cause}")]
     Closed {
@@ -166,7 +174,8 @@ impl LinkError {
             | LinkError::Identity(_)
             | LinkError::VersionMismatch { .. }
             | LinkError::RoleMismatch { .. }
-            | LinkError::IdentityMismatch { .. } => true,
+            | LinkError::IdentityMismatch { .. }
+            | LinkError::PeerRefused { .. } => true,
             LinkError::Closed { cause, .. } => {
                 matches!(cause, CloseCause::Rejected(_) | CloseCause::Certificate(_))
             }

@@ -17,7 +17,7 @@ pub mod link;
 pub mod proxy;
 
 pub use backoff::Backoff;
-pub use config::LinkConfig;
+pub use config::{LinkConfig, PeerCheck};
 pub use endpoint::{ALPN, Endpoint, Established, dial_from, route_source_ip};
 pub use error::{CloseCause, LinkError};
 pub use hello::PROTOCOL_VERSION;

@@ -136,7 +136,13 @@ impl RunningHive {
         tokio::spawn(async move {
             loop {
                 let away = links.borrow_and_update().is_none();
-                if hive.cast(HiveMsg::QueenAway(away)).is_err() || links.changed().await.is_err() {
+                if hive.cast(HiveMsg::QueenAway(away)).is_err() {
+                    break;
+                }
+                if links.changed().await.is_err() {
+                    // The uplink ended for good (refused): nobody will come back to use the
+                    // workers, so their idle clocks run again.
+                    let _ = hive.cast(HiveMsg::QueenAway(false));
                     break;
                 }
             }

@@ -34,6 +34,9 @@ use crate::worker::remote::RemoteWorker;
 const MEMORY_HEADROOM: f64 = 1.2;
 /// How long a status question to a worker may take.
 const STATUS_TIMEOUT: Duration = Duration::from_secs(1);
+/// Status calls in a row a running worker may miss (a busy machine) before it is reported
+/// as not running.
+const MISSED_STATUS_LIMIT: u32 = 5;
 
 /// When an idle worker is stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -276,8 +279,8 @@ struct Managed {
     /// Requests seen at the last idle check, and since when that count has not moved.
     requests_seen: u64,
     idle_since: Instant,
-    /// The status its current run last answered.
-    last_status: Option<WorkerStatus>,
+    /// The status its current run last answered, and the status calls missed since.
+    last_status: Option<(WorkerStatus, u32)>,
 }
 
 impl Managed {
@@ -825,15 +828,18 @@ async fn info(id: &str, managed: &mut Managed, read_at: u64) -> WorkerInfo {
         (_, true) => WorkerState::Failed,
         (Some(running), false) => match running.status().await {
             Some(status) => {
-                managed.last_status = Some(status.clone());
+                managed.last_status = Some((status.clone(), 0));
                 WorkerState::Running(status)
             }
             // A status call that timed out (a busy machine) is not a restart: the run goes
             // on, and reporting it as over would end its streams at the queen. Its exit,
-            // if it died, comes as its own event.
-            None => match &managed.last_status {
-                Some(last) => WorkerState::Running(last.clone()),
-                None => WorkerState::Restarting,
+            // if it died, comes as its own event; one that stays silent is given up on.
+            None => match &mut managed.last_status {
+                Some((last, missed)) if *missed < MISSED_STATUS_LIMIT => {
+                    *missed += 1;
+                    WorkerState::Running(last.clone())
+                }
+                _ => WorkerState::Restarting,
             },
         },
         (None, false) => WorkerState::Restarting,

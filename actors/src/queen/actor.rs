@@ -90,6 +90,8 @@ impl Drop for Lease {
 
 /// Messages of the queen actor.
 pub enum QueenMsg {
+    /// A hive was removed from the cluster (its certificate is already revoked).
+    RemoveHive(String),
     /// A hive's link is up and it reported itself.
     HiveUp {
         /// Its node id.
@@ -187,6 +189,8 @@ pub enum QueenMsg {
 
 /// How the queen starts.
 pub struct QueenArgs {
+    /// Hives removed from the cluster: one whose link comes up as it is removed is not taken.
+    pub revocations: super::revoked::Revocations,
     /// The queen's endpoint for dialing worker processes.
     pub workers: Arc<Endpoint<WorkerProtocol>>,
     /// Queue limits.
@@ -256,6 +260,10 @@ impl Actor for Queen {
                 link_id,
                 report,
             } => {
+                if let Some(why) = state.args.revocations.refuses(link.peer()) {
+                    link.close(&why);
+                    return Ok(());
+                }
                 tracing::info!("hive {id} connected from {}", link.remote_address());
                 let dials = state.registry.hive_up(&id, link, link_id, report);
                 state.dial_all(&myself, dials);
@@ -279,6 +287,13 @@ impl Actor for Queen {
                     HiveEvent::Models(models) => state.registry.hive_models(&id, models),
                 }
                 state.on_registry_change(&myself);
+            }
+            QueenMsg::RemoveHive(id) => {
+                if let Some(link) = state.registry.remove_hive(&id) {
+                    tracing::info!("hive {id} removed from the cluster");
+                    link.close("this hive was removed from the cluster");
+                    state.on_registry_change(&myself);
+                }
             }
             QueenMsg::HiveDown { id, link_id, cause } => {
                 if state.registry.hive_down(&id, link_id, cause.clone()) {

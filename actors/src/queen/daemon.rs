@@ -22,6 +22,7 @@ use super::actor::{Queen, QueenArgs, QueenMsg};
 use super::admission::AdmissionLimits;
 use super::protocol::QueenProtocol;
 use super::registry::SpawnDefaults;
+use super::revoked::{REVOKED_FILE, Revocations};
 use super::serve::{QueenService, serve};
 use super::tokens::TokenStore;
 use crate::hive::workers::{IdleTimeout, WorkerMode};
@@ -183,13 +184,21 @@ impl RunningQueen {
         })?;
         let ca = Arc::new(cluster_ca(&data)?);
         let identity = queen_identity(&data, &ca)?;
+        let revocations = Revocations::load(&data).map_err(|reason| QueenDaemonError::File {
+            path: data.join(REVOKED_FILE),
+            reason,
+        })?;
         let workers = Arc::new(Endpoint::<WorkerProtocol>::client(
             identity.clone(),
             rbee_transport::dial_from(config.listen),
-            worker_link(&config.link),
+            LinkConfig {
+                peer_check: revocations.peer_check(),
+                ..worker_link(&config.link)
+            },
         )?);
         let link_config = LinkConfig {
             accept_roles: vec![Role::Hive, Role::Client],
+            peer_check: revocations.peer_check(),
             ..config.link.clone()
         };
         let endpoint = Arc::new(Endpoint::<QueenProtocol>::bind(
@@ -202,7 +211,7 @@ impl RunningQueen {
         let join = JoinListener::bind(
             &identity,
             config.join_listen,
-            join_decider(ca.clone(), tokens, link),
+            join_decider(ca.clone(), tokens.clone(), link),
         )?;
         let addrs = QueenAddrs {
             link,
@@ -210,6 +219,7 @@ impl RunningQueen {
         };
         write_state(&data, &addrs)?;
         let args = QueenArgs {
+            revocations: revocations.clone(),
             workers: workers.clone(),
             limits: config.limits,
             defaults: config.defaults,
@@ -220,6 +230,8 @@ impl RunningQueen {
         let service = QueenService {
             queen: queen.clone(),
             ca,
+            tokens,
+            revocations,
         };
         let served = tokio::spawn(serve(endpoint.clone(), service.clone()));
         Ok(RunningQueen {
@@ -280,6 +292,13 @@ fn join_decider(ca: Arc<ClusterCa>, tokens: Arc<TokenStore>, link: SocketAddr) -
     Arc::new(move |request: JoinRequest| {
         if request.role != Role::Hive {
             return JoinReply::Refused(format!("a {} cannot join; only hives", request.role));
+        }
+        if request.node_id.as_str().contains('.') {
+            // Its workers are named HIVE.WORKER: a dotted hive name would be ambiguous.
+            return JoinReply::Refused(format!(
+                "a hive name cannot contain '.': {}",
+                request.node_id
+            ));
         }
         let cert = match ca.sign_public_key(&request.node_id, Role::Hive, &request.public_key_der) {
             Ok(cert) => cert,

@@ -4,6 +4,7 @@
 //! - [`tokens`]: join tokens and the hives that joined.
 //! - [`registry`]: hives and workers, placement and the choice of a worker per request.
 //! - [`admission`]: the bounded per-model queues.
+//! - [`revoked`]: hives removed from the cluster, refused at every handshake.
 //! - [`affinity`]: which worker likely holds a request's prompt prefix in its cache.
 //! - [`client`]: a client of the queen over the node link.
 //! - [`actor`]: the queen actor that owns both and acts on what the links report.
@@ -19,6 +20,7 @@ pub mod daemon;
 pub mod keys;
 pub mod protocol;
 pub mod registry;
+pub mod revoked;
 pub mod route;
 pub mod serve;
 pub mod tokens;

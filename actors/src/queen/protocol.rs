@@ -123,6 +123,9 @@ pub enum ClientRequest {
         /// The model.
         model: ModelId,
     },
+    /// Removes a hive from the cluster: its certificate and its workers' are revoked (it is
+    /// refused at its next handshake), its link closes and it leaves the registry.
+    RemoveHive(String),
 }
 
 /// Where and how to start a worker; what is not given the queen chooses.

@@ -372,6 +372,19 @@ impl Registry {
         true
     }
 
+    /// Forgets the hive `id` and its workers; returns its link to close.
+    pub fn remove_hive(&mut self, id: &str) -> Option<Link<QueenProtocol>> {
+        let hive = self.hives.remove(id)?;
+        self.workers.retain(|key, worker| {
+            let keep = key.hive != id;
+            if !keep {
+                worker.end();
+            }
+            keep
+        });
+        Some(hive.link)
+    }
+
     /// The queen's link to a worker process is up; false when it is not needed (the
     /// worker left, or another dial of it won: two registry changes can each start one).
     pub fn worker_dialed(&mut self, dial: &Dial, remote: RemoteWorker) -> bool {

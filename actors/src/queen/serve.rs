@@ -17,7 +17,9 @@ use super::protocol::{
     QueenItem, QueenOpen, QueenProtocol, QueenRequest, QueenResponse, WorkerView,
 };
 use super::registry::WorkerKey;
+use super::revoked::Revocations;
 use super::route;
+use super::tokens::TokenStore;
 use crate::hive::remote::{HiveItem, HiveOpen, HiveRequest, HiveResponse};
 use crate::hive::store::ModelId;
 use crate::worker::actor::STREAM_CAPACITY;
@@ -38,6 +40,10 @@ pub struct QueenService {
     pub queen: ActorRef<QueenMsg>,
     /// The cluster CA (signs worker certificates for hives).
     pub ca: Arc<ClusterCa>,
+    /// Join tokens and the hives that joined.
+    pub tokens: Arc<TokenStore>,
+    /// Hives removed from the cluster.
+    pub revocations: Revocations,
 }
 
 static NEXT_LINK: AtomicU64 = AtomicU64::new(1);
@@ -74,6 +80,11 @@ async fn serve_hive(
             return;
         }
     };
+    // Removed while it handshook: the actor checks again as it takes it in.
+    if let Some(why) = service.revocations.refuses(link.peer()) {
+        link.close(&why);
+        return;
+    }
     let up = QueenMsg::HiveUp {
         id: id.clone(),
         link: link.clone(),
@@ -258,6 +269,22 @@ async fn answer_inner(
         }
         ClientRequest::Spawn(placement) => {
             ClientResponse::Worker(Box::new(spawn(service, placement).await?))
+        }
+        ClientRequest::RemoveHive(hive) => {
+            let store = |e: String| QueenError::new(QueenErrorKind::Hive, e);
+            let joined = service
+                .tokens
+                .has_joined(&hive)
+                .map_err(|e| store(e.to_string()))?;
+            if !joined {
+                return Err(QueenError::new(
+                    QueenErrorKind::NoHive,
+                    format!("no hive {hive:?} ever joined this cluster"),
+                ));
+            }
+            service.revocations.revoke(&hive).map_err(store)?;
+            let _ = service.queen.cast(QueenMsg::RemoveHive(hive));
+            ClientResponse::Done
         }
         ClientRequest::Stop(key) => {
             let parsed = WorkerKey::parse(&key).ok_or_else(|| {

@@ -111,6 +111,12 @@ impl TokenStore {
         self.write(JOINED_FILE, &joined)
     }
 
+    /// Whether `node_id` ever joined.
+    pub fn has_joined(&self, node_id: &str) -> Result<bool, JoinRefusal> {
+        let joined: Vec<String> = self.read(JOINED_FILE)?;
+        Ok(joined.iter().any(|j| j == node_id))
+    }
+
     fn read<T: Default + for<'de> Deserialize<'de>>(&self, name: &str) -> Result<T, JoinRefusal> {
         crate::private_json::read(&self.dir.join(name)).map_err(JoinRefusal::Store)
     }
