@@ -171,21 +171,7 @@ async fn a_restarted_queen_adopts_the_running_workers() {
     let _a = start_hive(&home_a, &token, "hive-a").unwrap();
     let _b = start_hive(&home_b, &token, "hive-b").unwrap();
     let tiny = ModelId::new("tiny").unwrap();
-    let before = {
-        let client = client(dir.path(), link).await;
-        eventually(20, "both hives connected", || async {
-            matches!(client.call(ClientRequest::ListHives).await, Ok(ClientResponse::Hives(h)) if h.len() == 2)
-        })
-        .await;
-        for hive in ["hive-a", "hive-b"] {
-            let placement = Placement {
-                hive: Some(hive.into()),
-                ..Placement::of(tiny.clone())
-            };
-            client.call(ClientRequest::Spawn(placement)).await.unwrap();
-        }
-        incarnations(&client).await
-    };
+    let before = a_worker_on_each_hive(dir.path(), link, &tiny).await;
     assert_eq!(before.len(), 2);
 
     // A crash of the queen, then the same queen (data directory, address) again.
@@ -245,21 +231,7 @@ async fn a_queen_stopped_gracefully_and_started_again_keeps_every_hive_and_worke
         start_hive(&home_b, &token, "hive-b").unwrap(),
     ];
     let tiny = ModelId::new("tiny").unwrap();
-    let before = {
-        let client = client(dir.path(), link).await;
-        eventually(20, "both hives connected", || async {
-            hive_count(&client).await == 2
-        })
-        .await;
-        for hive in ["hive-a", "hive-b"] {
-            let placement = Placement {
-                hive: Some(hive.into()),
-                ..Placement::of(tiny.clone())
-            };
-            client.call(ClientRequest::Spawn(placement)).await.unwrap();
-        }
-        incarnations(&client).await
-    };
+    let before = a_worker_on_each_hive(dir.path(), link, &tiny).await;
     assert_eq!(before.len(), 2);
     assert!(before.iter().all(|(_, pid, _)| pid.is_some()), "{before:?}");
 
@@ -296,7 +268,7 @@ async fn a_queen_stopped_gracefully_and_started_again_keeps_every_hive_and_worke
         queen = again;
         let client = client(dir.path(), link).await;
         eventually(15, "both hives reconnected", || async {
-            hive_count(&client).await == 2
+            connected(&client).await.len() == 2
         })
         .await;
         eprintln!(
@@ -335,11 +307,26 @@ async fn a_queen_stopped_gracefully_and_started_again_keeps_every_hive_and_worke
     assert_eq!(running, expected);
 }
 
-async fn hive_count(client: &rbee::actors::queen::client::QueenClient) -> usize {
-    match client.call(ClientRequest::ListHives).await {
-        Ok(ClientResponse::Hives(h)) => h.len(),
-        _ => 0,
+/// Waits until hive-a and hive-b are connected, starts a worker of `model` on each and
+/// returns their incarnations.
+async fn a_worker_on_each_hive(
+    dir: &Path,
+    link: std::net::SocketAddr,
+    model: &ModelId,
+) -> Vec<(String, Option<u32>, u32)> {
+    let client = client(dir, link).await;
+    eventually(20, "both hives connected", || async {
+        connected(&client).await.len() == 2
+    })
+    .await;
+    for hive in ["hive-a", "hive-b"] {
+        let placement = Placement {
+            hive: Some(hive.into()),
+            ..Placement::of(model.clone())
+        };
+        client.call(ClientRequest::Spawn(placement)).await.unwrap();
     }
+    incarnations(&client).await
 }
 
 /// Signals the queen and waits (at most 15 s) until it has exited on its own, cleanly.

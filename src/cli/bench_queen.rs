@@ -164,9 +164,9 @@ pub(super) async fn client(
     Ok(QueenClient::connect(identity, link, LinkConfig::default()).await?)
 }
 
-/// A queen and one joined hive as processes in a directory, the tiny model in the hive's
-/// store. The hive is stopped (stopping its workers) before the queen.
-pub(super) struct TinyCluster {
+/// A queen and one joined hive as processes in a directory, a model in the hive's store.
+/// The hive is stopped (stopping its workers) before the queen.
+pub(super) struct BenchCluster {
     pub(super) hive: Daemon,
     pub(super) queen: Daemon,
     pub(super) model: ModelId,
@@ -174,10 +174,20 @@ pub(super) struct TinyCluster {
     pub(super) link: SocketAddr,
 }
 
-pub(super) fn tiny_cluster(dir: &Path, hive_name: &str) -> anyhow::Result<TinyCluster> {
+/// A [`BenchCluster`] with the tiny model.
+pub(super) fn tiny_cluster(dir: &Path, hive_name: &str) -> anyhow::Result<BenchCluster> {
     let model_file = dir.join("tiny.gguf");
     tiny::write_tiny_llama(&model_file, 512)?;
-    let model = ModelId::new("tiny")?;
+    bench_cluster(dir, model_file, ModelId::new("tiny")?, hive_name)
+}
+
+/// A [`BenchCluster`] with `model_file` in the hive's store as `model`.
+pub(super) fn bench_cluster(
+    dir: &Path,
+    model_file: std::path::PathBuf,
+    model: ModelId,
+    hive_name: &str,
+) -> anyhow::Result<BenchCluster> {
     let hive_home = dir.join("hive");
     ModelStore::open(&hive_home)?.import(&model_file, &model)?;
     let queen = queen(dir, DEFAULT_KEEP_ALIVE_MS)?;
@@ -194,7 +204,7 @@ pub(super) fn tiny_cluster(dir: &Path, hive_name: &str) -> anyhow::Result<TinyCl
             hive_name,
         ],
     )?;
-    Ok(TinyCluster {
+    Ok(BenchCluster {
         hive,
         queen,
         model,

@@ -17,13 +17,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Args;
-use rbee::actors::hive::store::{ModelId, ModelStore};
+use rbee::actors::hive::store::ModelId;
 use rbee::actors::hive::workers::WorkerMode;
-use rbee::actors::queen::daemon;
 use rbee::actors::queen::protocol::{ClientRequest, ClientResponse, Placement};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
-use super::bench_queen::{DEFAULT_KEEP_ALIVE_MS, Daemon, client, percentile, queen, wait_for};
+use super::bench_queen::{BenchCluster, bench_cluster, client, percentile, wait_for};
 use super::llama_cpp;
 
 #[derive(Debug, Args)]
@@ -222,47 +221,26 @@ async fn two_turns(
 }
 
 /// A rbee cluster of processes serving `file` over HTTP.
-struct RbeeCluster {
-    _hive: Daemon,
-    queen: Daemon,
-    model: String,
-}
-
-async fn rbee_cluster(dir: &Path, file: &Path) -> anyhow::Result<RbeeCluster> {
-    let model = ModelId::new("bench-model")?;
-    let hive_home = dir.join("hive");
-    ModelStore::open(&hive_home)?.import(file, &model)?;
-    let queen = queen(dir, DEFAULT_KEEP_ALIVE_MS)?;
-    let link = queen.addr("link")?;
-    let token = daemon::create_token(&dir.join("queen"), Duration::from_secs(600))?;
-    let hive = Daemon::start(
-        &hive_home,
-        &[
-            "hive",
-            "serve",
-            "--join",
-            &token.to_string(),
-            "--name",
-            "bench",
-        ],
+async fn rbee_cluster(dir: &Path, file: &Path) -> anyhow::Result<BenchCluster> {
+    let cluster = bench_cluster(
+        dir,
+        file.to_path_buf(),
+        ModelId::new("bench-model")?,
+        "bench",
     )?;
-    let admin = client(dir, link, "bench-admin").await?;
+    let admin = client(dir, cluster.link, "bench-admin").await?;
     wait_for(&admin, 1, |_| true).await?;
     let placement = Placement {
         mode: Some(WorkerMode::Process),
         slots: Some(1),
-        ..Placement::of(model.clone())
+        ..Placement::of(cluster.model.clone())
     };
     match admin.call(ClientRequest::Spawn(placement)).await? {
         ClientResponse::Worker(_) => {}
         other => anyhow::bail!("spawn: {other:?}"),
     }
     wait_for(&admin, 1, |routable| routable >= 1).await?;
-    Ok(RbeeCluster {
-        _hive: hive,
-        queen,
-        model: model.as_str().to_string(),
-    })
+    Ok(cluster)
 }
 
 /// llama-server on `file` with `slots` parallel sequences, until dropped.
@@ -364,12 +342,19 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         args.max_tokens
     );
     // Untimed: first-touch page faults and connection set-up are not serving speed.
-    complete(http, &cluster.model, &prompt(999), 8).await?;
+    complete(http, cluster.model.as_str(), &prompt(999), 8).await?;
     let mut single = None;
     for &clients in &args.clients {
         let requests = args.requests.max(clients);
         println!("\n{clients} concurrent client(s), {requests} requests");
-        let rbee = load(http, &cluster.model, clients, requests, args.max_tokens).await?;
+        let rbee = load(
+            http,
+            cluster.model.as_str(),
+            clients,
+            requests,
+            args.max_tokens,
+        )
+        .await?;
         row("rbee", &rbee);
         if clients == 1 {
             single = Some(rbee.tokens_per_s);
@@ -395,7 +380,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         "\nmulti-turn: a first turn with a ~{}-word prefix, then a second turn repeating it",
         args.prefix_words
     );
-    let (one, two) = two_turns(http, &cluster.model, args.prefix_words).await?;
+    let (one, two) = two_turns(http, cluster.model.as_str(), args.prefix_words).await?;
     println!(
         "  rbee          TTFT turn 1 {one:>7.0} ms, turn 2 {two:>7.0} ms  (turn 2 / turn 1 {:.2})",
         two / one

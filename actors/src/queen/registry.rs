@@ -751,13 +751,10 @@ mod tests {
         }
     }
 
-    fn listed(registry: &Registry) -> Vec<String> {
-        registry.worker_views().into_iter().map(|w| w.key).collect()
-    }
-
-    #[tokio::test]
-    async fn a_spawn_answer_older_than_a_report_does_not_bring_back_a_stopped_worker() {
-        let (link, _queen) = hive_link().await;
+    /// A registry with the hive `h` connected (its first report read at 1), and the
+    /// queen's end of its link, to keep alive.
+    async fn with_hive_h() -> (Registry, Endpoint<QueenProtocol>) {
+        let (link, queen) = hive_link().await;
         let mut registry = Registry::default();
         let report = HiveReport {
             capabilities: crate::hive::capabilities::probe(None, std::path::Path::new(".")),
@@ -766,6 +763,16 @@ mod tests {
             read_at: 1,
         };
         registry.hive_up("h", link, 1, report);
+        (registry, queen)
+    }
+
+    fn listed(registry: &Registry) -> Vec<String> {
+        registry.worker_views().into_iter().map(|w| w.key).collect()
+    }
+
+    #[tokio::test]
+    async fn a_spawn_answer_older_than_a_report_does_not_bring_back_a_stopped_worker() {
+        let (mut registry, _queen) = with_hive_h().await;
 
         // The spawn's answer was read at 2; the worker was stopped and the hive's report
         // read at 3 (without it) arrived first.
@@ -788,15 +795,7 @@ mod tests {
     }
     #[tokio::test]
     async fn a_request_goes_to_the_worker_given_its_prefix_unless_that_one_is_much_busier() {
-        let (link, _queen) = hive_link().await;
-        let mut registry = Registry::default();
-        let report = HiveReport {
-            capabilities: crate::hive::capabilities::probe(None, std::path::Path::new(".")),
-            models: Vec::new(),
-            workers: Vec::new(),
-            read_at: 1,
-        };
-        registry.hive_up("h", link, 1, report);
+        let (mut registry, _queen) = with_hive_h().await;
         let roomy = |id: &str| {
             let mut w = worker(id, 2);
             if let WorkerState::Running(s) = &mut w.state {
@@ -828,15 +827,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_worker_reported_unreachable_once_takes_requests_again_when_it_answers() {
-        let (link, _queen) = hive_link().await;
-        let mut registry = Registry::default();
-        let report = HiveReport {
-            capabilities: crate::hive::capabilities::probe(None, std::path::Path::new(".")),
-            models: Vec::new(),
-            workers: Vec::new(),
-            read_at: 1,
-        };
-        registry.hive_up("h", link, 1, report);
+        let (mut registry, _queen) = with_hive_h().await;
         registry.worker_started("h", worker("tiny-1", 2));
         let key = WorkerKey {
             hive: "h".into(),
