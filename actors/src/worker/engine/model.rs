@@ -47,7 +47,10 @@ impl EngineKind {
 }
 
 /// Architectures this build loads from GGUF.
-pub const GGUF_ARCHITECTURES: &[&str] = &["llama", "qwen2", "qwen3"];
+pub const GGUF_ARCHITECTURES: &[&str] = &["llama", "qwen2", "qwen3", "gemma3"];
+/// Architectures only the native engine runs (candle's own model of them differs from
+/// the reference implementation: its `quantized_gemma3` gates with SiLU, not GELU).
+const NATIVE_ONLY: &[&str] = &["gemma3"];
 /// Architectures this build loads from safetensors (config.json's `model_type`).
 pub const SAFETENSORS_ARCHITECTURES: &[&str] = &["llama", "mistral", "qwen2"];
 
@@ -247,6 +250,14 @@ impl Model {
                         reason: format!("tensor {name}: {reason}"),
                     });
                 }
+                Err(why) if NATIVE_ONLY.contains(&architecture.as_str()) => {
+                    return Err(EngineError::Invalid {
+                        path: path.to_path_buf(),
+                        reason: format!(
+                            "the native engine cannot run this {architecture} file: {why}"
+                        ),
+                    });
+                }
                 Err(why) => tracing::info!("candle runs {}: {why}", path.display()),
             }
         }
@@ -283,6 +294,14 @@ impl Model {
                 ),
                 declared,
             ),
+            _ if NATIVE_ONLY.contains(&architecture.as_str()) => {
+                return Err(EngineError::Invalid {
+                    path: path.to_path_buf(),
+                    reason: format!(
+                        "{architecture} runs only on rbee's native CPU engine (not with RBEE_ENGINE=candle or on a GPU)"
+                    ),
+                });
+            }
             _ => {
                 return Err(EngineError::UnsupportedArchitecture {
                     format: "gguf",

@@ -68,8 +68,42 @@ const HEADS: u32 = 4;
 const KV_HEADS: u32 = 2;
 const HEAD_DIM: usize = DIM / HEADS as usize;
 
-/// Writes a tiny random GGUF of `architecture` (2 layers, the byte-level vocabulary of
-/// the tokenizer tests, its tokenizer in the metadata) with tensors in `dtype`.
+/// The tiny Gemma 3: rows of 256 so K-quants fit, heads wider than `dim / heads`, one
+/// key/value head as in the real 270M model, six layers so the sixth is global, and a
+/// window of [`GEMMA3_WINDOW`] tokens.
+struct Shape {
+    dim: usize,
+    hidden: usize,
+    head_dim: usize,
+    kv_heads: u32,
+    layers: usize,
+}
+
+/// The sliding window of the tiny Gemma 3.
+pub const GEMMA3_WINDOW: u32 = 8;
+
+fn shape_of(architecture: &str) -> Shape {
+    match architecture {
+        "gemma3" => Shape {
+            dim: 256,
+            hidden: 512,
+            head_dim: 128,
+            kv_heads: 1,
+            layers: 6,
+        },
+        _ => Shape {
+            dim: DIM,
+            hidden: HIDDEN,
+            head_dim: HEAD_DIM,
+            kv_heads: KV_HEADS,
+            layers: 2,
+        },
+    }
+}
+
+/// Writes a tiny random GGUF of `architecture` (2 layers, 6 for Gemma 3; the byte-level
+/// vocabulary of the tokenizer tests, its tokenizer in the metadata) with tensors in
+/// `dtype`. Gemma 3's norms are random around 1 and its output head is the embedding.
 pub fn write_tiny_gguf(
     path: &Path,
     architecture: &str,
@@ -77,7 +111,16 @@ pub fn write_tiny_gguf(
     dtype: GgmlDType,
 ) -> Result<()> {
     let dev = Device::Cpu;
-    let kv_dim = HEAD_DIM * KV_HEADS as usize;
+    let Shape {
+        dim,
+        hidden,
+        head_dim,
+        kv_heads,
+        layers,
+    } = shape_of(architecture);
+    let gemma = architecture == "gemma3";
+    let kv_dim = head_dim * kv_heads as usize;
+    let q_dim = head_dim * HEADS as usize;
     // Seeded, so a tiny model is the same in every run.
     let rng = std::cell::RefCell::new(<rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(7));
     let values = |shape: &[usize], scale: f32| -> Result<Tensor> {
@@ -90,42 +133,52 @@ pub fn write_tiny_gguf(
     };
     let random = |shape: &[usize]| QTensor::quantize(&values(shape, 0.9)?, dtype);
     let f32_of = |t: Tensor| QTensor::quantize(&t, GgmlDType::F32);
-    let ones = |n: usize| f32_of(Tensor::ones(n, DType::F32, &dev)?);
+    let ones = |n: usize| match gemma {
+        true => f32_of((values(&[n], 0.5)? + 1.0)?),
+        false => f32_of(Tensor::ones(n, DType::F32, &dev)?),
+    };
     let bias = |n: usize| f32_of(values(&[n], 0.2)?);
     // The special tokens' logits are 0, so greedy decoding never ends by itself.
     let specials = TINY_VOCAB - 258;
     let output = Tensor::cat(
         &[
-            values(&[258, DIM], 0.9)?,
-            Tensor::zeros((specials, DIM), DType::F32, &dev)?,
+            values(&[258, dim], 0.9)?,
+            Tensor::zeros((specials, dim), DType::F32, &dev)?,
         ],
         0,
     )?;
     let output = QTensor::quantize(&output, dtype)?;
-    let mut tensors: Vec<(String, QTensor)> = vec![
-        ("token_embd.weight".into(), random(&[TINY_VOCAB, DIM])?),
-        ("output_norm.weight".into(), ones(DIM)?),
-        ("output.weight".into(), output),
-    ];
-    for l in 0..2 {
+    let mut tensors: Vec<(String, QTensor)> = vec![("output_norm.weight".into(), ones(dim)?)];
+    if gemma {
+        // Tied: the head is the embedding, whose special rows are zero.
+        tensors.push(("token_embd.weight".into(), output));
+    } else {
+        tensors.push(("token_embd.weight".into(), random(&[TINY_VOCAB, dim])?));
+        tensors.push(("output.weight".into(), output));
+    }
+    for l in 0..layers {
         let p = format!("blk.{l}");
-        tensors.push((format!("{p}.attn_q.weight"), random(&[DIM, DIM])?));
-        tensors.push((format!("{p}.attn_k.weight"), random(&[kv_dim, DIM])?));
-        tensors.push((format!("{p}.attn_v.weight"), random(&[kv_dim, DIM])?));
-        tensors.push((format!("{p}.attn_output.weight"), random(&[DIM, DIM])?));
-        tensors.push((format!("{p}.ffn_gate.weight"), random(&[HIDDEN, DIM])?));
-        tensors.push((format!("{p}.ffn_down.weight"), random(&[DIM, HIDDEN])?));
-        tensors.push((format!("{p}.ffn_up.weight"), random(&[HIDDEN, DIM])?));
-        tensors.push((format!("{p}.attn_norm.weight"), ones(DIM)?));
-        tensors.push((format!("{p}.ffn_norm.weight"), ones(DIM)?));
+        tensors.push((format!("{p}.attn_q.weight"), random(&[q_dim, dim])?));
+        tensors.push((format!("{p}.attn_k.weight"), random(&[kv_dim, dim])?));
+        tensors.push((format!("{p}.attn_v.weight"), random(&[kv_dim, dim])?));
+        tensors.push((format!("{p}.attn_output.weight"), random(&[dim, q_dim])?));
+        tensors.push((format!("{p}.ffn_gate.weight"), random(&[hidden, dim])?));
+        tensors.push((format!("{p}.ffn_down.weight"), random(&[dim, hidden])?));
+        tensors.push((format!("{p}.ffn_up.weight"), random(&[hidden, dim])?));
+        tensors.push((format!("{p}.attn_norm.weight"), ones(dim)?));
+        tensors.push((format!("{p}.ffn_norm.weight"), ones(dim)?));
         if architecture == "qwen2" {
-            tensors.push((format!("{p}.attn_q.bias"), bias(DIM)?));
+            tensors.push((format!("{p}.attn_q.bias"), bias(dim)?));
             tensors.push((format!("{p}.attn_k.bias"), bias(kv_dim)?));
             tensors.push((format!("{p}.attn_v.bias"), bias(kv_dim)?));
         }
-        if architecture == "qwen3" {
-            tensors.push((format!("{p}.attn_q_norm.weight"), ones(HEAD_DIM)?));
-            tensors.push((format!("{p}.attn_k_norm.weight"), ones(HEAD_DIM)?));
+        if architecture == "qwen3" || gemma {
+            tensors.push((format!("{p}.attn_q_norm.weight"), ones(head_dim)?));
+            tensors.push((format!("{p}.attn_k_norm.weight"), ones(head_dim)?));
+        }
+        if gemma {
+            tensors.push((format!("{p}.post_attention_norm.weight"), ones(dim)?));
+            tensors.push((format!("{p}.post_ffw_norm.weight"), ones(dim)?));
         }
     }
     let a = architecture;
@@ -133,16 +186,16 @@ pub fn write_tiny_gguf(
         ("general.architecture".into(), Value::String(a.into())),
         (format!("{a}.context_length"), Value::U32(context)),
         (format!("{a}.attention.head_count"), Value::U32(HEADS)),
-        (format!("{a}.attention.head_count_kv"), Value::U32(KV_HEADS)),
+        (format!("{a}.attention.head_count_kv"), Value::U32(kv_heads)),
         (
             format!("{a}.attention.key_length"),
-            Value::U32(HEAD_DIM as u32),
+            Value::U32(head_dim as u32),
         ),
-        (format!("{a}.block_count"), Value::U32(2)),
-        (format!("{a}.embedding_length"), Value::U32(DIM as u32)),
+        (format!("{a}.block_count"), Value::U32(layers as u32)),
+        (format!("{a}.embedding_length"), Value::U32(dim as u32)),
         (
             format!("{a}.rope.dimension_count"),
-            Value::U32(HEAD_DIM as u32),
+            Value::U32(head_dim as u32),
         ),
         (format!("{a}.rope.freq_base"), Value::F32(10000.0)),
         (
@@ -150,6 +203,12 @@ pub fn write_tiny_gguf(
             Value::F32(1e-5),
         ),
     ];
+    if gemma {
+        metadata.push((
+            format!("{a}.attention.sliding_window"),
+            Value::U32(GEMMA3_WINDOW),
+        ));
+    }
     metadata.extend(tiny_tokenizer_metadata("smollm"));
     metadata.push((
         "tokenizer.chat_template".into(),

@@ -1,4 +1,5 @@
-//! The model's tokenizer: from the GGUF's own vocabulary or from a `tokenizer.json`, with
+//! The model's tokenizer: from the GGUF's own vocabulary (byte-level BPE through the
+//! `tokenizers` crate, SentencePiece through [`super::spm`]) or from a `tokenizer.json`, with
 //! each token's raw bytes precomputed so streaming never has to re-decode a sequence.
 //!
 //! Text leaves the worker as bytes per token fed through [`super::utf8::Utf8Buffer`]: that
@@ -29,8 +30,8 @@ const END_OF_TURN_TOKENS: &[&str] = &[
 /// Errors of building or using a tokenizer.
 #[derive(Debug, thiserror::Error)]
 pub enum TokenizerError {
-    /// The GGUF holds no vocabulary rbee can rebuild (for example a SentencePiece `llama`
-    /// tokenizer) and no `tokenizer.json` was found beside it.
+    /// The GGUF holds no vocabulary rbee can rebuild and no `tokenizer.json` was found
+    /// beside it.
     #[error(
         "the GGUF's tokenizer ({kind}) cannot be used here: put the model's tokenizer.json at {}",
         expected.display()
@@ -54,10 +55,19 @@ pub enum TokenizerError {
     Encode(String),
 }
 
+/// The tokenization itself.
+#[derive(Debug, Clone)]
+enum Inner {
+    /// A `tokenizers` pipeline (from a GGUF's BPE vocabulary or a `tokenizer.json`).
+    Hf(Box<tokenizers::Tokenizer>),
+    /// A GGUF's SentencePiece vocabulary.
+    Spm(Box<super::spm::Spm>),
+}
+
 /// A tokenizer plus what generation needs from it.
 #[derive(Debug, Clone)]
 pub struct ModelTokenizer {
-    inner: tokenizers::Tokenizer,
+    inner: Inner,
     /// Raw bytes of every token id; special tokens are empty (they are never shown).
     token_bytes: Vec<Vec<u8>>,
     end_of_sequence: Vec<u32>,
@@ -67,7 +77,7 @@ pub struct ModelTokenizer {
 
 impl ModelTokenizer {
     /// The tokenizer stored in a GGUF's metadata; `tokenizer_json` (beside the file) is
-    /// used only when the GGUF holds no vocabulary rbee can rebuild (SentencePiece).
+    /// used only when the GGUF holds no vocabulary rbee can rebuild.
     pub fn from_gguf(
         content: &gguf_file::Content,
         tokenizer_json: &Path,
@@ -82,6 +92,22 @@ impl ModelTokenizer {
         };
         let eos = declared("tokenizer.ggml.eos_token_id");
         let bos = declared("tokenizer.ggml.bos_token_id");
+        let kind = content
+            .metadata
+            .get("tokenizer.ggml.model")
+            .and_then(|v| v.to_string().ok());
+        if kind.is_some_and(|k| k == "llama") {
+            return match super::spm::Spm::from_gguf(content) {
+                Ok(spm) => Ok(Self::from_spm(spm, &eos, bos.first().copied())),
+                Err(_) if tokenizer_json.is_file() => {
+                    Self::from_file(tokenizer_json, &eos, bos.first().copied())
+                }
+                Err(e) => Err(TokenizerError::File {
+                    path: tokenizer_json.to_path_buf(),
+                    reason: format!("no tokenizer.json, and the GGUF's own is unusable: {e}"),
+                }),
+            };
+        }
         let mut inner = match tokenizers::Tokenizer::from_gguf(content) {
             Ok(inner) => inner,
             Err(_) if tokenizer_json.is_file() => {
@@ -115,6 +141,27 @@ impl ModelTokenizer {
         Ok(Self::build(inner, &eos, bos.first().copied()))
     }
 
+    fn from_spm(spm: super::spm::Spm, eos: &[u32], bos: Option<u32>) -> Self {
+        let token_bytes = (0..spm.len() as u32).map(|id| spm.bytes_of(id)).collect();
+        let end_of_turn = END_OF_TURN_TOKENS
+            .iter()
+            .filter_map(|text| spm.id(text))
+            .filter(|id| spm.is_control(*id));
+        let end_of_sequence = with_end_of_turn(eos, end_of_turn);
+        let text_of = |id: Option<u32>| {
+            id.and_then(|i| spm.piece(i))
+                .unwrap_or_default()
+                .to_string()
+        };
+        ModelTokenizer {
+            token_bytes,
+            end_of_sequence,
+            bos_text: text_of(bos),
+            eos_text: text_of(eos.first().copied()),
+            inner: Inner::Spm(Box::new(spm)),
+        }
+    }
+
     /// A `tokenizer.json`, with the end-of-sequence ids the model's config declares.
     pub fn from_file(path: &Path, eos: &[u32], bos: Option<u32>) -> Result<Self, TokenizerError> {
         let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| TokenizerError::File {
@@ -141,20 +188,16 @@ impl ModelTokenizer {
                 None => Vec::new(),
             })
             .collect();
-        let mut end_of_sequence: Vec<u32> = eos.to_vec();
-        for text in END_OF_TURN_TOKENS {
-            if let Some(id) = inner.token_to_id(text)
-                && specials.contains(&id)
-                && !end_of_sequence.contains(&id)
-            {
-                end_of_sequence.push(id);
-            }
-        }
+        let end_of_turn = END_OF_TURN_TOKENS
+            .iter()
+            .filter_map(|text| inner.token_to_id(text))
+            .filter(|id| specials.contains(id));
+        let end_of_sequence = with_end_of_turn(eos, end_of_turn);
         let text_of = |id: Option<u32>| id.and_then(|i| inner.id_to_token(i)).unwrap_or_default();
         let bos_text = text_of(bos);
         let eos_text = text_of(eos.first().copied());
         ModelTokenizer {
-            inner,
+            inner: Inner::Hf(Box::new(inner)),
             token_bytes,
             end_of_sequence,
             bos_text,
@@ -165,10 +208,13 @@ impl ModelTokenizer {
     /// Token ids of `text`. `add_special` lets the tokenizer add what it adds to a raw
     /// prompt (a BOS token, for example); a rendered chat template already holds it.
     pub fn encode(&self, text: &str, add_special: bool) -> Result<Vec<u32>, TokenizerError> {
-        self.inner
-            .encode(text, add_special)
-            .map(|e| e.get_ids().to_vec())
-            .map_err(|e| TokenizerError::Encode(e.to_string()))
+        match &self.inner {
+            Inner::Hf(t) => t
+                .encode(text, add_special)
+                .map(|e| e.get_ids().to_vec())
+                .map_err(|e| TokenizerError::Encode(e.to_string())),
+            Inner::Spm(spm) => Ok(spm.encode(text, add_special)),
+        }
     }
 
     /// The raw bytes token `id` stands for (empty for special and unknown ids).
@@ -197,19 +243,36 @@ impl ModelTokenizer {
 
     /// The token's piece as the vocabulary spells it.
     pub fn piece(&self, id: u32) -> Option<String> {
-        self.inner.id_to_token(id)
+        match &self.inner {
+            Inner::Hf(t) => t.id_to_token(id),
+            Inner::Spm(spm) => spm.piece(id).map(str::to_string),
+        }
     }
 
-    /// The wrapped tokenizer.
+    /// The wrapped `tokenizers` pipeline (tests save it as a `tokenizer.json`).
     #[cfg(test)]
     pub(crate) fn inner(&self) -> &tokenizers::Tokenizer {
-        &self.inner
+        match &self.inner {
+            Inner::Hf(t) => t,
+            Inner::Spm(_) => panic!("a SentencePiece vocabulary has no tokenizers pipeline"),
+        }
     }
 
     /// Number of ids, added tokens included.
     pub fn vocab_size(&self) -> usize {
         self.token_bytes.len()
     }
+}
+
+/// The declared end-of-sequence ids followed by the end-of-turn specials not among them.
+fn with_end_of_turn(eos: &[u32], end_of_turn: impl Iterator<Item = u32>) -> Vec<u32> {
+    let mut ids = eos.to_vec();
+    for id in end_of_turn {
+        if !ids.contains(&id) {
+            ids.push(id);
+        }
+    }
+    ids
 }
 
 /// GPT-2's byte-level alphabet: printable bytes stand for themselves, the other 68 were
@@ -239,15 +302,10 @@ fn byte_level_bytes(piece: &str) -> Vec<u8> {
 
 /// SentencePiece pieces: `▁` is a space and `<0xNN>` a raw byte.
 fn sentencepiece_bytes(piece: &str) -> Vec<u8> {
-    if let Some(hex) = piece
-        .strip_prefix("<0x")
-        .and_then(|rest| rest.strip_suffix('>'))
-        && hex.len() == 2
-        && let Ok(b) = u8::from_str_radix(hex, 16)
-    {
-        return vec![b];
+    match super::spm::byte_piece(piece) {
+        Some(b) => vec![b],
+        None => piece.replace('\u{2581}', " ").into_bytes(),
     }
-    piece.replace('\u{2581}', " ").into_bytes()
 }
 
 #[cfg(test)]
@@ -322,17 +380,66 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn a_sentencepiece_gguf_without_tokenizer_json_names_what_is_missing() {
+    fn a_gguf_without_a_usable_vocabulary_names_the_tokenizer_json_it_would_take() {
         let mut metadata = tiny_tokenizer_metadata("smollm");
         metadata[0].1 = Value::String("llama".into());
+        // A SentencePiece vocabulary whose scores do not match its pieces.
+        metadata.push(("tokenizer.ggml.scores".into(), Value::Array(vec![])));
         let expected = Path::new("/models/m/tokenizer.json");
         match ModelTokenizer::from_gguf(&content(metadata), expected) {
-            Err(e @ TokenizerError::UnsupportedGguf { .. }) => {
+            Err(e @ TokenizerError::File { .. }) => {
                 let msg = e.to_string();
-                assert!(msg.contains("llama") && msg.contains("/models/m/tokenizer.json"));
+                assert!(msg.contains("scores") && msg.contains("/models/m/tokenizer.json"));
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn a_sentencepiece_gguf_tokenizes_with_its_own_vocabulary() {
+        let mut metadata = vec![
+            (
+                "tokenizer.ggml.model".to_string(),
+                Value::String("llama".into()),
+            ),
+            (
+                "tokenizer.ggml.tokens".into(),
+                Value::Array(
+                    [
+                        "<eos>",
+                        "<bos>",
+                        "<end_of_turn>",
+                        "\u{2581}Hi",
+                        "<0x21>",
+                        "Hi",
+                    ]
+                    .map(|p| Value::String(p.into()))
+                    .to_vec(),
+                ),
+            ),
+            (
+                "tokenizer.ggml.token_type".into(),
+                Value::Array([3, 3, 3, 1, 6, 1].map(Value::I32).to_vec()),
+            ),
+            ("tokenizer.ggml.eos_token_id".into(), Value::U32(0)),
+            ("tokenizer.ggml.bos_token_id".into(), Value::U32(1)),
+        ];
+        metadata.push((
+            "tokenizer.ggml.scores".into(),
+            Value::Array(vec![Value::F32(0.0); 6]),
+        ));
+        let t = ModelTokenizer::from_gguf(&content(metadata), Path::new("/nonexistent")).unwrap();
+        // The file's default adds the space prefix ("▁Hi" is reached through "Hi"); BOS
+        // comes first when asked.
+        assert_eq!(
+            t.encode("Hi!<end_of_turn>", true).unwrap(),
+            vec![1, 3, 4, 2]
+        );
+        assert_eq!(t.bytes(3), b" Hi");
+        assert_eq!(t.bytes(4), b"!");
+        assert!(t.bytes(2).is_empty());
+        assert_eq!(t.end_of_sequence(), &[0, 2]);
+        assert_eq!((t.bos_text(), t.eos_text()), ("<bos>", "<eos>"));
     }
 
     #[test]

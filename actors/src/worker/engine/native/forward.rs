@@ -45,6 +45,9 @@ pub struct Scratch {
     q8: Q8Rows,
     cos: Vec<f32>,
     sin: Vec<f32>,
+    /// Angles of the sliding-window layers' RoPE base.
+    cos_sliding: Vec<f32>,
+    sin_sliding: Vec<f32>,
     /// Attention scores, one buffer per pool thread.
     scores: Vec<Mutex<Vec<f32>>>,
     /// Per row: its part and its absolute position.
@@ -159,7 +162,7 @@ fn rope(x: &mut [f32], heads: usize, head_dim: usize, neox: bool, cos: &[f32], s
     }
 }
 
-/// One key/value head's cached positions `0..len`.
+/// One key/value head's cached positions `start..len`.
 struct Cache<'a> {
     keys: &'a [f32],
     values: &'a [f32],
@@ -167,6 +170,8 @@ struct Cache<'a> {
     stride: usize,
     /// Where this head starts within a position.
     offset: usize,
+    /// First position attended (after the window of a sliding layer).
+    start: usize,
     len: usize,
 }
 
@@ -180,10 +185,11 @@ fn attend(
     scores: &mut [f32],
     out: &mut [f32],
 ) {
-    let (heads, len) = (q.len() / head_dim, cache.len);
+    let (heads, start) = (q.len() / head_dim, cache.start);
+    let len = cache.len - start;
     let scores = &mut scores[..heads * len];
     for j in 0..len {
-        let k = &cache.keys[j * cache.stride + cache.offset..][..head_dim];
+        let k = &cache.keys[(start + j) * cache.stride + cache.offset..][..head_dim];
         for (i, q) in q.chunks_exact(head_dim).enumerate() {
             scores[i * len + j] = dot_f32(q, k) * scale;
         }
@@ -200,13 +206,43 @@ fn attend(
     }
     out.fill(0.0);
     for j in 0..len {
-        let v = &cache.values[j * cache.stride + cache.offset..][..head_dim];
+        let v = &cache.values[(start + j) * cache.stride + cache.offset..][..head_dim];
         for (i, out) in out.chunks_exact_mut(head_dim).enumerate() {
             let p = scores[i * len + j];
             for (o, v) in out.iter_mut().zip(v) {
                 *o += p * v;
             }
         }
+    }
+}
+
+/// GELU, tanh approximation (Gemma's `gelu_pytorch_tanh`).
+fn gelu_tanh(x: f32) -> f32 {
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    0.5 * x * (1.0 + (SQRT_2_OVER_PI * (x + 0.044_715 * x * x * x)).tanh())
+}
+
+/// RoPE angles of each row's position for `inv_freq`, one row of half-widths per token.
+fn angles(rows: &[(usize, usize)], inv_freq: &[f32], cos: &mut [f32], sin: &mut [f32]) {
+    let half = inv_freq.len();
+    for (t, &(_, pos)) in rows.iter().enumerate() {
+        for (i, f) in inv_freq.iter().enumerate() {
+            let angle = pos as f32 * f;
+            cos[t * half + i] = angle.cos();
+            sin[t * half + i] = angle.sin();
+        }
+    }
+}
+
+/// Adds `delta` to the residual stream `x`, through RMSNorm with `norm` first when given.
+fn add_residual(x: &mut [f32], delta: &mut [f32], norm: Option<&[f32]>, eps: f32) {
+    if let Some(norm) = norm {
+        delta
+            .chunks_exact_mut(norm.len())
+            .for_each(|row| rms_norm_in_place(row, norm, eps));
+    }
+    for (x, d) in x.iter_mut().zip(delta.iter()) {
+        *x += d;
     }
 }
 
@@ -248,15 +284,18 @@ impl super::Engine {
         for (t, &id) in parts.iter().flat_map(|p| p.tokens).enumerate() {
             w.embed.row_into(id as usize, &mut x[t * dim..][..dim]);
         }
+        if c.arch == Arch::Gemma3 {
+            let scale = (dim as f32).sqrt();
+            x.iter_mut().for_each(|v| *v *= scale);
+        }
         // Rotation angles of each row's position, shared by every layer and head.
         let half = hd / 2;
         let (cos, sin) = (sized(&mut s.cos, n * half), sized(&mut s.sin, n * half));
-        for (t, &(_, pos)) in s.rows.iter().enumerate() {
-            for (i, f) in self.inv_freq.iter().enumerate() {
-                let angle = pos as f32 * f;
-                cos[t * half + i] = angle.cos();
-                sin[t * half + i] = angle.sin();
-            }
+        angles(&s.rows, &self.inv_freq, cos, sin);
+        if let Some(inv_freq) = &self.inv_freq_sliding {
+            let cos = sized(&mut s.cos_sliding, n * half);
+            let sin = sized(&mut s.sin_sliding, n * half);
+            angles(&s.rows, inv_freq, cos, sin);
         }
         let neox = c.arch != Arch::Llama;
         let group = c.heads / c.kv_heads;
@@ -299,6 +338,13 @@ impl super::Engine {
                 k.chunks_exact_mut(hd)
                     .for_each(|h| rms_norm_in_place(h, nk, c.eps));
             }
+            let window = c.sliding.filter(|s| s.applies_to(l)).map(|s| s.window);
+            let (cos, sin) = match window {
+                Some(_) if self.inv_freq_sliding.is_some() => {
+                    (&s.cos_sliding[..n * half], &s.sin_sliding[..n * half])
+                }
+                _ => (&s.cos[..n * half], &s.sin[..n * half]),
+            };
             rope(q, c.heads, hd, neox, cos, sin);
             rope(k, c.kv_heads, hd, neox, cos, sin);
             // Append each part's keys and values to its own cache.
@@ -344,6 +390,7 @@ impl super::Engine {
                         values: caches[part].1,
                         stride: kv_dim,
                         offset: g * hd,
+                        start: window.map_or(0, |w| (pos + 1).saturating_sub(w)),
                         len: pos + 1,
                     };
                     attend(&q[heads..][..group * hd], &cache, hd, scale, buf, out);
@@ -353,9 +400,9 @@ impl super::Engine {
             let att = &s.att[..n * q_dim];
             let xb = sized(&mut s.xb, n * dim);
             linears(self, &[&layer.o], att, &mut s.q8, n, &mut [xb]);
-            for (x, o) in x.iter_mut().zip(&s.xb[..n * dim]) {
-                *x += o;
-            }
+            let post = layer.post_norms.as_ref();
+            let delta = &mut s.xb[..n * dim];
+            add_residual(x, delta, post.map(|p| &p[0][..]), c.eps);
             let xb = sized(&mut s.xb, n * dim);
             rms_norm_rows(x, &layer.ffn_norm, c.eps, xb);
             let ffn_a = sized(&mut s.ffn_a, n * c.ffn);
@@ -368,8 +415,11 @@ impl super::Engine {
                 n,
                 &mut [ffn_a, ffn_b],
             );
-            for (a, b) in s.ffn_a[..n * c.ffn].iter_mut().zip(&s.ffn_b[..n * c.ffn]) {
-                *a = *a / (1.0 + (-*a).exp()) * b;
+            let gated = s.ffn_a[..n * c.ffn].iter_mut().zip(&s.ffn_b[..n * c.ffn]);
+            if c.arch == Arch::Gemma3 {
+                gated.for_each(|(a, b)| *a = gelu_tanh(*a) * b);
+            } else {
+                gated.for_each(|(a, b)| *a = *a / (1.0 + (-*a).exp()) * b);
             }
             let xb = sized(&mut s.xb, n * dim);
             linears(
@@ -380,9 +430,8 @@ impl super::Engine {
                 n,
                 &mut [xb],
             );
-            for (x, o) in x.iter_mut().zip(&s.xb[..n * dim]) {
-                *x += o;
-            }
+            let delta = &mut s.xb[..n * dim];
+            add_residual(x, delta, post.map(|p| &p[1][..]), c.eps);
         }
         // Only the last row of each part that asks goes through the output head.
         let mut wanted = 0;

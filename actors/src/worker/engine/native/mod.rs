@@ -1,4 +1,5 @@
-//! rbee's own CPU forward pass for the llama family (`llama`, `qwen2`, `qwen3` GGUFs):
+//! rbee's own CPU forward pass for the llama family (`llama`, `qwen2`, `qwen3` and
+//! `gemma3` GGUFs):
 //! quantized kernels chosen at run time by CPU features ([`cpu`]), one spinning thread
 //! pool for every operation ([`pool`]), weights read straight from the file and shared by
 //! every session, and a KV cache per session written in place.
@@ -9,6 +10,7 @@
 pub mod cpu;
 pub mod forward;
 pub mod kernels;
+pub mod kquant;
 pub mod packed;
 pub mod pool;
 pub mod quant;
@@ -32,6 +34,8 @@ pub struct Engine {
     level: Level,
     /// RoPE inverse frequencies, one per pair of head dimensions.
     inv_freq: Vec<f32>,
+    /// Those of the sliding-window layers, when they have their own base.
+    inv_freq_sliding: Option<Vec<f32>>,
 }
 
 /// Threads the engine uses unless told: `RBEE_THREADS`, else `CANDLE_NUM_THREADS`, else
@@ -55,16 +59,18 @@ impl Engine {
         let level = cpu::level();
         let weights = weights::read(content, reader, level >= Level::Avx2)?;
         let hd = weights.config.head_dim;
-        let base = weights.config.rope_base;
-        let inv_freq = (0..hd)
-            .step_by(2)
-            .map(|i| 1.0 / base.powf(i as f32 / hd as f32))
-            .collect();
+        let inv_freq = |base: f32| {
+            (0..hd)
+                .step_by(2)
+                .map(|i| 1.0 / base.powf(i as f32 / hd as f32))
+                .collect()
+        };
         Ok(Arc::new(Engine {
+            inv_freq: inv_freq(weights.config.rope_base),
+            inv_freq_sliding: weights.config.sliding.map(|s| inv_freq(s.rope_base)),
             weights,
             pool: Pool::new(threads),
             level,
-            inv_freq,
         }))
     }
 
@@ -346,6 +352,122 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    /// candle's Gemma 3 (the transformers port, `models::gemma3`) over the dequantized
+    /// weights of a GGUF: an independent reference for the native pass. Its norms add 1
+    /// to their weights (the GGUF already holds `1 + w`), and its window counts one more
+    /// position than llama.cpp's and transformers' (`j + w < i` is masked), hence `w − 1`.
+    fn gemma3_reference(path: &std::path::Path) -> candle_transformers::models::gemma3::Model {
+        use crate::worker::engine::tiny::{GEMMA3_WINDOW, TINY_VOCAB};
+        use candle_core::{Device, Tensor};
+        let (content, mut reader) = crate::worker::engine::loader::read_gguf(path).unwrap();
+        let meta = |k: &str| content.metadata[&format!("gemma3.{k}")].to_u32().unwrap() as usize;
+        let (dim, layers) = (meta("embedding_length"), meta("block_count"));
+        let ffn = content.tensor_infos["blk.0.ffn_gate.weight"].shape.dims()[0];
+        let mut tensors = std::collections::HashMap::new();
+        for name in content.tensor_infos.keys() {
+            let t = content.tensor(&mut reader, name, &Device::Cpu).unwrap();
+            let mut t: Tensor = t.dequantize(&Device::Cpu).unwrap();
+            if name.ends_with("norm.weight") {
+                t = (t - 1.0).unwrap();
+            }
+            let hf = match name.as_str() {
+                "token_embd.weight" => "model.embed_tokens.weight".to_string(),
+                "output_norm.weight" => "model.norm.weight".to_string(),
+                other => {
+                    let (layer, rest) = other["blk.".len()..].split_once('.').unwrap();
+                    let rest = match rest {
+                        "attn_q.weight" => "self_attn.q_proj.weight",
+                        "attn_k.weight" => "self_attn.k_proj.weight",
+                        "attn_v.weight" => "self_attn.v_proj.weight",
+                        "attn_output.weight" => "self_attn.o_proj.weight",
+                        "attn_q_norm.weight" => "self_attn.q_norm.weight",
+                        "attn_k_norm.weight" => "self_attn.k_norm.weight",
+                        "attn_norm.weight" => "input_layernorm.weight",
+                        "post_attention_norm.weight" => "post_attention_layernorm.weight",
+                        "ffn_norm.weight" => "pre_feedforward_layernorm.weight",
+                        "post_ffw_norm.weight" => "post_feedforward_layernorm.weight",
+                        "ffn_gate.weight" => "mlp.gate_proj.weight",
+                        "ffn_up.weight" => "mlp.up_proj.weight",
+                        "ffn_down.weight" => "mlp.down_proj.weight",
+                        other => panic!("unmapped tensor {other}"),
+                    };
+                    format!("model.layers.{layer}.{rest}")
+                }
+            };
+            tensors.insert(hf, t);
+        }
+        let config = serde_json::json!({
+            "attention_bias": false, "head_dim": meta("attention.key_length"),
+            "hidden_activation": "gelu_pytorch_tanh", "hidden_size": dim,
+            "intermediate_size": ffn, "num_attention_heads": meta("attention.head_count"),
+            "num_hidden_layers": layers, "num_key_value_heads": meta("attention.head_count_kv"),
+            "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "rope_local_base_freq": 10000.0,
+            "vocab_size": TINY_VOCAB, "final_logit_softcapping": null,
+            "attn_logit_softcapping": null, "query_pre_attn_scalar": meta("attention.key_length"),
+            "sliding_window": GEMMA3_WINDOW - 1, "sliding_window_pattern": 6,
+            "max_position_embeddings": 512,
+        });
+        let config = serde_json::from_value(config).unwrap();
+        let vb =
+            candle_nn::VarBuilder::from_tensors(tensors, candle_core::DType::F32, &Device::Cpu);
+        candle_transformers::models::gemma3::Model::new(false, &config, vb).unwrap()
+    }
+
+    #[test]
+    fn the_native_gemma3_pass_matches_candles_transformers_port() {
+        use candle_core::{Device, Tensor};
+        let dir = tempfile::tempdir().unwrap();
+        // Far past the window of 8, and across the 128-token prefill chunks.
+        let tokens: Vec<u32> = (0..300u32).map(|i| (i * 37 + 5) % 258).collect();
+        // Measured worst gaps as a fraction of the largest logit: see the llama-family
+        // test for why quantized formats differ more.
+        for (dtype, tolerance) in [
+            (GgmlDType::F32, 1e-4),
+            (GgmlDType::Q8_0, 0.08),
+            (GgmlDType::Q5_0, 0.08),
+            (GgmlDType::Q4K, 0.08),
+            (GgmlDType::Q6K, 0.08),
+        ] {
+            let path = dir.path().join(format!("gemma3-{dtype:?}.gguf"));
+            write_tiny_gguf(&path, "gemma3", 512, dtype).unwrap();
+            let mut native = load_gguf_on(&path, EngineKind::Native { threads: 2 }).unwrap();
+            assert!(native.native().is_some());
+            let mut reference = gemma3_reference(&path);
+            for n in [1, 5, 8, 9, 129, 300] {
+                let a = native.logits_uncached(&tokens[..n]).unwrap();
+                reference.clear_kv_cache();
+                let input = Tensor::new(&tokens[..n], &Device::Cpu)
+                    .unwrap()
+                    .unsqueeze(0)
+                    .unwrap();
+                let b: Vec<f32> = reference
+                    .forward(&input, 0)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                assert_eq!(a.len(), b.len());
+                let (worst, scale) = worst_gap(&a, &b);
+                assert!(
+                    worst <= tolerance * scale,
+                    "gemma3 {dtype:?} after {n} tokens: worst gap {worst} of {scale}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn gemma3_runs_only_natively() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("g.gguf");
+        write_tiny_gguf(&path, "gemma3", 64, GgmlDType::Q8_0).unwrap();
+        match load_gguf_on(&path, EngineKind::Candle) {
+            Err(e) => assert!(e.to_string().contains("native"), "{e}"),
+            Ok(_) => panic!("candle's gemma3 gates with SiLU and must not serve"),
         }
     }
 

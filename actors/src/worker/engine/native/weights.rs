@@ -18,6 +18,10 @@ pub enum Arch {
     Qwen2,
     /// Qwen3: RMSNorm on each head of Q and K; NeoX RoPE.
     Qwen3,
+    /// Gemma 3: embeddings scaled by √dim, per-head Q/K norms, norms after attention and
+    /// after the feed-forward layer too, GELU (tanh) gate, NeoX RoPE, and sliding-window
+    /// layers with their own RoPE base between global ones.
+    Gemma3,
 }
 
 impl Arch {
@@ -26,6 +30,7 @@ impl Arch {
             "llama" => Arch::Llama,
             "qwen2" => Arch::Qwen2,
             "qwen3" => Arch::Qwen3,
+            "gemma3" => Arch::Gemma3,
             _ => return None,
         })
     }
@@ -50,12 +55,44 @@ pub struct Config {
     pub ffn: usize,
     /// Vocabulary size.
     pub vocab: usize,
-    /// RoPE base frequency.
+    /// RoPE base frequency (of the global layers when some layers slide).
     pub rope_base: f32,
+    /// Sliding-window attention: the window in tokens (the position itself included),
+    /// the RoPE base of the sliding layers, and the period of the layer pattern (layer
+    /// `l` slides unless `(l + 1) % period == 0`).
+    pub sliding: Option<Sliding>,
     /// RMSNorm epsilon.
     pub eps: f32,
     /// Context length the file declares.
     pub context: usize,
+}
+
+/// Gemma 3's local attention layers.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Sliding {
+    /// Tokens a query sees, itself included.
+    pub window: usize,
+    /// RoPE base frequency of the sliding layers.
+    pub rope_base: f32,
+    /// Every `period`-th layer is global.
+    pub period: usize,
+}
+
+impl Sliding {
+    /// Whether layer `l` attends only to its window.
+    pub fn applies_to(&self, l: usize) -> bool {
+        !(l + 1).is_multiple_of(self.period)
+    }
+}
+
+/// The format a GGUF tensor type is multiplied in: its own, or for K-quants the 32-value
+/// format it is re-encoded into at load ([`super::kquant`]).
+pub fn native_format(dtype: GgmlDType) -> Option<Format> {
+    match dtype {
+        GgmlDType::Q4K => Some(Format::Q4_1),
+        GgmlDType::Q6K => Some(Format::Q8_0),
+        other => Format::of(other),
+    }
 }
 
 /// A weight matrix: `rows` outputs of `cols` inputs.
@@ -104,8 +141,11 @@ pub struct Layer {
     pub o: Linear,
     /// Qwen2's projection biases.
     pub qkv_bias: Option<[Vec<f32>; 3]>,
-    /// Qwen3's per-head norms of Q and K.
+    /// Qwen3's and Gemma 3's per-head norms of Q and K.
     pub qk_norm: Option<[Vec<f32>; 2]>,
+    /// Gemma 3's norms of the attention and the feed-forward outputs, before each is
+    /// added to the residual stream.
+    pub post_norms: Option<[Vec<f32>; 2]>,
     pub ffn_norm: Vec<f32>,
     pub gate: Linear,
     pub up: Linear,
@@ -228,10 +268,15 @@ impl<R: Read + Seek> Reader<'_, R> {
                 "{name}: {dims:?}, expected [{rows}, {cols}]"
             )));
         }
-        let format = Format::of(dtype).ok_or_else(|| Unsupported::Format {
+        let format = native_format(dtype).ok_or_else(|| Unsupported::Format {
             name: name.into(),
             dtype,
         })?;
+        let bytes = match dtype {
+            GgmlDType::Q4K => super::kquant::q4k_to_q4_1(&bytes),
+            GgmlDType::Q6K => super::kquant::q6k_to_q8_0(&bytes),
+            _ => bytes,
+        };
         if !cols.is_multiple_of(BLOCK) {
             return Err(Unsupported::Shape(format!(
                 "{name}: {cols} inputs are not a multiple of {BLOCK}"
@@ -327,8 +372,26 @@ pub fn read<R: Read + Seek>(
         )));
     }
     let head_dim = match arch {
-        Arch::Qwen3 => number(format!("{a}.attention.key_length"))?,
+        Arch::Qwen3 | Arch::Gemma3 => number(format!("{a}.attention.key_length"))?,
         _ => dim / heads,
+    };
+    let float = |key: &str| meta(&format!("{a}.{key}")).and_then(|v| v.to_f32().ok());
+    if let Some(factor) = float("rope.scaling.factor")
+        && factor != 1.0
+    {
+        return Err(Unsupported::Shape(format!("RoPE scaled by {factor}")));
+    }
+    // llama.cpp's values for Gemma 3, whose GGUFs store only the window: a global layer
+    // every sixth, RoPE base 10 000 in the sliding layers.
+    let sliding = match arch {
+        Arch::Gemma3 => Some(Sliding {
+            window: number(format!("{a}.attention.sliding_window"))?.max(1),
+            rope_base: float("rope.local_freq_base").unwrap_or(10_000.0),
+            period: number(format!("{a}.attention.sliding_window_type"))
+                .unwrap_or(6)
+                .max(1),
+        }),
+        _ => None,
     };
     if let Ok(rope) = number(format!("{a}.rope.dimension_count"))
         && rope != head_dim
@@ -366,13 +429,14 @@ pub fn read<R: Read + Seek>(
         ffn,
         vocab,
         rope_base,
+        sliding,
         eps,
         context,
     };
     // Every tensor's format is checked before any is read, so an unsupported file falls
     // back to candle without reading its weights twice.
     for (name, info) in &content.tensor_infos {
-        if info.shape.rank() == 2 && Format::of(info.ggml_dtype).is_none() {
+        if info.shape.rank() == 2 && native_format(info.ggml_dtype).is_none() {
             return Err(Unsupported::Format {
                 name: name.clone(),
                 dtype: info.ggml_dtype,
@@ -404,10 +468,18 @@ pub fn read<R: Read + Seek>(
         } else {
             None
         };
-        let qk_norm = if arch == Arch::Qwen3 {
+        let qk_norm = if matches!(arch, Arch::Qwen3 | Arch::Gemma3) {
             Some([
                 r.vector(&format!("{p}.attn_q_norm.weight"), head_dim)?,
                 r.vector(&format!("{p}.attn_k_norm.weight"), head_dim)?,
+            ])
+        } else {
+            None
+        };
+        let post_norms = if arch == Arch::Gemma3 {
+            Some([
+                r.vector(&format!("{p}.post_attention_norm.weight"), dim)?,
+                r.vector(&format!("{p}.post_ffw_norm.weight"), dim)?,
             ])
         } else {
             None
@@ -420,6 +492,7 @@ pub fn read<R: Read + Seek>(
             o: r.linear(&format!("{p}.attn_output.weight"), dim, q_dim)?,
             qkv_bias,
             qk_norm,
+            post_norms,
             ffn_norm: r.vector(&format!("{p}.ffn_norm.weight"), dim)?,
             gate: r.linear(&format!("{p}.ffn_gate.weight"), ffn, dim)?,
             up: r.linear(&format!("{p}.ffn_up.weight"), ffn, dim)?,
