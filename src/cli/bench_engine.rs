@@ -11,11 +11,12 @@ use std::time::Instant;
 use anyhow::Context;
 use candle_core::quantized::{GgmlDType, gguf_file};
 use clap::Args;
+use rbee::actors::models::ensure_gemma3_270m;
 use rbee::actors::worker::actor::{self, STREAM_CAPACITY, StartedWorker, WorkerMsg};
 use rbee::actors::worker::api::{GenerateRequest, GenerationEvent, Prompt, SamplingParams};
 use rbee::actors::worker::engine::convert::{self, Selection};
 use rbee::actors::worker::engine::loader::LoadOptions;
-use rbee::actors::worker::engine::model::EngineKind;
+use rbee::actors::worker::engine::model::{EngineKind, gguf_architecture};
 use rbee::actors::worker::engine::native::cpu;
 use rbee::actors::worker::engine::tokenizer::ModelTokenizer;
 use tokio::sync::mpsc;
@@ -44,7 +45,8 @@ pub struct EngineArgs {
     /// at candle's thread count (`CANDLE_NUM_THREADS`).
     #[arg(long)]
     candle: bool,
-    /// Only the file as given, not its Q8_0, Q4_0 and Q5_0 copies.
+    /// Only the file as given, not its Q8_0, Q4_0 and Q5_0 copies (nor, without --model,
+    /// Gemma 3 270M).
     #[arg(long)]
     only_given: bool,
 }
@@ -67,6 +69,8 @@ struct Speed {
 struct Case {
     label: String,
     file: PathBuf,
+    /// Tokens of the prompt under this file's tokenizer.
+    prompt: usize,
     threads: usize,
     rbee: StartedWorker,
     rbee_runs: Vec<Speed>,
@@ -95,17 +99,24 @@ pub async fn run(args: EngineArgs) -> anyhow::Result<ExitCode> {
             let copy = requantized(&given, dtype, label)?;
             files.push((label_of(&copy, "requantized")?, copy));
         }
+        if !args.model.given() {
+            // The second real model: another architecture, tokenizer and quantization mix.
+            let gemma = tokio::task::spawn_blocking(ensure_gemma3_270m).await??;
+            files.push((label_of(&gemma, "as given")?, gemma));
+        }
     }
-    let prompt_len = prompt_len(&given)?;
     // First, while this process holds nothing else: memory of a four-slot worker.
     let memory = slot_memory(&given, 4, args.tokens).await?;
     let mut cases = Vec::new();
     for (label, file) in &files {
+        // Each tokenizer makes its own count of the one prompt; llama-bench gets as many.
+        let prompt = prompt_len(file)?;
         for &threads in &args.threads {
             let rbee = worker(file, EngineKind::Native { threads }).await?;
             cases.push(Case {
                 label: label.clone(),
                 file: file.clone(),
+                prompt,
                 threads,
                 rbee,
                 rbee_runs: Vec::new(),
@@ -117,6 +128,7 @@ pub async fn run(args: EngineArgs) -> anyhow::Result<ExitCode> {
             cases.push(Case {
                 label: format!("{label} (candle)"),
                 file: file.clone(),
+                prompt,
                 threads: candle_core::utils::get_num_threads(),
                 rbee,
                 rbee_runs: Vec::new(),
@@ -132,15 +144,15 @@ pub async fn run(args: EngineArgs) -> anyhow::Result<ExitCode> {
         eprintln!("round {}/{}", round + 1, args.rounds);
         for case in &mut cases {
             let (speed, prompt) = through_actor(&case.rbee.worker, args.tokens).await?;
-            anyhow::ensure!(prompt == prompt_len, "the paths saw different prompts");
+            anyhow::ensure!(prompt == case.prompt, "the paths saw different prompts");
             case.rbee_runs.push(speed);
             if let Some(bench) = &llama_bench
                 && !case.label.ends_with("(candle)")
             {
                 let (bench, file, threads) = (bench.clone(), case.file.clone(), case.threads);
-                let tokens = args.tokens;
+                let (prompt, tokens) = (case.prompt, args.tokens);
                 let speed = tokio::task::spawn_blocking(move || {
-                    llama_bench_run(&bench, &file, prompt_len, tokens, threads)
+                    llama_bench_run(&bench, &file, prompt, tokens, threads)
                 })
                 .await??;
                 case.llama_runs.push(speed);
@@ -149,14 +161,15 @@ pub async fn run(args: EngineArgs) -> anyhow::Result<ExitCode> {
     }
     println!("{}", llama_cpp::cpu_line());
     println!(
-        "rbee kernels {} | prompt {prompt_len} tokens | {} generated | median of {} interleaved rounds",
+        "rbee kernels {} | one English prompt (its tokens per model below) | {} generated | median of {} interleaved rounds",
         cpu::level().name(),
         args.tokens,
         args.rounds
     );
     println!(
-        "{:<34} {:>7} {:>12} {:>12} {:>6} {:>12} {:>12} {:>6}",
+        "{:<34} {:>6} {:>7} {:>12} {:>12} {:>6} {:>12} {:>12} {:>6}",
         "file",
+        "prompt",
         "threads",
         "rbee pp t/s",
         "llama pp t/s",
@@ -177,8 +190,8 @@ pub async fn run(args: EngineArgs) -> anyhow::Result<ExitCode> {
             None => ("-".into(), "-".into(), "-".into(), "-".into()),
         };
         println!(
-            "{:<34} {:>7} {:>12.1} {lp:>12} {rp:>6} {:>12.1} {lt:>12} {rt:>6}",
-            case.label, case.threads, rbee.prefill, rbee.decode
+            "{:<34} {:>6} {:>7} {:>12.1} {lp:>12} {rp:>6} {:>12.1} {lt:>12} {rt:>6}",
+            case.label, case.prompt, case.threads, rbee.prefill, rbee.decode
         );
     }
     println!("{memory}");
@@ -237,9 +250,42 @@ fn label_of(path: &Path, how: &str) -> anyhow::Result<String> {
             None => counts.push((info.ggml_dtype, 1)),
         }
     }
-    Ok(match counts.iter().max_by_key(|(_, n)| *n) {
-        Some((dtype, _)) => format!("{dtype:?} {how}"),
-        None => format!("no matrices, {how}"),
+    let arch = gguf_architecture(&content).unwrap_or_default();
+    // A file as shipped says which mix it is (Q4_K_M holds Q5_0, Q8_0, Q4_K and Q6_K);
+    // a requantized copy keeps its source's metadata, so it is named by its matrices.
+    let mix = content
+        .metadata
+        .get("general.file_type")
+        .and_then(|v| v.to_u32().ok())
+        .and_then(file_type_name)
+        .filter(|_| how == "as given");
+    Ok(match (mix, counts.iter().max_by_key(|(_, n)| *n)) {
+        (Some(mix), _) => format!("{arch} {mix} {how}"),
+        (None, Some((dtype, _))) => format!("{arch} {dtype:?} {how}"),
+        (None, None) => format!("{arch}, no matrices, {how}"),
+    })
+}
+
+/// llama.cpp's name of a `general.file_type` (its `llama_ftype`).
+fn file_type_name(file_type: u32) -> Option<&'static str> {
+    Some(match file_type {
+        0 => "F32",
+        1 => "F16",
+        2 => "Q4_0",
+        3 => "Q4_1",
+        7 => "Q8_0",
+        8 => "Q5_0",
+        9 => "Q5_1",
+        10 => "Q2_K",
+        11 => "Q3_K_S",
+        12 => "Q3_K_M",
+        13 => "Q3_K_L",
+        14 => "Q4_K_S",
+        15 => "Q4_K_M",
+        16 => "Q5_K_S",
+        17 => "Q5_K_M",
+        18 => "Q6_K",
+        _ => return None,
     })
 }
 
@@ -267,8 +313,10 @@ fn requantized(source: &Path, dtype: GgmlDType, label: &str) -> anyhow::Result<P
 }
 
 async fn worker(path: &Path, engine: EngineKind) -> anyhow::Result<StartedWorker> {
+    // Every run repeats one prompt: with prefix reuse on, only the first would prefill.
     let options = LoadOptions {
         engine,
+        prefix_reuse: false,
         ..LoadOptions::default()
     };
     Ok(actor::start(path.to_path_buf(), options, |_| {}).await?)

@@ -131,6 +131,11 @@ pub struct ModelArgs {
 }
 
 impl ModelArgs {
+    /// Whether `--model` was given.
+    fn given(&self) -> bool {
+        self.model.is_some()
+    }
+
     /// The model path, fetching the default model when none was given.
     fn path(&self) -> anyhow::Result<PathBuf> {
         match &self.model {

@@ -188,6 +188,8 @@ pub struct WorkerActorState {
     progress: Option<mpsc::UnboundedSender<LoadEvent>>,
     phase: Phase,
     slots: usize,
+    /// Whether the batch scheduler reuses cached prompt prefixes.
+    prefix_reuse: bool,
     idle: Vec<Model>,
     /// Set instead of `idle` when the model is on the native engine.
     batcher: Option<Batcher>,
@@ -251,7 +253,7 @@ impl Actor for Worker {
         myself: ActorRef<WorkerMsg>,
         args: WorkerArgs,
     ) -> Result<WorkerActorState, ActorProcessingErr> {
-        let slots = args.options.slots;
+        let (slots, prefix_reuse) = (args.options.slots, args.options.prefix_reuse);
         let me = myself.clone();
         let progress = args.progress.clone();
         if embed::is_bert(&args.model) {
@@ -293,6 +295,7 @@ impl Actor for Worker {
             progress: args.progress,
             phase: Phase::Loading(None),
             slots,
+            prefix_reuse,
             idle: Vec::new(),
             batcher: None,
             batched: 0,
@@ -347,6 +350,7 @@ impl Actor for Worker {
                             engine.clone(),
                             vocab.clone(),
                             budget,
+                            state.prefix_reuse,
                             state.stopping.0.clone(),
                             owner,
                         )

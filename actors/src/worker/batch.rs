@@ -113,6 +113,7 @@ impl Batcher {
         engine: Arc<Engine>,
         vocab: Arc<Vocab>,
         budget_bytes: u64,
+        prefix_reuse: bool,
         stopping: Arc<AtomicBool>,
         owner: impl Owner,
     ) -> std::io::Result<Batcher> {
@@ -130,6 +131,7 @@ impl Batcher {
             waiting: VecDeque::new(),
             running: Vec::new(),
             cache: Vec::new(),
+            min_reuse: if prefix_reuse { MIN_REUSE } else { usize::MAX },
             clock: 0,
             scratch: Scratch::default(),
         };
@@ -216,6 +218,8 @@ struct Scheduler {
     waiting: VecDeque<Waiting>,
     running: Vec<Running>,
     cache: Vec<Cached>,
+    /// Shortest prefix reused ([`MIN_REUSE`], or never when reuse is off).
+    min_reuse: usize,
     /// Ticks once per admission: the prefix cache's recency.
     clock: u64,
     scratch: Scratch,
@@ -370,7 +374,7 @@ impl Scheduler {
                 .iter_mut()
                 .map(|c| (common_prefix(&c.tokens, context).min(context.len() - 1), c))
                 .max_by_key(|(len, _)| *len)
-                .filter(|(len, _)| *len >= MIN_REUSE);
+                .filter(|(len, _)| *len >= self.min_reuse);
             let seq = match best {
                 Some((len, cached)) => {
                     cached.used = self.clock;
@@ -530,7 +534,7 @@ impl Scheduler {
 
     fn keep_sequence(&mut self, r: Running) -> Decoder {
         let Running { decoder, seq, .. } = r;
-        if seq.len() >= MIN_REUSE {
+        if seq.len() >= self.min_reuse {
             let tokens = decoder.history()[..seq.len()].to_vec();
             // An entry this one extends says nothing more.
             self.cache.retain(|c| !tokens.starts_with(&c.tokens));

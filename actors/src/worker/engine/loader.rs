@@ -26,6 +26,9 @@ pub struct LoadOptions {
     pub engine: EngineKind,
     /// Where the Q8_0 copy goes when the model's own directory is not writable.
     pub fallback_cache_dir: PathBuf,
+    /// Keep finished sequences' KV caches and start requests from the longest cached
+    /// prefix (off in benchmarks that repeat one prompt to time its prefill).
+    pub prefix_reuse: bool,
 }
 
 impl Default for LoadOptions {
@@ -35,6 +38,7 @@ impl Default for LoadOptions {
             requantize: true,
             engine: EngineKind::from_env(),
             fallback_cache_dir: crate::paths::cache_dir().join("requantized"),
+            prefix_reuse: true,
         }
     }
 }

@@ -216,10 +216,33 @@ fn attend(
     }
 }
 
-/// GELU, tanh approximation (Gemma's `gelu_pytorch_tanh`).
+/// GELU, tanh approximation (Gemma's `gelu_pytorch_tanh`), written as
+/// `x·σ(2u)` (= `½x(1 + tanh u)`): one `exp` instead of `tanh`, which costs libm an
+/// `expm1` and more (14% of a Gemma prefill).
 fn gelu_tanh(x: f32) -> f32 {
-    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
-    0.5 * x * (1.0 + (SQRT_2_OVER_PI * (x + 0.044_715 * x * x * x)).tanh())
+    const TWO_SQRT_2_OVER_PI: f32 = 2.0 * 0.797_884_6;
+    x / (1.0 + (-TWO_SQRT_2_OVER_PI * (x + 0.044_715 * x * x * x)).exp())
+}
+
+/// `a ← act(a)·b`, with SiLU or GELU, over the pool: a long prompt's step evaluates
+/// millions of `exp`/`tanh`, serial time the other threads would wait through.
+fn gate(engine: &Engine, gelu: bool, a: &mut [f32], b: &[f32]) {
+    let out = Out {
+        ptr: a.as_mut_ptr(),
+        stride: 0,
+    };
+    engine.pool.split(a.len(), 64, &|_, range| {
+        // SAFETY: the pool's ranges are disjoint and inside `a`.
+        let a = unsafe { out.slice(range.start, range.len()) };
+        let b = &b[range];
+        if gelu {
+            a.iter_mut().zip(b).for_each(|(a, b)| *a = gelu_tanh(*a) * b);
+        } else {
+            a.iter_mut()
+                .zip(b)
+                .for_each(|(a, b)| *a = *a / (1.0 + (-*a).exp()) * b);
+        }
+    });
 }
 
 /// RoPE angles of each row's position for `inv_freq`, one row of half-widths per token.
@@ -415,12 +438,8 @@ impl super::Engine {
                 n,
                 &mut [ffn_a, ffn_b],
             );
-            let gated = s.ffn_a[..n * c.ffn].iter_mut().zip(&s.ffn_b[..n * c.ffn]);
-            if c.arch == Arch::Gemma3 {
-                gated.for_each(|(a, b)| *a = gelu_tanh(*a) * b);
-            } else {
-                gated.for_each(|(a, b)| *a = *a / (1.0 + (-*a).exp()) * b);
-            }
+            let gelu = c.arch == Arch::Gemma3;
+            gate(self, gelu, &mut s.ffn_a[..n * c.ffn], &s.ffn_b[..n * c.ffn]);
             let xb = sized(&mut s.xb, n * dim);
             linears(
                 self,
@@ -459,5 +478,21 @@ impl super::Engine {
             &mut [&mut logits],
         );
         logits
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn gelu_as_a_sigmoid_equals_the_tanh_form() {
+        for i in -400..=400 {
+            let x = i as f32 * 0.05;
+            let u = 0.797_884_6 * (x + 0.044_715 * x * x * x);
+            let tanh_form = 0.5 * x * (1.0 + u.tanh());
+            let got = super::gelu_tanh(x);
+            assert!((got - tanh_form).abs() <= 1e-6 * (1.0 + x.abs()), "{x}: {got} vs {tanh_form}");
+        }
+        assert_eq!(super::gelu_tanh(-100.0), 0.0);
+        assert_eq!(super::gelu_tanh(100.0), 100.0);
     }
 }
