@@ -141,6 +141,9 @@ async fn run(
     if tokio::time::timeout(DEADLINE, read).await.is_err() {
         return outcome(End::Hung, seen, 0);
     }
+    // The link may be cut after the terminal event, before the stream's end: that ends
+    // the stream, it is not a second terminal (a second Done or Error still counts).
+    let link_error = link_error.filter(|_| seen.terminals == 0);
     match (link_error, seen.error.clone(), seen.done.is_some()) {
         (Some(e), _, _) => outcome(End::Link(e), seen, 1),
         (None, Some(e), _) => outcome(End::Error(format!("{:?}", e.kind)), seen, 0),

@@ -539,3 +539,28 @@ async fn connected(client: &rbee::actors::queen::client::QueenClient) -> Vec<Str
         _ => Vec::new(),
     }
 }
+
+#[tokio::test]
+async fn a_queen_whose_actor_dies_ends_its_daemon_with_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut program = Command::new(env!("CARGO_BIN_EXE_rbee"));
+    program.env("RBEE_TEST_KILL_QUEEN_ACTOR_MS", "300");
+    let (mut queen, _) = start_queen_program(program, dir.path(), "127.0.0.1", 0, &[]);
+    let ready = Instant::now();
+    let status = loop {
+        if let Some(status) = queen.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            ready.elapsed() < Duration::from_secs(10),
+            "the daemon outlived its queen actor"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let after_kill = ready.elapsed().saturating_sub(Duration::from_millis(300));
+    assert!(!status.success(), "{status}");
+    assert!(
+        after_kill < Duration::from_secs(1),
+        "ended {after_kill:?} after its actor"
+    );
+}

@@ -304,7 +304,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         secs => IdleTimeout::After(Duration::from_secs(secs)),
     };
     super::init_logs();
-    let queen = RunningQueen::start(config).await?;
+    let mut queen = RunningQueen::start(config).await?;
     let gateway = match args.no_http {
         true => None,
         false => {
@@ -316,8 +316,32 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         "join": queen.addrs.join.to_string(),
         "http": gateway.as_ref().map(|g| g.addr.to_string()),
     }}));
-    super::stop_requested().await;
+    kill_actor_for_tests(&queen);
+    let crashed = tokio::select! {
+        _ = super::stop_requested() => false,
+        _ = queen.actor_stopped() => true,
+    };
     drop(gateway);
     queen.stop().await;
+    if crashed {
+        tracing::error!("the queen actor stopped on its own: the daemon ends");
+        anyhow::bail!("the queen actor stopped on its own (see the log)");
+    }
     Ok(())
+}
+
+/// Test-only fault hook: `RBEE_TEST_KILL_QUEEN_ACTOR_MS` kills the queen actor that many
+/// milliseconds after start, as a crash would, so a test sees the daemon end with it.
+fn kill_actor_for_tests(queen: &RunningQueen) {
+    let Some(ms) = std::env::var("RBEE_TEST_KILL_QUEEN_ACTOR_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    else {
+        return;
+    };
+    let actor = queen.queen.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+        actor.kill();
+    });
 }

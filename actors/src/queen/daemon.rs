@@ -171,6 +171,8 @@ pub struct RunningQueen {
     workers: Arc<Endpoint<WorkerProtocol>>,
     _join: JoinListener,
     served: tokio::task::JoinHandle<()>,
+    /// Completes when the queen actor has stopped.
+    actor: tokio::task::JoinHandle<()>,
     data: PathBuf,
 }
 
@@ -224,7 +226,7 @@ impl RunningQueen {
             limits: config.limits,
             defaults: config.defaults,
         };
-        let (queen, _) = Actor::spawn(None, Queen, args)
+        let (queen, actor) = Actor::spawn(None, Queen, args)
             .await
             .map_err(|e| QueenDaemonError::Actor(e.to_string()))?;
         let service = QueenService {
@@ -242,6 +244,7 @@ impl RunningQueen {
             workers,
             _join: join,
             served,
+            actor,
             data,
         })
     }
@@ -249,6 +252,13 @@ impl RunningQueen {
     /// A join token valid for `ttl`.
     pub fn token(&self, ttl: Duration) -> Result<JoinToken, QueenDaemonError> {
         create_token(&self.data, ttl)
+    }
+
+    /// Waits until the queen actor has stopped. Unless [`RunningQueen::stop`] stopped it,
+    /// it crashed: the daemon must end (and its service manager restart it) rather than
+    /// keep answering "the queen is stopping".
+    pub async fn actor_stopped(&mut self) {
+        let _ = (&mut self.actor).await;
     }
 
     /// Stops the queen: its links close at once (hives keep their workers and reconnect to

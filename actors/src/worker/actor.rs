@@ -563,17 +563,26 @@ mod tests {
         slots: usize,
         engine: EngineKind,
     ) -> (tempfile::TempDir, ActorRef<WorkerMsg>, Vec<LoadProgress>) {
+        let options = LoadOptions {
+            slots,
+            engine,
+            ..LoadOptions::default()
+        };
+        spawn_with(context, options).await
+    }
+
+    async fn spawn_with(
+        context: u32,
+        options: LoadOptions,
+    ) -> (tempfile::TempDir, ActorRef<WorkerMsg>, Vec<LoadProgress>) {
+        let (slots, engine) = (options.slots, options.engine);
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("tiny.gguf");
         write_tiny_llama(&path, context).unwrap();
         let (tx, mut rx) = mpsc::unbounded_channel();
         let args = WorkerArgs {
             model: path,
-            options: LoadOptions {
-                slots,
-                engine,
-                ..LoadOptions::default()
-            },
+            options,
             progress: Some(tx),
         };
         let (worker, _) = Actor::spawn(None, Worker, args).await.unwrap();
@@ -887,6 +896,36 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[tokio::test]
+    async fn with_prefix_reuse_off_a_repeated_prompt_is_prefilled_again() {
+        let options = LoadOptions {
+            prefix_reuse: false,
+            engine: EngineKind::Native { threads: 2 },
+            ..LoadOptions::default()
+        };
+        let (_d, worker, _) = spawn_with(4096, options).await;
+        let request = GenerateRequest {
+            sampling: SamplingParams::greedy(),
+            ..GenerateRequest::text("a shared system prompt ".repeat(60), 8)
+        };
+        let mut answers = Vec::new();
+        for _ in 0..2 {
+            let (tx, mut rx) = mpsc::channel(STREAM_CAPACITY);
+            worker
+                .cast(WorkerMsg::Generate(request.clone(), tx))
+                .unwrap();
+            let (ids, terminal) = drain_ids(&mut rx).await;
+            match terminal {
+                GenerationEvent::Done(stats) => assert_eq!(stats.cached_prompt_tokens, 0),
+                other => panic!("{other:?}"),
+            }
+            answers.push(ids);
+        }
+        assert_eq!(answers[0], answers[1]);
+        let kv = status(&worker).await.kv.unwrap();
+        assert_eq!(kv.cached_bytes, 0, "nothing is kept for reuse");
     }
 
     #[tokio::test]

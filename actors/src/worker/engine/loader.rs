@@ -534,6 +534,7 @@ mod tests {
             requantize: true,
             engine: EngineKind::Native { threads: 2 },
             fallback_cache_dir: PathBuf::from("/nonexistent"),
+            prefix_reuse: true,
         }
     }
 

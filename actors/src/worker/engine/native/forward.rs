@@ -236,7 +236,9 @@ fn gate(engine: &Engine, gelu: bool, a: &mut [f32], b: &[f32]) {
         let a = unsafe { out.slice(range.start, range.len()) };
         let b = &b[range];
         if gelu {
-            a.iter_mut().zip(b).for_each(|(a, b)| *a = gelu_tanh(*a) * b);
+            a.iter_mut()
+                .zip(b)
+                .for_each(|(a, b)| *a = gelu_tanh(*a) * b);
         } else {
             a.iter_mut()
                 .zip(b)
@@ -490,7 +492,10 @@ mod tests {
             let u = 0.797_884_6 * (x + 0.044_715 * x * x * x);
             let tanh_form = 0.5 * x * (1.0 + u.tanh());
             let got = super::gelu_tanh(x);
-            assert!((got - tanh_form).abs() <= 1e-6 * (1.0 + x.abs()), "{x}: {got} vs {tanh_form}");
+            assert!(
+                (got - tanh_form).abs() <= 1e-6 * (1.0 + x.abs()),
+                "{x}: {got} vs {tanh_form}"
+            );
         }
         assert_eq!(super::gelu_tanh(-100.0), 0.0);
         assert_eq!(super::gelu_tanh(100.0), 100.0);
