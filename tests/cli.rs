@@ -266,3 +266,71 @@ fn the_http_api_is_not_served_beyond_loopback_without_a_key() {
     assert_eq!(listed[0]["name"], "ops", "{listed}");
     ok(home, &["queen", "stop"]);
 }
+
+#[test]
+fn service_units_pass_systemd_analyze_and_keep_the_join_token_out_of_the_unit() {
+    let dir = tempfile::tempdir().unwrap();
+    let (home, units) = (dir.path().join("home"), dir.path().join("units"));
+    let unit_dir = format!("--unit-dir={}", units.display());
+    let queen_data = dir.path().join("queen-data");
+    ok(
+        &home,
+        &[
+            "queen",
+            "install-service",
+            "--listen",
+            "0.0.0.0:7700",
+            "--data",
+            queen_data.to_str().unwrap(),
+            &unit_dir,
+        ],
+    );
+    ok(
+        &home,
+        &[
+            "hive",
+            "install-service",
+            "--join",
+            "SECRET-TOKEN",
+            "--name",
+            "gpu-1",
+            &unit_dir,
+        ],
+    );
+    let queen = std::fs::read_to_string(units.join("rbee-queen.service")).unwrap();
+    let hive = std::fs::read_to_string(units.join("rbee-hive.service")).unwrap();
+    assert!(queen.contains(r#""queen" "serve" "--listen" "0.0.0.0:7700" "--data""#));
+    assert!(
+        queen.contains(&format!(" {}\n", queen_data.display())),
+        "{queen}"
+    );
+    assert!(!queen.contains("unit-dir") && !hive.contains("unit-dir"));
+    assert!(
+        hive.contains(r#""hive" "serve" "--name" "gpu-1""#),
+        "{hive}"
+    );
+    assert!(
+        !hive.contains("SECRET-TOKEN"),
+        "the token is not in the unit"
+    );
+    let env = home.join("hive.env");
+    assert_eq!(
+        std::fs::read_to_string(&env).unwrap(),
+        "RBEE_JOIN_TOKEN=SECRET-TOKEN\n"
+    );
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&env).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "only its owner reads the token");
+    // systemd's own check of both units (`.ci/run` installs systemd where it is absent).
+    let verify = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(units.join("rbee-queen.service"))
+        .arg(units.join("rbee-hive.service"))
+        .output()
+        .expect("systemd-analyze runs (Debian package systemd)");
+    assert!(
+        verify.status.success() && verify.stderr.is_empty(),
+        "systemd-analyze verify: {}",
+        String::from_utf8_lossy(&verify.stderr)
+    );
+}

@@ -50,6 +50,15 @@ pub enum HiveCommand {
     },
     /// Run the hive in the foreground (what `start` runs in the background).
     Serve(HiveArgsCli),
+    /// Write a systemd unit that runs the hive with these arguments (restarted on
+    /// failure, logging to the journal, confined to its data and cache), enable and start
+    /// it. The join token goes into an environment file only root reads, not the unit.
+    InstallService {
+        #[command(flatten)]
+        args: HiveArgsCli,
+        #[command(flatten)]
+        install: super::service::InstallArgs,
+    },
     /// Remove a hive from the cluster (asks the queen): its certificate and its workers'
     /// are revoked and it is refused from its next handshake on; the name stays taken.
     Remove {
@@ -70,6 +79,12 @@ pub async fn command(
 ) -> anyhow::Result<ExitCode> {
     match command {
         HiveCommand::Remove { name } => super::ops::remove_hive(&settings()?, &name).await,
+        HiveCommand::InstallService { args, install } => {
+            let secrets = args.join.as_ref().map(|t| format!("RBEE_JOIN_TOKEN={t}\n"));
+            let daemon_args = super::service::daemon_args(&["--join"]);
+            let daemon = super::service::Daemon::Hive;
+            super::service::install(daemon, daemon_args, secrets, Vec::new(), &install)
+        }
         HiveCommand::Start {
             args,
             foreground: true,
@@ -127,7 +142,8 @@ pub async fn command(
 
 #[derive(Debug, Args)]
 pub struct HiveArgsCli {
-    /// Join the cluster of this token (printed by `rbee queen token`). Needed once: a
+    /// Join the cluster of this token (printed by `rbee queen token`; else
+    /// `RBEE_JOIN_TOKEN`, as a service's environment file gives it). Needed once: a
     /// joined hive reconnects with the certificate it got.
     #[arg(long, conflicts_with_all = ["identity", "worker_ca"])]
     join: Option<String>,
@@ -243,8 +259,13 @@ async fn serve(args: HiveArgsCli) -> anyhow::Result<()> {
             (identity, process::issuer_from_ca(ca), None)
         }
         _ => {
+            // From the environment only where the command line could name one too.
+            let token = args
+                .join
+                .clone()
+                .or_else(|| std::env::var("RBEE_JOIN_TOKEN").ok());
             let (identity, queen) =
-                joined_identity(&hive_dir, args.join.as_deref(), args.name.as_deref()).await?;
+                joined_identity(&hive_dir, token.as_deref(), args.name.as_deref()).await?;
             let (current, watched) = tokio::sync::watch::channel(None);
             let issuer: IdentityIssuer = uplink::issuer_from_queen(watched, &identity);
             (identity, issuer, Some((queen, current)))

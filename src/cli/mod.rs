@@ -18,6 +18,7 @@ mod llama_cpp;
 mod ops;
 mod queen;
 mod run;
+mod service;
 mod worker;
 
 pub use connect::Unreachable;

@@ -52,6 +52,15 @@ pub enum QueenCommand {
     },
     /// Run the queen in the foreground (what `start` runs in the background).
     Serve(ServeArgs),
+    /// Write a systemd unit that runs the queen with these arguments (restarted on
+    /// failure, logging to the journal, confined to its data and cache), enable and start
+    /// it.
+    InstallService {
+        #[command(flatten)]
+        args: ServeArgs,
+        #[command(flatten)]
+        install: super::service::InstallArgs,
+    },
     /// API keys of the HTTP gateway (stored hashed; shown once when created).
     #[command(subcommand)]
     Keys(KeysCommand),
@@ -214,6 +223,13 @@ pub fn files(data: &Path) -> DaemonFiles {
 
 pub async fn run(command: QueenCommand) -> anyhow::Result<ExitCode> {
     match command {
+        QueenCommand::InstallService { args, install } => super::service::install(
+            super::service::Daemon::Queen,
+            super::service::daemon_args(&[]),
+            None,
+            vec![args.data.path()],
+            &install,
+        ),
         QueenCommand::Start {
             args,
             foreground: true,
