@@ -157,8 +157,9 @@ pub enum WorkerMsg {
     Loaded(Result<Box<loader::LoadedModel>, String>),
     /// Internal: a generation ended (giving its session back, on a slot).
     Finished(Option<Box<Model>>, Outcome),
-    /// Internal: the batch scheduler failed; the worker fails with it.
-    BatchFailed(String),
+    /// Internal: the batch scheduler or a generation thread panicked; the worker fails
+    /// with it (its hive restarts it).
+    EngineFailed(String),
     /// Embed the inputs (an embedding model's worker only).
     Embed(Vec<String>, RpcReplyPort<Result<Embedded, GenerationError>>),
     /// Internal: an embedding model finished loading.
@@ -260,7 +261,9 @@ impl Actor for Worker {
             let path = args.model.clone();
             tokio::task::spawn_blocking(move || {
                 let shown = path.display().to_string();
-                let loaded = Embedder::load(&path)
+                let loaded = crate::panic::caught(|| Embedder::load(&path))
+                    .map_err(|p| format!("loading panicked: {p}"))
+                    .and_then(|loaded| loaded.map_err(|e| e.to_string()))
                     .map(|embedder| {
                         let info = ModelInfo {
                             path: shown.clone(),
@@ -272,8 +275,7 @@ impl Actor for Worker {
                             requantized_from: None,
                         };
                         (Arc::new(embedder), info)
-                    })
-                    .map_err(|e| e.to_string());
+                    });
                 let _ = me.cast(WorkerMsg::EmbedderLoaded(loaded));
             });
         } else {
@@ -284,9 +286,13 @@ impl Actor for Worker {
                     }
                     let _ = me.cast(WorkerMsg::Progress(p));
                 });
-                let result = loader::load(&args.model, &args.options, &mut report)
-                    .map(Box::new)
-                    .map_err(|e| e.to_string());
+                let result = crate::panic::caught(|| {
+                    #[cfg(test)]
+                    faults::at(&args.model, faults::Fault::Load);
+                    loader::load(&args.model, &args.options, &mut report)
+                })
+                .map_err(|p| format!("loading panicked: {p}"))
+                .and_then(|loaded| loaded.map(Box::new).map_err(|e| e.to_string()));
                 let _ = me.cast(WorkerMsg::Loaded(result));
             });
         }
@@ -390,8 +396,8 @@ impl Actor for Worker {
                 }
             }
             WorkerMsg::Embed(inputs, reply) => start_embedding(state, inputs, reply),
-            WorkerMsg::BatchFailed(reason) => {
-                return Err(format!("the batch scheduler failed: {reason}").into());
+            WorkerMsg::EngineFailed(reason) => {
+                return Err(format!("the engine failed: {reason}").into());
             }
             WorkerMsg::Finished(session, outcome) => {
                 match session {
@@ -430,7 +436,7 @@ impl batch::Owner for BatchOwner {
     }
 
     fn failed(&self, reason: String) {
-        let _ = self.0.cast(WorkerMsg::BatchFailed(reason));
+        let _ = self.0.cast(WorkerMsg::EngineFailed(reason));
     }
 }
 
@@ -511,24 +517,46 @@ fn start_generation(
     };
     state.phase = Phase::Busy;
     let stopping = state.stopping.0.clone();
+    #[cfg(test)]
+    let model = state.info.as_ref().map(|i| PathBuf::from(&i.path));
     tokio::task::spawn_blocking(move || {
         let vocabulary = shared.borrow();
         let mut terminal = None;
-        let outcome = pipeline::run(&mut session, &vocabulary, &request, |event| {
-            if stopping.load(Ordering::Acquire) {
-                let stopped = GenerationError::new(ErrorKind::WorkerLost, "the worker stopped");
-                let _ = events.blocking_send(GenerationEvent::Error(stopped));
-                return ControlFlow::Break(());
+        let run = crate::panic::caught(|| {
+            #[cfg(test)]
+            if let Some(model) = &model {
+                faults::at(model, faults::Fault::Generate);
             }
-            if event.is_terminal() {
-                terminal = Some(event);
-                return ControlFlow::Continue(());
-            }
-            match events.blocking_send(event) {
-                Ok(()) => ControlFlow::Continue(()),
-                Err(_) => ControlFlow::Break(()),
-            }
+            pipeline::run(&mut session, &vocabulary, &request, |event| {
+                if stopping.load(Ordering::Acquire) {
+                    let stopped = GenerationError::new(ErrorKind::WorkerLost, "the worker stopped");
+                    let _ = events.blocking_send(GenerationEvent::Error(stopped));
+                    return ControlFlow::Break(());
+                }
+                if event.is_terminal() {
+                    terminal = Some(event);
+                    return ControlFlow::Continue(());
+                }
+                match events.blocking_send(event) {
+                    Ok(()) => ControlFlow::Continue(()),
+                    Err(_) => ControlFlow::Break(()),
+                }
+            })
         });
+        let outcome = match run {
+            Ok(outcome) => outcome,
+            Err(panic) => {
+                // The session's state is unknown: the worker fails and its hive restarts
+                // it; this stream gets one typed error.
+                let error = GenerationError::new(
+                    ErrorKind::Internal,
+                    format!("the generation panicked: {panic}"),
+                );
+                let _ = events.blocking_send(GenerationEvent::Error(error));
+                let _ = myself.cast(WorkerMsg::EngineFailed(panic));
+                return;
+            }
+        };
         // The slot is given back before the consumer hears the end, so a request sent
         // right after `Done` finds it free.
         let _ = myself.cast(WorkerMsg::Finished(Some(Box::new(session)), outcome));
@@ -536,6 +564,37 @@ fn start_generation(
             let _ = events.blocking_send(event);
         }
     });
+}
+
+/// Test-only fault injection: a model path marked here panics at that point, on the
+/// blocking thread doing the work, as a bug in a model's code would.
+#[cfg(test)]
+pub(crate) mod faults {
+    use std::path::{Path, PathBuf};
+    use std::sync::Mutex;
+
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum Fault {
+        Load,
+        Generate,
+    }
+
+    static MARKED: Mutex<Vec<(PathBuf, Fault)>> = Mutex::new(Vec::new());
+
+    pub fn inject(model: &Path, fault: Fault) {
+        let mut marked = MARKED.lock().unwrap_or_else(|e| e.into_inner());
+        marked.push((model.to_path_buf(), fault));
+    }
+
+    /// Panics when `model` was marked for `fault`.
+    pub fn at(model: &Path, fault: Fault) {
+        let marked = MARKED.lock().unwrap_or_else(|e| e.into_inner());
+        let hit = marked.iter().any(|(m, f)| m == model && *f == fault);
+        drop(marked);
+        if hit {
+            panic!("injected fault: {fault:?}");
+        }
+    }
 }
 
 #[cfg(test)]
@@ -984,5 +1043,66 @@ mod tests {
         .await
         .unwrap_err();
         assert!(matches!(err, StartError::Load(_)), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_panic_while_loading_fails_the_worker_with_the_panic_as_its_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tiny.gguf");
+        write_tiny_llama(&path, 64).unwrap();
+        faults::inject(&path, faults::Fault::Load);
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let args = WorkerArgs {
+            model: path,
+            options: LoadOptions::default(),
+            progress: Some(tx),
+        };
+        let (worker, handle) = Actor::spawn(None, Worker, args).await.unwrap();
+        let failed = async {
+            loop {
+                match rx.recv().await {
+                    Some(LoadEvent::Progress(_)) => continue,
+                    other => return other,
+                }
+            }
+        };
+        match tokio::time::timeout(Duration::from_secs(10), failed).await {
+            Ok(Some(LoadEvent::Failed(e))) => {
+                assert!(e.contains("panicked") && e.contains("injected"), "{e}")
+            }
+            Ok(other) => panic!("{other:?}"),
+            Err(_) => panic!("still loading 10 s after the panic"),
+        }
+        tokio::time::timeout(Duration::from_secs(5), handle)
+            .await
+            .expect("the worker stops instead of loading forever")
+            .unwrap();
+        assert_eq!(worker.get_status(), ractor::ActorStatus::Stopped);
+    }
+
+    #[tokio::test]
+    async fn a_panic_while_generating_ends_the_stream_with_one_error_and_fails_the_worker() {
+        let (_dir, worker, _) = spawn_on(64, 2, EngineKind::Candle).await;
+        let model = status(&worker).await.model.unwrap().path;
+        faults::inject(std::path::Path::new(&model), faults::Fault::Generate);
+        let (tx, mut rx) = mpsc::channel(STREAM_CAPACITY);
+        worker
+            .cast(WorkerMsg::Generate(GenerateRequest::text("In", 4), tx))
+            .unwrap();
+        match rx.recv().await {
+            Some(GenerationEvent::Error(e)) => {
+                assert_eq!(e.kind, ErrorKind::Internal);
+                assert!(e.message.contains("injected"), "{}", e.message);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(rx.recv().await.is_none(), "one terminal event");
+        for _ in 0..100 {
+            if worker.get_status() == ractor::ActorStatus::Stopped {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("the worker kept running with a session in an unknown state");
     }
 }

@@ -140,7 +140,7 @@ impl Batcher {
             .spawn(move || {
                 let result = std::panic::catch_unwind(AssertUnwindSafe(|| scheduler.run(&owner)));
                 if let Err(panic) = result {
-                    let reason = panic_message(&panic);
+                    let reason = crate::panic::message(&*panic);
                     let error = GenerationError::new(
                         ErrorKind::Internal,
                         format!("the worker's scheduler failed: {reason}"),
@@ -168,14 +168,6 @@ impl Batcher {
             cached_bytes: self.gauge.cached.load(Ordering::Relaxed),
         }
     }
-}
-
-fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
-    panic
-        .downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "a panic without a message".into())
 }
 
 /// A request admitted to the batch.
