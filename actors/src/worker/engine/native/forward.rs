@@ -92,7 +92,13 @@ fn linears(
 ) {
     let cols = mats[0].cols;
     if mats.iter().any(|m| m.format != Format::F32) {
-        q8.quantize(x, n, cols, n.next_multiple_of(TILE_TOKENS));
+        let padded = n.next_multiple_of(TILE_TOKENS);
+        // One row is quicker alone than handed out (a decode step has ~150 of these).
+        if n >= 4 {
+            q8.quantize_on(&engine.pool, x, n, cols, padded);
+        } else {
+            q8.quantize(x, n, cols, padded);
+        }
     }
     // On the stack: a decode step runs ~150 of these sections.
     let mut targets = [Out {
@@ -400,11 +406,15 @@ impl super::Engine {
             };
             let (q, scores, rows) = (&*q, &s.scores, &s.rows);
             // One item per (row, key/value head): the query heads of its group read each
-            // of its sequence's cached keys and values once, together.
-            self.pool.split(n * c.kv_heads, 1, &|thread, items| {
+            // of its sequence's cached keys and values once, together. Threads take every
+            // `threads`-th item: an item costs its row's context length, and contiguous
+            // halves of a batch (long sequences in one, short in the other) kept one
+            // thread waiting for the other.
+            let (items, threads) = (n * c.kv_heads, self.pool.threads());
+            self.pool.run(&|thread| {
                 let mut buf = scores[thread].lock().unwrap_or_else(|e| e.into_inner());
                 let buf = sized(&mut buf, group * longest);
-                for item in items {
+                for item in (thread..items).step_by(threads) {
                     let (t, g) = (item / c.kv_heads, item % c.kv_heads);
                     let (part, pos) = rows[t];
                     let heads = t * q_dim + g * group * hd;

@@ -147,6 +147,43 @@ impl Q8Rows {
     /// Quantizes `rows` rows of `cols` values (`cols` a multiple of 32) from `x`, padding
     /// with zero rows up to `padded_rows` so tiled kernels may read whole tiles.
     pub fn quantize(&mut self, x: &[f32], rows: usize, cols: usize, padded_rows: usize) {
+        self.prepare(rows, cols, padded_rows);
+        let blocks = rows * cols / BLOCK;
+        quantize_blocks(
+            &x[..rows * cols],
+            &mut self.qs[..rows * cols],
+            &mut self.d[..blocks],
+            &mut self.s[..blocks],
+        );
+    }
+
+    /// [`Q8Rows::quantize`] over `pool`'s threads, a range of rows each: a long prompt's
+    /// or a batch's activations are otherwise serial time the other threads wait through.
+    pub fn quantize_on(
+        &mut self,
+        pool: &super::pool::Pool,
+        x: &[f32],
+        rows: usize,
+        cols: usize,
+        padded_rows: usize,
+    ) {
+        self.prepare(rows, cols, padded_rows);
+        let out = RowsOut {
+            qs: self.qs.as_mut_ptr(),
+            d: self.d.as_mut_ptr(),
+            s: self.s.as_mut_ptr(),
+        };
+        pool.split(rows, 1, &|_, range| {
+            let (a, n) = (range.start, range.len());
+            // SAFETY: `prepare` sized the buffers for `rows` rows and the pool's ranges
+            // are disjoint, so each thread writes only its own rows.
+            let (qs, d, s) = unsafe { out.rows(a, n, cols) };
+            quantize_blocks(&x[a * cols..][..n * cols], qs, d, s);
+        });
+    }
+
+    /// Sizes the buffers for `padded_rows` rows of `cols` values, all zero.
+    fn prepare(&mut self, rows: usize, cols: usize, padded_rows: usize) {
         debug_assert!(cols.is_multiple_of(BLOCK) && padded_rows >= rows);
         let blocks = cols / BLOCK;
         self.cols = cols;
@@ -156,29 +193,65 @@ impl Q8Rows {
         self.d.resize(padded_rows * blocks, 0.0);
         self.s.clear();
         self.s.resize(padded_rows * blocks, 0.0);
-        for (i, (x, q)) in x[..rows * cols]
-            .chunks_exact(BLOCK)
-            .zip(self.qs.chunks_exact_mut(BLOCK))
-            .enumerate()
-        {
-            let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
-            // Kept in f32 (ggml rounds it to f16): closer to the unquantized product.
-            let d = amax / 127.0;
-            let id = if d > 0.0 { 1.0 / d } else { 0.0 };
-            let mut sum = 0i32;
-            for (q, x) in q.iter_mut().zip(x) {
-                let v = (x * id).round() as i8;
-                *q = v;
-                sum += v as i32;
-            }
-            self.d[i] = d;
-            self.s[i] = d * sum as f32;
-        }
     }
 
     /// Values per row.
     pub fn cols(&self) -> usize {
         self.cols
+    }
+}
+
+/// Where [`Q8Rows::quantize_on`]'s threads write.
+#[derive(Clone, Copy)]
+struct RowsOut {
+    qs: *mut i8,
+    d: *mut f32,
+    s: *mut f32,
+}
+
+impl RowsOut {
+    /// Rows `a..a + n` of each buffer.
+    ///
+    /// # Safety
+    /// The buffers hold those rows and no other thread touches them meanwhile.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn rows(&self, a: usize, n: usize, cols: usize) -> (&mut [i8], &mut [f32], &mut [f32]) {
+        let blocks = cols / BLOCK;
+        unsafe {
+            (
+                std::slice::from_raw_parts_mut(self.qs.add(a * cols), n * cols),
+                std::slice::from_raw_parts_mut(self.d.add(a * blocks), n * blocks),
+                std::slice::from_raw_parts_mut(self.s.add(a * blocks), n * blocks),
+            )
+        }
+    }
+}
+
+// SAFETY: every thread writes a disjoint range of rows, and the buffers outlive the
+// parallel section.
+unsafe impl Send for RowsOut {}
+unsafe impl Sync for RowsOut {}
+
+/// Blocks of 32 values of `x` into `qs`, with each block's scale in `d` and scaled sum
+/// in `s`.
+fn quantize_blocks(x: &[f32], qs: &mut [i8], d: &mut [f32], s: &mut [f32]) {
+    for (i, (x, q)) in x
+        .chunks_exact(BLOCK)
+        .zip(qs.chunks_exact_mut(BLOCK))
+        .enumerate()
+    {
+        let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+        // Kept in f32 (ggml rounds it to f16): closer to the unquantized product.
+        let scale = amax / 127.0;
+        let inverse = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+        let mut sum = 0i32;
+        for (q, x) in q.iter_mut().zip(x) {
+            let v = (x * inverse).round() as i8;
+            *q = v;
+            sum += v as i32;
+        }
+        d[i] = scale;
+        s[i] = scale * sum as f32;
     }
 }
 
@@ -294,6 +367,24 @@ mod tests {
         // A zero block quantizes to zeros, not NaN.
         q.quantize(&[0.0; 32], 1, 32, 1);
         assert_eq!((q.d[0], q.s[0]), (0.0, 0.0));
+    }
+
+    #[test]
+    fn quantizing_on_the_pool_gives_the_same_rows() {
+        let (rows, cols) = (7, 96);
+        let x: Vec<f32> = (0..rows * cols)
+            .map(|i| (i as f32 * 0.37).sin() * 3.0)
+            .collect();
+        let mut serial = Q8Rows::default();
+        serial.quantize(&x, rows, cols, 8);
+        let pool = super::super::pool::Pool::new(3);
+        let mut parallel = Q8Rows::default();
+        // Stale contents from a bigger call must not survive.
+        parallel.quantize_on(&pool, &vec![9.0; 9 * cols], 9, cols, 12);
+        parallel.quantize_on(&pool, &x, rows, cols, 8);
+        assert_eq!(parallel.qs, serial.qs);
+        assert_eq!(parallel.d, serial.d);
+        assert_eq!(parallel.s, serial.s);
     }
 
     #[test]
