@@ -177,8 +177,14 @@ impl Unit {
 /// This process's arguments with `install-service` turned into `serve` and the flags of
 /// `install-service` (and `drop`, flags whose values go elsewhere) left out.
 pub fn daemon_args(drop: &[&str]) -> Vec<OsString> {
+    forwarded(std::env::args_os().skip(1), drop)
+}
+
+/// [`daemon_args`] of the arguments `args` (the program name left out).
+fn forwarded(args: impl IntoIterator<Item = OsString>, drop: &[&str]) -> Vec<OsString> {
     let mut out = Vec::new();
-    let mut args = std::env::args_os().skip(1);
+    let mut args = args.into_iter();
+    let mut replaced = false;
     while let Some(arg) = args.next() {
         let text = arg.to_string_lossy().to_string();
         let (flag, inline) = match text.split_once('=') {
@@ -197,7 +203,10 @@ pub fn daemon_args(drop: &[&str]) -> Vec<OsString> {
             }
             continue;
         }
-        out.push(if text == "install-service" {
+        // Only the subcommand itself: a value spelled the same (`--name install-service`)
+        // passes as given.
+        out.push(if !replaced && text == "install-service" {
+            replaced = true;
             OsString::from("serve")
         } else {
             arg
@@ -360,6 +369,29 @@ mod tests {
             }
         };
         assert!(spaced.render().is_err(), "a path with a space is refused");
+    }
+
+    #[test]
+    fn install_flags_and_dropped_ones_are_left_out_and_only_the_subcommand_becomes_serve() {
+        let args = [
+            "hive",
+            "install-service",
+            "--join=SECRET",
+            "--unit-dir",
+            "/tmp/u",
+            "--user",
+            "--name",
+            "install-service",
+            "--join",
+            "SECRET",
+            "--no-start",
+            "--unit-dir=/x",
+        ];
+        let got = forwarded(args.map(OsString::from), &["--join"]);
+        assert_eq!(
+            got,
+            ["hive", "serve", "--name", "install-service"].map(OsString::from)
+        );
     }
 
     fn unit_for_test() -> Unit {
