@@ -285,6 +285,9 @@ fn service_units_pass_systemd_analyze_and_keep_the_join_token_out_of_the_unit() 
             &unit_dir,
         ],
     );
+    // A readable file left there before is replaced, not refilled with the token.
+    std::fs::create_dir_all(&home).unwrap();
+    std::fs::write(home.join("hive.env"), "OLD=1\n").unwrap();
     ok(
         &home,
         &[

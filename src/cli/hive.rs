@@ -52,7 +52,8 @@ pub enum HiveCommand {
     Serve(HiveArgsCli),
     /// Write a systemd unit that runs the hive with these arguments (restarted on
     /// failure, logging to the journal, confined to its data and cache), enable and start
-    /// it. The join token goes into an environment file only root reads, not the unit.
+    /// it. The join token goes into an environment file only its owner reads, not the
+    /// unit.
     InstallService {
         #[command(flatten)]
         args: HiveArgsCli,

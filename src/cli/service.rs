@@ -111,7 +111,11 @@ fn path_value(path: &Path) -> anyhow::Result<String> {
 impl Unit {
     /// The unit file's text.
     pub fn render(&self) -> anyhow::Result<String> {
-        let mut exec = vec![quote(&path_value(&self.exe)?)];
+        let exe = self
+            .exe
+            .to_str()
+            .with_context(|| format!("{} is not UTF-8", self.exe.display()))?;
+        let mut exec = vec![quote(exe)];
         for arg in &self.args {
             let arg = arg
                 .to_str()
@@ -227,18 +231,45 @@ fn unit_dir(install: &InstallArgs) -> anyhow::Result<PathBuf> {
     }
 }
 
-/// Writes `content` to `path` readable by its owner only.
+/// Writes `content` to `path` readable by its owner only: a file of its own (never
+/// following a link planted there), made 0600 before anything is written, renamed over
+/// whatever was there.
 fn write_private(path: &Path, content: &str) -> anyhow::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let temp = dir.join(format!(
+        ".{}.{}",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("env"),
+        std::process::id()
+    ));
+    let _ = std::fs::remove_file(&temp);
     let mut file = std::fs::OpenOptions::new()
         .write(true)
-        .create(true)
-        .truncate(true)
+        .create_new(true)
         .mode(0o600)
-        .open(path)
-        .with_context(|| path.display().to_string())?;
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&temp)
+        .with_context(|| temp.display().to_string())?;
+    file.set_permissions(std::fs::Permissions::from_mode(0o600))
+        .with_context(|| temp.display().to_string())?;
     file.write_all(content.as_bytes())
-        .with_context(|| path.display().to_string())
+        .with_context(|| temp.display().to_string())?;
+    std::fs::rename(&temp, path).with_context(|| path.display().to_string())
+}
+
+/// A system unit runs as root: refuse a binary anyone but root could replace.
+fn check_root_binary(exe: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(exe).with_context(|| exe.display().to_string())?;
+    anyhow::ensure!(
+        meta.uid() == 0 && meta.mode() & 0o022 == 0,
+        "{} is not a root-owned binary only root can write, and a system unit runs it as \
+         root: install it first (e.g. `install -m 755 {} /usr/local/bin/rbee`) and run \
+         install-service from there, or use --user",
+        exe.display(),
+        exe.display()
+    );
+    Ok(())
 }
 
 fn systemctl(user: bool, args: &[&str]) -> anyhow::Result<()> {
@@ -267,8 +298,10 @@ pub fn install(
     writable: Vec<PathBuf>,
     install: &InstallArgs,
 ) -> anyhow::Result<ExitCode> {
-    let home = rbee::actors::paths::data_dir();
-    let cache = rbee::actors::paths::cache_dir();
+    // systemd ignores relative paths in ReadWritePaths.
+    let absolute = |p: PathBuf| std::path::absolute(&p).unwrap_or(p);
+    let home = absolute(rbee::actors::paths::data_dir());
+    let cache = absolute(rbee::actors::paths::cache_dir());
     // ReadWritePaths must exist when the unit starts.
     for dir in [&home, &cache].into_iter().chain(&writable) {
         std::fs::create_dir_all(dir).with_context(|| dir.display().to_string())?;
@@ -286,11 +319,21 @@ pub fn install(
         }
         None => None,
     };
+    let exe = std::env::current_exe().context("cannot find this rbee binary")?;
+    if !install.user && install.unit_dir.is_none() {
+        check_root_binary(&exe)?;
+    }
+    // A system unit's /tmp is private: a directory there would not exist for it.
+    let workdir = std::env::current_dir().context("no current directory")?;
+    let workdir = match !install.user && workdir.starts_with("/tmp") {
+        true => PathBuf::from("/"),
+        false => workdir,
+    };
     let unit = Unit {
         daemon,
-        exe: std::env::current_exe().context("cannot find this rbee binary")?,
+        exe,
         args,
-        workdir: std::env::current_dir().context("no current directory")?,
+        workdir,
         home,
         cache,
         writable,

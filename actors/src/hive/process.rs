@@ -120,6 +120,8 @@ pub async fn start(config: &ProcessConfig, spec: Launch<'_>) -> Result<Started, 
         .arg(SocketAddr::new(config.worker_ip, 0).to_string())
         .arg("--slots")
         .arg(spec.slots.to_string())
+        // A service's join token is the hive's alone.
+        .env_remove("RBEE_JOIN_TOKEN")
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
         // A hive that dies must not take its workers along: they are adopted on restart.

@@ -6,8 +6,7 @@
 //! model, named after the source's SHA-256, so a changed source is never served stale.
 
 use std::collections::HashMap;
-use std::fs::File;
-use std::io::{BufReader, BufWriter, Read, Seek, Write};
+use std::io::{BufWriter, Read, Seek, Write};
 use std::path::{Path, PathBuf};
 
 use candle_core::Device;
@@ -96,10 +95,7 @@ fn is_writable(dir: &Path) -> bool {
 
 /// True when `path` is a readable GGUF converted from the source with `sha256`.
 pub fn is_valid_copy(path: &Path, sha256: &str) -> bool {
-    let Ok(file) = File::open(path) else {
-        return false;
-    };
-    let Ok(content) = gguf_file::Content::read(&mut BufReader::new(file)) else {
+    let Ok((content, _)) = super::loader::read_gguf(path) else {
         return false;
     };
     content
@@ -179,6 +175,8 @@ mod tests {
     use super::*;
     use crate::worker::engine::model::tests::load_gguf;
     use crate::worker::engine::tiny::write_tiny_gguf;
+    use std::fs::File;
+    use std::io::BufReader;
 
     #[test]
     fn q4_1_weights_become_q8_0_with_nearly_the_same_logits() {

@@ -327,6 +327,12 @@ pub(crate) fn read_gguf(path: &Path) -> Result<(gguf_file::Content, BufReader<Fi
         path: path.to_path_buf(),
         source,
     })?);
+    if super::gguf_check::declares_zero_alignment(&mut reader) {
+        return Err(EngineError::Invalid {
+            path: path.to_path_buf(),
+            reason: "general.alignment is 0".into(),
+        });
+    }
     let content = gguf_file::Content::read(&mut reader).map_err(|e| EngineError::Invalid {
         path: path.to_path_buf(),
         reason: e.to_string(),

@@ -3,6 +3,7 @@
 
 pub mod convert;
 pub mod embed;
+pub mod gguf_check;
 pub mod loader;
 pub mod model;
 pub mod native;

@@ -90,8 +90,8 @@ impl Spm {
         let mut bytes = [None; 256];
         for (i, piece) in pieces.iter().enumerate() {
             let i = i as u32;
-            // The first of duplicate pieces wins, as in llama.cpp.
-            ids.entry(piece.clone()).or_insert(i);
+            // The last of duplicate pieces wins, as in llama.cpp's `token_to_id`.
+            ids.insert(piece.clone(), i);
             match types[i as usize] {
                 CONTROL | USER_DEFINED if !piece.is_empty() => {
                     specials.entry(piece.as_bytes()[0]).or_default().push(i);

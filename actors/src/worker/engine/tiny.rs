@@ -197,7 +197,11 @@ pub fn write_tiny_gguf(
             format!("{a}.rope.dimension_count"),
             Value::U32(head_dim as u32),
         ),
-        (format!("{a}.rope.freq_base"), Value::F32(10000.0)),
+        // Gemma's global layers have their own base (its sliding ones keep 10 000).
+        (
+            format!("{a}.rope.freq_base"),
+            Value::F32(if gemma { 1e6 } else { 10000.0 }),
+        ),
         (
             format!("{a}.attention.layer_norm_rms_epsilon"),
             Value::F32(1e-5),

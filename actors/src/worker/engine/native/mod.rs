@@ -404,7 +404,7 @@ mod tests {
             "hidden_activation": "gelu_pytorch_tanh", "hidden_size": dim,
             "intermediate_size": ffn, "num_attention_heads": meta("attention.head_count"),
             "num_hidden_layers": layers, "num_key_value_heads": meta("attention.head_count_kv"),
-            "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "rope_local_base_freq": 10000.0,
+            "rms_norm_eps": 1e-5, "rope_theta": 1e6, "rope_local_base_freq": 10000.0,
             "vocab_size": TINY_VOCAB, "final_logit_softcapping": null,
             "attn_logit_softcapping": null, "query_pre_attn_scalar": meta("attention.key_length"),
             "sliding_window": GEMMA3_WINDOW - 1, "sliding_window_pattern": 6,

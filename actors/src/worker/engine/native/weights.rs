@@ -381,16 +381,26 @@ pub fn read<R: Read + Seek>(
     {
         return Err(Unsupported::Shape(format!("RoPE scaled by {factor}")));
     }
-    // llama.cpp's values for Gemma 3, whose GGUFs store only the window: a global layer
-    // every sixth, RoPE base 10 000 in the sliding layers.
+    if float("final_logit_softcapping").is_some_and(|cap| cap > 0.0) {
+        return Err(Unsupported::Shape("final logit softcapping".into()));
+    }
+    // Gemma 3 GGUFs usually store only the window; llama.cpp's defaults fill the rest (a
+    // global layer every sixth, RoPE base 10 000 in the sliding layers), under its key
+    // names first and candle's second. A window of 0 means none, as in llama.cpp.
     let sliding = match arch {
-        Arch::Gemma3 => Some(Sliding {
-            window: number(format!("{a}.attention.sliding_window"))?.max(1),
-            rope_base: float("rope.local_freq_base").unwrap_or(10_000.0),
-            period: number(format!("{a}.attention.sliding_window_type"))
-                .unwrap_or(6)
-                .max(1),
-        }),
+        Arch::Gemma3 => match number(format!("{a}.attention.sliding_window"))? {
+            0 => None,
+            window => Some(Sliding {
+                window,
+                rope_base: float("rope.freq_base_swa")
+                    .or_else(|| float("rope.local_freq_base"))
+                    .unwrap_or(10_000.0),
+                period: number(format!("{a}.attention.sliding_window_pattern"))
+                    .or_else(|_| number(format!("{a}.attention.sliding_window_type")))
+                    .unwrap_or(6)
+                    .max(1),
+            }),
+        },
         _ => None,
     };
     if let Ok(rope) = number(format!("{a}.rope.dimension_count"))
