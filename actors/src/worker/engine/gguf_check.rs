@@ -16,6 +16,9 @@ pub fn declares_zero_alignment<R: Read + Seek>(reader: &mut R) -> bool {
 
 struct Header<'a, R> {
     reader: &'a mut R,
+    /// The file's length: nothing is skipped past it (a seek past the end succeeds, so a
+    /// declared count of 2^60 items would otherwise loop for ever).
+    end: u64,
     /// Version 1 files count and measure with u32, later ones with u64.
     wide: bool,
 }
@@ -38,8 +41,12 @@ impl<R: Read + Seek> Header<'_, R> {
     }
 
     fn skip(&mut self, bytes: u64) -> std::io::Result<()> {
-        let bytes = i64::try_from(bytes).map_err(std::io::Error::other)?;
-        self.reader.seek(SeekFrom::Current(bytes)).map(drop)
+        let at = self.reader.stream_position()?;
+        let to = at
+            .checked_add(bytes)
+            .filter(|to| *to <= self.end)
+            .ok_or_else(|| std::io::Error::other("past the end"))?;
+        self.reader.seek(SeekFrom::Start(to)).map(drop)
     }
 
     /// Skips a value of type `kind`; returns its integer value when it is one.
@@ -76,8 +83,21 @@ impl<R: Read + Seek> Header<'_, R> {
             }
             9 => {
                 let (item, len) = (self.u32()?, self.count()?);
-                for _ in 0..len {
-                    self.value(item)?;
+                match item {
+                    // Fixed-size items: one bounded skip.
+                    0..=7 | 10..=12 => {
+                        let size = [1, 1, 2, 2, 4, 4, 4, 1, 0, 0, 8, 8, 8][item as usize];
+                        let bytes = len
+                            .checked_mul(size)
+                            .ok_or_else(|| std::io::Error::other("array too long"))?;
+                        self.skip(bytes)?;
+                    }
+                    // Each string or array reads its own length: the end stops the loop.
+                    _ => {
+                        for _ in 0..len {
+                            self.value(item)?;
+                        }
+                    }
                 }
             }
             _ => return Err(std::io::Error::other("unknown value type")),
@@ -87,7 +107,13 @@ impl<R: Read + Seek> Header<'_, R> {
 }
 
 fn scan<R: Read + Seek>(reader: &mut R) -> std::io::Result<bool> {
-    let mut header = Header { reader, wide: true };
+    let end = reader.seek(SeekFrom::End(0))?;
+    reader.seek(SeekFrom::Start(0))?;
+    let mut header = Header {
+        reader,
+        end,
+        wide: true,
+    };
     // Both byte orders of the magic, as candle accepts them.
     let magic = header.u32()?;
     if magic != u32::from_le_bytes(*b"GGUF") && magic != u32::from_be_bytes(*b"GGUF") {
@@ -159,5 +185,15 @@ mod tests {
         let at = 29 + 17;
         v1.splice(at..at, *b"\0\0");
         assert!(check(v1));
+        // A huge declared array ends at the file's end, at once.
+        let mut huge = b"GGUF\x03\0\0\0\0\0\0\0\0\0\0\0\x01\0\0\0\0\0\0\0".to_vec();
+        huge.extend(b"\x01\0\0\0\0\0\0\0a\x09\0\0\0\x06\0\0\0");
+        huge.extend(u64::MAX.to_le_bytes());
+        assert!(!check(huge.clone()));
+        huge[37..41].copy_from_slice(b"\x08\0\0\0");
+        assert!(
+            !check(huge),
+            "strings of an endless array stop at the end too"
+        );
     }
 }
