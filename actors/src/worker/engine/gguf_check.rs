@@ -51,12 +51,11 @@ impl<R: Read + Seek> Header<'_, R> {
 
     /// Skips a value of type `kind`; returns its integer value when it is one.
     fn value(&mut self, kind: u32) -> std::io::Result<Option<i64>> {
-        let fixed = |size: u64| Some(size);
         let size = match kind {
-            0 | 1 | 7 => fixed(1),
-            2 | 3 => fixed(2),
-            4..=6 => fixed(4),
-            10..=12 => fixed(8),
+            0 | 1 | 7 => Some(1u64),
+            2 | 3 => Some(2),
+            4..=6 => Some(4),
+            10..=12 => Some(8),
             _ => None,
         };
         if let Some(size) = size {
