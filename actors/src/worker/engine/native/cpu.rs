@@ -8,7 +8,7 @@ use std::sync::OnceLock;
 pub enum Level {
     /// Plain Rust, any CPU.
     Portable,
-    /// x86-64 with AVX2 and FMA: 8-bit products by `vpmaddubsw`.
+    /// x86-64 with AVX2, FMA and F16C: 8-bit products by `vpmaddubsw`.
     Avx2,
     /// x86-64 with AVX-512 VNNI (and VL): 8-bit products by `vpdpbusd`.
     Avx512Vnni,
@@ -50,7 +50,9 @@ pub fn level() -> Level {
 fn detect() -> Level {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        if std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+            && std::arch::is_x86_feature_detected!("f16c")
         {
             if std::arch::is_x86_feature_detected!("avx512vnni")
                 && std::arch::is_x86_feature_detected!("avx512vl")

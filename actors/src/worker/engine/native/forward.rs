@@ -15,7 +15,11 @@
 
 use std::sync::Mutex;
 
+use half::f16;
+use half::slice::HalfFloatSliceExt;
+
 use super::Engine;
+use super::attention::{Cache, attend};
 use super::kernels::{Matrix, Out, TILE_TOKENS, matmul_rows};
 use super::quant::{Format, Q8Rows, dot_f32};
 use super::weights::{Arch, Linear, Weights};
@@ -23,12 +27,12 @@ use super::weights::{Arch, Linear, Weights};
 /// Prompt tokens processed per forward chunk (bounds the scratch buffers).
 pub const CHUNK: usize = 128;
 
-/// One sequence's keys and values per layer: `[position][kv_head][head_dim]`, grown as
-/// the sequence grows.
+/// One sequence's keys and values per layer: `[position][kv_head][head_dim]` in f16 (see
+/// [`super::attention`]), grown as the sequence grows.
 #[derive(Debug, Default, Clone)]
 pub(super) struct LayerKv {
-    pub(super) k: Vec<f32>,
-    pub(super) v: Vec<f32>,
+    pub(super) k: Vec<f16>,
+    pub(super) v: Vec<f16>,
 }
 
 /// Reused buffers of a forward step, shared by whatever sequences take the step.
@@ -163,60 +167,6 @@ fn rope(x: &mut [f32], heads: usize, head_dim: usize, neox: bool, cos: &[f32], s
                 let (x0, x1) = (head[a], head[b]);
                 head[a] = x0 * cos[i] - x1 * sin[i];
                 head[b] = x0 * sin[i] + x1 * cos[i];
-            }
-        }
-    }
-}
-
-/// One key/value head's cached positions `start..len`.
-struct Cache<'a> {
-    keys: &'a [f32],
-    values: &'a [f32],
-    /// Distance between two positions.
-    stride: usize,
-    /// Where this head starts within a position.
-    offset: usize,
-    /// First position attended (after the window of a sliding layer).
-    start: usize,
-    len: usize,
-}
-
-/// Attention of the query heads in `q` (back to back, `head_dim` each) over `cache`,
-/// written to `out` (same shape); `scores` holds `heads × len` values.
-fn attend(
-    q: &[f32],
-    cache: &Cache<'_>,
-    head_dim: usize,
-    scale: f32,
-    scores: &mut [f32],
-    out: &mut [f32],
-) {
-    let (heads, start) = (q.len() / head_dim, cache.start);
-    let len = cache.len - start;
-    let scores = &mut scores[..heads * len];
-    for j in 0..len {
-        let k = &cache.keys[(start + j) * cache.stride + cache.offset..][..head_dim];
-        for (i, q) in q.chunks_exact(head_dim).enumerate() {
-            scores[i * len + j] = dot_f32(q, k) * scale;
-        }
-    }
-    for row in scores.chunks_exact_mut(len) {
-        let max = row.iter().fold(f32::NEG_INFINITY, |m, s| m.max(*s));
-        let mut sum = 0.0;
-        for s in row.iter_mut() {
-            *s = (*s - max).exp();
-            sum += *s;
-        }
-        let inv = 1.0 / sum;
-        row.iter_mut().for_each(|s| *s *= inv);
-    }
-    out.fill(0.0);
-    for j in 0..len {
-        let v = &cache.values[(start + j) * cache.stride + cache.offset..][..head_dim];
-        for (i, out) in out.chunks_exact_mut(head_dim).enumerate() {
-            let p = scores[i * len + j];
-            for (o, v) in out.iter_mut().zip(v) {
-                *o += p * v;
             }
         }
     }
@@ -388,14 +338,16 @@ impl super::Engine {
                 if kv.k.len() < want {
                     let cap = part.seq.capacity.max(pos0 + count) * kv_dim;
                     let grown = want.next_power_of_two().min(cap).max(want);
-                    kv.k.resize(grown, 0.0);
-                    kv.v.resize(grown, 0.0);
+                    kv.k.resize(grown, f16::ZERO);
+                    kv.v.resize(grown, f16::ZERO);
                 }
-                kv.k[pos0 * kv_dim..want].copy_from_slice(&k[row * kv_dim..][..count * kv_dim]);
-                kv.v[pos0 * kv_dim..want].copy_from_slice(&v[row * kv_dim..][..count * kv_dim]);
+                kv.k[pos0 * kv_dim..want]
+                    .convert_from_f32_slice(&k[row * kv_dim..][..count * kv_dim]);
+                kv.v[pos0 * kv_dim..want]
+                    .convert_from_f32_slice(&v[row * kv_dim..][..count * kv_dim]);
                 row += count;
             }
-            let caches: Vec<(&[f32], &[f32])> = parts
+            let caches: Vec<(&[f16], &[f16])> = parts
                 .iter()
                 .map(|p| (&p.seq.kv[l].k[..], &p.seq.kv[l].v[..]))
                 .collect();
@@ -411,6 +363,7 @@ impl super::Engine {
             // halves of a batch (long sequences in one, short in the other) kept one
             // thread waiting for the other.
             let (items, threads) = (n * c.kv_heads, self.pool.threads());
+            let level = self.level;
             self.pool.run(&|thread| {
                 let mut buf = scores[thread].lock().unwrap_or_else(|e| e.into_inner());
                 let buf = sized(&mut buf, group * longest);
@@ -428,7 +381,15 @@ impl super::Engine {
                         start: window.map_or(0, |w| (pos + 1).saturating_sub(w)),
                         len: pos + 1,
                     };
-                    attend(&q[heads..][..group * hd], &cache, hd, scale, buf, out);
+                    attend(
+                        level,
+                        &q[heads..][..group * hd],
+                        &cache,
+                        hd,
+                        scale,
+                        buf,
+                        out,
+                    );
                 }
             });
             drop(caches);

@@ -7,6 +7,7 @@
 //! candle's models stay as the reference the tests compare against, and serve what this
 //! pass does not run (other architectures, formats without a native kernel, safetensors).
 
+pub mod attention;
 pub mod cpu;
 pub mod forward;
 pub mod kernels;
@@ -163,7 +164,7 @@ impl Sequence {
     /// A copy of the first `len` cached tokens, growing to `capacity`.
     pub fn prefix(&self, len: usize, capacity: usize) -> Sequence {
         let len = len.min(self.len);
-        let floats = |kv: &[f32]| kv[..len * self.per_token].to_vec();
+        let floats = |kv: &[half::f16]| kv[..len * self.per_token].to_vec();
         Sequence {
             kv: self
                 .kv
@@ -183,7 +184,7 @@ impl Sequence {
     pub fn bytes(&self) -> usize {
         self.kv
             .iter()
-            .map(|kv| (kv.k.capacity() + kv.v.capacity()) * 4)
+            .map(|kv| (kv.k.capacity() + kv.v.capacity()) * size_of::<half::f16>())
             .sum()
     }
 }
@@ -229,7 +230,7 @@ impl Engine {
     /// Bytes one cached token takes in a [`Sequence`].
     pub fn kv_bytes_per_token(&self) -> usize {
         let c = &self.weights.config;
-        self.weights.layers.len() * 2 * c.kv_heads * c.head_dim * 4
+        self.weights.layers.len() * 2 * c.kv_heads * c.head_dim * size_of::<half::f16>()
     }
 }
 
@@ -317,13 +318,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         // Longer than a chunk, so prompts cross chunk boundaries.
         let tokens: Vec<u32> = (0..300u32).map(|i| (i * 37 + 5) % 258).collect();
-        // Float weights match to rounding (measured ≤ 6e-6 of the largest logit), except
-        // qwen3, whose candle prefill runs an approximate CPU flash attention (≤ 1.3% at
-        // 300 tokens). Quantized weights: candle multiplies by dequantized weights in f32,
+        // Float weights match to the rounding of the f16 KV cache (each cached key and
+        // value within 2^-11; candle keeps f32; measured ≤ 0.3% of the largest logit on
+        // these random models), except qwen3, whose candle prefill runs
+        // an approximate CPU flash attention (≤ 1.3% at 300 tokens). Quantized weights: candle multiplies by dequantized weights in f32,
         // this pass by 8-bit activations as ggml does (measured ≤ 5.1% on these random
         // models, which amplify noise; a wrong kernel is off by the whole scale).
         for arch in ["llama", "qwen2", "qwen3"] {
-            let float = if arch == "qwen3" { 0.02 } else { 1e-4 };
+            let float = if arch == "qwen3" { 0.02 } else { 5e-3 };
             for (dtype, tolerance) in [
                 (GgmlDType::F32, float),
                 (GgmlDType::F16, float),
@@ -425,7 +427,7 @@ mod tests {
         // Measured worst gaps as a fraction of the largest logit: see the llama-family
         // test for why quantized formats differ more.
         for (dtype, tolerance) in [
-            (GgmlDType::F32, 1e-4),
+            (GgmlDType::F32, 5e-3),
             (GgmlDType::Q8_0, 0.08),
             (GgmlDType::Q5_0, 0.08),
             (GgmlDType::Q4K, 0.08),
