@@ -7,7 +7,8 @@
 //! on both (`max_tokens` with `ignore_eos`), N at a time; it reports aggregate generated
 //! tokens per second, time to first token and the gap between tokens. A multi-turn case
 //! then sends a first turn with a long prefix and a second turn that repeats it, and
-//! reports both times to first token.
+//! reports both times to first token. Every concurrency runs `--rounds` times, interleaved,
+//! and a summary gives the medians, each ratio taken within its round.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -46,6 +47,11 @@ pub struct ServeArgs {
     /// sources in the llama-cpp-python source distribution; ~15 minutes on 2 cores).
     #[arg(long)]
     against_llama_server: bool,
+    /// Rounds over every concurrency, interleaved; the summary gives each figure's median
+    /// and each ratio's median over the rounds (a shared machine's speed drifts by ±30%
+    /// between runs, so a ratio is only meaningful within one round).
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
 }
 
 /// What one streamed request saw.
@@ -159,14 +165,16 @@ fn prompt(i: usize) -> String {
     )
 }
 
-/// `requests` completions, `clients` at a time.
+/// `requests` completions, `clients` at a time, with prompts `first..first + requests`
+/// (each round its own, so no round is answered from an earlier one's prefix cache).
 async fn load(
     addr: SocketAddr,
     model: &str,
     clients: usize,
-    requests: usize,
+    requests: (usize, usize),
     max_tokens: usize,
 ) -> anyhow::Result<Load> {
+    let (first, requests) = requests;
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let started = Instant::now();
     let mut tasks = Vec::new();
@@ -179,7 +187,8 @@ async fn load(
                 if i >= requests {
                     return anyhow::Ok(timings);
                 }
-                timings.push(complete(addr, &model, &prompt(i), max_tokens).await?);
+                let prompt = prompt(first + i);
+                timings.push(complete(addr, &model, &prompt, max_tokens).await?);
             }
         }));
     }
@@ -317,10 +326,63 @@ fn row(name: &str, l: &Load) {
     );
 }
 
+/// Medians over the rounds: each server's figures, rbee's aggregate against its own
+/// single client, and rbee against llama-server, each ratio taken within its round.
+fn summary(clients: &[usize], rounds: &[Vec<(Load, Option<Load>)>]) {
+    let median = |v: Vec<f64>| p(&v, 0.5);
+    let single = clients.iter().position(|c| *c == 1);
+    println!("\nsummary: medians over {} round(s)", rounds.len());
+    println!(
+        "| clients | rbee tok/s | rbee TTFT p50 ms | vs 1 client | llama-server tok/s | llama-server TTFT p50 ms | throughput ratio | TTFT ratio |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    for (c, n) in clients.iter().enumerate() {
+        let at = |f: &dyn Fn(&(Load, Option<Load>)) -> Option<f64>| {
+            median(rounds.iter().filter_map(|r| f(&r[c])).collect())
+        };
+        let ours = at(&|(r, _)| Some(r.tokens_per_s));
+        let ttft = at(&|(r, _)| Some(p(&r.ttft, 0.5)));
+        let scaling = match single {
+            Some(one) => median(
+                rounds
+                    .iter()
+                    .map(|r| r[c].0.tokens_per_s / r[one].0.tokens_per_s)
+                    .collect(),
+            ),
+            None => f64::NAN,
+        };
+        let theirs = at(&|(_, l)| l.as_ref().map(|l| l.tokens_per_s));
+        let their_ttft = at(&|(_, l)| l.as_ref().map(|l| p(&l.ttft, 0.5)));
+        let ratio = at(&|(r, l)| l.as_ref().map(|l| r.tokens_per_s / l.tokens_per_s));
+        let ttft_ratio = at(&|(r, l)| l.as_ref().map(|l| p(&r.ttft, 0.5) / p(&l.ttft, 0.5)));
+        // Figures a run did not measure (no llama-server, no single client) print as –.
+        let f = |v: f64, digits: usize, unit: &str| {
+            if v.is_nan() {
+                "–".to_string()
+            } else {
+                format!("{v:.digits$}{unit}")
+            }
+        };
+        println!(
+            "| {n} | {} | {} | {} | {} | {} | {} | {} |",
+            f(ours, 1, ""),
+            f(ttft, 0, ""),
+            f(scaling, 2, "×"),
+            f(theirs, 1, ""),
+            f(their_ttft, 0, ""),
+            f(ratio, 2, "×"),
+            f(ttft_ratio, 2, "×")
+        );
+    }
+}
+
 pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     anyhow::ensure!(
-        !args.clients.is_empty() && !args.clients.contains(&0) && args.max_tokens >= 2,
-        "need --clients >= 1 and --max-tokens >= 2"
+        !args.clients.is_empty()
+            && !args.clients.contains(&0)
+            && args.max_tokens >= 2
+            && args.rounds >= 1,
+        "need --clients >= 1, --max-tokens >= 2 and --rounds >= 1"
     );
     let file = match &args.model {
         Some(path) => path.clone(),
@@ -343,39 +405,33 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     );
     // Untimed: first-touch page faults and connection set-up are not serving speed.
     complete(http, cluster.model.as_str(), &prompt(999), 8).await?;
-    let mut single = None;
-    for &clients in &args.clients {
-        let requests = args.requests.max(clients);
-        println!("\n{clients} concurrent client(s), {requests} requests");
-        let rbee = load(
-            http,
-            cluster.model.as_str(),
-            clients,
-            requests,
-            args.max_tokens,
-        )
-        .await?;
-        row("rbee", &rbee);
-        if clients == 1 {
-            single = Some(rbee.tokens_per_s);
-        } else if let Some(one) = single {
-            println!(
-                "  rbee aggregate vs 1 client: {:.2}×",
-                rbee.tokens_per_s / one
-            );
+    // rounds[r][c]: rbee's and llama-server's figures at `args.clients[c]` in round r.
+    let mut rounds: Vec<Vec<(Load, Option<Load>)>> = Vec::new();
+    for round in 1..=args.rounds {
+        let mut figures = Vec::new();
+        for &clients in &args.clients {
+            let requests = args.requests.max(clients);
+            println!("\nround {round}: {clients} concurrent client(s), {requests} requests");
+            let model = cluster.model.as_str();
+            // Distinct in every round and concurrency (prompt 999 only warms up).
+            let prompts = (round * 1000 + clients * 100, requests);
+            let rbee = load(http, model, clients, prompts, args.max_tokens).await?;
+            row("rbee", &rbee);
+            let theirs = match &server {
+                Some(binary) => {
+                    let llama = llama_server(binary, &file, clients, threads).await?;
+                    complete(llama.addr, "m", &prompt(999), 8).await?;
+                    let theirs = load(llama.addr, "m", clients, prompts, args.max_tokens).await?;
+                    row("llama-server", &theirs);
+                    Some(theirs)
+                }
+                None => None,
+            };
+            figures.push((rbee, theirs));
         }
-        if let Some(binary) = &server {
-            let llama = llama_server(binary, &file, clients, threads).await?;
-            complete(llama.addr, "m", &prompt(999), 8).await?;
-            let theirs = load(llama.addr, "m", clients, requests, args.max_tokens).await?;
-            row("llama-server", &theirs);
-            println!(
-                "  ratio rbee / llama-server: throughput {:.2}×, TTFT p50 {:.2}×",
-                rbee.tokens_per_s / theirs.tokens_per_s,
-                p(&rbee.ttft, 0.5) / p(&theirs.ttft, 0.5)
-            );
-        }
+        rounds.push(figures);
     }
+    summary(&args.clients, &rounds);
     println!(
         "\nmulti-turn: a first turn with a ~{}-word prefix, then a second turn repeating it",
         args.prefix_words
