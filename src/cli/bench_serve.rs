@@ -328,7 +328,10 @@ fn row(name: &str, l: &Load) {
 
 /// Medians over the rounds: each server's figures, rbee's aggregate against its own
 /// single client, and rbee against llama-server, each ratio taken within its round.
-fn summary(clients: &[usize], rounds: &[Vec<(Load, Option<Load>)>]) {
+/// rbee's and (when run) llama-server's figures at one concurrency in one round.
+type Figures = (Load, Option<Load>);
+
+fn summary(clients: &[usize], rounds: &[Vec<Figures>]) {
     let median = |v: Vec<f64>| p(&v, 0.5);
     let single = clients.iter().position(|c| *c == 1);
     println!("\nsummary: medians over {} round(s)", rounds.len());
@@ -337,7 +340,7 @@ fn summary(clients: &[usize], rounds: &[Vec<(Load, Option<Load>)>]) {
     );
     println!("|---|---|---|---|---|---|---|---|");
     for (c, n) in clients.iter().enumerate() {
-        let at = |f: &dyn Fn(&(Load, Option<Load>)) -> Option<f64>| {
+        let at = |f: &dyn Fn(&Figures) -> Option<f64>| {
             median(rounds.iter().filter_map(|r| f(&r[c])).collect())
         };
         let ours = at(&|(r, _)| Some(r.tokens_per_s));
@@ -406,7 +409,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     // Untimed: first-touch page faults and connection set-up are not serving speed.
     complete(http, cluster.model.as_str(), &prompt(999), 8).await?;
     // rounds[r][c]: rbee's and llama-server's figures at `args.clients[c]` in round r.
-    let mut rounds: Vec<Vec<(Load, Option<Load>)>> = Vec::new();
+    let mut rounds: Vec<Vec<Figures>> = Vec::new();
     for round in 1..=args.rounds {
         let mut figures = Vec::new();
         for &clients in &args.clients {

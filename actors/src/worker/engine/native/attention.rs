@@ -11,6 +11,7 @@
 use half::f16;
 
 use super::cpu::Level;
+use super::vmath::softmax;
 
 /// One key/value head's cached positions `start..len`.
 pub struct Cache<'a> {
@@ -45,12 +46,11 @@ pub fn attend(
         // against their lengths at the top of each function).
         unsafe {
             x86::scores(q, cache, head_dim, scale, scores);
-            softmax_rows(scores, len);
+            softmax_rows(level, scores, len);
             x86::weighted_values(cache, head_dim, scores, out);
         }
         return;
     }
-    let _ = level;
     for j in 0..len {
         let k = key(cache, j, head_dim);
         for (i, q) in q.chunks_exact(head_dim).enumerate() {
@@ -58,7 +58,7 @@ pub fn attend(
             scores[i * len + j] = dot * scale;
         }
     }
-    softmax_rows(scores, len);
+    softmax_rows(level, scores, len);
     out.fill(0.0);
     for j in 0..len {
         let v = value(cache, j, head_dim);
@@ -81,17 +81,10 @@ fn value<'a>(cache: &Cache<'a>, j: usize, head_dim: usize) -> &'a [f16] {
 }
 
 /// Softmax of each row of `len` scores, in place.
-fn softmax_rows(scores: &mut [f32], len: usize) {
-    for row in scores.chunks_exact_mut(len) {
-        let max = row.iter().fold(f32::NEG_INFINITY, |m, s| m.max(*s));
-        let mut sum = 0.0;
-        for s in row.iter_mut() {
-            *s = (*s - max).exp();
-            sum += *s;
-        }
-        let inv = 1.0 / sum;
-        row.iter_mut().for_each(|s| *s *= inv);
-    }
+fn softmax_rows(level: Level, scores: &mut [f32], len: usize) {
+    scores
+        .chunks_exact_mut(len)
+        .for_each(|row| softmax(level, row));
 }
 
 #[cfg(target_arch = "x86_64")]

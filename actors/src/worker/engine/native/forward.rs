@@ -13,6 +13,7 @@
 //! (token, key/value head) pairs reading K and V straight from the cache: the query heads
 //! of a group read each cached key and value once, nothing is repeated or copied.
 
+use std::ops::Range;
 use std::sync::Mutex;
 
 use half::f16;
@@ -22,6 +23,7 @@ use super::Engine;
 use super::attention::{Cache, attend};
 use super::kernels::{Matrix, Out, TILE_TOKENS, matmul_rows};
 use super::quant::{Format, Q8Rows, dot_f32};
+use super::vmath::gate_mul;
 use super::weights::{Arch, Linear, Weights};
 
 /// Prompt tokens processed per forward chunk (bounds the scratch buffers).
@@ -84,16 +86,8 @@ fn rms_norm_rows(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
 /// Most matrices one section multiplies (Q, K and V).
 const MAX_MATS: usize = 3;
 
-/// Products of one input with several matrices in one parallel section:
-/// `outs[j][t][r] = mats[j]_r · x_t`.
-fn linears(
-    engine: &Engine,
-    mats: &[&Linear],
-    x: &[f32],
-    q8: &mut Q8Rows,
-    n: usize,
-    outs: &mut [&mut [f32]],
-) {
+/// Quantizes the `n` rows of `x` for the quantized kernels, when any of `mats` needs it.
+fn quantize_input(engine: &Engine, mats: &[&Linear], x: &[f32], q8: &mut Q8Rows, n: usize) {
     let cols = mats[0].cols;
     if mats.iter().any(|m| m.format != Format::F32) {
         let padded = n.next_multiple_of(TILE_TOKENS);
@@ -104,6 +98,49 @@ fn linears(
             q8.quantize(x, n, cols, padded);
         }
     }
+}
+
+/// `out[t][r] = m_r · x_t` for `r` in `rows` and every token `t < n`.
+fn product(
+    engine: &Engine,
+    m: &Linear,
+    rows: Range<usize>,
+    x: &[f32],
+    q8: &Q8Rows,
+    n: usize,
+    out: Out,
+) {
+    let cols = m.cols;
+    if m.format == Format::F32 {
+        for r in rows {
+            let w = &m.floats[r * cols..][..cols];
+            for t in 0..n {
+                // SAFETY: rows are disjoint between threads (see `Out`).
+                unsafe { *out.ptr.add(t * out.stride + r) = dot_f32(w, &x[t * cols..][..cols]) };
+            }
+        }
+    } else {
+        let w = Matrix {
+            format: m.format,
+            data: &m.bytes,
+            row_bytes: m.row_bytes(),
+            packed: m.packed,
+        };
+        matmul_rows(engine.level, w, rows, q8, n, out);
+    }
+}
+
+/// Products of one input with several matrices in one parallel section:
+/// `outs[j][t][r] = mats[j]_r · x_t`.
+fn linears(
+    engine: &Engine,
+    mats: &[&Linear],
+    x: &[f32],
+    q8: &mut Q8Rows,
+    n: usize,
+    outs: &mut [&mut [f32]],
+) {
+    quantize_input(engine, mats, x, q8, n);
     // On the stack: a decode step runs ~150 of these sections.
     let mut targets = [Out {
         ptr: std::ptr::null_mut(),
@@ -118,35 +155,53 @@ fn linears(
     let targets = &targets[..mats.len()];
     let total: usize = mats.iter().map(|m| m.rows).sum();
     let q8 = &*q8;
-    let level = engine.level;
     engine.pool.split(total, 16, &|_, range| {
         let mut base = 0;
         for (m, out) in mats.iter().zip(targets) {
             let (lo, hi) = (range.start.max(base), range.end.min(base + m.rows));
             if lo < hi {
-                let rows = lo - base..hi - base;
-                if m.format == Format::F32 {
-                    for r in rows {
-                        let w = &m.floats[r * cols..][..cols];
-                        for t in 0..n {
-                            // SAFETY: rows are disjoint between threads (see `Out`).
-                            unsafe {
-                                *out.ptr.add(t * out.stride + r) =
-                                    dot_f32(w, &x[t * cols..][..cols])
-                            };
-                        }
-                    }
-                } else {
-                    let w = Matrix {
-                        format: m.format,
-                        data: &m.bytes,
-                        row_bytes: m.row_bytes(),
-                        packed: m.packed,
-                    };
-                    matmul_rows(level, w, rows, q8, n, *out);
-                }
+                product(engine, m, lo - base..hi - base, x, q8, n, *out);
             }
             base += m.rows;
+        }
+    });
+}
+
+/// The FFN's input half in one parallel section: `a ← act(gate·x)·(up·x)`, each thread
+/// taking the same rows of both matrices and gating them at once (a separate gating
+/// section was one more barrier per layer for the threads to wait at).
+#[allow(clippy::too_many_arguments)]
+fn gated(
+    engine: &Engine,
+    gelu: bool,
+    [gate, up]: [&Linear; 2],
+    x: &[f32],
+    q8: &mut Q8Rows,
+    n: usize,
+    a: &mut [f32],
+    b: &mut [f32],
+) {
+    quantize_input(engine, &[gate, up], x, q8, n);
+    let width = gate.rows;
+    let (a, b) = (
+        Out {
+            ptr: a.as_mut_ptr(),
+            stride: width,
+        },
+        Out {
+            ptr: b.as_mut_ptr(),
+            stride: width,
+        },
+    );
+    let q8 = &*q8;
+    engine.pool.split(width, 16, &|_, rows| {
+        product(engine, gate, rows.clone(), x, q8, n, a);
+        product(engine, up, rows.clone(), x, q8, n, b);
+        for t in 0..n {
+            let at = t * width + rows.start;
+            // SAFETY: this thread's rows of token t, written by nobody else.
+            let (a, b) = unsafe { (a.slice(at, rows.len()), b.slice(at, rows.len())) };
+            gate_mul(engine.level, gelu, a, b);
         }
     });
 }
@@ -170,37 +225,6 @@ fn rope(x: &mut [f32], heads: usize, head_dim: usize, neox: bool, cos: &[f32], s
             }
         }
     }
-}
-
-/// GELU, tanh approximation (Gemma's `gelu_pytorch_tanh`), written as
-/// `x·σ(2u)` (= `½x(1 + tanh u)`): one `exp` instead of `tanh`, which costs libm an
-/// `expm1` and more (14% of a Gemma prefill).
-fn gelu_tanh(x: f32) -> f32 {
-    const TWO_SQRT_2_OVER_PI: f32 = 2.0 * 0.797_884_6;
-    x / (1.0 + (-TWO_SQRT_2_OVER_PI * (x + 0.044_715 * x * x * x)).exp())
-}
-
-/// `a ← act(a)·b`, with SiLU or GELU, over the pool: a long prompt's step evaluates
-/// millions of `exp`/`tanh`, serial time the other threads would wait through.
-fn gate(engine: &Engine, gelu: bool, a: &mut [f32], b: &[f32]) {
-    let out = Out {
-        ptr: a.as_mut_ptr(),
-        stride: 0,
-    };
-    engine.pool.split(a.len(), 64, &|_, range| {
-        // SAFETY: the pool's ranges are disjoint and inside `a`.
-        let a = unsafe { out.slice(range.start, range.len()) };
-        let b = &b[range];
-        if gelu {
-            a.iter_mut()
-                .zip(b)
-                .for_each(|(a, b)| *a = gelu_tanh(*a) * b);
-        } else {
-            a.iter_mut()
-                .zip(b)
-                .for_each(|(a, b)| *a = *a / (1.0 + (-*a).exp()) * b);
-        }
-    });
 }
 
 /// RoPE angles of each row's position for `inv_freq`, one row of half-widths per token.
@@ -403,16 +427,9 @@ impl super::Engine {
             rms_norm_rows(x, &layer.ffn_norm, c.eps, xb);
             let ffn_a = sized(&mut s.ffn_a, n * c.ffn);
             let ffn_b = sized(&mut s.ffn_b, n * c.ffn);
-            linears(
-                self,
-                &[&layer.gate, &layer.up],
-                xb,
-                &mut s.q8,
-                n,
-                &mut [ffn_a, ffn_b],
-            );
             let gelu = c.arch == Arch::Gemma3;
-            gate(self, gelu, &mut s.ffn_a[..n * c.ffn], &s.ffn_b[..n * c.ffn]);
+            let mats = [&layer.gate, &layer.up];
+            gated(self, gelu, mats, xb, &mut s.q8, n, ffn_a, ffn_b);
             let xb = sized(&mut s.xb, n * dim);
             linears(
                 self,
@@ -451,24 +468,5 @@ impl super::Engine {
             &mut [&mut logits],
         );
         logits
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn gelu_as_a_sigmoid_equals_the_tanh_form() {
-        for i in -400..=400 {
-            let x = i as f32 * 0.05;
-            let u = 0.797_884_6 * (x + 0.044_715 * x * x * x);
-            let tanh_form = 0.5 * x * (1.0 + u.tanh());
-            let got = super::gelu_tanh(x);
-            assert!(
-                (got - tanh_form).abs() <= 1e-6 * (1.0 + x.abs()),
-                "{x}: {got} vs {tanh_form}"
-            );
-        }
-        assert_eq!(super::gelu_tanh(-100.0), 0.0);
-        assert_eq!(super::gelu_tanh(100.0), 100.0);
     }
 }

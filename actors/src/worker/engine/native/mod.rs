@@ -15,6 +15,7 @@ pub mod kquant;
 pub mod packed;
 pub mod pool;
 pub mod quant;
+pub mod vmath;
 pub mod weights;
 
 use std::io::{Read, Seek};
