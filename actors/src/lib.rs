@@ -7,6 +7,7 @@ pub mod models;
 pub mod panic;
 pub mod paths;
 pub mod private_json;
+pub mod protocol;
 pub mod queen;
 pub mod size;
 pub mod supervisor;
