@@ -6,6 +6,7 @@
 use rbee_actors::worker::api::{
     ChatMessage, FinishReason, GenerateRequest, GenerationStats, Prompt, SamplingParams,
 };
+use rbee_actors::worker::engine::sampling::MAX_LOGIT_BIAS;
 use serde::{Deserialize, Serialize};
 
 /// Most tokens an answer may have when the request does not say.
@@ -134,6 +135,10 @@ pub struct Sampling {
     pub seed: Option<i64>,
     pub stop: Option<Stop>,
     pub n: Option<i64>,
+    pub presence_penalty: Option<f64>,
+    pub frequency_penalty: Option<f64>,
+    /// Token id (as a string, as JSON keys are) → bias.
+    pub logit_bias: Option<std::collections::BTreeMap<String, f64>>,
     #[serde(default)]
     pub stream: bool,
     pub stream_options: Option<StreamOptions>,
@@ -170,6 +175,40 @@ pub enum PromptIn {
 }
 
 impl Sampling {
+    /// `logit_bias` as token ids and biases; ids outside the model's vocabulary are
+    /// refused by the worker, which knows it.
+    fn logit_bias(&self) -> Result<Vec<(u32, f32)>, ApiError> {
+        let Some(map) = &self.logit_bias else {
+            return Ok(Vec::new());
+        };
+        if map.len() > MAX_LOGIT_BIAS {
+            return Err(ApiError::invalid(
+                Some("logit_bias"),
+                format!(
+                    "{} tokens exceed the limit of {MAX_LOGIT_BIAS} - 'logit_bias'",
+                    map.len()
+                ),
+            ));
+        }
+        map.iter()
+            .map(|(token, &bias)| {
+                let id = token.parse::<u32>().map_err(|_| {
+                    ApiError::invalid(
+                        Some("logit_bias"),
+                        format!("{token:?} is not a token id - 'logit_bias'"),
+                    )
+                })?;
+                if !(-100.0..=100.0).contains(&bias) {
+                    return Err(ApiError::invalid(
+                        Some("logit_bias"),
+                        format!("{bias} is not between -100 and 100 - 'logit_bias'"),
+                    ));
+                }
+                Ok((id, bias as f32))
+            })
+            .collect()
+    }
+
     /// The generation request for `prompt`, or the parameter that cannot be honoured.
     pub fn request(&self, prompt: Prompt) -> Result<GenerateRequest, ApiError> {
         if let Some(n) = self.n
@@ -201,6 +240,16 @@ impl Sampling {
                 format!("{top_p} is not in (0, 1] - 'top_p'"),
             ));
         }
+        let penalty = |param: &'static str, value: Option<f64>| match value.unwrap_or(0.0) {
+            v if (-2.0..=2.0).contains(&v) => Ok(v as f32),
+            v => Err(ApiError::invalid(
+                Some(param),
+                format!("{v} is not between -2 and 2 - '{param}'"),
+            )),
+        };
+        let presence_penalty = penalty("presence_penalty", self.presence_penalty)?;
+        let frequency_penalty = penalty("frequency_penalty", self.frequency_penalty)?;
+        let logit_bias = self.logit_bias()?;
         let stop = match &self.stop {
             None => Vec::new(),
             Some(Stop::One(s)) => vec![s.clone()],
@@ -214,6 +263,9 @@ impl Sampling {
             min_p: 0.0,
             repetition_penalty: 1.0,
             seed: self.seed.map(|s| s as u64),
+            presence_penalty,
+            frequency_penalty,
+            logit_bias,
             ..SamplingParams::default()
         };
         let request = GenerateRequest {
@@ -427,9 +479,13 @@ mod tests {
                 {"role": "developer", "content": "Be brief."},
                 {"role": "user", "content": [{"type": "text", "text": "Hi"}]}],
             "max_completion_tokens": 7, "temperature": 0, "seed": 3, "stop": "\n",
-            "logit_bias": {}, "user": "someone"
+            "logit_bias": {"15": -100, "7": 2.5}, "presence_penalty": 0.5,
+            "frequency_penalty": -0.25, "user": "someone"
         }));
         let generate = request.sampling.request(request.prompt().unwrap()).unwrap();
+        assert_eq!(generate.sampling.logit_bias, [(15, -100.0), (7, 2.5)]);
+        assert_eq!(generate.sampling.presence_penalty, 0.5);
+        assert_eq!(generate.sampling.frequency_penalty, -0.25);
         assert_eq!(generate.max_tokens, 7);
         assert_eq!(generate.stop, ["\n"]);
         assert_eq!(generate.sampling.seed, Some(3));
@@ -448,6 +504,16 @@ mod tests {
             (serde_json::json!({"max_tokens": 0}), "max_tokens"),
             (serde_json::json!({"temperature": 3.5}), "temperature"),
             (serde_json::json!({"top_p": 0}), "top_p"),
+            (
+                serde_json::json!({"presence_penalty": 2.5}),
+                "presence_penalty",
+            ),
+            (
+                serde_json::json!({"frequency_penalty": -7}),
+                "frequency_penalty",
+            ),
+            (serde_json::json!({"logit_bias": {"x": 1}}), "logit_bias"),
+            (serde_json::json!({"logit_bias": {"5": 101}}), "logit_bias"),
         ];
         for (fields, param) in cases {
             let sampling: Sampling = serde_json::from_value(fields).unwrap();

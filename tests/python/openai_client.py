@@ -86,6 +86,32 @@ tokens = ("vllm:generation_tokens_total", (("model_name", model),))
 assert after[tokens] - before.get(tokens, 0) == 37, after[tokens]
 ttft = ("vllm:time_to_first_token_seconds_count", (("model_name", model),))
 assert after[ttft] - before.get(ttft, 0) == 3
+
+# logit_bias: the tiny model's token b is byte b (and 256.. its specials). +100 forces
+# "a" even greedily; -100 on every other token leaves only "z".
+forced = client.completions.create(
+    model=model, prompt="In the", max_tokens=6, temperature=0, logit_bias={"97": 100}
+)
+assert forced.choices[0].text == "aaaaaa", forced.choices[0].text
+banned = {str(t): -100 for t in range(260) if t != ord("z")}
+only_z = client.completions.create(
+    model=model, prompt="In the", max_tokens=5, temperature=0.9, seed=1, logit_bias=banned
+)
+assert only_z.choices[0].text == "zzzzz", only_z.choices[0].text
+# A penalty on repeats changes a greedy answer that repeats, and its range is checked.
+plain = client.completions.create(model=model, prompt="In the", max_tokens=24, temperature=0)
+penalised = client.completions.create(
+    model=model, prompt="In the", max_tokens=24, temperature=0, frequency_penalty=2.0
+)
+text = plain.choices[0].text
+if len(set(text)) < len(text):
+    assert penalised.choices[0].text != text, (text, penalised.choices[0].text)
+for param, value in [("presence_penalty", 2.5), ("frequency_penalty", -3)]:
+    try:
+        client.completions.create(model=model, prompt="x", max_tokens=2, **{param: value})
+        raise AssertionError(f"{param} {value} was accepted")
+    except openai.BadRequestError as e:
+        assert e.body["param"] == param, e.body
 embedding_model = os.environ["RBEE_EMBEDDING_MODEL"]
 sentences = ["A man is eating food.", "A man is eating a piece of bread."]
 # The SDK asks for base64 by default and decodes it; floats are asked for explicitly too.

@@ -9,8 +9,10 @@ use crate::codec::{CodecError, decode_payload};
 use crate::error::LinkError;
 use crate::identity::{NodeId, PeerIdentity, Role};
 
-/// The wire protocol version this build speaks.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// The wire protocol version this build speaks. Bump it with any change to a message's
+/// encoding (`actors/src/protocol/` has the test that says when). 2: sampling parameters
+/// gained presence and frequency penalties and logit bias.
+pub const PROTOCOL_VERSION: u32 = 2;
 
 const MAGIC: [u8; 4] = *b"RBEE";
 const PREFIX_BYTES: usize = 8;

@@ -461,6 +461,7 @@ impl Model {
         self.check_fits(prompt.len(), max_tokens)?;
         self.backend.clear_kv_cache();
         let mut history = prompt.to_vec();
+        sampler.generated_after(prompt.len());
         let mut logits = self.forward(prompt, 0)?;
         let mut generated = Vec::new();
         while generated.len() < max_tokens {

@@ -132,6 +132,8 @@ impl Decoder {
             let _ = stops.push(&utf8.push(vocabulary.tokenizer.bytes(id)));
         }
         sampler.skip(resumed.len());
+        // Resumed tokens were generated (by the worker this one continues from).
+        sampler.generated_after(prompt.len());
         let eos = if request.ignore_eos {
             Vec::new()
         } else {

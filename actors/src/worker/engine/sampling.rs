@@ -1,5 +1,6 @@
-//! From logits to the next token: repetition penalty, temperature (0 = greedy), top-k,
-//! min-p and top-p, drawn with a seeded generator so the same seed gives the same tokens.
+//! From logits to the next token: repetition penalty, OpenAI's presence and frequency
+//! penalties and logit bias, temperature (0 = greedy), top-k, min-p and top-p, drawn with
+//! a seeded generator so the same seed gives the same tokens.
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -23,7 +24,19 @@ pub struct SamplingParams {
     pub repeat_last_n: usize,
     /// The generator's seed; drawn at random when absent (and reported back).
     pub seed: Option<u64>,
+    /// Subtracted once from the logit of every token generated so far (OpenAI's
+    /// `presence_penalty`, −2 to 2; 0 = off).
+    pub presence_penalty: f32,
+    /// Subtracted from a generated token's logit once per time it was generated (OpenAI's
+    /// `frequency_penalty`, −2 to 2; 0 = off).
+    pub frequency_penalty: f32,
+    /// Added to these tokens' logits (OpenAI's `logit_bias`: −100 to 100, at most
+    /// [`MAX_LOGIT_BIAS`] tokens; −100 bans a token, 100 all but forces it).
+    pub logit_bias: Vec<(u32, f32)>,
 }
+
+/// Most tokens a request may bias.
+pub const MAX_LOGIT_BIAS: usize = 1024;
 
 impl Default for SamplingParams {
     fn default() -> Self {
@@ -35,6 +48,9 @@ impl Default for SamplingParams {
             repetition_penalty: 1.1,
             repeat_last_n: 64,
             seed: None,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            logit_bias: Vec::new(),
         }
     }
 }
@@ -50,6 +66,7 @@ impl SamplingParams {
             repetition_penalty: 1.0,
             repeat_last_n: 0,
             seed: Some(0),
+            ..SamplingParams::default()
         }
     }
 
@@ -77,6 +94,28 @@ impl SamplingParams {
                 self.repetition_penalty,
                 "a finite number > 0",
             );
+        }
+        for (param, value) in [
+            ("presence_penalty", self.presence_penalty),
+            ("frequency_penalty", self.frequency_penalty),
+        ] {
+            if !(-2.0..=2.0).contains(&value) {
+                return bad(param, value, "a number in [-2, 2]");
+            }
+        }
+        if self.logit_bias.len() > MAX_LOGIT_BIAS {
+            return Err(SamplingError::InvalidParameter {
+                param: "logit_bias",
+                value: format!("{} tokens", self.logit_bias.len()),
+                expected: "at most 1024 tokens",
+            });
+        }
+        if let Some((_, bias)) = self
+            .logit_bias
+            .iter()
+            .find(|(_, b)| !(-100.0..=100.0).contains(b))
+        {
+            return bad("logit_bias", *bias, "biases in [-100, 100]");
         }
         Ok(())
     }
@@ -109,6 +148,9 @@ pub struct Sampler {
     params: SamplingParams,
     seed: u64,
     rng: StdRng,
+    /// Where the generated tokens start in the history `sample` is given (the presence
+    /// and frequency penalties count only those).
+    generated_from: usize,
 }
 
 impl Sampler {
@@ -120,7 +162,14 @@ impl Sampler {
             params,
             seed,
             rng: StdRng::seed_from_u64(seed),
+            generated_from: 0,
         })
+    }
+
+    /// Tells the sampler that the first `prompt_tokens` of each history are the prompt,
+    /// not generated (before this, the presence and frequency penalties count them all).
+    pub fn generated_after(&mut self, prompt_tokens: usize) {
+        self.generated_from = prompt_tokens;
     }
 
     /// The seed in use (reported back to the client so a run can be repeated).
@@ -149,6 +198,17 @@ impl Sampler {
             return Err(SamplingError::NonFiniteLogits);
         }
         self.apply_repetition_penalty(logits, history);
+        self.apply_openai_penalties(logits, history.get(self.generated_from..).unwrap_or(&[]));
+        for &(token, bias) in &self.params.logit_bias {
+            let Some(l) = logits.get_mut(token as usize) else {
+                return Err(SamplingError::InvalidParameter {
+                    param: "logit_bias",
+                    value: format!("token {token}"),
+                    expected: "token ids inside the model's vocabulary",
+                });
+            };
+            *l += bias;
+        }
         if self.params.temperature == 0.0 {
             return Ok(argmax(logits));
         }
@@ -178,6 +238,23 @@ impl Sampler {
             }
             if let Some(l) = logits.get_mut(token as usize) {
                 *l = if *l > 0.0 { *l / penalty } else { *l * penalty };
+            }
+        }
+    }
+
+    /// `l ← l − count·frequency − (count > 0)·presence` for each token generated so far.
+    fn apply_openai_penalties(&self, logits: &mut [f32], generated: &[u32]) {
+        let (presence, frequency) = (self.params.presence_penalty, self.params.frequency_penalty);
+        if (presence == 0.0 && frequency == 0.0) || generated.is_empty() {
+            return;
+        }
+        let mut counts = std::collections::HashMap::<u32, u32>::new();
+        for &token in generated {
+            *counts.entry(token).or_default() += 1;
+        }
+        for (token, count) in counts {
+            if let Some(l) = logits.get_mut(token as usize) {
+                *l -= count as f32 * frequency + presence;
             }
         }
     }
@@ -252,6 +329,7 @@ mod tests {
             repetition_penalty: 1.0,
             repeat_last_n: 0,
             seed: Some(7),
+            ..SamplingParams::default()
         }
     }
 
@@ -320,6 +398,73 @@ mod tests {
         let share = ones as f64 / n as f64;
         let expected = std::f64::consts::E / (1.0 + std::f64::consts::E);
         assert!((share - expected).abs() < 0.02, "{share} vs {expected}");
+    }
+
+    #[test]
+    fn openai_penalties_count_only_generated_tokens() {
+        let mut s = Sampler::new(SamplingParams {
+            presence_penalty: 0.5,
+            frequency_penalty: 0.25,
+            ..params(0.0)
+        })
+        .unwrap();
+        s.generated_after(2);
+        // Prompt [1, 1], then token 0 generated twice: 3.0 − 2·0.25 − 0.5 = 2.0 < 2.1.
+        let mut logits = [3.0, 2.9, 2.1];
+        assert_eq!(s.sample(&mut logits, &[1, 1, 0, 0]).unwrap(), 1);
+        assert_eq!(logits, [2.0, 2.9, 2.1]);
+        // The prompt's tokens are not penalised: token 1 keeps 2.9.
+        let mut logits = [0.0, 2.9, 2.1];
+        s.sample(&mut logits, &[1, 1]).unwrap();
+        assert_eq!(logits[1], 2.9);
+        // A negative presence penalty encourages.
+        let mut s = Sampler::new(SamplingParams {
+            presence_penalty: -2.0,
+            ..params(0.0)
+        })
+        .unwrap();
+        assert_eq!(s.sample(&mut [3.0, 1.5], &[1]).unwrap(), 1);
+    }
+
+    #[test]
+    fn logit_bias_bans_or_forces_tokens_even_when_greedy() {
+        let biased = |bias: Vec<(u32, f32)>| {
+            Sampler::new(SamplingParams {
+                logit_bias: bias,
+                ..params(0.0)
+            })
+        };
+        let mut s = biased(vec![(0, -100.0)]).unwrap();
+        assert_eq!(s.sample(&mut [50.0, 1.0, 0.5], &[]).unwrap(), 1);
+        let mut s = biased(vec![(2, 100.0)]).unwrap();
+        assert_eq!(s.sample(&mut [50.0, 1.0, 0.5], &[]).unwrap(), 2);
+        // A token outside the vocabulary is a typed error, not ignored.
+        let mut s = biased(vec![(3, 1.0)]).unwrap();
+        assert!(matches!(
+            s.sample(&mut [0.0, 1.0, 2.0], &[]),
+            Err(SamplingError::InvalidParameter {
+                param: "logit_bias",
+                ..
+            })
+        ));
+        for bad in [vec![(0, 101.0)], vec![(0, f32::NAN)], vec![(0, 1.0); 1025]] {
+            assert!(matches!(
+                biased(bad),
+                Err(SamplingError::InvalidParameter {
+                    param: "logit_bias",
+                    ..
+                })
+            ));
+        }
+        for (presence, frequency) in [(2.5, 0.0), (0.0, -3.0), (f32::NAN, 0.0)] {
+            let error = Sampler::new(SamplingParams {
+                presence_penalty: presence,
+                frequency_penalty: frequency,
+                ..params(0.0)
+            })
+            .unwrap_err();
+            assert!(matches!(error, SamplingError::InvalidParameter { .. }));
+        }
     }
 
     #[test]
