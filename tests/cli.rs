@@ -204,6 +204,22 @@ fn a_cluster_from_the_command_line() {
 }
 
 #[test]
+fn with_no_queen_models_lists_this_machines_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path();
+    let file = home.join("tiny.gguf");
+    write_tiny_llama(&file, 64).unwrap();
+    ok(home, &["import", file.to_str().unwrap(), "--id", "tiny"]);
+    let models = json(home, &["models", "--json"]);
+    let models = models.as_array().unwrap();
+    assert_eq!(models.len(), 1, "{models:?}");
+    assert_eq!(models[0]["hive"], "(this machine)");
+    assert_eq!(models[0]["entry"]["Ready"]["id"], "tiny", "{models:?}");
+    let table = ok(home, &["models"]);
+    assert!(table.lines().any(|l| l.starts_with("tiny ")), "{table}");
+}
+
+#[test]
 fn a_wrong_queen_address_fails_fast_with_its_own_exit_code() {
     let dir = tempfile::tempdir().unwrap();
     let home = dir.path();

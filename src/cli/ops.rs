@@ -14,7 +14,7 @@ use rbee::actors::hive::hub::DownloadEvent;
 use rbee::actors::hive::remote::HiveItem;
 use rbee::actors::hive::store::{Entry, Manifest, ModelId, ModelStore};
 use rbee::actors::hive::workers::{IdleTimeout, WorkerState};
-use rbee::actors::queen::protocol::{HiveState, Placement};
+use rbee::actors::queen::protocol::{HiveState, HostedModel, Placement};
 use rbee::actors::size::Size;
 use rbee::actors::worker::actor::Phase;
 use rbee::{Client, Event};
@@ -73,8 +73,26 @@ pub async fn hives(settings: &Effective, json: bool) -> anyhow::Result<ExitCode>
     Ok(ExitCode::SUCCESS)
 }
 
+/// The hive column of models listed from this machine's store with no queen.
+const LOCAL: &str = "(this machine)";
+
 pub async fn models(settings: &Effective, json: bool) -> anyhow::Result<ExitCode> {
-    let models = settings.client().await?.models().await?;
+    // With no queen configured, this machine's store is the only one there is; a queen
+    // that is configured but away is an error (listing the local store instead would pass
+    // for the cluster's view).
+    let models = if !settings.has_queen() {
+        let store = ModelStore::open(&rbee::actors::paths::data_dir())?;
+        store
+            .list()?
+            .into_iter()
+            .map(|entry| HostedModel {
+                hive: LOCAL.into(),
+                entry,
+            })
+            .collect()
+    } else {
+        settings.client().await?.models().await?
+    };
     if json {
         return print_json(&models);
     }
