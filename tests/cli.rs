@@ -204,7 +204,7 @@ fn a_cluster_from_the_command_line() {
 }
 
 #[test]
-fn with_no_queen_models_lists_this_machines_store() {
+fn with_no_queen_models_show_verify_and_rm_work_on_this_machines_store() {
     let dir = tempfile::tempdir().unwrap();
     let home = dir.path();
     let file = home.join("tiny.gguf");
@@ -217,6 +217,17 @@ fn with_no_queen_models_lists_this_machines_store() {
     assert_eq!(models[0]["entry"]["Ready"]["id"], "tiny", "{models:?}");
     let table = ok(home, &["models"]);
     assert!(table.lines().any(|l| l.starts_with("tiny ")), "{table}");
+    let shown = json(home, &["show", "tiny", "--json"]);
+    assert_eq!(shown["summary"]["architecture"], "llama", "{shown}");
+    assert!(ok(home, &["verify", "tiny"]).contains("match their sha256"));
+    assert!(
+        !rbee(home, &["show", "tiny", "--hive", "h"])
+            .status
+            .success()
+    );
+    assert!(ok(home, &["rm", "tiny"]).contains("removed tiny"));
+    assert_eq!(json(home, &["models", "--json"]), serde_json::json!([]));
+    assert!(!rbee(home, &["show", "tiny"]).status.success());
 }
 
 #[test]

@@ -578,7 +578,23 @@ pub struct ModelOnHive {
     json: Json,
 }
 
+/// This machine's store, for commands run with no queen configured.
+fn local_store(args: &ModelOnHive) -> anyhow::Result<(ModelStore, ModelId)> {
+    anyhow::ensure!(
+        args.hive.is_none(),
+        "--hive needs a queen: with none configured, only this machine's store is there"
+    );
+    let store = ModelStore::open(&rbee::actors::paths::data_dir())?;
+    Ok((store, ModelId::new(args.model.as_str())?))
+}
+
 pub async fn rm(settings: &Effective, args: ModelOnHive) -> anyhow::Result<ExitCode> {
+    if !settings.has_queen() {
+        let (store, id) = local_store(&args)?;
+        store.delete(&id)?;
+        println!("removed {id} from {LOCAL}");
+        return Ok(ExitCode::SUCCESS);
+    }
     let client = settings.client().await?;
     client.remove_model(&args.model, args.hive.clone()).await?;
     println!(
@@ -590,12 +606,17 @@ pub async fn rm(settings: &Effective, args: ModelOnHive) -> anyhow::Result<ExitC
 }
 
 pub async fn show(settings: &Effective, args: ModelOnHive) -> anyhow::Result<ExitCode> {
-    let client = settings.client().await?;
-    let hive = match args.hive {
-        Some(hive) => hive,
-        None => first_hive_with(&client, &args.model).await?,
+    let (manifest, hive) = if !settings.has_queen() {
+        let (store, id) = local_store(&args)?;
+        (store.get(&id)?, LOCAL.to_string())
+    } else {
+        let client = settings.client().await?;
+        let hive = match args.hive {
+            Some(hive) => hive,
+            None => first_hive_with(&client, &args.model).await?,
+        };
+        (client.model(&args.model, &hive).await?, hive)
     };
-    let manifest = client.model(&args.model, &hive).await?;
     if args.json.json {
         return print_json(&manifest);
     }
@@ -619,12 +640,17 @@ pub async fn show(settings: &Effective, args: ModelOnHive) -> anyhow::Result<Exi
 }
 
 pub async fn verify(settings: &Effective, args: ModelOnHive) -> anyhow::Result<ExitCode> {
-    let client = settings.client().await?;
-    let hive = match args.hive {
-        Some(hive) => hive,
-        None => first_hive_with(&client, &args.model).await?,
+    let (manifest, hive) = if !settings.has_queen() {
+        let (store, id) = local_store(&args)?;
+        (store.verify(&id)?, LOCAL.to_string())
+    } else {
+        let client = settings.client().await?;
+        let hive = match args.hive {
+            Some(hive) => hive,
+            None => first_hive_with(&client, &args.model).await?,
+        };
+        (client.verify_model(&args.model, &hive).await?, hive)
     };
-    let manifest = client.verify_model(&args.model, &hive).await?;
     if args.json.json {
         return print_json(&manifest);
     }
