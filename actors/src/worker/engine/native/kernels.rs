@@ -484,15 +484,6 @@ mod x86 {
                     continue;
                 }
                 let mut t = 0;
-                // AVX-512 has the 32 registers a tile of twice the tokens needs: each
-                // group-block's weights are then unpacked once per 8 tokens, not per 4.
-                while VNNI && t + 2 * TILE_TOKENS <= tokens {
-                    let acc = packed_group::<VNNI, F, { 2 * TILE_TOKENS }>(data, g, blocks, x, t);
-                    for (c, v) in acc.into_iter().enumerate() {
-                        store_group(v, g, t + c, &rows, out);
-                    }
-                    t += 2 * TILE_TOKENS;
-                }
                 while t < tokens {
                     let acc = packed_group::<VNNI, F, TILE_TOKENS>(data, g, blocks, x, t);
                     for (c, v) in acc.into_iter().enumerate() {
