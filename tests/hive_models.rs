@@ -102,7 +102,7 @@ async fn smollm2_from_its_package_source_is_spawned_and_answers() {
             GenerationEvent::Error(e) => panic!("{e}"),
         }
     }
-    assert_eq!(done.unwrap().finish, FinishReason::Stop);
+    assert_eq!(done.unwrap().finish, FinishReason::Stop, "{text}");
     assert!(text.contains("Paris"), "{text}");
     hive.stop_and_wait(None, None).await.unwrap();
 }
