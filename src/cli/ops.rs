@@ -578,7 +578,8 @@ pub struct ModelOnHive {
     json: Json,
 }
 
-/// This machine's store, for commands run with no queen configured.
+/// This machine's store and the model's id in it, for commands run with no queen
+/// configured.
 fn local_store(args: &ModelOnHive) -> anyhow::Result<(ModelStore, ModelId)> {
     anyhow::ensure!(
         args.hive.is_none(),
@@ -588,7 +589,38 @@ fn local_store(args: &ModelOnHive) -> anyhow::Result<(ModelStore, ModelId)> {
     Ok((store, ModelId::new(args.model.as_str())?))
 }
 
+/// Where a command on one model runs: this machine's store when no queen is configured,
+/// else the hive the queen names.
+enum ModelPlace {
+    Local(ModelStore, ModelId),
+    Hive(Client, String),
+}
+
+impl ModelPlace {
+    async fn of(settings: &Effective, args: &ModelOnHive) -> anyhow::Result<ModelPlace> {
+        if !settings.has_queen() {
+            let (store, id) = local_store(args)?;
+            return Ok(ModelPlace::Local(store, id));
+        }
+        let client = settings.client().await?;
+        let hive = match &args.hive {
+            Some(hive) => hive.clone(),
+            None => first_hive_with(&client, &args.model).await?,
+        };
+        Ok(ModelPlace::Hive(client, hive))
+    }
+
+    /// The hive's name as printed.
+    fn name(&self) -> &str {
+        match self {
+            ModelPlace::Local(..) => LOCAL,
+            ModelPlace::Hive(_, hive) => hive,
+        }
+    }
+}
+
 pub async fn rm(settings: &Effective, args: ModelOnHive) -> anyhow::Result<ExitCode> {
+    // With a queen and no --hive, `rm` means every hive, not the first that has it.
     if !settings.has_queen() {
         let (store, id) = local_store(&args)?;
         store.delete(&id)?;
@@ -606,17 +638,12 @@ pub async fn rm(settings: &Effective, args: ModelOnHive) -> anyhow::Result<ExitC
 }
 
 pub async fn show(settings: &Effective, args: ModelOnHive) -> anyhow::Result<ExitCode> {
-    let (manifest, hive) = if !settings.has_queen() {
-        let (store, id) = local_store(&args)?;
-        (store.get(&id)?, LOCAL.to_string())
-    } else {
-        let client = settings.client().await?;
-        let hive = match args.hive {
-            Some(hive) => hive,
-            None => first_hive_with(&client, &args.model).await?,
-        };
-        (client.model(&args.model, &hive).await?, hive)
+    let place = ModelPlace::of(settings, &args).await?;
+    let manifest = match &place {
+        ModelPlace::Local(store, id) => store.get(id)?,
+        ModelPlace::Hive(client, hive) => client.model(&args.model, hive).await?,
     };
+    let hive = place.name();
     if args.json.json {
         return print_json(&manifest);
     }
@@ -640,17 +667,12 @@ pub async fn show(settings: &Effective, args: ModelOnHive) -> anyhow::Result<Exi
 }
 
 pub async fn verify(settings: &Effective, args: ModelOnHive) -> anyhow::Result<ExitCode> {
-    let (manifest, hive) = if !settings.has_queen() {
-        let (store, id) = local_store(&args)?;
-        (store.verify(&id)?, LOCAL.to_string())
-    } else {
-        let client = settings.client().await?;
-        let hive = match args.hive {
-            Some(hive) => hive,
-            None => first_hive_with(&client, &args.model).await?,
-        };
-        (client.verify_model(&args.model, &hive).await?, hive)
+    let place = ModelPlace::of(settings, &args).await?;
+    let manifest = match &place {
+        ModelPlace::Local(store, id) => store.verify(id)?,
+        ModelPlace::Hive(client, hive) => client.verify_model(&args.model, hive).await?,
     };
+    let hive = place.name();
     if args.json.json {
         return print_json(&manifest);
     }

@@ -6,7 +6,7 @@
 use rbee_actors::worker::api::{
     ChatMessage, FinishReason, GenerateRequest, GenerationStats, Prompt, SamplingParams,
 };
-use rbee_actors::worker::engine::sampling::MAX_LOGIT_BIAS;
+use rbee_actors::worker::engine::sampling::SamplingError;
 use serde::{Deserialize, Serialize};
 
 /// Most tokens an answer may have when the request does not say.
@@ -175,36 +175,20 @@ pub enum PromptIn {
 }
 
 impl Sampling {
-    /// `logit_bias` as token ids and biases; ids outside the model's vocabulary are
-    /// refused by the worker, which knows it.
+    /// `logit_bias` as token ids and biases. Their ranges and count are the sampler's to
+    /// check ([`SamplingParams::validate`]); ids outside the model's vocabulary are refused
+    /// by the worker, which knows it.
     fn logit_bias(&self) -> Result<Vec<(u32, f32)>, ApiError> {
         let Some(map) = &self.logit_bias else {
             return Ok(Vec::new());
         };
-        if map.len() > MAX_LOGIT_BIAS {
-            return Err(ApiError::invalid(
-                Some("logit_bias"),
-                format!(
-                    "{} tokens exceed the limit of {MAX_LOGIT_BIAS} - 'logit_bias'",
-                    map.len()
-                ),
-            ));
-        }
         map.iter()
-            .map(|(token, &bias)| {
-                let id = token.parse::<u32>().map_err(|_| {
-                    ApiError::invalid(
-                        Some("logit_bias"),
-                        format!("{token:?} is not a token id - 'logit_bias'"),
-                    )
-                })?;
-                if !(-100.0..=100.0).contains(&bias) {
-                    return Err(ApiError::invalid(
-                        Some("logit_bias"),
-                        format!("{bias} is not between -100 and 100 - 'logit_bias'"),
-                    ));
-                }
-                Ok((id, bias as f32))
+            .map(|(token, &bias)| match token.parse::<u32>() {
+                Ok(id) => Ok((id, bias as f32)),
+                Err(_) => Err(ApiError::invalid(
+                    Some("logit_bias"),
+                    format!("{token:?} is not a token id - 'logit_bias'"),
+                )),
             })
             .collect()
     }
@@ -240,22 +224,13 @@ impl Sampling {
                 format!("{top_p} is not in (0, 1] - 'top_p'"),
             ));
         }
-        let penalty = |param: &'static str, value: Option<f64>| match value.unwrap_or(0.0) {
-            v if (-2.0..=2.0).contains(&v) => Ok(v as f32),
-            v => Err(ApiError::invalid(
-                Some(param),
-                format!("{v} is not between -2 and 2 - '{param}'"),
-            )),
-        };
-        let presence_penalty = penalty("presence_penalty", self.presence_penalty)?;
-        let frequency_penalty = penalty("frequency_penalty", self.frequency_penalty)?;
         let logit_bias = self.logit_bias()?;
         let stop = match &self.stop {
             None => Vec::new(),
             Some(Stop::One(s)) => vec![s.clone()],
             Some(Stop::Many(list)) => list.clone(),
         };
-        // OpenAI's sampler: temperature and top_p only (no top-k, min-p or penalty).
+        // OpenAI's sampler: no top-k, min-p or repetition penalty.
         let sampling = SamplingParams {
             temperature: temperature as f32,
             top_p: top_p as f32,
@@ -263,11 +238,19 @@ impl Sampling {
             min_p: 0.0,
             repetition_penalty: 1.0,
             seed: self.seed.map(|s| s as u64),
-            presence_penalty,
-            frequency_penalty,
+            presence_penalty: self.presence_penalty.unwrap_or(0.0) as f32,
+            frequency_penalty: self.frequency_penalty.unwrap_or(0.0) as f32,
             logit_bias,
             ..SamplingParams::default()
         };
+        // The sampler's own checks, answered with the parameter they name.
+        if let Err(e) = sampling.validate() {
+            let param = match &e {
+                SamplingError::InvalidParameter { param, .. } => Some(*param),
+                _ => None,
+            };
+            return Err(ApiError::invalid(param, e.to_string()));
+        }
         let request = GenerateRequest {
             prompt,
             sampling,

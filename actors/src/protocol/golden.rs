@@ -9,7 +9,10 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_reflection::{Samples, Tracer, TracerConfig};
 
-use super::{PROTOCOL_VERSION, hive, queen, worker};
+use super::PROTOCOL_VERSION;
+use super::hive::{HiveItem, HiveOpen, HiveRequest, HiveResponse};
+use super::queen::{HiveEvent, QueenItem, QueenOpen, QueenRequest, QueenResponse};
+use super::worker::{GenerateRequest, GenerationEvent, WorkerRequest, WorkerResponse};
 use crate::hive::capabilities::GpuReport;
 use crate::hive::hub::DownloadEvent;
 use crate::hive::store::Entry;
@@ -60,6 +63,13 @@ impl Trace {
     }
 }
 
+/// `t.add::<T>("T")` for each type, keyed by its name as written.
+macro_rules! trace {
+    ($t:ident: $($ty:ty),* $(,)?) => {
+        $($t.add::<$ty>(stringify!($ty));)*
+    };
+}
+
 fn current() -> Golden {
     let mut t = Trace {
         // Values that pass the types' own checks (a model id is a non-empty name), and
@@ -78,37 +88,16 @@ fn current() -> Golden {
         samples: Samples::new(),
         frames: BTreeMap::new(),
     };
-    t.add::<queen::QueenRequest>("QueenRequest");
-    t.add::<queen::QueenResponse>("QueenResponse");
-    t.add::<queen::HiveEvent>("HiveEvent");
-    t.add::<queen::QueenOpen>("QueenOpen");
-    t.add::<queen::QueenItem>("QueenItem");
-    t.add::<hive::HiveRequest>("HiveRequest");
-    t.add::<hive::HiveResponse>("HiveResponse");
-    t.add::<hive::HiveOpen>("HiveOpen");
-    t.add::<hive::HiveItem>("HiveItem");
-    t.add::<worker::WorkerRequest>("WorkerRequest");
-    t.add::<worker::WorkerResponse>("WorkerResponse");
-    t.add::<worker::GenerateRequest>("GenerateRequest");
-    t.add::<worker::GenerationEvent>("GenerationEvent");
-    // Enums inside the messages, each traced to all its variants too.
-    t.add::<ClientRequest>("ClientRequest");
-    t.add::<ClientResponse>("ClientResponse");
-    t.add::<HiveState>("HiveState");
-    t.add::<QueenErrorKind>("QueenErrorKind");
-    t.add::<DownloadEvent>("DownloadEvent");
-    t.add::<Entry>("Entry");
-    t.add::<GpuReport>("GpuReport");
-    t.add::<IdleTimeout>("IdleTimeout");
-    t.add::<WorkerMode>("WorkerMode");
-    t.add::<WorkerState>("WorkerState");
-    t.add::<ErrorKind>("ErrorKind");
-    t.add::<Prompt>("Prompt");
-    t.add::<FinishReason>("FinishReason");
-    t.add::<LoadStep>("LoadStep");
-    t.add::<Phase>("Phase");
-    t.add::<Result<Embedded, GenerationError>>("Result<Embedded, GenerationError>");
-    t.add::<SocketAddr>("SocketAddr");
+    trace!(t:
+        // The messages of each link.
+        QueenRequest, QueenResponse, HiveEvent, QueenOpen, QueenItem,
+        HiveRequest, HiveResponse, HiveOpen, HiveItem,
+        WorkerRequest, WorkerResponse, GenerateRequest, GenerationEvent,
+        // Enums inside them, each traced to all its variants too.
+        ClientRequest, ClientResponse, HiveState, QueenErrorKind, DownloadEvent, Entry,
+        GpuReport, IdleTimeout, WorkerMode, WorkerState, ErrorKind, Prompt, FinishReason,
+        LoadStep, Phase, Result<Embedded, GenerationError>, SocketAddr,
+    );
     let registry = t.tracer.registry().expect("every enum traced completely");
     Golden {
         version: PROTOCOL_VERSION,
@@ -152,4 +141,8 @@ fn the_wire_encoding_changes_only_with_the_protocol_version() {
              (transport/src/hello.rs) and regenerate golden.json with RBEE_BLESS=1"
         );
     }
+    assert!(
+        now.frames.keys().eq(golden.frames.keys()),
+        "a message type left the protocol without a PROTOCOL_VERSION bump"
+    );
 }

@@ -96,13 +96,25 @@ mod x86 {
     /// Values of one output head summed per pass: eight registers of eight.
     const PASS: usize = 64;
 
-    /// Panics (before any unchecked read) unless every position `start..len` of this head
-    /// lies inside `data`.
-    fn check(data: &[f16], cache: &Cache<'_>, head_dim: usize) {
-        if cache.len > cache.start {
+    /// Where this head's first attended position starts in `data` (keys or values), and
+    /// how many positions are attended. Panics, before any unchecked read, unless every
+    /// one of them lies inside `data` and `scores` holds `heads` rows of them.
+    fn attended(
+        data: &[f16],
+        cache: &Cache<'_>,
+        head_dim: usize,
+        heads: usize,
+        scores: &[f32],
+    ) -> (*const f16, usize) {
+        let len = cache.len - cache.start;
+        if len > 0 {
             let last = (cache.len - 1) * cache.stride + cache.offset + head_dim;
             assert!(last <= data.len(), "attention reads past its cache");
         }
+        assert!(scores.len() >= heads * len);
+        // Wrapping: with nothing attended the pointer is never read.
+        let first = cache.start * cache.stride + cache.offset;
+        (data.as_ptr().wrapping_add(first), len)
     }
 
     /// `scores[i·len + j] = scale · q_i · k_j`, four positions at a time per head: four
@@ -115,14 +127,11 @@ mod x86 {
         scale: f32,
         scores: &mut [f32],
     ) {
-        check(cache.keys, cache, head_dim);
-        let len = cache.len - cache.start;
         let heads = q.len() / head_dim;
-        assert!(scores.len() >= heads * len);
+        let (keys, len) = attended(cache.keys, cache, head_dim, heads, scores);
         let stride = cache.stride;
-        // SAFETY: `check` bounds every key read; queries and scores by their lengths.
+        // SAFETY: `attended` bounds every key read and the scores; queries by their length.
         unsafe {
-            let keys = cache.keys.as_ptr().add(cache.start * stride + cache.offset);
             let factor = _mm_set1_ps(scale);
             for i in 0..heads {
                 let qi = q.as_ptr().add(i * head_dim);
@@ -168,17 +177,11 @@ mod x86 {
         scores: &[f32],
         out: &mut [f32],
     ) {
-        check(cache.values, cache, head_dim);
-        let len = cache.len - cache.start;
         let heads = out.len() / head_dim;
-        assert!(scores.len() >= heads * len);
+        let (values, len) = attended(cache.values, cache, head_dim, heads, scores);
         let stride = cache.stride;
-        // SAFETY: `check` bounds every value read; scores and out by their lengths.
+        // SAFETY: `attended` bounds every value read and the scores; out by its length.
         unsafe {
-            let values = cache
-                .values
-                .as_ptr()
-                .add(cache.start * stride + cache.offset);
             for i in 0..heads {
                 let p = scores.as_ptr().add(i * len);
                 for lo in (0..head_dim).step_by(PASS) {

@@ -127,7 +127,7 @@ pub struct Sequence {
     len: usize,
     /// Most tokens its cache grows to (the context, or what its owner reserved).
     capacity: usize,
-    /// Floats one token takes in one layer's keys (or values).
+    /// Values one token takes in one layer's keys (or values).
     per_token: usize,
 }
 
