@@ -42,12 +42,26 @@ pub enum HiveCommand {
     },
     /// Stop the hive started with `rbee hive start` (it stops its workers first).
     Stop,
-    /// Whether the hive runs, and which queen it joined.
+    /// Whether the hive runs, and which queen it joined (with `--ssh`, of the hive
+    /// installed on that machine, and how the queen sees it).
     Status {
         /// Print JSON.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "target")]
         json: bool,
+        #[command(flatten)]
+        ssh: Option<super::remote::ssh::SshArgs>,
     },
+    /// Install a hive on another machine over SSH, from the queen's machine: checks the
+    /// machine first, copies this binary, joins it with a fresh token, runs it as a
+    /// systemd unit (or in the background where there is no systemd) and waits until it
+    /// joined.
+    Install(super::remote::InstallArgs),
+    /// Replace the rbee of a hive installed over SSH: stops it and its workers, copies
+    /// the new binary, starts it and waits until it rejoined; the store is kept.
+    Upgrade(super::remote::UpgradeArgs),
+    /// Stop a hive installed over SSH and remove its unit and binary (`--purge`: its
+    /// store and identity too, and it leaves the cluster).
+    Uninstall(super::remote::UninstallArgs),
     /// Run the hive in the foreground (what `start` runs in the background).
     Serve(HiveArgsCli),
     /// Write a systemd unit that runs the hive with these arguments (restarted on
@@ -59,6 +73,12 @@ pub enum HiveCommand {
         args: HiveArgsCli,
         #[command(flatten)]
         install: super::service::InstallArgs,
+    },
+    /// Disable, stop and delete the systemd unit `install-service` wrote.
+    UninstallService {
+        /// The user unit (`systemctl --user`).
+        #[arg(long)]
+        user: bool,
     },
     /// Remove a hive from the cluster (asks the queen): its certificate and its workers'
     /// are revoked and it is refused from its next handshake on; the name stays taken.
@@ -80,6 +100,15 @@ pub async fn command(
 ) -> anyhow::Result<ExitCode> {
     match command {
         HiveCommand::Remove { name } => super::ops::remove_hive(&settings()?, &name).await,
+        HiveCommand::Install(args) => super::remote::install(&settings()?, args).await,
+        HiveCommand::Upgrade(args) => super::remote::upgrade(&settings()?, args).await,
+        HiveCommand::Uninstall(args) => super::remote::uninstall(&settings()?, args).await,
+        HiveCommand::Status { ssh: Some(ssh), .. } => {
+            super::remote::status(&settings()?, ssh).await
+        }
+        HiveCommand::UninstallService { user } => {
+            super::service::uninstall(super::service::Daemon::Hive, user)
+        }
         HiveCommand::InstallService { args, install } => {
             let secrets = args.join.as_ref().map(|t| format!("RBEE_JOIN_TOKEN={t}\n"));
             let daemon_args = super::service::daemon_args(&["--join"]);
@@ -111,17 +140,20 @@ pub async fn command(
             }
             Ok(ExitCode::SUCCESS)
         }
-        HiveCommand::Status { json } => {
+        HiveCommand::Status { json, ssh: None } => {
             let pid = files().running();
             let hive_dir = rbee::actors::paths::data_dir().join("hive");
             let queen = std::fs::read(hive_dir.join("queen.json"))
                 .ok()
                 .and_then(|b| serde_json::from_slice::<Joined>(&b).ok())
                 .map(|j| j.queen);
+            let id = NodeIdentity::load(&hive_dir.join("identity"))
+                .ok()
+                .map(|i| i.node_id().to_string());
             if json {
                 println!(
                     "{}",
-                    serde_json::json!({ "running": pid.is_some(), "pid": pid, "queen": queen })
+                    serde_json::json!({ "running": pid.is_some(), "pid": pid, "queen": queen, "id": id })
                 );
             } else {
                 match pid {
@@ -146,8 +178,12 @@ pub struct HiveArgsCli {
     /// Join the cluster of this token (printed by `rbee queen token`; else
     /// `RBEE_JOIN_TOKEN`, as a service's environment file gives it). Needed once: a
     /// joined hive reconnects with the certificate it got.
-    #[arg(long, conflicts_with_all = ["identity", "worker_ca"])]
+    #[arg(long, conflicts_with_all = ["identity", "worker_ca", "join_file"])]
     join: Option<String>,
+    /// Join with the token in this file (the token alone, or a `RBEE_JOIN_TOKEN=` line):
+    /// kept off the command line. Read only while the hive has not joined yet.
+    #[arg(long, conflicts_with_all = ["identity", "worker_ca"])]
+    join_file: Option<PathBuf>,
     /// This hive's node id when joining (default: the machine's host name).
     #[arg(long)]
     name: Option<String>,
@@ -189,6 +225,10 @@ async fn run(args: HiveArgsCli) -> anyhow::Result<ExitCode> {
 #[derive(serde::Serialize, serde::Deserialize)]
 struct Joined {
     queen: SocketAddr,
+    /// The node id it joined as (read without the binary by `rbee hive uninstall --ssh`;
+    /// absent in files of older releases).
+    #[serde(default)]
+    id: Option<String>,
 }
 
 /// The hive's identity and its queen's address: from an earlier join, or by joining now.
@@ -225,25 +265,30 @@ async fn joined_identity(
     let (identity, queen) =
         rbee::transport::join::join(&token, NodeId::new(name)?, Role::Hive).await?;
     identity.save(&identity_dir)?;
-    std::fs::write(&queen_file, serde_json::to_vec(&Joined { queen })?)?;
+    let joined = Joined {
+        queen,
+        id: Some(identity.node_id().to_string()),
+    };
+    std::fs::write(&queen_file, serde_json::to_vec(&joined)?)?;
     Ok((identity, queen))
+}
+
+/// The token in a `--join-file`: the token alone, or an environment file's line.
+fn token_from_file(file: &Path) -> anyhow::Result<String> {
+    let text = std::fs::read_to_string(file).with_context(|| file.display().to_string())?;
+    text.lines()
+        .map(|l| l.trim())
+        .map(|l| l.strip_prefix("RBEE_JOIN_TOKEN=").unwrap_or(l))
+        .find(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(str::to_string)
+        .with_context(|| format!("{} holds no join token", file.display()))
 }
 
 fn host_name() -> anyhow::Result<String> {
     let raw = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .or_else(|_| std::fs::read_to_string("/etc/hostname"))
         .context("cannot read the host name: pass --name")?;
-    let name: String = raw
-        .trim()
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' {
-                c
-            } else {
-                '-'
-            }
-        })
-        .collect();
+    let name = super::remote::preflight::node_id_from(raw.trim());
     anyhow::ensure!(!name.is_empty(), "the host name is empty: pass --name");
     Ok(name)
 }
@@ -261,10 +306,13 @@ async fn serve(args: HiveArgsCli) -> anyhow::Result<()> {
         }
         _ => {
             // From the environment only where the command line could name one too.
-            let token = args
-                .join
-                .clone()
-                .or_else(|| std::env::var("RBEE_JOIN_TOKEN").ok());
+            let token = match (&args.join, &args.join_file) {
+                (Some(token), _) => Some(token.clone()),
+                (None, Some(file)) if !NodeIdentity::exists(&hive_dir.join("identity")) => {
+                    Some(token_from_file(file)?)
+                }
+                _ => std::env::var("RBEE_JOIN_TOKEN").ok(),
+            };
             let (identity, queen) =
                 joined_identity(&hive_dir, token.as_deref(), args.name.as_deref()).await?;
             let (current, watched) = tokio::sync::watch::channel(None);

@@ -17,6 +17,7 @@ mod hive;
 mod llama_cpp;
 mod ops;
 mod queen;
+mod remote;
 mod run;
 mod service;
 mod worker;
@@ -29,9 +30,22 @@ pub const EXIT_FAILED: u8 = 1;
 /// Exit code when the queen cannot be reached.
 pub const EXIT_UNREACHABLE: u8 = 3;
 
+/// `rbee --version`: the release and the node-link protocol it speaks (an upgrade over SSH
+/// compares the latter).
+fn version_text() -> &'static str {
+    static TEXT: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        format!(
+            "{} (protocol {})",
+            env!("CARGO_PKG_VERSION"),
+            rbee::transport::PROTOCOL_VERSION
+        )
+    });
+    &TEXT
+}
+
 /// rbee: one LLM inference cluster from the GPUs and CPUs of several machines.
 #[derive(Debug, Parser)]
-#[command(name = "rbee", version, about)]
+#[command(name = "rbee", version = version_text(), about)]
 pub struct Cli {
     #[command(subcommand)]
     command: Command,

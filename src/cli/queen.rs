@@ -61,6 +61,12 @@ pub enum QueenCommand {
         #[command(flatten)]
         install: super::service::InstallArgs,
     },
+    /// Disable, stop and delete the systemd unit `install-service` wrote.
+    UninstallService {
+        /// The user unit (`systemctl --user`).
+        #[arg(long)]
+        user: bool,
+    },
     /// API keys of the HTTP gateway (stored hashed; shown once when created).
     #[command(subcommand)]
     Keys(KeysCommand),
@@ -230,6 +236,9 @@ pub async fn run(command: QueenCommand) -> anyhow::Result<ExitCode> {
             vec![args.data.path()],
             &install,
         ),
+        QueenCommand::UninstallService { user } => {
+            super::service::uninstall(super::service::Daemon::Queen, user)
+        }
         QueenCommand::Start {
             args,
             foreground: true,

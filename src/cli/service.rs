@@ -366,6 +366,28 @@ pub fn install(
     Ok(ExitCode::SUCCESS)
 }
 
+/// Disables and stops the unit [`install`] wrote, deletes it and its environment file,
+/// and reloads systemd.
+pub fn uninstall(daemon: Daemon, user: bool) -> anyhow::Result<ExitCode> {
+    let install = InstallArgs {
+        user,
+        no_start: false,
+        unit_dir: None,
+    };
+    let path = unit_dir(&install)?.join(daemon.unit_name());
+    if !path.exists() {
+        println!("no {} to remove", path.display());
+        return Ok(ExitCode::SUCCESS);
+    }
+    systemctl(user, &["disable", "--now", &daemon.unit_name()])?;
+    std::fs::remove_file(&path).with_context(|| path.display().to_string())?;
+    let secrets = rbee::actors::paths::data_dir().join(format!("{}.env", daemon.name()));
+    let _ = std::fs::remove_file(secrets);
+    systemctl(user, &["daemon-reload"])?;
+    println!("{} disabled, stopped and removed", path.display());
+    Ok(ExitCode::SUCCESS)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 pub mod daemons;
 pub mod netns;
+pub mod tmpfs;
 
 use rbee_transport::{
     ClusterCa, Endpoint, Incoming, Link, LinkConfig, LinkIncoming, NodeId, NodeIdentity, Protocol,
