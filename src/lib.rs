@@ -8,6 +8,7 @@
 
 pub mod cluster;
 pub mod gateway;
+pub mod health;
 
 pub use cluster::{Client, Cluster, Error, Event, Events, LocalClusterBuilder};
 pub use rbee_actors as actors;

@@ -201,6 +201,10 @@ pub struct HiveArgsCli {
     /// address this machine reaches the queen from; standalone, the listen address).
     #[arg(long)]
     worker_ip: Option<IpAddr>,
+    /// Serve `GET /health` and `GET /ready` (ready while linked to the queen) on this
+    /// address, for Kubernetes probes (joined hives).
+    #[arg(long, conflicts_with = "identity")]
+    health: Option<SocketAddr>,
     #[command(flatten)]
     timing: LinkTiming,
 }
@@ -316,6 +320,20 @@ async fn serve(args: HiveArgsCli) -> anyhow::Result<()> {
             let (identity, queen) =
                 joined_identity(&hive_dir, token.as_deref(), args.name.as_deref()).await?;
             let (current, watched) = tokio::sync::watch::channel(None);
+            if let Some(addr) = args.health {
+                let linked = watched.clone();
+                let ready: rbee::health::ReadyCheck = Arc::new(move || {
+                    let up = linked.borrow().is_some();
+                    Box::pin(async move {
+                        up.then_some(())
+                            .ok_or_else(|| "no link to the queen".to_string())
+                    })
+                });
+                let bound = rbee::health::serve(addr, ready)
+                    .await
+                    .with_context(|| format!("the health endpoint on {addr}"))?;
+                tracing::info!("health endpoint on http://{bound}");
+            }
             let issuer: IdentityIssuer = uplink::issuer_from_queen(watched, &identity);
             (identity, issuer, Some((queen, current)))
         }

@@ -122,7 +122,19 @@ pub async fn start(
         },
         metrics: Metrics::default(),
     });
+    // Ready while the queen actor answers.
+    let service = gateway.service.clone();
+    let ready: crate::health::ReadyCheck = Arc::new(move || {
+        let service = service.clone();
+        Box::pin(async move {
+            match serve::answer(&service, ClientRequest::ListHives).await {
+                ClientResponse::Error(e) => Err(e.to_string()),
+                _ => Ok(()),
+            }
+        })
+    });
     let app = Router::new()
+        .merge(crate::health::routes(ready))
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/completions", post(completions))
         .route("/v1/embeddings", post(embeddings))
