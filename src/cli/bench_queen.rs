@@ -192,7 +192,7 @@ pub(super) fn bench_cluster(
     ModelStore::open(&hive_home)?.import(&model_file, &model)?;
     let queen = queen(dir, DEFAULT_KEEP_ALIVE_MS)?;
     let link = queen.addr("link")?;
-    let token = daemon::create_token(&dir.join("queen"), Duration::from_secs(600))?;
+    let token = daemon::create_token(&dir.join("queen"), Duration::from_secs(600), None)?;
     let hive = Daemon::start(
         &hive_home,
         &[

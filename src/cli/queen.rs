@@ -77,6 +77,10 @@ pub enum QueenCommand {
         /// How long the token admits hives, in seconds.
         #[arg(long, default_value_t = 3600)]
         ttl_secs: u64,
+        /// The address hives reach this queen at, for a queen that listens on all
+        /// addresses (0.0.0.0): a host's IP, or a Kubernetes Service's cluster IP.
+        #[arg(long)]
+        advertise: Option<std::net::IpAddr>,
     },
     /// Write a client identity (ca.crt, node.crt, node.key) under the cluster CA.
     Credentials {
@@ -298,8 +302,13 @@ pub async fn run(command: QueenCommand) -> anyhow::Result<ExitCode> {
                 ExitCode::from(super::EXIT_UNREACHABLE)
             })
         }
-        QueenCommand::Token { data, ttl_secs } => {
-            let token = daemon::create_token(&data.path(), Duration::from_secs(ttl_secs))?;
+        QueenCommand::Token {
+            data,
+            ttl_secs,
+            advertise,
+        } => {
+            let token =
+                daemon::create_token(&data.path(), Duration::from_secs(ttl_secs), advertise)?;
             println!("{token}");
             Ok(ExitCode::SUCCESS)
         }

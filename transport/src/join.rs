@@ -349,6 +349,12 @@ async fn join_inner(
             }
             let identity =
                 pending.complete(CertificateDer::from(cert_der), CertificateDer::from(ca_der))?;
+            // A queen listening on all addresses names none: its link is where its join
+            // endpoint was reached.
+            let link = match link.ip().is_unspecified() {
+                true => SocketAddr::new(addr.ip(), link.port()),
+                false => link,
+            };
             Ok((identity, link))
         }
     }

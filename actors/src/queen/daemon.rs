@@ -103,6 +103,11 @@ pub enum QueenDaemonError {
     /// The queen actor did not start.
     #[error("the queen actor did not start: {0}")]
     Actor(String),
+    /// A token would carry an address no hive can dial.
+    #[error(
+        "the queen's join endpoint listens on {0}, which no hive can dial: pass --advertise IP, the address hives reach this queen at"
+    )]
+    NoAdvertisedAddress(SocketAddr),
 }
 
 /// The CA of the queen with data directory `data`, created on first use (once, even when
@@ -141,12 +146,25 @@ pub fn last_addrs(data: &Path) -> Result<QueenAddrs, QueenDaemonError> {
 
 /// A token for the queen with data directory `data`, valid for `ttl`: works with the
 /// queen running or not (it reads the address the queen last listened on).
-pub fn create_token(data: &Path, ttl: Duration) -> Result<JoinToken, QueenDaemonError> {
+///
+/// Its address is the join endpoint's; a queen bound to all addresses (`0.0.0.0`) has none
+/// a hive could dial, so there `advertise` names the one hives reach it at (the port
+/// stays).
+pub fn create_token(
+    data: &Path,
+    ttl: Duration,
+    advertise: Option<std::net::IpAddr>,
+) -> Result<JoinToken, QueenDaemonError> {
     let addrs = last_addrs(data)?;
+    let addr = match (advertise, addrs.join.ip().is_unspecified()) {
+        (_, false) => addrs.join,
+        (Some(ip), true) => SocketAddr::new(ip, addrs.join.port()),
+        (None, true) => return Err(QueenDaemonError::NoAdvertisedAddress(addrs.join)),
+    };
     let ca = ClusterCa::load(&data.join("ca"))?;
     let secret = TokenStore::new(data).create(ttl)?;
     Ok(JoinToken {
-        addr: addrs.join,
+        addr,
         ca: ca.fingerprint(),
         secret,
     })
@@ -251,7 +269,7 @@ impl RunningQueen {
 
     /// A join token valid for `ttl`.
     pub fn token(&self, ttl: Duration) -> Result<JoinToken, QueenDaemonError> {
-        create_token(&self.data, ttl)
+        create_token(&self.data, ttl, None)
     }
 
     /// Waits until the queen actor has stopped. Unless [`RunningQueen::stop`] stopped it,

@@ -11,6 +11,7 @@
 pub mod preflight;
 pub mod ssh;
 
+use std::net::ToSocketAddrs;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -45,6 +46,10 @@ pub struct InstallArgs {
     binary: Option<PathBuf>,
     #[command(flatten)]
     queen_data: super::queen::DataDir,
+    /// The address the machine reaches this queen at, for a queen that listens on all
+    /// addresses (default: this machine's address on the route to it).
+    #[arg(long)]
+    advertise: Option<std::net::IpAddr>,
 }
 
 #[derive(Debug, Args)]
@@ -110,7 +115,16 @@ pub async fn install(settings: &Effective, args: InstallArgs) -> anyhow::Result<
             "the cluster has a hive named {name} already: pass --name, or `rbee hive remove {name}` first"
         );
     }
-    let token = daemon::create_token(&args.queen_data.path(), TOKEN_TTL)?;
+    // A queen on all addresses is reached at the address this machine reaches the target
+    // from, unless told otherwise.
+    let advertise = match args.advertise {
+        Some(ip) => Some(ip),
+        None => {
+            let target = (ssh.host.as_str(), ssh.args.port).to_socket_addrs()?.next();
+            target.and_then(|t| rbee::transport::route_source_ip(t).ok())
+        }
+    };
+    let token = daemon::create_token(&args.queen_data.path(), TOKEN_TTL, advertise)?;
 
     copy_binary(&ssh, &target, &binary)?;
     step("join token into data/hive.env (mode 600)");
