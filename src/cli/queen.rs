@@ -105,6 +105,16 @@ pub enum KeysCommand {
         #[arg(long, default_value = "default")]
         name: String,
     },
+    /// Store a key made elsewhere (from `RBEE_API_KEY`, else one line of stdin; never an
+    /// argument): a Kubernetes Secret's, so the API is closed from the first start.
+    /// Adding a stored key again changes nothing.
+    Add {
+        #[command(flatten)]
+        data: DataDir,
+        /// A name to list and revoke it by.
+        #[arg(long, default_value = "default")]
+        name: String,
+    },
     /// List the keys (ids and names, never the keys).
     List {
         #[command(flatten)]
@@ -136,6 +146,18 @@ fn keys(command: KeysCommand) -> anyhow::Result<ExitCode> {
                 stored.id
             );
             println!("{key}");
+        }
+        KeysCommand::Add { data, name } => {
+            let key = match std::env::var("RBEE_API_KEY") {
+                Ok(key) => key,
+                Err(_) => {
+                    let mut line = String::new();
+                    std::io::stdin().read_line(&mut line)?;
+                    line
+                }
+            };
+            let stored = KeyStore::new(&data.path()).add(&name, key.trim())?;
+            eprintln!("rbee: key {} ({}) stored", stored.id, stored.name);
         }
         KeysCommand::List { data, json } => {
             let keys = KeyStore::new(&data.path()).list()?;

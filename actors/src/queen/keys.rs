@@ -16,6 +16,8 @@ use sha2::{Digest, Sha256};
 pub const KEYS_FILE: &str = "api_keys.json";
 /// Keys start with this, so a leaked one is recognisable (and scannable).
 pub const KEY_PREFIX: &str = "rbee-sk-";
+/// The shortest key [`KeyStore::add`] takes (a created one has 56 characters).
+pub const MIN_KEY_CHARS: usize = 32;
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 struct Keys {
@@ -77,6 +79,10 @@ pub enum KeyError {
     #[error("no API key has the id or name {0:?}")]
     Unknown(String),
     /// The API cannot be opened while keys exist.
+    #[error(
+        "an API key must have at least {MIN_KEY_CHARS} printable characters and no spaces (`openssl rand -hex 24` makes one)"
+    )]
+    Weak,
     #[error("{0} API key(s) exist: revoke them first to open the API to requests without a key")]
     KeysExist(usize),
 }
@@ -109,9 +115,28 @@ impl KeyStore {
 
     /// Creates a key named `name`; returns it (shown once) and its listing.
     pub fn create(&self, name: &str) -> Result<(String, StoredKey), KeyError> {
-        let mut keys = self.read()?;
         let key = format!("{KEY_PREFIX}{}", hex::encode(rand::random::<[u8; 24]>()));
-        let sha256 = hex::encode(digest(&key));
+        let stored = self.store(name, &key)?;
+        Ok((key, stored))
+    }
+
+    /// Stores a key made elsewhere (a Kubernetes Secret, so a queen's first start can
+    /// already require it): at least [`MIN_KEY_CHARS`] printable characters. Adding a key
+    /// that is stored already changes nothing, so a restart may add it again.
+    pub fn add(&self, name: &str, key: &str) -> Result<StoredKey, KeyError> {
+        if key.chars().count() < MIN_KEY_CHARS || !key.chars().all(|c| c.is_ascii_graphic()) {
+            return Err(KeyError::Weak);
+        }
+        let sha256 = hex::encode(digest(key));
+        if let Some(stored) = self.read()?.keys.into_iter().find(|k| k.sha256 == sha256) {
+            return Ok(stored);
+        }
+        self.store(name, key)
+    }
+
+    fn store(&self, name: &str, key: &str) -> Result<StoredKey, KeyError> {
+        let mut keys = self.read()?;
+        let sha256 = hex::encode(digest(key));
         let stored = StoredKey {
             id: sha256[..8].to_string(),
             name: name.to_string(),
@@ -123,7 +148,7 @@ impl KeyStore {
         keys.keys.push(stored.clone());
         keys.required = true;
         crate::private_json::write(&self.dir, KEYS_FILE, &keys).map_err(KeyError::Store)?;
-        Ok((key, stored))
+        Ok(stored)
     }
 
     /// Every key (without the keys themselves).
@@ -180,6 +205,27 @@ pub fn accepts(hashes: &[[u8; 32]], presented: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_added_key_is_checked_for_strength_and_adding_it_again_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = KeyStore::new(dir.path());
+        assert!(matches!(store.add("k8s", "short"), Err(KeyError::Weak)));
+        let spaced = "a key with spaces that is long enough!";
+        assert!(matches!(store.add("k8s", spaced), Err(KeyError::Weak)));
+        assert!(
+            store.access().unwrap().is_open(),
+            "a refused key closed the API"
+        );
+        let key = "0123456789abcdef0123456789abcdef";
+        let first = store.add("k8s", key).unwrap();
+        assert_eq!(store.add("k8s", key).unwrap(), first);
+        assert_eq!(store.list().unwrap().len(), 1);
+        let access = store.access().unwrap();
+        assert!(access.admits(Some(key)) && !access.admits(None));
+        let file = std::fs::read_to_string(dir.path().join(KEYS_FILE)).unwrap();
+        assert!(!file.contains(key));
+    }
 
     #[test]
     fn a_created_key_is_accepted_until_revoked_and_never_stored() {
