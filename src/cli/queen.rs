@@ -105,15 +105,18 @@ pub enum KeysCommand {
         #[arg(long, default_value = "default")]
         name: String,
     },
-    /// Store a key made elsewhere (from `RBEE_API_KEY`, else one line of stdin; never an
-    /// argument): a Kubernetes Secret's, so the API is closed from the first start.
-    /// Adding a stored key again changes nothing.
+    /// Store a key made elsewhere (from --key-file, else `RBEE_API_KEY`, else one line of
+    /// stdin; never an argument): a Kubernetes Secret's, so the API is closed from the
+    /// first start. Adding a stored key again changes nothing.
     Add {
         #[command(flatten)]
         data: DataDir,
         /// A name to list and revoke it by.
         #[arg(long, default_value = "default")]
         name: String,
+        /// A file holding the key (a mounted Secret).
+        #[arg(long)]
+        key_file: Option<PathBuf>,
     },
     /// List the keys (ids and names, never the keys).
     List {
@@ -147,10 +150,17 @@ fn keys(command: KeysCommand) -> anyhow::Result<ExitCode> {
             );
             println!("{key}");
         }
-        KeysCommand::Add { data, name } => {
-            let key = match std::env::var("RBEE_API_KEY") {
-                Ok(key) => key,
-                Err(_) => {
+        KeysCommand::Add {
+            data,
+            name,
+            key_file,
+        } => {
+            let key = match (key_file, std::env::var("RBEE_API_KEY")) {
+                (Some(file), _) => {
+                    std::fs::read_to_string(&file).with_context(|| file.display().to_string())?
+                }
+                (None, Ok(key)) => key,
+                (None, Err(_)) => {
                     let mut line = String::new();
                     std::io::stdin().read_line(&mut line)?;
                     line
