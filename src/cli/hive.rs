@@ -184,7 +184,8 @@ pub struct HiveArgsCli {
     /// kept off the command line. Read only while the hive has not joined yet.
     #[arg(long, conflicts_with_all = ["identity", "worker_ca"])]
     join_file: Option<PathBuf>,
-    /// This hive's node id when joining (default: the machine's host name).
+    /// This hive's node id when joining (default: the machine's host name); characters
+    /// other than letters, digits and `-` become `-`.
     #[arg(long)]
     name: Option<String>,
     /// Standalone: directory with this hive's node identity (ca.crt, node.crt, node.key).
@@ -263,7 +264,17 @@ async fn joined_identity(
         )?
         .parse()?;
     let name = match name {
-        Some(name) => name.to_string(),
+        // A hive name has no `.` (its workers are `HIVE.WORKER`): a Kubernetes node's or
+        // a domain-qualified host's name becomes one with `-`.
+        Some(given) => {
+            let name = super::remote::preflight::node_id_from(given);
+            if name != given {
+                eprintln!(
+                    "rbee: the hive joins as {name} (hive names have only letters, digits and '-')"
+                );
+            }
+            name
+        }
         None => host_name()?,
     };
     let (identity, queen) =
