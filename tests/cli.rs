@@ -204,6 +204,58 @@ fn a_cluster_from_the_command_line() {
 }
 
 #[test]
+fn run_on_a_cluster_pulls_a_card_that_no_hive_has_then_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let (queen_home, hive_home) = (dir.path().join("q"), dir.path().join("h"));
+    let _stop = StopDaemons(vec![
+        (queen_home.clone(), "queen"),
+        (hive_home.clone(), "hive"),
+    ]);
+    ok(&queen_home, QUEEN_START);
+    let token = ok(&queen_home, &["queen", "token"]);
+    // The hive's package cache is the shared one, where `rbee pull` (CI runs it first)
+    // left SmolLM2's package: the pull checks it instead of downloading. Its hub is a
+    // closed port, so the card falls through to the package at once.
+    let started = Command::new(env!("CARGO_BIN_EXE_rbee"))
+        .args(["hive", "start", "--join", token.trim(), "--name", "hive-a"])
+        .env("RBEE_HOME", &hive_home)
+        .env("RBEE_CACHE", rbee::actors::paths::cache_dir())
+        .env("RBEE_CONFIG", hive_home.join("config.toml"))
+        .env("HF_ENDPOINT", "http://127.0.0.1:9")
+        .output()
+        .unwrap();
+    assert!(started.status.success(), "{started:?}");
+    assert_eq!(
+        json(&queen_home, &["models", "--json"]),
+        serde_json::json!([])
+    );
+
+    let ask = [
+        "run",
+        "--model",
+        "smollm2-135m",
+        "--raw",
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "8",
+        "The capital of France is",
+    ];
+    let first = rbee(&queen_home, &ask);
+    let said = String::from_utf8_lossy(&first.stderr);
+    assert!(first.status.success(), "{said}");
+    assert!(said.contains("no hive has smollm2-135m; pulling"), "{said}");
+    assert!(said.contains("hive-a"), "no progress of the hive: {said}");
+    assert!(!String::from_utf8_lossy(&first.stdout).trim().is_empty());
+    let models = json(&queen_home, &["models", "--json"]);
+    assert_eq!(models[0]["hive"], "hive-a", "{models}");
+    // Now a hive has it: no second pull.
+    let second = rbee(&queen_home, &ask);
+    assert!(second.status.success());
+    assert!(!String::from_utf8_lossy(&second.stderr).contains("pulling"));
+}
+
+#[test]
 fn with_no_queen_models_show_verify_and_rm_work_on_this_machines_store() {
     let dir = tempfile::tempdir().unwrap();
     let home = dir.path();

