@@ -10,23 +10,22 @@
 //! `Authorization: Bearer <key>`; the gateway refuses to listen beyond loopback without one.
 //! Each request has an `x-request-id` (the client's, or a new one), returned and logged.
 
+mod completions;
 pub mod metrics;
 mod ollama;
 pub mod openai;
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime};
 
 use axum::Router;
-use axum::body::{Body, Bytes};
+use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use futures::Stream;
 use rbee_actors::hive::store::{Entry, ModelId};
 use rbee_actors::queen::actor::QueenMsg;
 use rbee_actors::queen::keys::{self, Access, KeyStore};
@@ -38,7 +37,7 @@ use rbee_actors::worker::api::{ErrorKind, GenerationError, GenerationEvent, Gene
 use tokio::sync::mpsc;
 
 use metrics::{ClusterGauges, Metrics};
-use openai::{ApiError, ChatRequest, CompletionRequest, Usage};
+use openai::ApiError;
 
 /// Largest request body: prompts are bounded far below this by the worker's limit.
 const MAX_BODY_BYTES: usize = 4 << 20;
@@ -138,8 +137,8 @@ pub async fn start(
     let app = Router::new()
         .merge(crate::health::routes(ready))
         .merge(ollama::routes())
-        .route("/v1/chat/completions", post(chat_completions))
-        .route("/v1/completions", post(completions))
+        .route("/v1/chat/completions", post(completions::chat_completions))
+        .route("/v1/completions", post(completions::completions))
         .route("/v1/embeddings", post(embeddings))
         .route("/v1/models", get(list_models))
         .route("/v1/models/{id}", get(get_model))
@@ -419,94 +418,6 @@ async fn embeddings(
     }
 }
 
-/// Which endpoint a generation came through: it decides the response's shape.
-#[derive(Clone, Copy, PartialEq)]
-enum Shape {
-    Chat,
-    Text,
-}
-
-/// A completion request of either endpoint.
-trait CompletionBody: serde::de::DeserializeOwned {
-    fn model(&self) -> &str;
-    fn prompt(&self) -> Result<rbee_actors::worker::api::Prompt, ApiError>;
-    fn sampling(&self) -> &openai::Sampling;
-}
-
-impl CompletionBody for ChatRequest {
-    fn model(&self) -> &str {
-        &self.model
-    }
-    fn prompt(&self) -> Result<rbee_actors::worker::api::Prompt, ApiError> {
-        ChatRequest::prompt(self)
-    }
-    fn sampling(&self) -> &openai::Sampling {
-        &self.sampling
-    }
-}
-
-impl CompletionBody for CompletionRequest {
-    fn model(&self) -> &str {
-        &self.model
-    }
-    fn prompt(&self) -> Result<rbee_actors::worker::api::Prompt, ApiError> {
-        CompletionRequest::prompt(self)
-    }
-    fn sampling(&self) -> &openai::Sampling {
-        &self.sampling
-    }
-}
-
-/// The body as a generation: (model, request, stream, include usage).
-fn parse<T: CompletionBody>(body: &[u8]) -> Parsed {
-    let r: T = serde_json::from_slice(body).map_err(|e| {
-        ApiError::invalid(
-            None,
-            format!("We could not parse the JSON body of your request: {e}"),
-        )
-    })?;
-    let sampling = r.sampling();
-    let generate = sampling.request(r.prompt()?)?;
-    Ok((
-        r.model().to_string(),
-        generate,
-        sampling.stream,
-        sampling.include_usage(),
-    ))
-}
-
-async fn chat_completions(
-    State(gateway): State<Arc<Gateway>>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    generate(gateway, headers, parse::<ChatRequest>(&body), Shape::Chat).await
-}
-
-async fn completions(
-    State(gateway): State<Arc<Gateway>>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    generate(
-        gateway,
-        headers,
-        parse::<CompletionRequest>(&body),
-        Shape::Text,
-    )
-    .await
-}
-
-type Parsed = Result<
-    (
-        String,
-        rbee_actors::worker::api::GenerateRequest,
-        bool,
-        bool,
-    ),
-    ApiError,
->;
-
 /// The HTTP error of a generation that failed before its first token.
 fn generation_error(e: &GenerationError) -> ApiError {
     match e.kind {
@@ -538,11 +449,14 @@ struct Tracker {
     last_token: Option<Instant>,
     /// Whether the request's status was counted.
     counted: bool,
+    /// Whether this generation's end counts the HTTP request's status: of `n` choices,
+    /// only the first does (each still counts as a generation).
+    counts_request: bool,
 }
 
 impl Drop for Tracker {
     fn drop(&mut self) {
-        if !self.counted {
+        if !self.counted && self.counts_request {
             // Dropped before its end: the client went away (nginx's 499).
             self.gateway.metrics.request(&self.label, 499);
             tracing::info!(request_id = %self.request_id, model = ?self.model, "client disconnected; generation cancelled");
@@ -580,7 +494,9 @@ impl Tracker {
 
     fn ended(&mut self, status: u16, why: &str) {
         self.counted = true;
-        self.gateway.metrics.request(&self.label, status);
+        if self.counts_request {
+            self.gateway.metrics.request(&self.label, status);
+        }
         if status >= 400 {
             tracing::warn!(request_id = %self.request_id, model = ?self.model, status, "{why}");
         }
@@ -593,19 +509,20 @@ struct Begun {
     tracker: Tracker,
     first: GenerationEvent,
     rx: mpsc::Receiver<QueenItem>,
-    request_id: String,
 }
 
 /// Authorizes, checks that the cluster knows `model`, starts the generation and waits for
 /// its first event. The failure before anything was generated, with the request id, for
-/// the caller to answer in its API's shape.
+/// the caller to answer in its API's shape. `counts_request`: whether its end counts as
+/// the HTTP request's (see [`Tracker`]).
 async fn begin(
     gateway: Arc<Gateway>,
     headers: &HeaderMap,
+    request_id: String,
     parsed: Result<(String, rbee_actors::worker::api::GenerateRequest), ApiError>,
     stream: bool,
+    counts_request: bool,
 ) -> Result<Begun, (ApiError, String)> {
-    let request_id = request_id(headers);
     let fail = |e: ApiError| (e, request_id.clone());
     gateway.authorize(headers).map_err(fail)?;
     let (model, request) = parsed.map_err(fail)?;
@@ -622,6 +539,7 @@ async fn begin(
         started: Instant::now(),
         last_token: None,
         counted: false,
+        counts_request,
     };
     let model_id = match ModelId::new(&model) {
         Ok(id) if known => id,
@@ -655,81 +573,7 @@ async fn begin(
         tracker.ended(error.status, &e.message);
         return Err(fail(error));
     }
-    Ok(Begun {
-        tracker,
-        first,
-        rx,
-        request_id,
-    })
-}
-
-async fn generate(
-    gateway: Arc<Gateway>,
-    headers: HeaderMap,
-    parsed: Parsed,
-    shape: Shape,
-) -> Response {
-    let (parsed, stream, include_usage) = match parsed {
-        Ok((model, request, stream, usage)) => (Ok((model, request)), stream, usage),
-        Err(e) => (Err(e), false, false),
-    };
-    let model = parsed.as_ref().map(|(m, _)| m.clone()).unwrap_or_default();
-    let Begun {
-        mut tracker,
-        first,
-        mut rx,
-        request_id,
-    } = match begin(gateway, &headers, parsed, stream).await {
-        Ok(begun) => begun,
-        Err((e, request_id)) => return error_response(&e, &request_id),
-    };
-    let created = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let head = ResponseHead {
-        id: completion_id(shape, &request_id),
-        model: model.clone(),
-        created,
-        shape,
-    };
-    if stream {
-        let body = sse(head, first, rx, tracker, include_usage);
-        let response = Response::builder()
-            .header(header::CONTENT_TYPE, "text/event-stream")
-            .header(header::CACHE_CONTROL, "no-cache")
-            .body(Body::from_stream(body))
-            .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response());
-        return with_request_id(response, &request_id);
-    }
-    let mut text = String::new();
-    let mut event = Some(first);
-    while let Some(current) = event.take() {
-        match current {
-            GenerationEvent::Token { text: t, .. } => {
-                tracker.token();
-                text.push_str(&t);
-            }
-            GenerationEvent::Text(t) => text.push_str(&t),
-            GenerationEvent::Done(stats) => {
-                tracker.done(&stats);
-                tracker.ended(200, "done");
-                return with_request_id(
-                    axum::Json(head.whole(&text, &stats)).into_response(),
-                    &request_id,
-                );
-            }
-            GenerationEvent::Error(e) => {
-                // Tokens were generated but cannot be delivered whole.
-                let error = ApiError::server(503, e.message.clone());
-                tracker.ended(503, &e.message);
-                return error_response(&error, &request_id);
-            }
-        }
-        event = next_generation_event(&mut rx).await;
-    }
-    let e = ApiError::server(503, "the generation ended without a result".into());
-    tracker.ended(503, &e.message);
-    error_response(&e, &request_id)
+    Ok(Begun { tracker, first, rx })
 }
 
 async fn next_generation_event(rx: &mut mpsc::Receiver<QueenItem>) -> Option<GenerationEvent> {
@@ -739,170 +583,4 @@ async fn next_generation_event(rx: &mut mpsc::Receiver<QueenItem>) -> Option<Gen
             _ => continue,
         }
     }
-}
-
-fn completion_id(shape: Shape, request_id: &str) -> String {
-    match shape {
-        Shape::Chat => format!("chatcmpl-{request_id}"),
-        Shape::Text => format!("cmpl-{request_id}"),
-    }
-}
-
-/// What every response and chunk of one completion shares.
-struct ResponseHead {
-    id: String,
-    model: String,
-    created: u64,
-    shape: Shape,
-}
-
-/// What rbee reports as `system_fingerprint`.
-fn fingerprint() -> String {
-    format!("rbee-{}", env!("CARGO_PKG_VERSION"))
-}
-
-impl ResponseHead {
-    fn whole(&self, text: &str, stats: &GenerationStats) -> serde_json::Value {
-        let reason = openai::finish_reason(stats.finish);
-        let choice = match self.shape {
-            Shape::Chat => serde_json::json!({
-                "index": 0, "message": { "role": "assistant", "content": text },
-                "logprobs": null, "finish_reason": reason }),
-            Shape::Text => serde_json::json!({
-                "index": 0, "text": text, "logprobs": null, "finish_reason": reason }),
-        };
-        serde_json::json!({
-            "id": self.id, "object": self.object(false), "created": self.created,
-            "model": self.model, "system_fingerprint": fingerprint(),
-            "choices": [choice], "usage": Usage::of(stats),
-        })
-    }
-
-    fn object(&self, chunk: bool) -> &'static str {
-        match (self.shape, chunk) {
-            (Shape::Chat, false) => "chat.completion",
-            (Shape::Chat, true) => "chat.completion.chunk",
-            (Shape::Text, _) => "text_completion",
-        }
-    }
-
-    /// A chunk with `delta` text (chat: also the role in the first), or the closing one.
-    fn chunk(
-        &self,
-        text: Option<&str>,
-        first: bool,
-        finish: Option<&str>,
-        usage: Option<serde_json::Value>,
-    ) -> serde_json::Value {
-        let choice = match self.shape {
-            Shape::Chat => {
-                let mut delta = serde_json::Map::new();
-                if first {
-                    delta.insert("role".into(), "assistant".into());
-                }
-                if let Some(text) = text {
-                    delta.insert("content".into(), text.into());
-                }
-                serde_json::json!({ "index": 0, "delta": delta, "logprobs": null, "finish_reason": finish })
-            }
-            Shape::Text => serde_json::json!({
-                "index": 0, "text": text.unwrap_or(""), "logprobs": null, "finish_reason": finish }),
-        };
-        let mut chunk = serde_json::json!({
-            "id": self.id, "object": self.object(true), "created": self.created,
-            "model": self.model, "system_fingerprint": fingerprint(), "choices": [choice],
-        });
-        if let Some(usage) = usage {
-            chunk["usage"] = usage;
-        }
-        chunk
-    }
-}
-
-fn data(value: &serde_json::Value) -> Bytes {
-    Bytes::from(format!("data: {value}\n\n"))
-}
-
-/// The SSE body: one chunk per token, the closing chunk, the usage chunk when asked for,
-/// then `data: [DONE]`. Dropping it (the client left) drops `rx`, which cancels the
-/// generation on its worker.
-fn sse(
-    head: ResponseHead,
-    first: GenerationEvent,
-    rx: mpsc::Receiver<QueenItem>,
-    tracker: Tracker,
-    include_usage: bool,
-) -> impl Stream<Item = Result<Bytes, Infallible>> {
-    struct Sse {
-        head: ResponseHead,
-        pending: Option<GenerationEvent>,
-        rx: mpsc::Receiver<QueenItem>,
-        tracker: Tracker,
-        include_usage: bool,
-        started: bool,
-        ended: bool,
-    }
-    let state = Sse {
-        head,
-        pending: Some(first),
-        rx,
-        tracker,
-        include_usage,
-        started: false,
-        ended: false,
-    };
-    futures::stream::unfold(state, |mut s| async move {
-        if s.ended {
-            return None;
-        }
-        let event = match s.pending.take() {
-            Some(event) => Some(event),
-            None => next_generation_event(&mut s.rx).await,
-        };
-        let usage_field = |s: &Sse| s.include_usage.then_some(serde_json::Value::Null);
-        let bytes = match event {
-            Some(GenerationEvent::Token { text, .. }) => {
-                s.tracker.token();
-                let first = !std::mem::replace(&mut s.started, true);
-                data(&s.head.chunk(Some(&text), first, None, usage_field(&s)))
-            }
-            Some(GenerationEvent::Text(text)) => {
-                let first = !std::mem::replace(&mut s.started, true);
-                data(&s.head.chunk(Some(&text), first, None, usage_field(&s)))
-            }
-            Some(GenerationEvent::Done(stats)) => {
-                s.tracker.done(&stats);
-                s.tracker.ended(200, "done");
-                s.ended = true;
-                let reason = openai::finish_reason(stats.finish);
-                let first = !std::mem::replace(&mut s.started, true);
-                let mut out =
-                    data(&s.head.chunk(None, first, Some(reason), usage_field(&s))).to_vec();
-                if s.include_usage {
-                    let mut usage = s.head.chunk(
-                        None,
-                        false,
-                        None,
-                        Some(serde_json::json!(Usage::of(&stats))),
-                    );
-                    usage["choices"] = serde_json::json!([]);
-                    out.extend_from_slice(&data(&usage));
-                }
-                out.extend_from_slice(b"data: [DONE]\n\n");
-                Bytes::from(out)
-            }
-            Some(GenerationEvent::Error(e)) => {
-                s.tracker.ended(503, &e.message);
-                s.ended = true;
-                data(&ApiError::server(503, e.message.clone()).body())
-            }
-            None => {
-                s.tracker
-                    .ended(503, "the generation ended without a result");
-                s.ended = true;
-                data(&ApiError::server(503, "the generation ended without a result".into()).body())
-            }
-        };
-        Some((Ok(bytes), s))
-    })
 }

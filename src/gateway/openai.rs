@@ -11,6 +11,8 @@ use serde::{Deserialize, Serialize};
 
 /// Most tokens an answer may have when the request does not say.
 pub const DEFAULT_MAX_TOKENS: usize = 512;
+/// Most choices (`n`) one request may ask for: each is a generation of its own.
+pub const MAX_CHOICES: usize = 8;
 
 /// An error in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`.
 #[derive(Debug, Clone, Serialize)]
@@ -195,11 +197,6 @@ impl Sampling {
 
     /// The generation request for `prompt`, or the parameter that cannot be honoured.
     pub fn request(&self, prompt: Prompt) -> Result<GenerateRequest, ApiError> {
-        if let Some(n) = self.n
-            && n != 1
-        {
-            return Err(ApiError::invalid(Some("n"), "Only n = 1 is supported."));
-        }
         let max_tokens = match self.max_completion_tokens.or(self.max_tokens) {
             None => DEFAULT_MAX_TOKENS,
             Some(n) if n >= 1 => usize::try_from(n).unwrap_or(usize::MAX),
@@ -263,6 +260,18 @@ impl Sampling {
             .validate()
             .map_err(|e| ApiError::invalid(None, e.message))?;
         Ok(request)
+    }
+
+    /// How many choices (`n`): 1 to [`MAX_CHOICES`].
+    pub fn choices(&self) -> Result<usize, ApiError> {
+        match self.n {
+            None => Ok(1),
+            Some(n) if (1..=MAX_CHOICES as i64).contains(&n) => Ok(n as usize),
+            Some(n) => Err(ApiError::invalid(
+                Some("n"),
+                format!("{n} is not between 1 and {MAX_CHOICES} - 'n'"),
+            )),
+        }
     }
 
     pub fn include_usage(&self) -> bool {
@@ -483,7 +492,6 @@ mod tests {
     #[test]
     fn parameters_rbee_cannot_honour_are_refused_with_their_name() {
         let cases = [
-            (serde_json::json!({"n": 2}), "n"),
             (serde_json::json!({"max_tokens": 0}), "max_tokens"),
             (serde_json::json!({"temperature": 3.5}), "temperature"),
             (serde_json::json!({"top_p": 0}), "top_p"),
@@ -504,6 +512,12 @@ mod tests {
             assert_eq!(error.param.as_deref(), Some(param));
             assert_eq!(error.status, 400);
         }
+        for n in [0, 9, -1] {
+            let sampling: Sampling = serde_json::from_value(serde_json::json!({"n": n})).unwrap();
+            assert_eq!(sampling.choices().unwrap_err().param.as_deref(), Some("n"));
+        }
+        let three: Sampling = serde_json::from_value(serde_json::json!({"n": 3})).unwrap();
+        assert_eq!(three.choices().unwrap(), 3);
         let request = chat(serde_json::json!({"model": "m", "messages": []}));
         assert_eq!(
             request.prompt().unwrap_err().param.as_deref(),

@@ -69,12 +69,6 @@ except openai.AuthenticationError as e:
     assert e.status_code == 401
 
 try:
-    client.chat.completions.create(model=model, messages=messages, n=2)
-    raise AssertionError("n = 2 was accepted")
-except openai.BadRequestError as e:
-    assert e.body["param"] == "n", e.body
-
-try:
     client.chat.completions.create(model="no-such-model", messages=messages)
     raise AssertionError("an unknown model was accepted")
 except openai.NotFoundError:
@@ -86,6 +80,41 @@ tokens = ("vllm:generation_tokens_total", (("model_name", model),))
 assert after[tokens] - before.get(tokens, 0) == 37, after[tokens]
 ttft = ("vllm:time_to_first_token_seconds_count", (("model_name", model),))
 assert after[ttft] - before.get(ttft, 0) == 3
+
+# n choices: each its own generation, choice i seeded with seed + i (so reproducible, and
+# the same as a single request with that seed); usage counts the prompt once; the metrics
+# count one HTTP request and every choice's tokens.
+before_n = metrics()
+three = client.chat.completions.create(model=model, messages=messages, max_tokens=8, temperature=0.9, seed=11, n=3)
+assert [c.index for c in three.choices] == [0, 1, 2], three
+assert three.usage.completion_tokens == 24 and three.usage.prompt_tokens == whole.usage.prompt_tokens, three.usage
+for i, choice in enumerate(three.choices):
+    alone = client.chat.completions.create(model=model, messages=messages, max_tokens=8, temperature=0.9, seed=11 + i)
+    assert choice.message.content == alone.choices[0].message.content, (i, choice, alone)
+streamed = {0: "", 1: "", 2: ""}
+finished = set()
+for chunk in client.chat.completions.create(
+    model=model, messages=messages, max_tokens=8, temperature=0.9, seed=11, n=3,
+    stream=True, stream_options={"include_usage": True},
+):
+    for c in chunk.choices:
+        streamed[c.index] += c.delta.content or ""
+        if c.finish_reason:
+            finished.add(c.index)
+    if not chunk.choices:
+        assert chunk.usage.completion_tokens == 24, chunk.usage
+assert finished == {0, 1, 2}, finished
+assert [streamed[i] for i in range(3)] == [c.message.content for c in three.choices], streamed
+
+try:
+    client.chat.completions.create(model=model, messages=messages, n=9)
+    raise AssertionError("n = 9 was accepted")
+except openai.BadRequestError as e:
+    assert e.body["param"] == "n", e.body
+after_n = metrics()
+assert requests_ok(after_n) - requests_ok(before_n) == 5, (requests_ok(before_n), requests_ok(after_n))
+assert after_n[tokens] - before_n[tokens] == 3 * 8 * 3, after_n[tokens] - before_n[tokens]
+
 
 # logit_bias: the tiny model's token b is byte b (and 256.. its specials). +100 forces
 # "a" even greedily; -100 on every other token leaves only "z".

@@ -20,7 +20,7 @@ use super::protocol::{
 };
 use super::registry::{Dial, Incarnation, Placed, Registry, Route, SpawnDefaults, WorkerKey};
 use crate::hive::remote::{HiveRequest, HiveResponse};
-use crate::hive::store::ModelId;
+use crate::hive::store::{Manifest, ModelId};
 use crate::hive::workers::WorkerInfo;
 use crate::worker::actor::Phase;
 use crate::worker::api::{ErrorKind, GenerationError};
@@ -185,6 +185,16 @@ pub enum QueenMsg {
     ConnectedHives(RpcReplyPort<Vec<(String, Link<QueenProtocol>)>>),
     /// Requests waiting in each model's queue (models with none left out).
     Waiting(RpcReplyPort<Vec<(ModelId, usize)>>),
+    /// A hive finished pulling a model: listed at once, not at its next store report, so
+    /// a request right after the pull finds it.
+    ModelReady {
+        /// The hive.
+        hive: String,
+        /// The model.
+        manifest: Manifest,
+        /// Answered once listed.
+        reply: RpcReplyPort<()>,
+    },
 }
 
 /// How the queen starts.
@@ -393,6 +403,15 @@ impl Actor for Queen {
             }
             QueenMsg::Waiting(reply) => {
                 let _ = reply.send(state.admission.depths());
+            }
+            QueenMsg::ModelReady {
+                hive,
+                manifest,
+                reply,
+            } => {
+                state.registry.hive_model_ready(&hive, manifest);
+                state.on_registry_change(&myself);
+                let _ = reply.send(());
             }
         }
         Ok(())

@@ -21,7 +21,7 @@ use super::protocol::{
     WorkerView,
 };
 use crate::hive::capabilities::{Capabilities, GpuReport};
-use crate::hive::store::{Entry, ModelId};
+use crate::hive::store::{Entry, Manifest, ModelId};
 use crate::hive::workers::{IdleTimeout, SpawnRequest, WorkerInfo, WorkerMode, WorkerState};
 use crate::size::Size;
 use crate::worker::actor::Phase;
@@ -241,6 +241,15 @@ impl Registry {
     pub fn hive_models(&mut self, id: &str, models: Vec<Entry>) {
         if let Some(hive) = self.hives.get_mut(id) {
             hive.models = models;
+        }
+    }
+
+    /// A hive finished pulling `manifest`: in its list until its next store report (which
+    /// holds it too).
+    pub fn hive_model_ready(&mut self, id: &str, manifest: Manifest) {
+        if let Some(hive) = self.hives.get_mut(id) {
+            hive.models.retain(|m| *m.id() != manifest.id);
+            hive.models.push(Entry::Ready(manifest));
         }
     }
 

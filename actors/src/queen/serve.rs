@@ -475,7 +475,7 @@ pub async fn pull(
             sha256: sha256.clone(),
             id: id.clone(),
         };
-        tokio::spawn(pull_on(name, link, open, tx.clone()));
+        tokio::spawn(pull_on(service.queen.clone(), name, link, open, tx.clone()));
     }
 }
 
@@ -483,6 +483,7 @@ pub async fn pull(
 /// `PullFailed`. Dropping `tx`'s receiver (the client left) drops the hive stream, which
 /// cancels the pull on the hive.
 async fn pull_on(
+    queen: ActorRef<QueenMsg>,
     hive: String,
     link: Link<QueenProtocol>,
     open: HiveOpen,
@@ -519,6 +520,15 @@ async fn pull_on(
                 true,
             ),
         };
+        if let HiveItem::Pulled(manifest) = &hive_item {
+            // Listed before the client hears of it.
+            let listed = |reply| QueenMsg::ModelReady {
+                hive: hive.clone(),
+                manifest: manifest.clone(),
+                reply,
+            };
+            let _ = call_t!(queen, listed, 5_000);
+        }
         if tx.send(item(hive_item)).await.is_err() || last {
             return;
         }
