@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use rbee::actors::models::ensure_default_model;
 use rbee::actors::worker::actor::Phase;
 use rbee::actors::worker::api::{
-    ErrorKind, FinishReason, GenerateRequest, GenerationEvent, Prompt, SamplingParams,
+    ErrorKind, FinishReason, GenerateRequest, GenerationEvent, SamplingParams,
 };
 use rbee::actors::worker::remote::{RemoteWorker, WorkerProtocol};
 use rbee::transport::{Endpoint, LinkConfig, Role};
@@ -92,12 +92,9 @@ async fn connect(cluster: &Cluster, addr: SocketAddr) -> RemoteWorker {
 
 fn endless() -> GenerateRequest {
     GenerateRequest {
-        prompt: Prompt::Text("Once upon a time".into()),
         sampling: SamplingParams::greedy(),
-        max_tokens: 2000,
-        stop: Vec::new(),
         ignore_eos: true,
-        resume: Vec::new(),
+        ..GenerateRequest::text("Once upon a time", 2000)
     }
 }
 

@@ -13,7 +13,7 @@ use candle_core::quantized::{GgmlDType, gguf_file};
 use clap::Args;
 use rbee::actors::models::ensure_gemma3_270m;
 use rbee::actors::worker::actor::{self, STREAM_CAPACITY, StartedWorker, WorkerMsg};
-use rbee::actors::worker::api::{GenerateRequest, GenerationEvent, Prompt, SamplingParams};
+use rbee::actors::worker::api::{GenerateRequest, GenerationEvent, SamplingParams};
 use rbee::actors::worker::engine::convert::{self, Selection};
 use rbee::actors::worker::engine::loader::LoadOptions;
 use rbee::actors::worker::engine::model::{EngineKind, gguf_architecture};
@@ -338,12 +338,10 @@ async fn through_actor(
     tokens: usize,
 ) -> anyhow::Result<(Speed, usize)> {
     let request = GenerateRequest {
-        prompt: Prompt::Text(PROMPT.into()),
         sampling: SamplingParams::greedy(),
         max_tokens: tokens,
-        stop: Vec::new(),
         ignore_eos: true,
-        resume: Vec::new(),
+        ..GenerateRequest::text(PROMPT, tokens)
     };
     let (tx, mut rx) = mpsc::channel(STREAM_CAPACITY);
     let start = Instant::now();

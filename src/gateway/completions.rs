@@ -12,7 +12,9 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use futures::{Stream, StreamExt};
-use rbee_actors::worker::api::{GenerateRequest, GenerationEvent, GenerationStats, Prompt};
+use rbee_actors::worker::api::{
+    GenerateRequest, GenerationEvent, GenerationStats, Prompt, TokenLogprob,
+};
 
 use super::openai::{self, ApiError, ChatRequest, CompletionRequest, Usage};
 use super::with_request_id;
@@ -149,6 +151,7 @@ async fn generate(
         model: completion.model,
         created,
         shape,
+        logprobs: completion.request.logprobs.is_some(),
     };
     if completion.stream {
         let body = sse(head, begun, completion.include_usage);
@@ -169,8 +172,15 @@ async fn generate(
     }
 }
 
-/// One choice read to its end: its text and counts.
-async fn whole_text(begun: Begun) -> Result<(String, GenerationStats), ApiError> {
+/// One choice read to its end.
+struct Answer {
+    text: String,
+    stats: GenerationStats,
+    logprobs: Vec<TokenLogprob>,
+}
+
+/// One choice read to its end: its text, counts and log probabilities (when asked).
+async fn whole_text(begun: Begun) -> Result<Answer, ApiError> {
     let Begun {
         mut tracker,
         first,
@@ -178,18 +188,26 @@ async fn whole_text(begun: Begun) -> Result<(String, GenerationStats), ApiError>
         ..
     } = begun;
     let mut text = String::new();
+    let mut logprobs = Vec::new();
     let mut event = Some(first);
     while let Some(current) = event.take() {
         match current {
-            GenerationEvent::Token { text: t, .. } => {
+            GenerationEvent::Token {
+                text: t, logprob, ..
+            } => {
                 tracker.token();
                 text.push_str(&t);
+                logprobs.extend(logprob);
             }
             GenerationEvent::Text(t) => text.push_str(&t),
             GenerationEvent::Done(stats) => {
                 tracker.done(&stats);
                 tracker.ended(200, "done");
-                return Ok((text, stats));
+                return Ok(Answer {
+                    text,
+                    stats,
+                    logprobs,
+                });
             }
             GenerationEvent::Error(e) => {
                 // Tokens were generated but cannot be delivered whole.
@@ -219,6 +237,8 @@ struct ResponseHead {
     model: String,
     created: u64,
     shape: Shape,
+    /// Whether the request asked for log probabilities.
+    logprobs: bool,
 }
 
 /// What rbee reports as `system_fingerprint`.
@@ -240,22 +260,33 @@ fn usage(stats: &[&GenerationStats]) -> Usage {
 }
 
 impl ResponseHead {
-    fn whole(&self, answers: &[(String, GenerationStats)]) -> serde_json::Value {
+    /// The `logprobs` of these tokens, the first at `offset` characters into its choice's
+    /// text; null when not asked for.
+    fn logprobs(&self, tokens: &[TokenLogprob], offset: usize) -> serde_json::Value {
+        match (self.logprobs, self.shape) {
+            (false, _) => serde_json::Value::Null,
+            (true, Shape::Chat) => openai::chat_logprobs(tokens),
+            (true, Shape::Text) => openai::text_logprobs(tokens, offset),
+        }
+    }
+
+    fn whole(&self, answers: &[Answer]) -> serde_json::Value {
         let choices: Vec<_> = answers
             .iter()
             .enumerate()
-            .map(|(index, (text, stats))| {
-                let reason = openai::finish_reason(stats.finish);
+            .map(|(index, a)| {
+                let reason = openai::finish_reason(a.stats.finish);
+                let logprobs = self.logprobs(&a.logprobs, 0);
                 match self.shape {
                     Shape::Chat => serde_json::json!({
-                        "index": index, "message": { "role": "assistant", "content": text },
-                        "logprobs": null, "finish_reason": reason }),
+                        "index": index, "message": { "role": "assistant", "content": a.text },
+                        "logprobs": logprobs, "finish_reason": reason }),
                     Shape::Text => serde_json::json!({
-                        "index": index, "text": text, "logprobs": null, "finish_reason": reason }),
+                        "index": index, "text": a.text, "logprobs": logprobs, "finish_reason": reason }),
                 }
             })
             .collect();
-        let stats: Vec<_> = answers.iter().map(|(_, s)| s).collect();
+        let stats: Vec<_> = answers.iter().map(|a| &a.stats).collect();
         serde_json::json!({
             "id": self.id, "object": self.object(false), "created": self.created,
             "model": self.model, "system_fingerprint": fingerprint(),
@@ -271,8 +302,8 @@ impl ResponseHead {
         }
     }
 
-    /// A chunk of choice `index` with `delta` text (chat: also the role in its first), or
-    /// its closing one.
+    /// A chunk of choice `index` with `delta` text (chat: also the role in its first) and
+    /// its token's `logprobs`, or its closing one.
     fn chunk(
         &self,
         index: usize,
@@ -280,6 +311,7 @@ impl ResponseHead {
         first: bool,
         finish: Option<&str>,
         usage: Option<serde_json::Value>,
+        logprobs: serde_json::Value,
     ) -> serde_json::Value {
         let choice = match self.shape {
             Shape::Chat => {
@@ -290,10 +322,10 @@ impl ResponseHead {
                 if let Some(text) = text {
                     delta.insert("content".into(), text.into());
                 }
-                serde_json::json!({ "index": index, "delta": delta, "logprobs": null, "finish_reason": finish })
+                serde_json::json!({ "index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish })
             }
             Shape::Text => serde_json::json!({
-                "index": index, "text": text.unwrap_or(""), "logprobs": null, "finish_reason": finish }),
+                "index": index, "text": text.unwrap_or(""), "logprobs": logprobs, "finish_reason": finish }),
         };
         let mut chunk = serde_json::json!({
             "id": self.id, "object": self.object(true), "created": self.created,
@@ -363,6 +395,8 @@ fn sse(
         head: ResponseHead,
         events: S,
         started: Vec<bool>,
+        /// Characters of each choice's tokens so far (text completions' offsets).
+        offsets: Vec<usize>,
         stats: Vec<Option<GenerationStats>>,
         include_usage: bool,
         ended: bool,
@@ -378,6 +412,7 @@ fn sse(
         head,
         events,
         started: vec![false; choices],
+        offsets: vec![0; choices],
         stats: vec![None; choices],
         include_usage,
         ended: false,
@@ -388,22 +423,54 @@ fn sse(
         }
         let usage_field = |s: &Sse<_>| s.include_usage.then_some(serde_json::Value::Null);
         let bytes = match s.events.next().await {
-            Some((i, GenerationEvent::Token { text, .. } | GenerationEvent::Text(text))) => {
+            Some((i, GenerationEvent::Token { text, logprob, .. })) => {
                 let first = !std::mem::replace(&mut s.started[i], true);
-                data(&s.head.chunk(i, Some(&text), first, None, usage_field(&s)))
+                let logprobs = match logprob {
+                    Some(lp) => {
+                        let value = s.head.logprobs(std::slice::from_ref(&lp), s.offsets[i]);
+                        s.offsets[i] += String::from_utf8_lossy(&lp.bytes).chars().count();
+                        value
+                    }
+                    None => serde_json::Value::Null,
+                };
+                data(
+                    &s.head
+                        .chunk(i, Some(&text), first, None, usage_field(&s), logprobs),
+                )
+            }
+            Some((i, GenerationEvent::Text(text))) => {
+                let first = !std::mem::replace(&mut s.started[i], true);
+                data(&s.head.chunk(
+                    i,
+                    Some(&text),
+                    first,
+                    None,
+                    usage_field(&s),
+                    serde_json::Value::Null,
+                ))
             }
             Some((i, GenerationEvent::Done(stats))) => {
                 let reason = openai::finish_reason(stats.finish);
                 let first = !std::mem::replace(&mut s.started[i], true);
-                let mut out =
-                    data(&s.head.chunk(i, None, first, Some(reason), usage_field(&s))).to_vec();
+                let no_logprobs = serde_json::Value::Null;
+                let closing =
+                    s.head
+                        .chunk(i, None, first, Some(reason), usage_field(&s), no_logprobs);
+                let mut out = data(&closing).to_vec();
                 s.stats[i] = Some(stats);
                 if s.stats.iter().all(Option::is_some) {
                     s.ended = true;
                     if s.include_usage {
                         let all: Vec<_> = s.stats.iter().flatten().collect();
                         let total = serde_json::json!(usage(&all));
-                        let mut chunk = s.head.chunk(0, None, false, None, Some(total));
+                        let mut chunk = s.head.chunk(
+                            0,
+                            None,
+                            false,
+                            None,
+                            Some(total),
+                            serde_json::Value::Null,
+                        );
                         chunk["choices"] = serde_json::json!([]);
                         out.extend_from_slice(&data(&chunk));
                     }

@@ -4,7 +4,8 @@
 //! parameter named.
 
 use rbee_actors::worker::api::{
-    ChatMessage, FinishReason, GenerateRequest, GenerationStats, Prompt, SamplingParams,
+    ChatMessage, FinishReason, GenerateRequest, GenerationStats, MAX_TOP_LOGPROBS, Prompt,
+    SamplingParams, TokenLogprob,
 };
 use rbee_actors::worker::engine::sampling::SamplingError;
 use serde::{Deserialize, Serialize};
@@ -121,6 +122,14 @@ pub struct MessageIn {
     pub content: Option<Content>,
 }
 
+/// `logprobs` as chat (a flag) or text completions (a count) take it.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(untagged)]
+pub enum LogprobsIn {
+    Flag(bool),
+    Count(i64),
+}
+
 #[derive(Debug, Clone, Default, Deserialize)]
 pub struct StreamOptions {
     #[serde(default)]
@@ -141,6 +150,10 @@ pub struct Sampling {
     pub frequency_penalty: Option<f64>,
     /// Token id (as a string, as JSON keys are) → bias.
     pub logit_bias: Option<std::collections::BTreeMap<String, f64>>,
+    /// Chat: `true` for log probabilities; completions: how many alternatives.
+    pub logprobs: Option<LogprobsIn>,
+    /// Chat: alternatives per token with `logprobs: true`.
+    pub top_logprobs: Option<i64>,
     #[serde(default)]
     pub stream: bool,
     pub stream_options: Option<StreamOptions>,
@@ -254,12 +267,40 @@ impl Sampling {
             max_tokens,
             stop,
             ignore_eos: self.ignore_eos,
+            logprobs: self.logprobs()?,
             ..GenerateRequest::text("", 1)
         };
         request
             .validate()
             .map_err(|e| ApiError::invalid(None, e.message))?;
         Ok(request)
+    }
+
+    /// Alternatives per token to report log probabilities with, if asked: chat's
+    /// `logprobs: true` with `top_logprobs`, or text completions' `logprobs: N`.
+    fn logprobs(&self) -> Result<Option<u8>, ApiError> {
+        let range = |param: &str, n: i64| {
+            u8::try_from(n)
+                .ok()
+                .filter(|n| *n <= MAX_TOP_LOGPROBS)
+                .ok_or_else(|| {
+                    ApiError::invalid(
+                        Some(param),
+                        format!("{n} is not between 0 and {MAX_TOP_LOGPROBS} - '{param}'"),
+                    )
+                })
+        };
+        match (self.logprobs, self.top_logprobs) {
+            (None | Some(LogprobsIn::Flag(false)), None) => Ok(None),
+            (None | Some(LogprobsIn::Flag(false)), Some(_)) => Err(ApiError::invalid(
+                Some("top_logprobs"),
+                "top_logprobs needs logprobs set to true",
+            )),
+            (Some(LogprobsIn::Flag(true)), top) => {
+                Ok(Some(range("top_logprobs", top.unwrap_or(0))?))
+            }
+            (Some(LogprobsIn::Count(n)), _) => Ok(Some(range("logprobs", n)?)),
+        }
     }
 
     /// How many choices (`n`): 1 to [`MAX_CHOICES`].
@@ -454,6 +495,54 @@ impl Usage {
             },
         }
     }
+}
+
+/// A token's text as OpenAI shows it (bytes that are not UTF-8 on their own, a piece of a
+/// character, become U+FFFD; `bytes` has them exactly).
+fn token_text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// Chat's `logprobs` object for these tokens.
+pub fn chat_logprobs(tokens: &[TokenLogprob]) -> serde_json::Value {
+    let entry = |bytes: &[u8], logprob: f32| serde_json::json!({ "token": token_text(bytes), "logprob": logprob, "bytes": bytes });
+    let content: Vec<_> = tokens
+        .iter()
+        .map(|t| {
+            let mut e = entry(&t.bytes, t.logprob);
+            e["top_logprobs"] = t.top.iter().map(|a| entry(&a.bytes, a.logprob)).collect();
+            e
+        })
+        .collect();
+    serde_json::json!({ "content": content, "refusal": null })
+}
+
+/// Text completions' `logprobs` object for these tokens, the first at `offset` characters
+/// into the completion.
+pub fn text_logprobs(tokens: &[TokenLogprob], mut offset: usize) -> serde_json::Value {
+    let mut texts = Vec::new();
+    let mut offsets = Vec::new();
+    for t in tokens {
+        let text = token_text(&t.bytes);
+        offsets.push(offset);
+        offset += text.chars().count();
+        texts.push(text);
+    }
+    let top: Vec<serde_json::Map<String, serde_json::Value>> = tokens
+        .iter()
+        .map(|t| {
+            t.top
+                .iter()
+                .map(|a| (token_text(&a.bytes), a.logprob.into()))
+                .collect()
+        })
+        .collect();
+    serde_json::json!({
+        "tokens": texts,
+        "token_logprobs": tokens.iter().map(|t| t.logprob).collect::<Vec<_>>(),
+        "top_logprobs": top,
+        "text_offset": offsets,
+    })
 }
 
 #[cfg(test)]

@@ -251,7 +251,9 @@ impl Seen {
             QueenItem::Loading { .. } => self.loading += 1,
             QueenItem::Generation(event) => {
                 match event {
-                    GenerationEvent::Token { index, id, text } => {
+                    GenerationEvent::Token {
+                        index, id, text, ..
+                    } => {
                         self.tokens.push(id);
                         self.indices.push(index);
                         self.text.push_str(&text);

@@ -4,6 +4,7 @@ Run by tests/gateway_openai.rs with RBEE_BASE_URL, RBEE_API_KEY and RBEE_MODEL s
 non-zero (with the failed assertion) when the gateway does not behave like OpenAI's API.
 """
 
+import math
 import os
 import urllib.request
 
@@ -141,6 +142,35 @@ for param, value in [("presence_penalty", 2.5), ("frequency_penalty", -3)]:
         raise AssertionError(f"{param} {value} was accepted")
     except openai.BadRequestError as e:
         assert e.body["param"] == param, e.body
+# logprobs: every token's, finite and at most 0, with the alternatives asked for (most
+# likely first, together at most probability 1); greedy draws the most likely one.
+asked = dict(model=model, messages=messages, max_tokens=6, temperature=0, logprobs=True, top_logprobs=3)
+content = client.chat.completions.create(**asked).choices[0].logprobs.content
+assert len(content) == 6, content
+for entry in content:
+    assert math.isfinite(entry.logprob) and entry.logprob <= 0, entry
+    tops = [t.logprob for t in entry.top_logprobs]
+    assert len(tops) == 3 and tops == sorted(tops, reverse=True), entry
+    assert sum(math.exp(t) for t in tops) <= 1 + 1e-4, entry
+    assert entry.top_logprobs[0].token == entry.token and tops[0] == entry.logprob, entry
+    assert bytes(entry.bytes).decode("utf-8", "replace") == entry.token, entry
+streamed_lp = [
+    e for chunk in client.chat.completions.create(stream=True, **asked)
+    for c in chunk.choices if c.logprobs for e in c.logprobs.content
+]
+assert [e.logprob for e in streamed_lp] == [e.logprob for e in content], streamed_lp
+legacy = client.completions.create(model=model, prompt="In the", max_tokens=4, temperature=0, logprobs=2)
+lp = legacy.choices[0].logprobs
+assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 4, lp
+assert all(len(t) <= 2 for t in lp.top_logprobs) and lp.text_offset[0] == 0, lp
+assert whole.choices[0].logprobs is None, "logprobs without asking"
+for fields, param in [({"logprobs": True, "top_logprobs": 21}, "top_logprobs"), ({"top_logprobs": 2}, "top_logprobs")]:
+    try:
+        client.chat.completions.create(model=model, messages=messages, max_tokens=2, **fields)
+        raise AssertionError(f"{fields} was accepted")
+    except openai.BadRequestError as e:
+        assert e.body["param"] == param, e.body
+
 embedding_model = os.environ["RBEE_EMBEDDING_MODEL"]
 sentences = ["A man is eating food.", "A man is eating a piece of bread."]
 # The SDK asks for base64 by default and decodes it; floats are asked for explicitly too.

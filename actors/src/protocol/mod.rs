@@ -27,7 +27,7 @@ pub mod hive {
 
 /// Links to a worker process.
 pub mod worker {
-    pub use crate::worker::api::{GenerateRequest, GenerationEvent};
+    pub use crate::worker::api::{GenerateRequest, GenerationEvent, TokenLogprob, TopLogprob};
     pub use crate::worker::remote::{WorkerProtocol, WorkerRequest, WorkerResponse};
 }
 

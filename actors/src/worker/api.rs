@@ -43,6 +43,36 @@ pub struct GenerateRequest {
     /// again, their sampling draws are replayed, they count against `max_tokens`).
     #[serde(default)]
     pub resume: Vec<u32>,
+    /// Report each generated token's log probability, with this many most likely
+    /// alternatives (0 to [`MAX_TOP_LOGPROBS`]); `None`: no log probabilities.
+    #[serde(default)]
+    pub logprobs: Option<u8>,
+}
+
+/// Most alternatives per token a request may ask log probabilities for (OpenAI's limit).
+pub const MAX_TOP_LOGPROBS: u8 = 20;
+
+/// A generated token's log probability under the distribution it was drawn from (after
+/// penalties and biases, at temperature 1), and the most likely alternatives.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TokenLogprob {
+    /// The token's bytes (a piece of a character possibly).
+    pub bytes: Vec<u8>,
+    /// Natural log of its probability.
+    pub logprob: f32,
+    /// The most likely tokens, most likely first.
+    pub top: Vec<TopLogprob>,
+}
+
+/// One alternative of [`TokenLogprob::top`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TopLogprob {
+    /// The token id.
+    pub id: u32,
+    /// Its bytes.
+    pub bytes: Vec<u8>,
+    /// Natural log of its probability.
+    pub logprob: f32,
 }
 
 impl GenerateRequest {
@@ -55,6 +85,7 @@ impl GenerateRequest {
             stop: Vec::new(),
             ignore_eos: false,
             resume: Vec::new(),
+            logprobs: None,
         }
     }
 
@@ -67,6 +98,7 @@ impl GenerateRequest {
             stop: Vec::new(),
             ignore_eos: false,
             resume: Vec::new(),
+            logprobs: None,
         }
     }
 
@@ -105,6 +137,11 @@ impl GenerateRequest {
                 self.stop.len()
             ));
         }
+        if let Some(n) = self.logprobs.filter(|n| *n > MAX_TOP_LOGPROBS) {
+            return invalid(format!(
+                "{n} alternatives per token exceed the limit of {MAX_TOP_LOGPROBS}"
+            ));
+        }
         if let Some(long) = self.stop.iter().find(|s| s.len() > MAX_STOP_BYTES) {
             return invalid(format!(
                 "a stop sequence of {} bytes exceeds the limit of {MAX_STOP_BYTES}",
@@ -127,6 +164,8 @@ pub enum GenerationEvent {
         id: u32,
         /// Text released with this token.
         text: String,
+        /// Its log probability, when the request asked for them.
+        logprob: Option<TokenLogprob>,
     },
     /// Text released at the end without a new token: the tail held back while it could
     /// still have begun a stop sequence.

@@ -14,6 +14,7 @@ use super::tokenizer::ModelTokenizer;
 use super::utf8::Utf8Buffer;
 use crate::worker::api::{
     ErrorKind, GenerateRequest, GenerationError, GenerationEvent, GenerationStats, Prompt,
+    TokenLogprob, TopLogprob,
 };
 
 /// What the model needs besides its session: shared by every slot.
@@ -83,6 +84,43 @@ pub struct Sampled {
     pub finish: Option<FinishReason>,
 }
 
+/// `id`'s log probability under `logits` (log-softmax) and the `top` most likely tokens.
+fn token_logprob(vocabulary: &Vocabulary<'_>, logits: &[f32], id: u32, top: usize) -> TokenLogprob {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = logits.iter().map(|&l| f64::from(l - max).exp()).sum();
+    let log_total = max + sum.ln() as f32;
+    let logprob_of = |token: u32| {
+        logits
+            .get(token as usize)
+            .map_or(f32::NEG_INFINITY, |l| l - log_total)
+    };
+    let mut order: Vec<u32> = (0..logits.len() as u32).collect();
+    let top = top.min(order.len());
+    // Most likely first; equal logits by token id, so the list is the same on every run.
+    let rank = |a: &u32, b: &u32| {
+        logits[*b as usize]
+            .total_cmp(&logits[*a as usize])
+            .then(a.cmp(b))
+    };
+    if top > 0 {
+        order.select_nth_unstable_by(top - 1, rank);
+    }
+    order.truncate(top);
+    order.sort_unstable_by(rank);
+    TokenLogprob {
+        bytes: vocabulary.tokenizer.bytes(id).to_vec(),
+        logprob: logprob_of(id),
+        top: order
+            .into_iter()
+            .map(|t| TopLogprob {
+                id: t,
+                bytes: vocabulary.tokenizer.bytes(t).to_vec(),
+                logprob: logprob_of(t),
+            })
+            .collect(),
+    }
+}
+
 /// A request between its prompt and its terminal event: sampler, stop sequences, held-back
 /// text and statistics. Both the one-session path ([`run`]) and the worker's batch
 /// scheduler drive one per request, so a request's tokens and events do not depend on
@@ -106,6 +144,8 @@ pub struct Decoder {
     /// Tokens this worker may still generate.
     remaining: usize,
     generated: usize,
+    /// Alternatives to report with each token's log probability (`None`: none asked).
+    logprobs: Option<u8>,
 }
 
 impl Decoder {
@@ -154,6 +194,7 @@ impl Decoder {
             index: resumed.len() as u32,
             remaining: request.max_tokens - resumed.len(),
             generated: 0,
+            logprobs: request.logprobs,
         })
     }
 
@@ -192,6 +233,11 @@ impl Decoder {
             .sampler
             .sample(logits, &self.history)
             .map_err(|e| engine_error(e.into()))?;
+        // The sampler left the penalised, biased logits in place: the distribution drawn
+        // from (at temperature 1).
+        let logprob = self
+            .logprobs
+            .map(|top| token_logprob(vocabulary, logits, id, usize::from(top)));
         if self.eos.contains(&id) {
             return Ok(Sampled {
                 event: None,
@@ -209,6 +255,7 @@ impl Decoder {
             index: self.index,
             id,
             text: check.emit,
+            logprob,
         };
         self.index += 1;
         let finish = if check.stopped {
@@ -393,6 +440,62 @@ mod tests {
                 _ => None,
             })
             .collect()
+    }
+
+    #[test]
+    fn log_probabilities_name_the_drawn_token_and_the_most_likely_ones() {
+        let (_d, mut loaded) = tiny(256);
+        let asked = GenerateRequest {
+            logprobs: Some(3),
+            ..greedy(6)
+        };
+        let events = collect(&mut loaded, &asked);
+        let mut seen = 0;
+        for event in &events {
+            if let GenerationEvent::Token { id, logprob, .. } = event {
+                let lp = logprob.as_ref().expect("asked for");
+                seen += 1;
+                assert_eq!(lp.top.len(), 3);
+                // Greedy draws the most likely token.
+                assert_eq!(lp.top[0].id, *id);
+                assert_eq!(lp.top[0].logprob, lp.logprob);
+                assert!(lp.logprob <= 0.0 && lp.logprob.is_finite());
+                assert!(lp.top.windows(2).all(|w| w[0].logprob >= w[1].logprob));
+                let mass: f32 = lp.top.iter().map(|t| t.logprob.exp()).sum();
+                assert!(mass <= 1.0 + 1e-4, "{mass}");
+            }
+        }
+        assert_eq!(seen, 6);
+        // Not asked: none; asked for the chosen token only: no alternatives.
+        let plain = collect(&mut loaded, &greedy(2));
+        assert!(plain.iter().all(|e| !matches!(
+            e,
+            GenerationEvent::Token {
+                logprob: Some(_),
+                ..
+            }
+        )));
+        let chosen_only = collect(
+            &mut loaded,
+            &GenerateRequest {
+                logprobs: Some(0),
+                ..greedy(2)
+            },
+        );
+        assert!(chosen_only.iter().any(
+            |e| matches!(e, GenerationEvent::Token { logprob: Some(l), .. } if l.top.is_empty())
+        ));
+        let too_many = collect(
+            &mut loaded,
+            &GenerateRequest {
+                logprobs: Some(21),
+                ..greedy(2)
+            },
+        );
+        assert!(
+            matches!(&too_many[..], [GenerationEvent::Error(e)] if e.kind == ErrorKind::InvalidRequest),
+            "{too_many:?}"
+        );
     }
 
     #[test]
