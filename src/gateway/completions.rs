@@ -18,7 +18,7 @@ use rbee_actors::worker::api::{
 
 use super::openai::{self, ApiError, ChatRequest, CompletionRequest, Usage};
 use super::with_request_id;
-use super::{Begun, Gateway, begin, error_response, next_generation_event, request_id};
+use super::{Answer, Begun, Gateway, begin, error_response, next_generation_event, request_id};
 
 /// Which endpoint a generation came through: it decides the response's shape.
 #[derive(Clone, Copy, PartialEq)]
@@ -162,7 +162,7 @@ async fn generate(
             .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response());
         return with_request_id(response, &request_id);
     }
-    let answers = futures::future::join_all(begun.into_iter().map(whole_text)).await;
+    let answers = futures::future::join_all(begun.into_iter().map(Begun::read_whole)).await;
     match answers.into_iter().collect::<Result<Vec<_>, _>>() {
         Ok(answers) => with_request_id(
             axum::Json(head.whole(&answers)).into_response(),
@@ -170,58 +170,6 @@ async fn generate(
         ),
         Err(e) => error_response(&e, &request_id),
     }
-}
-
-/// One choice read to its end.
-struct Answer {
-    text: String,
-    stats: GenerationStats,
-    logprobs: Vec<TokenLogprob>,
-}
-
-/// One choice read to its end: its text, counts and log probabilities (when asked).
-async fn whole_text(begun: Begun) -> Result<Answer, ApiError> {
-    let Begun {
-        mut tracker,
-        first,
-        mut rx,
-        ..
-    } = begun;
-    let mut text = String::new();
-    let mut logprobs = Vec::new();
-    let mut event = Some(first);
-    while let Some(current) = event.take() {
-        match current {
-            GenerationEvent::Token {
-                text: t, logprob, ..
-            } => {
-                tracker.token();
-                text.push_str(&t);
-                logprobs.extend(logprob);
-            }
-            GenerationEvent::Text(t) => text.push_str(&t),
-            GenerationEvent::Done(stats) => {
-                tracker.done(&stats);
-                tracker.ended(200, "done");
-                return Ok(Answer {
-                    text,
-                    stats,
-                    logprobs,
-                });
-            }
-            GenerationEvent::Error(e) => {
-                // Tokens were generated but cannot be delivered whole.
-                tracker.ended(503, &e.message);
-                return Err(ApiError::server(503, e.message));
-            }
-        }
-        event = next_generation_event(&mut rx).await;
-    }
-    tracker.ended(503, "the generation ended without a result");
-    Err(ApiError::server(
-        503,
-        "the generation ended without a result".into(),
-    ))
 }
 
 fn completion_id(shape: Shape, request_id: &str) -> String {

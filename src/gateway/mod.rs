@@ -576,6 +576,64 @@ async fn begin(
     Ok(Begun { tracker, first, rx })
 }
 
+/// A generation read to its end.
+struct Answer {
+    text: String,
+    stats: GenerationStats,
+    /// Each token's, when the request asked for them.
+    logprobs: Vec<rbee_actors::worker::api::TokenLogprob>,
+    /// From the request's start to its end.
+    took: std::time::Duration,
+}
+
+impl Begun {
+    /// Reads the generation to its end (a whole, not streamed, answer).
+    async fn read_whole(self) -> Result<Answer, ApiError> {
+        let Begun {
+            mut tracker,
+            first,
+            mut rx,
+        } = self;
+        let mut text = String::new();
+        let mut logprobs = Vec::new();
+        let mut event = Some(first);
+        while let Some(current) = event.take() {
+            match current {
+                GenerationEvent::Token {
+                    text: t, logprob, ..
+                } => {
+                    tracker.token();
+                    text.push_str(&t);
+                    logprobs.extend(logprob);
+                }
+                GenerationEvent::Text(t) => text.push_str(&t),
+                GenerationEvent::Done(stats) => {
+                    tracker.done(&stats);
+                    tracker.ended(200, "done");
+                    let took = tracker.started.elapsed();
+                    return Ok(Answer {
+                        text,
+                        stats,
+                        logprobs,
+                        took,
+                    });
+                }
+                GenerationEvent::Error(e) => {
+                    // Tokens were generated but cannot be delivered whole.
+                    tracker.ended(503, &e.message);
+                    return Err(ApiError::server(503, e.message));
+                }
+            }
+            event = next_generation_event(&mut rx).await;
+        }
+        tracker.ended(503, "the generation ended without a result");
+        Err(ApiError::server(
+            503,
+            "the generation ended without a result".into(),
+        ))
+    }
+}
+
 async fn next_generation_event(rx: &mut mpsc::Receiver<QueenItem>) -> Option<GenerationEvent> {
     loop {
         match rx.recv().await? {

@@ -336,40 +336,13 @@ async fn answer(
             .body(Body::from_stream(body))
             .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response());
     }
-    let Begun {
-        mut tracker,
-        first,
-        mut rx,
-        ..
-    } = begun;
-    let mut text = String::new();
-    let mut event = Some(first);
-    while let Some(current) = event.take() {
-        match current {
-            GenerationEvent::Token { text: t, .. } => {
-                tracker.token();
-                text.push_str(&t);
-            }
-            GenerationEvent::Text(t) => text.push_str(&t),
-            GenerationEvent::Done(stats) => {
-                tracker.done(&stats);
-                tracker.ended(200, "done");
-                let total = tracker.started.elapsed();
-                return axum::Json(shape.line(&model, &text, Some((&stats, total))))
-                    .into_response();
-            }
-            GenerationEvent::Error(e) => {
-                tracker.ended(503, &e.message);
-                return error(&ApiError::server(503, e.message));
-            }
+    match begun.read_whole().await {
+        Ok(answer) => {
+            axum::Json(shape.line(&model, &answer.text, Some((&answer.stats, answer.took))))
+                .into_response()
         }
-        event = next_generation_event(&mut rx).await;
+        Err(e) => error(&e),
     }
-    tracker.ended(503, "the generation ended without a result");
-    error(&ApiError::server(
-        503,
-        "the generation ended without a result".into(),
-    ))
 }
 
 /// The stream: a line per token, then the closing line with the counts (or an error
