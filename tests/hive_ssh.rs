@@ -375,6 +375,31 @@ async fn a_hive_is_installed_upgraded_and_uninstalled_over_ssh_after_a_preflight
         prefix.join("data/models").exists(),
         "the store went without --purge"
     );
+
+    // Installed again, the machine's kept identity rejoins as itself, without a token.
+    let out = install(ssh_args(&sshd.key, &known_hosts, &prefix));
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("rejoins as itself"), "{}", text(&out));
+    let seen = read_all(
+        client.generate(tiny.clone(), generate()).await.unwrap(),
+        120,
+    )
+    .await;
+    assert_eq!(seen.tokens, first_answer, "{seen:?}");
+
+    // --purge deletes only a directory that is rbee's.
+    let stranger = machine.join("not-rbee");
+    std::fs::create_dir_all(stranger.join("keep")).unwrap();
+    let mut wrong: Vec<String> = ["hive", "uninstall", "--purge"].map(String::from).to_vec();
+    wrong.extend(ssh_args(&sshd.key, &known_hosts, &stranger));
+    let out = operator.rbee(&wrong.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(
+        !out.status.success() && text(&out).contains("not rbee's"),
+        "{}",
+        text(&out)
+    );
+    assert!(stranger.join("keep").exists());
+
     uninstall.push("--purge".into());
     let out = operator.rbee(&uninstall.iter().map(String::as_str).collect::<Vec<_>>());
     assert!(out.status.success(), "{}", text(&out));
@@ -383,4 +408,17 @@ async fn a_hive_is_installed_upgraded_and_uninstalled_over_ssh_after_a_preflight
         hive(&client, "far").await.is_none(),
         "the purged hive is still registered"
     );
+    eventually(10, "no process left under the prefix", || async {
+        processes_under(&prefix).is_empty()
+    })
+    .await;
+    // Its name is not given out again, and the refusal comes before any change.
+    let out = install(ssh_args(&sshd.key, &known_hosts, &prefix));
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("joined this cluster before"),
+        "{}",
+        text(&out)
+    );
+    assert!(!prefix.exists());
 }

@@ -117,6 +117,9 @@ pub enum KeysCommand {
         /// A file holding the key (a mounted Secret).
         #[arg(long)]
         key_file: Option<PathBuf>,
+        /// Revoke other keys of this name (a rotated Secret retires the old key).
+        #[arg(long)]
+        replace: bool,
     },
     /// List the keys (ids and names, never the keys).
     List {
@@ -154,6 +157,7 @@ fn keys(command: KeysCommand) -> anyhow::Result<ExitCode> {
             data,
             name,
             key_file,
+            replace,
         } => {
             let key = match (key_file, std::env::var("RBEE_API_KEY")) {
                 (Some(file), _) => {
@@ -166,7 +170,7 @@ fn keys(command: KeysCommand) -> anyhow::Result<ExitCode> {
                     line
                 }
             };
-            let stored = KeyStore::new(&data.path()).add(&name, key.trim())?;
+            let stored = KeyStore::new(&data.path()).add(&name, key.trim(), replace)?;
             eprintln!("rbee: key {} ({}) stored", stored.id, stored.name);
         }
         KeysCommand::List { data, json } => {

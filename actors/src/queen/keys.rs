@@ -122,13 +122,23 @@ impl KeyStore {
 
     /// Stores a key made elsewhere (a Kubernetes Secret, so a queen's first start can
     /// already require it): at least [`MIN_KEY_CHARS`] printable characters. Adding a key
-    /// that is stored already changes nothing, so a restart may add it again.
-    pub fn add(&self, name: &str, key: &str) -> Result<StoredKey, KeyError> {
+    /// that is stored already changes nothing, so a restart may add it again. With
+    /// `replace`, other keys of that name are revoked (a rotated Secret retires the old
+    /// key).
+    pub fn add(&self, name: &str, key: &str, replace: bool) -> Result<StoredKey, KeyError> {
         if key.chars().count() < MIN_KEY_CHARS || !key.chars().all(|c| c.is_ascii_graphic()) {
             return Err(KeyError::Weak);
         }
         let sha256 = hex::encode(digest(key));
-        if let Some(stored) = self.read()?.keys.into_iter().find(|k| k.sha256 == sha256) {
+        let mut keys = self.read()?;
+        let before = keys.keys.len();
+        if replace {
+            keys.keys.retain(|k| k.name != name || k.sha256 == sha256);
+        }
+        if keys.keys.len() != before {
+            crate::private_json::write(&self.dir, KEYS_FILE, &keys).map_err(KeyError::Store)?;
+        }
+        if let Some(stored) = keys.keys.into_iter().find(|k| k.sha256 == sha256) {
             return Ok(stored);
         }
         self.store(name, key)
@@ -210,19 +220,37 @@ mod tests {
     fn an_added_key_is_checked_for_strength_and_adding_it_again_changes_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let store = KeyStore::new(dir.path());
-        assert!(matches!(store.add("k8s", "short"), Err(KeyError::Weak)));
+        assert!(matches!(
+            store.add("k8s", "short", false),
+            Err(KeyError::Weak)
+        ));
         let spaced = "a key with spaces that is long enough!";
-        assert!(matches!(store.add("k8s", spaced), Err(KeyError::Weak)));
+        assert!(matches!(
+            store.add("k8s", spaced, false),
+            Err(KeyError::Weak)
+        ));
         assert!(
             store.access().unwrap().is_open(),
             "a refused key closed the API"
         );
         let key = "0123456789abcdef0123456789abcdef";
-        let first = store.add("k8s", key).unwrap();
-        assert_eq!(store.add("k8s", key).unwrap(), first);
+        let first = store.add("k8s", key, true).unwrap();
+        assert_eq!(store.add("k8s", key, true).unwrap(), first);
         assert_eq!(store.list().unwrap().len(), 1);
         let access = store.access().unwrap();
         assert!(access.admits(Some(key)) && !access.admits(None));
+        // A rotated Secret: with replace, the old key of that name goes; without, both stay.
+        let rotated = "fedcba9876543210fedcba9876543210";
+        store.add("k8s", rotated, false).unwrap();
+        assert_eq!(store.list().unwrap().len(), 2);
+        let newest = "ffffffffffffffffffffffffffffffff";
+        store.add("k8s", newest, true).unwrap();
+        let access = store.access().unwrap();
+        assert!(
+            access.admits(Some(newest))
+                && !access.admits(Some(key))
+                && !access.admits(Some(rotated))
+        );
         let file = std::fs::read_to_string(dir.path().join(KEYS_FILE)).unwrap();
         assert!(!file.contains(key));
     }

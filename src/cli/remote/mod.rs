@@ -20,6 +20,7 @@ use anyhow::Context;
 use clap::Args;
 use rbee::actors::queen::daemon;
 use rbee::actors::queen::protocol::HiveState;
+use rbee::actors::queen::tokens::TokenStore;
 
 use super::connect::Effective;
 use preflight::{Binary, Target};
@@ -107,36 +108,62 @@ pub async fn install(settings: &Effective, args: InstallArgs) -> anyhow::Result<
             ssh.args.target
         );
     }
-    let name = args.name.unwrap_or_else(|| target.node_name.clone());
-    rbee::transport::NodeId::new(name.clone())?;
     let client = settings.client().await?;
-    if client.hives().await?.iter().any(|h| h.id == name) {
-        anyhow::bail!(
-            "the cluster has a hive named {name} already: pass --name, or `rbee hive remove {name}` first"
-        );
-    }
-    // A queen on all addresses is reached at the address this machine reaches the target
-    // from, unless told otherwise.
-    let advertise = match args.advertise {
-        Some(ip) => Some(ip),
+    // A machine whose hive joined before (uninstalled without --purge) rejoins as itself
+    // with the identity it kept; otherwise the name must never have joined.
+    let kept = joined_name(&ssh, &target)?;
+    let name = match &kept {
+        Some(name) => name.clone(),
         None => {
-            let target = (ssh.host.as_str(), ssh.args.port).to_socket_addrs()?.next();
-            target.and_then(|t| rbee::transport::route_source_ip(t).ok())
+            let name = preflight::node_id_from(args.name.as_deref().unwrap_or(&target.node_name));
+            rbee::transport::NodeId::new(name.clone())?;
+            let joined = TokenStore::new(&args.queen_data.path()).has_joined(&name)?;
+            if joined || client.hives().await?.iter().any(|h| h.id == name) {
+                anyhow::bail!(
+                    "a hive named {name} joined this cluster before, and names are never reused: pass --name"
+                );
+            }
+            name
         }
     };
-    let token = daemon::create_token(&args.queen_data.path(), TOKEN_TTL, advertise)?;
+    let token = match kept {
+        Some(_) => None,
+        None => {
+            // A queen on all addresses is reached at the address this machine reaches
+            // the target from, unless told otherwise.
+            let advertise = args.advertise.or_else(|| {
+                let to = (ssh.host.as_str(), ssh.port())
+                    .to_socket_addrs()
+                    .ok()?
+                    .next()?;
+                rbee::transport::route_source_ip(to).ok()
+            });
+            Some(daemon::create_token(
+                &args.queen_data.path(),
+                TOKEN_TTL,
+                advertise,
+            )?)
+        }
+    };
 
     copy_binary(&ssh, &target, &binary)?;
-    step("join token into data/hive.env (mode 600)");
     let env_file = target.path("data/hive.env");
-    ssh.output(&["mkdir", "-p", "--", &target.path("data")])?;
-    ssh.run(
-        &["install", "-m", "600", "/dev/stdin", &env_file],
-        Input::Bytes(format!("RBEE_JOIN_TOKEN={token}\n").as_bytes()),
-    )?
-    .output("writing the join token")?;
-
-    let mut hive = vec!["hive", "start", "--join-file", &env_file, "--name", &name];
+    let mut hive = vec!["hive", "start", "--name", &name];
+    match &token {
+        Some(token) => {
+            step("join token into data/hive.env (mode 600)");
+            ssh.output(&["mkdir", "-p", "--", &target.path("data")])?;
+            ssh.run(
+                &["install", "-m", "600", "/dev/stdin", &env_file],
+                Input::Bytes(format!("RBEE_JOIN_TOKEN={token}\n").as_bytes()),
+            )?
+            .output("writing the join token")?;
+            hive.extend(["--join-file", &env_file]);
+        }
+        None => step(&format!(
+            "the machine kept hive {name}'s identity: it rejoins as itself"
+        )),
+    }
     if target.systemd {
         step(&format!("systemd unit {UNIT}, enabled and started"));
         hive[1] = "install-service";
@@ -144,7 +171,7 @@ pub async fn install(settings: &Effective, args: InstallArgs) -> anyhow::Result<
             hive.push("--user");
         }
     } else {
-        step("hive daemon, in the background (no systemd there)");
+        step("hive daemon, in the background (no systemd for this login there)");
     }
     let started = run_rbee(&ssh, &target, &hive)?;
     print!("{started}");
@@ -190,15 +217,24 @@ pub async fn upgrade(settings: &Effective, args: UpgradeArgs) -> anyhow::Result<
     } else {
         run_rbee(&ssh, &target, &["hive", "stop"])?;
     }
-    // A graceful stop closes the link, which the queen notices at once.
     let _ = wait_until(&client, &name, false, LEAVE_TIMEOUT).await;
-    copy_binary(&ssh, &target, &binary)?;
-    step("starting it again");
-    if systemd {
-        systemctl(&ssh, &target, &["start", UNIT])?;
-    } else {
-        run_rbee(&ssh, &target, &["hive", "start"])?;
+    let copied = copy_binary(&ssh, &target, &binary);
+    step(match copied {
+        Ok(()) => "starting it again",
+        Err(_) => "the copy failed: starting the old binary again",
+    });
+    let started = match systemd {
+        true => systemctl(&ssh, &target, &["start", UNIT]),
+        false => run_rbee(&ssh, &target, &["hive", "start"]).map(drop),
+    };
+    if let Err(e) = copied {
+        let state = match started {
+            Ok(()) => "the hive runs its old binary again".to_string(),
+            Err(s) => format!("the hive is STOPPED and did not start again: {s:#}"),
+        };
+        return Err(e.context(format!("upgrade failed; {state}")));
     }
+    started?;
     wait_until(&client, &name, true, JOIN_TIMEOUT).await?;
     let now = ssh.output(&[&target.path("bin/rbee"), "--version"])?;
     println!(
@@ -230,6 +266,13 @@ pub async fn uninstall(settings: &Effective, args: UninstallArgs) -> anyhow::Res
         None => println!("no rbee installed in {}", target.prefix),
     }
     if args.purge {
+        // Only a directory that is rbee's: a mistyped --prefix must not delete a tree.
+        let holds = |rel: &str| ssh.run(&["test", "-e", &target.path(rel)], Input::Nothing);
+        anyhow::ensure!(
+            holds("bin/rbee")?.ok() || holds("data/hive")?.ok(),
+            "{} holds neither bin/rbee nor data/hive: not deleting a directory that is not rbee's",
+            target.prefix
+        );
         step(&format!("deleting {}", target.prefix));
         ssh.output(&["rm", "-rf", "--", &target.prefix])?;
         if let Some(name) = name {
@@ -325,19 +368,22 @@ fn copy_binary(ssh: &Ssh, target: &Target, binary: &Binary) -> anyhow::Result<()
     Ok(())
 }
 
-/// Runs the installed `rbee ARGS` there; its stdout.
-fn run_rbee(ssh: &Ssh, target: &Target, args: &[&str]) -> anyhow::Result<String> {
+/// Runs the installed `rbee ARGS` there.
+fn rbee_there(ssh: &Ssh, target: &Target, args: &[&str]) -> Result<ssh::Ran, ssh::SshError> {
     let argv = target.rbee(args);
     let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
-    ssh.output(&argv)
+    ssh.run(&argv, Input::Nothing)
+}
+
+/// Runs the installed `rbee ARGS` there and wants it to succeed; its stdout.
+fn run_rbee(ssh: &Ssh, target: &Target, args: &[&str]) -> anyhow::Result<String> {
+    rbee_there(ssh, target, args)?.output(&format!("rbee {}", args.join(" ")))
 }
 
 /// What `rbee hive status --json` says there (it exits 3 when the hive is stopped, with
 /// its report all the same).
 fn hive_status(ssh: &Ssh, target: &Target) -> anyhow::Result<serde_json::Value> {
-    let argv = target.rbee(&["hive", "status", "--json"]);
-    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
-    let ran = ssh.run(&argv, Input::Nothing)?;
+    let ran = rbee_there(ssh, target, &["hive", "status", "--json"])?;
     serde_json::from_str(ran.stdout.trim()).with_context(|| {
         format!(
             "unexpected `rbee hive status` output: {}",
@@ -346,17 +392,22 @@ fn hive_status(ssh: &Ssh, target: &Target) -> anyhow::Result<serde_json::Value> 
     })
 }
 
-/// The node id of the hive installed there: from the file it wrote when it joined (which
-/// outlives the binary), else from its status.
-fn hive_id(ssh: &Ssh, target: &Target) -> anyhow::Result<String> {
+/// The name a hive there joined as, from the file it wrote then (which outlives the
+/// binary); `None` when none joined.
+fn joined_name(ssh: &Ssh, target: &Target) -> anyhow::Result<Option<String>> {
     let joined = ssh.run(
         &["cat", "--", &target.path("data/hive/queen.json")],
         Input::Nothing,
     )?;
-    let from_file = serde_json::from_str::<serde_json::Value>(&joined.stdout)
+    Ok(serde_json::from_str::<serde_json::Value>(&joined.stdout)
         .ok()
-        .and_then(|v| v["id"].as_str().map(str::to_string));
-    if let Some(id) = from_file {
+        .and_then(|v| v["id"].as_str().map(str::to_string)))
+}
+
+/// The node id of the hive installed there (hives of older releases wrote no name: their
+/// status has it).
+fn hive_id(ssh: &Ssh, target: &Target) -> anyhow::Result<String> {
+    if let Some(id) = joined_name(ssh, target)? {
         return Ok(id);
     }
     let report = hive_status(ssh, target)?;
@@ -366,26 +417,27 @@ fn hive_id(ssh: &Ssh, target: &Target) -> anyhow::Result<String> {
         .context("the hive there has not joined a cluster")
 }
 
-/// Whether the hive there runs as an enabled systemd unit.
-fn service_enabled(ssh: &Ssh, target: &Target) -> anyhow::Result<bool> {
-    if !target.systemd {
-        return Ok(false);
-    }
-    let mut argv = vec!["systemctl"];
-    if !target.root {
-        argv.push("--user");
-    }
-    argv.extend(["is-enabled", "--quiet", UNIT]);
-    Ok(ssh.run(&argv, Input::Nothing)?.ok())
-}
-
-fn systemctl(ssh: &Ssh, target: &Target, args: &[&str]) -> anyhow::Result<()> {
+/// `systemctl [--user] ARGS`: the user's manager for a non-root login.
+fn systemctl_argv<'a>(target: &Target, args: &[&'a str]) -> Vec<&'a str> {
     let mut argv = vec!["systemctl"];
     if !target.root {
         argv.push("--user");
     }
     argv.extend(args);
-    ssh.output(&argv).map(drop)
+    argv
+}
+
+/// Whether the hive there runs as an enabled systemd unit.
+fn service_enabled(ssh: &Ssh, target: &Target) -> anyhow::Result<bool> {
+    if !target.systemd {
+        return Ok(false);
+    }
+    let argv = systemctl_argv(target, &["is-enabled", "--quiet", UNIT]);
+    Ok(ssh.run(&argv, Input::Nothing)?.ok())
+}
+
+fn systemctl(ssh: &Ssh, target: &Target, args: &[&str]) -> anyhow::Result<()> {
+    ssh.output(&systemctl_argv(target, args)).map(drop)
 }
 
 /// Waits until the queen sees hive `name` connected (`connected`) or not.

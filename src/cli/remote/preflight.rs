@@ -2,13 +2,12 @@
 //! the host key known), platform, an rbee already there, free disk, latency. Each check
 //! prints one line; the first that fails stops the operation with its reason.
 
-use std::io::{Read, Seek, SeekFrom};
+use std::io::Read;
 use std::net::{TcpStream, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use sha2::{Digest, Sha256};
 
 use super::ssh::{Input, Ssh};
 
@@ -29,18 +28,16 @@ pub struct Binary {
 impl Binary {
     pub fn read(path: &Path) -> anyhow::Result<Binary> {
         let context = || path.display().to_string();
-        let mut file = std::fs::File::open(path).with_context(context)?;
         let mut header = [0u8; 20];
-        file.read_exact(&mut header).with_context(context)?;
+        std::fs::File::open(path)
+            .and_then(|mut f| f.read_exact(&mut header))
+            .with_context(context)?;
         let arch = elf_arch(&header)
             .with_context(|| format!("{} is not a Linux executable rbee knows", path.display()))?;
-        file.seek(SeekFrom::Start(0)).with_context(context)?;
-        let mut hasher = Sha256::new();
-        let len = std::io::copy(&mut file, &mut hasher).with_context(context)?;
         Ok(Binary {
             path: path.to_path_buf(),
-            len,
-            sha256: format!("{:x}", hasher.finalize()),
+            len: std::fs::metadata(path).with_context(context)?.len(),
+            sha256: rbee::actors::checksum::sha256_file(path, &mut |_| {}).with_context(context)?,
             arch,
         })
     }
@@ -124,9 +121,15 @@ fn check<T>(name: &str, run: impl FnOnce() -> anyhow::Result<(T, String)>) -> an
 
 /// Runs every check (the platform and disk ones only with the `binary` to install).
 pub fn run(ssh: &Ssh, binary: Option<&Binary>) -> anyhow::Result<Target> {
-    let port = ssh.args.port;
+    let port = ssh.port();
     println!("preflight of {} (port {port})", ssh.args.target);
     check("reachable", || {
+        if ssh.proxied {
+            return Ok((
+                (),
+                "through ssh's configured proxy (checked by the login)".into(),
+            ));
+        }
         let addrs: Vec<_> = (ssh.host.as_str(), port)
             .to_socket_addrs()
             .with_context(|| format!("cannot resolve {}", ssh.host))?
@@ -146,10 +149,7 @@ pub fn run(ssh: &Ssh, binary: Option<&Binary>) -> anyhow::Result<Target> {
             format!("ssh round trip (connect, log in, run) {took:.0?}"),
         ))
     })?;
-    let prefix = match ssh.args.prefix.as_deref().unwrap_or(".rbee") {
-        p if p.starts_with('/') => p.trim_end_matches('/').to_string(),
-        p => format!("{}/{}", home.trim_end_matches('/'), p.trim_end_matches('/')),
-    };
+    let prefix = prefix_there(ssh.args.prefix.as_deref().unwrap_or(".rbee"), &home)?;
     let target = check("platform", || {
         let uname = ssh.output(&["uname", "-s", "-n", "-m"])?;
         let words: Vec<&str> = uname.split_whitespace().collect();
@@ -170,17 +170,37 @@ pub fn run(ssh: &Ssh, binary: Option<&Binary>) -> anyhow::Result<Target> {
             "the prefix {prefix:?} holds whitespace, which service units cannot name"
         );
         let root = ssh.output(&["id", "-u"])?.trim() == "0";
-        let systemd = ssh
+        let booted = ssh
             .run(&["test", "-d", "/run/systemd/system"], Input::Nothing)?
             .ok();
-        let detail = format!(
-            "{os} {arch}, host {node}, {} user, {}",
-            if root { "root" } else { "unprivileged" },
-            if systemd {
-                "systemd"
-            } else {
-                "no systemd (daemons start in the background)"
+        // A user unit outlives the login only with lingering (`loginctl enable-linger`):
+        // without it the user's manager stops it after the session, so the hive runs as a
+        // background daemon instead.
+        let lingers = || -> anyhow::Result<bool> {
+            let user = ssh.output(&["id", "-un"])?;
+            let ran = ssh.run(
+                &[
+                    "loginctl",
+                    "show-user",
+                    "--property=Linger",
+                    "--value",
+                    user.trim(),
+                ],
+                Input::Nothing,
+            )?;
+            Ok(ran.ok() && ran.stdout.trim() == "yes")
+        };
+        let systemd = booted && (root || lingers()?);
+        let manager = match (booted, systemd) {
+            (true, true) => "systemd",
+            (true, false) => {
+                "systemd without lingering for this login (daemons start in the background)"
             }
+            _ => "no systemd (daemons start in the background)",
+        };
+        let detail = format!(
+            "{os} {arch}, host {node}, {} user, {manager}",
+            if root { "root" } else { "unprivileged" },
         );
         let target = Target {
             prefix: prefix.clone(),
@@ -220,6 +240,23 @@ pub fn run(ssh: &Ssh, binary: Option<&Binary>) -> anyhow::Result<Target> {
 
 fn mib(bytes: u64) -> String {
     format!("{} MiB", bytes >> 20)
+}
+
+/// The absolute prefix `given` names on a machine whose login starts in `home`. The root
+/// and the home directory themselves are refused: `uninstall --purge` deletes the prefix.
+fn prefix_there(given: &str, home: &str) -> anyhow::Result<String> {
+    let home = home.trim_end_matches('/');
+    let given = given.trim_end_matches('/');
+    let prefix = match given.starts_with('/') {
+        true => given.to_string(),
+        false if given.is_empty() || given == "." => home.to_string(),
+        false => format!("{home}/{given}"),
+    };
+    anyhow::ensure!(
+        !prefix.is_empty() && prefix != home && !prefix.split('/').any(|p| p == ".."),
+        "--prefix {given:?}: rbee needs a directory of its own (not / or the home directory; no '..')"
+    );
+    Ok(prefix)
 }
 
 /// Free bytes on the file system of `dir`, or of its nearest existing parent.
@@ -279,6 +316,15 @@ mod tests {
         assert_eq!(elf_arch(&elf), None);
         assert_eq!(elf_arch(b"#!/bin/sh\n"), None);
         assert_eq!(elf_arch(b""), None);
+    }
+
+    #[test]
+    fn the_prefix_is_a_directory_of_its_own() {
+        assert_eq!(prefix_there(".rbee", "/home/u").unwrap(), "/home/u/.rbee");
+        assert_eq!(prefix_there("/opt/rbee/", "/root").unwrap(), "/opt/rbee");
+        for bad in ["", ".", "/", "/home/u", "/home/u/", "a/../..", "/opt/../"] {
+            assert!(prefix_there(bad, "/home/u").is_err(), "{bad:?}");
+        }
     }
 
     #[test]

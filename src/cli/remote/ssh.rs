@@ -20,9 +20,9 @@ pub struct SshArgs {
     /// The machine: `[USER@]HOST`.
     #[arg(long = "ssh", value_name = "[USER@]HOST")]
     pub target: String,
-    /// Its SSH port.
-    #[arg(long, default_value_t = 22)]
-    pub port: u16,
+    /// Its SSH port (default: ssh's configuration for the host, else 22).
+    #[arg(long)]
+    pub port: Option<u16>,
     /// The private key to log in with (else ssh's defaults and agent).
     #[arg(long)]
     pub identity_file: Option<PathBuf>,
@@ -102,8 +102,12 @@ pub enum Input<'a> {
 #[derive(Debug, Clone)]
 pub struct Ssh {
     pub args: SshArgs,
-    /// The host part of the target.
+    /// The host ssh connects to (its configuration's `HostName` for an alias).
     pub host: String,
+    /// The port it connects to.
+    port: u16,
+    /// Whether it goes through a `ProxyJump` or `ProxyCommand` (no direct TCP check).
+    pub proxied: bool,
 }
 
 impl Ssh {
@@ -125,11 +129,56 @@ impl Ssh {
             "--ssh {:?}: expected [USER@]HOST (letters, digits, '-', '.', '_'; an IPv6 address in brackets)",
             args.target
         );
+        if let Some(file) = &args.known_hosts {
+            anyhow::ensure!(
+                !file.to_string_lossy().contains(char::is_whitespace),
+                "--known-hosts {}: ssh would split a path with whitespace into several files",
+                file.display()
+            );
+        }
         let host = host
             .trim_start_matches('[')
             .trim_end_matches(']')
             .to_string();
-        Ok(Ssh { args, host })
+        let mut ssh = Ssh {
+            port: args.port.unwrap_or(22),
+            args,
+            host,
+            proxied: false,
+        };
+        ssh.resolve();
+        Ok(ssh)
+    }
+
+    /// What ssh's configuration makes of the target (`ssh -G`): its real host name, port
+    /// and proxy; without an answer, the target as given.
+    fn resolve(&mut self) {
+        let mut probe = Command::new("ssh");
+        probe.arg("-G");
+        if let Some(port) = self.args.port {
+            probe.arg("-p").arg(port.to_string());
+        }
+        let Ok(out) = probe.arg("--").arg(&self.args.target).output() else {
+            return;
+        };
+        if !out.status.success() {
+            return;
+        }
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            match line.split_once(' ') {
+                Some(("hostname", v)) => {
+                    self.host = v.trim_start_matches('[').trim_end_matches(']').to_string()
+                }
+                Some(("port", v)) => self.port = v.parse().unwrap_or(self.port),
+                Some(("proxyjump" | "proxycommand", v)) if v != "none" => self.proxied = true,
+                _ => {}
+            }
+        }
+    }
+
+    /// The port ssh connects to.
+    pub fn port(&self) -> u16 {
+        self.port
     }
 
     fn base(&self) -> Command {
@@ -140,9 +189,14 @@ impl Ssh {
             "StrictHostKeyChecking=yes"
         };
         ssh.args(["-o", "BatchMode=yes", "-o", checking, "-o"])
-            .arg(format!("ConnectTimeout={CONNECT_TIMEOUT_SECS}"))
-            .args(["-o", "LogLevel=ERROR", "-p"])
-            .arg(self.args.port.to_string());
+            .arg(format!("ConnectTimeout={CONNECT_TIMEOUT_SECS}"));
+        // Quiet, except that pinning a new host key says which key it pinned.
+        if !self.args.accept_new_host_key {
+            ssh.args(["-o", "LogLevel=ERROR"]);
+        }
+        if let Some(port) = self.args.port {
+            ssh.arg("-p").arg(port.to_string());
+        }
         if let Some(file) = &self.args.identity_file {
             ssh.arg("-o").arg("IdentitiesOnly=yes").arg("-i").arg(file);
         }
@@ -250,7 +304,7 @@ mod tests {
     fn args(target: &str) -> SshArgs {
         SshArgs {
             target: target.into(),
-            port: 22,
+            port: None,
             identity_file: None,
             known_hosts: None,
             accept_new_host_key: false,
