@@ -36,6 +36,20 @@ parts = list(client.chat(model=model + ":latest", messages=messages, options=opt
 assert parts[-1].done and not any(p.done for p in parts[:-1]), parts
 assert "".join(p.message.content for p in parts) == whole.message.content, parts
 
+# logprobs: each token's, with the alternatives asked for; greedy draws the first
+scored = client.chat(model=model, messages=messages, options=options, logprobs=True, top_logprobs=2)
+assert scored.message.content == whole.message.content
+assert len(scored.logprobs) == 12, scored.logprobs
+for entry in scored.logprobs:
+    assert math.isfinite(entry.logprob) and entry.logprob <= 0, entry
+    assert len(entry.top_logprobs) == 2 and entry.top_logprobs[0].token == entry.token, entry
+streamed_lp = [
+    e for p in client.chat(model=model, messages=messages, options=options, logprobs=True, stream=True)
+    for e in (p.logprobs or [])
+]
+assert [e.logprob for e in streamed_lp] == [e.logprob for e in scored.logprobs], streamed_lp
+assert whole.logprobs is None
+
 # generate, whole and streamed; raw continues the text without the chat template
 generated = client.generate(model=model, prompt="In the", options=options)
 assert generated.done and generated.response and generated.eval_count == 12, generated

@@ -18,7 +18,9 @@ use axum::routing::{get, post};
 use futures::Stream;
 use rbee_actors::queen::protocol::QueenItem;
 use rbee_actors::worker::api::{ChatMessage, GenerateRequest, GenerationEvent, GenerationStats};
-use rbee_actors::worker::api::{FinishReason, Prompt, SamplingParams};
+use rbee_actors::worker::api::{
+    FinishReason, MAX_TOP_LOGPROBS, Prompt, SamplingParams, TokenLogprob,
+};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
@@ -191,6 +193,8 @@ struct ChatBody {
     options: Options,
     format: Option<Value>,
     tools: Option<Value>,
+    #[serde(flatten)]
+    logprobs: LogprobsIn,
 }
 
 #[derive(Debug, Deserialize)]
@@ -208,6 +212,54 @@ struct GenerateBody {
     format: Option<Value>,
     #[serde(default)]
     images: Vec<Value>,
+    #[serde(flatten)]
+    logprobs: LogprobsIn,
+}
+
+/// Ollama's `logprobs` and `top_logprobs`.
+#[derive(Debug, Default, Deserialize)]
+struct LogprobsIn {
+    #[serde(default)]
+    logprobs: bool,
+    top_logprobs: Option<i64>,
+}
+
+impl LogprobsIn {
+    /// The alternatives per token asked for, if log probabilities are.
+    fn asked(&self) -> Result<Option<u8>, ApiError> {
+        match (self.logprobs, self.top_logprobs) {
+            (false, None) => Ok(None),
+            (false, Some(_)) => Err(bad("top_logprobs needs logprobs: true")),
+            (true, top) => {
+                let top = top.unwrap_or(0);
+                u8::try_from(top)
+                    .ok()
+                    .filter(|n| *n <= MAX_TOP_LOGPROBS)
+                    .map(Some)
+                    .ok_or_else(|| {
+                        bad(format!(
+                            "top_logprobs {top}: expected 0 to {MAX_TOP_LOGPROBS}"
+                        ))
+                    })
+            }
+        }
+    }
+}
+
+/// Ollama's `logprobs` entries of these tokens.
+fn logprobs_json(tokens: &[TokenLogprob]) -> Value {
+    let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
+    tokens
+        .iter()
+        .map(|t| {
+            let top: Vec<Value> = t
+                .top
+                .iter()
+                .map(|a| json!({ "token": text(&a.bytes), "logprob": a.logprob }))
+                .collect();
+            json!({ "token": text(&t.bytes), "logprob": t.logprob, "top_logprobs": top })
+        })
+        .collect()
 }
 
 /// Which endpoint a generation came through: it names the text field.
@@ -263,7 +315,8 @@ async fn chat(State(gateway): State<Arc<Gateway>>, headers: HeaderMap, body: Byt
                 content: m.content,
             })
             .collect();
-        let request = b.options.request(Prompt::Chat(messages))?;
+        let mut request = b.options.request(Prompt::Chat(messages))?;
+        request.logprobs = b.logprobs.asked()?;
         Ok((model_name(&b.model).to_string(), request, b.stream))
     });
     answer(gateway, headers, request, Shape::Chat).await
@@ -298,7 +351,8 @@ async fn generate(
             });
             Prompt::Chat(messages)
         };
-        let request = b.options.request(prompt)?;
+        let mut request = b.options.request(prompt)?;
+        request.logprobs = b.logprobs.asked()?;
         Ok((model_name(&b.model).to_string(), request, b.stream))
     });
     answer(gateway, headers, request, Shape::Generate).await
@@ -316,6 +370,7 @@ async fn answer(
         Err(e) => (Err(e), false),
     };
     let model = request.as_ref().map(|(m, _)| m.clone()).unwrap_or_default();
+    let asked_logprobs = request.as_ref().is_ok_and(|(_, r)| r.logprobs.is_some());
     let begun = match begin(
         gateway,
         &headers,
@@ -338,8 +393,11 @@ async fn answer(
     }
     match begun.read_whole().await {
         Ok(answer) => {
-            axum::Json(shape.line(&model, &answer.text, Some((&answer.stats, answer.took))))
-                .into_response()
+            let mut line = shape.line(&model, &answer.text, Some((&answer.stats, answer.took)));
+            if asked_logprobs {
+                line["logprobs"] = logprobs_json(&answer.logprobs);
+            }
+            axum::Json(line).into_response()
         }
         Err(e) => error(&e),
     }
@@ -377,9 +435,13 @@ fn ndjson(
             None => next_generation_event(&mut s.rx).await,
         };
         let line = match event {
-            Some(GenerationEvent::Token { text, .. }) => {
+            Some(GenerationEvent::Token { text, logprob, .. }) => {
                 s.tracker.token();
-                s.shape.line(&s.model, &text, None)
+                let mut line = s.shape.line(&s.model, &text, None);
+                if let Some(lp) = logprob {
+                    line["logprobs"] = logprobs_json(std::slice::from_ref(&lp));
+                }
+                line
             }
             Some(GenerationEvent::Text(text)) => s.shape.line(&s.model, &text, None),
             Some(GenerationEvent::Done(stats)) => {
