@@ -109,3 +109,52 @@ async fn a_queen_on_all_addresses_gives_tokens_with_the_advertised_one_and_hives
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_hive_stopped_gracefully_is_gone_at_the_queen_at_once_not_at_its_idle_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    // Slow loss detection: a silent hive would count as lost only after 30 s.
+    let slow = ["--keep-alive-ms", "5000", "--idle-timeout-ms", "30000"];
+    let data = dir.path().join("queen");
+    let mut args = vec!["queen", "serve", "--data", data.to_str().unwrap()];
+    args.extend([
+        "--listen",
+        "127.0.0.1:0",
+        "--join-listen",
+        "127.0.0.1:0",
+        "--no-http",
+    ]);
+    args.extend(slow);
+    let queen = start(dir.path(), &args).unwrap();
+    let link: std::net::SocketAddr = queen.ready["ready"]["link"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let token = token(dir.path(), 600);
+    let mut args = vec!["hive", "serve", "--join", &token, "--name", "h"];
+    args.extend(slow);
+    let mut hive = start(&dir.path().join("hive"), &args).unwrap();
+    let client = client(dir.path(), link).await;
+    let state = || async {
+        match client
+            .call(rbee::actors::queen::protocol::ClientRequest::ListHives)
+            .await
+        {
+            Ok(rbee::actors::queen::protocol::ClientResponse::Hives(h)) => h
+                .first()
+                .map(|h| h.state == rbee::actors::queen::protocol::HiveState::Connected),
+            _ => None,
+        }
+    };
+    eventually(10, "the hive is connected", || async {
+        state().await == Some(true)
+    })
+    .await;
+    common::daemons::signal(hive.pid(), libc::SIGINT);
+    let _ = hive.child.wait();
+    eventually(3, "the queen sees the stopped hive gone", || async {
+        state().await == Some(false)
+    })
+    .await;
+}

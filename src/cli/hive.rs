@@ -373,9 +373,12 @@ async fn serve(args: HiveArgsCli) -> anyhow::Result<()> {
     };
     let running = RunningHive::start(&config).await?;
     let node = identity.node_id().to_string();
+    // The link to the queen, to close it when the hive stops.
+    let mut queen_link = None;
     let served = match queen {
         Some((queen, current)) => {
             report(&serde_json::json!({ "ready": { "id": node, "queen": queen.to_string() } }));
+            queen_link = Some(current.subscribe());
             let uplink = running.join(&config, queen, current);
             // Only a permanent refusal (a certificate the queen no longer takes, another
             // CA) ends the uplink: the hive says so and its workers serve on until it is
@@ -407,6 +410,14 @@ async fn serve(args: HiveArgsCli) -> anyhow::Result<()> {
     };
     if interrupted {
         running.stop("interrupted").await;
+    }
+    // Said to the queen, which then marks the hive gone at once instead of at its idle
+    // timeout (an upgrade or a rolling restart waits for that).
+    let link = queen_link.and_then(|l| l.borrow().clone());
+    if let Some(link) = link {
+        link.close("hive stopping");
+        // The close goes out with the endpoint's next packet.
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
     served.abort();
     Ok(())
