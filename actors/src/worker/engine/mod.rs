@@ -4,6 +4,7 @@
 pub mod convert;
 pub mod embed;
 pub mod gguf_check;
+pub mod json_schema;
 pub mod loader;
 pub mod model;
 pub mod native;

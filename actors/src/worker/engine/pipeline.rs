@@ -6,6 +6,7 @@
 use std::ops::ControlFlow;
 use std::time::Instant;
 
+use super::json_schema::JsonConstraint;
 use super::model::{EngineError, FinishReason, Model};
 use super::sampling::Sampler;
 use super::stop::StopMatcher;
@@ -84,6 +85,32 @@ pub struct Sampled {
     pub finish: Option<FinishReason>,
 }
 
+/// Masks every token the schema does not take next (and end-of-sequence until the
+/// document is whole): their logits become so low that no sampler picks them.
+fn constrain(
+    vocabulary: &Vocabulary<'_>,
+    constraint: &JsonConstraint,
+    eos: &[u32],
+    logits: &mut [f32],
+) {
+    let whole = constraint.complete();
+    for (id, logit) in logits.iter_mut().enumerate() {
+        let id = id as u32;
+        let allowed = if eos.contains(&id) {
+            whole
+        } else {
+            constraint.allows(vocabulary.tokenizer.bytes(id))
+        };
+        if !allowed {
+            *logit = MASKED;
+        }
+    }
+}
+
+/// A masked token's logit: finite (the sampler refuses infinities) and far below any
+/// model's.
+const MASKED: f32 = -1e30;
+
 /// `id`'s log probability under `logits` (log-softmax) and the `top` most likely tokens.
 fn token_logprob(vocabulary: &Vocabulary<'_>, logits: &[f32], id: u32, top: usize) -> TokenLogprob {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -146,6 +173,8 @@ pub struct Decoder {
     generated: usize,
     /// Alternatives to report with each token's log probability (`None`: none asked).
     logprobs: Option<u8>,
+    /// The schema the answer must follow, as far as written.
+    constraint: Option<JsonConstraint>,
 }
 
 impl Decoder {
@@ -195,6 +224,12 @@ impl Decoder {
             remaining: request.max_tokens - resumed.len(),
             generated: 0,
             logprobs: request.logprobs,
+            constraint: request
+                .json_schema
+                .as_deref()
+                .map(JsonConstraint::new)
+                .transpose()
+                .map_err(|e| GenerationError::new(ErrorKind::InvalidRequest, e.to_string()))?,
         })
     }
 
@@ -229,6 +264,9 @@ impl Decoder {
         vocabulary: &Vocabulary<'_>,
         logits: &mut [f32],
     ) -> Result<Sampled, GenerationError> {
+        if let Some(constraint) = &self.constraint {
+            constrain(vocabulary, constraint, &self.eos, logits);
+        }
         let id = self
             .sampler
             .sample(logits, &self.history)
@@ -248,6 +286,12 @@ impl Decoder {
         self.first_token_at.get_or_insert_with(Instant::now);
         self.generated += 1;
         self.history.push(id);
+        // The mask let only tokens the schema takes through: the document is whole when
+        // it says so, and ends there.
+        let document_done = self.constraint.as_mut().is_some_and(|c| {
+            c.feed(vocabulary.tokenizer.bytes(id));
+            c.complete()
+        });
         let check = self
             .stops
             .push(&self.utf8.push(vocabulary.tokenizer.bytes(id)));
@@ -260,6 +304,8 @@ impl Decoder {
         self.index += 1;
         let finish = if check.stopped {
             self.stopped_by_text = true;
+            Some(FinishReason::Stop)
+        } else if document_done {
             Some(FinishReason::Stop)
         } else if self.generated == self.remaining {
             Some(FinishReason::Length)
@@ -440,6 +486,54 @@ mod tests {
                 _ => None,
             })
             .collect()
+    }
+
+    #[test]
+    fn a_json_schema_makes_every_answer_a_document_of_it() {
+        let (_d, mut loaded) = tiny(256);
+        let schema = r#"{"type":"object","properties":{"name":{"type":"string","maxLength":6},"n":{"type":"integer"},"kind":{"enum":["a","b"]},"xs":{"type":"array","items":{"type":"boolean"},"maxItems":3}}}"#;
+        for seed in 0..10 {
+            let request = GenerateRequest {
+                json_schema: Some(schema.into()),
+                sampling: SamplingParams {
+                    temperature: 1.0,
+                    seed: Some(seed),
+                    ..SamplingParams::default()
+                },
+                ..GenerateRequest::text("In the", 200)
+            };
+            let events = collect(&mut loaded, &request);
+            let text = text_of(&events);
+            let value: serde_json::Value =
+                serde_json::from_str(&text).unwrap_or_else(|e| panic!("seed {seed}: {e}: {text}"));
+            assert!(
+                value["name"]
+                    .as_str()
+                    .is_some_and(|s| s.chars().count() <= 6),
+                "{text}"
+            );
+            assert!(value["n"].is_i64(), "{text}");
+            assert!(
+                ["a", "b"].contains(&value["kind"].as_str().unwrap()),
+                "{text}"
+            );
+            assert!(
+                value["xs"]
+                    .as_array()
+                    .is_some_and(|a| a.len() <= 3 && a.iter().all(|x| x.is_boolean())),
+                "{text}"
+            );
+            assert_eq!(stats(&events).finish, FinishReason::Stop, "{text}");
+        }
+        let unsupported = GenerateRequest {
+            json_schema: Some(r#"{"anyOf":[]}"#.into()),
+            ..greedy(4)
+        };
+        let refused = collect(&mut loaded, &unsupported);
+        assert!(
+            matches!(&refused[..], [GenerationEvent::Error(e)] if e.kind == ErrorKind::InvalidRequest && e.message.contains("anyOf")),
+            "{refused:?}"
+        );
     }
 
     #[test]
