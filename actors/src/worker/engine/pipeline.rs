@@ -197,8 +197,19 @@ impl Decoder {
         // the sampler's draws are rebuilt so the continuation is the one that worker would
         // make.
         let resumed = &request.resume;
+        let mut constraint = request
+            .json_schema
+            .as_deref()
+            .map(JsonConstraint::new)
+            .transpose()
+            .map_err(|e| GenerationError::new(ErrorKind::InvalidRequest, e.to_string()))?;
         for &id in resumed {
-            let _ = stops.push(&utf8.push(vocabulary.tokenizer.bytes(id)));
+            let bytes = vocabulary.tokenizer.bytes(id);
+            let _ = stops.push(&utf8.push(bytes));
+            // The document continues where the lost worker left it.
+            if let Some(c) = constraint.as_mut() {
+                c.feed(bytes);
+            }
         }
         sampler.skip(resumed.len());
         // Resumed tokens were generated (by the worker this one continues from).
@@ -224,12 +235,7 @@ impl Decoder {
             remaining: request.max_tokens - resumed.len(),
             generated: 0,
             logprobs: request.logprobs,
-            constraint: request
-                .json_schema
-                .as_deref()
-                .map(JsonConstraint::new)
-                .transpose()
-                .map_err(|e| GenerationError::new(ErrorKind::InvalidRequest, e.to_string()))?,
+            constraint,
         })
     }
 
@@ -589,6 +595,38 @@ mod tests {
         assert!(
             matches!(&too_many[..], [GenerationEvent::Error(e)] if e.kind == ErrorKind::InvalidRequest),
             "{too_many:?}"
+        );
+    }
+
+    #[test]
+    fn a_resumed_constrained_request_continues_the_same_document() {
+        let (_d, mut loaded) = tiny(256);
+        let whole = GenerateRequest {
+            json_schema: Some(
+                r#"{"properties":{"a":{"type":"string"},"b":{"type":"integer"}}}"#.into(),
+            ),
+            sampling: SamplingParams {
+                temperature: 1.0,
+                seed: Some(7),
+                ..SamplingParams::default()
+            },
+            ..GenerateRequest::text("In the", 200)
+        };
+        let uninterrupted = collect(&mut loaded, &whole);
+        let ids = token_ids(&uninterrupted);
+        // At least `{"a":"","b":0}`, one byte per token of this vocabulary.
+        assert!(ids.len() >= 14, "{ids:?}");
+        let resumed = GenerateRequest {
+            resume: ids[..10].to_vec(),
+            ..whole.clone()
+        };
+        let rest = collect(&mut loaded, &resumed);
+        assert_eq!(token_ids(&rest), ids[10..], "the continuation differs");
+        let text = format!("{}{}", text_of(&uninterrupted[..10]), text_of(&rest));
+        assert_eq!(text, text_of(&uninterrupted));
+        assert!(
+            serde_json::from_str::<serde_json::Value>(&text).is_ok(),
+            "{text}"
         );
     }
 
