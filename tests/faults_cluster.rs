@@ -463,7 +463,13 @@ async fn every_fault_of_the_failure_table_loses_no_request() {
         .unwrap_or(&on[0])
         .clone();
     let victim_hive = victim.split('/').next().unwrap().to_string();
-    let pid = before.routable(&victim_hive)[0];
+    // The very worker the probe streams from (a hive may run more than one).
+    let pid = before
+        .workers
+        .iter()
+        .find(|w| w.key == victim)
+        .and_then(|w| w.info.pid)
+        .unwrap_or_else(|| before.routable(&victim_hive)[0]);
     let killed = Instant::now();
     signal(pid, libc::SIGKILL);
     let detected = observer
