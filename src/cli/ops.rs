@@ -516,9 +516,10 @@ pub async fn ensure_on_cluster(client: &rbee::Client, model: &str) -> anyhow::Re
     let id = store_id(model, None)?;
     let hives = client.hives().await?;
     let held = |h: &rbee::actors::queen::protocol::HiveView| {
-        h.models
-            .iter()
-            .any(|m| matches!(m, Entry::Ready(_)) && *m.id() == id)
+        h.state == rbee::actors::queen::protocol::HiveState::Connected
+            && h.models
+                .iter()
+                .any(|m| matches!(m, Entry::Ready(_)) && *m.id() == id)
     };
     if hives.iter().any(held) {
         return Ok(id.to_string());

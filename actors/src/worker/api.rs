@@ -148,10 +148,14 @@ impl GenerateRequest {
                 "{n} alternatives per token exceed the limit of {MAX_TOP_LOGPROBS}"
             ));
         }
-        if let Some(schema) = &self.json_schema
-            && let Err(e) = super::engine::json_schema::JsonConstraint::new(schema)
-        {
-            return invalid(e.to_string());
+        if let Some(schema) = &self.json_schema {
+            if let Err(e) = super::engine::json_schema::JsonConstraint::new(schema) {
+                return invalid(e.to_string());
+            }
+            // A stop sequence would cut the document short.
+            if !self.stop.is_empty() {
+                return invalid("stop sequences cannot be combined with a JSON schema".into());
+            }
         }
         if let Some(long) = self.stop.iter().find(|s| s.len() > MAX_STOP_BYTES) {
             return invalid(format!(

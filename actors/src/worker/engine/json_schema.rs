@@ -22,6 +22,11 @@ pub const DEFAULT_MAX_ITEMS: usize = 16;
 const MAX_DIGITS: usize = 12;
 /// How deep a schema may nest.
 const MAX_DEPTH: usize = 32;
+/// Bounds on a schema's size: every token of the vocabulary is checked against the
+/// matcher at each step, so a huge enum or object from a client would stall the worker.
+const MAX_SCHEMA_BYTES: usize = 64 << 10;
+const MAX_ENUM: usize = 256;
+const MAX_PROPERTIES: usize = 128;
 
 /// Why a schema cannot constrain generation.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -94,6 +99,9 @@ fn compile(schema: &Value, at: &str, depth: usize) -> Result<Node, SchemaError> 
         if values.is_empty() {
             return Err(invalid("enum is empty"));
         }
+        if values.len() > MAX_ENUM {
+            return Err(invalid(&format!("more than {MAX_ENUM} enum values")));
+        }
         return Ok(Node::OneOf(values.iter().map(literal).collect()));
     }
     let count = |key: &str| -> Result<Option<usize>, SchemaError> {
@@ -118,6 +126,17 @@ fn compile(schema: &Value, at: &str, depth: usize) -> Result<Node, SchemaError> 
                 let p = p
                     .as_object()
                     .ok_or_else(|| invalid("properties is an object"))?;
+                if p.len() > MAX_PROPERTIES {
+                    return Err(invalid(&format!("more than {MAX_PROPERTIES} properties")));
+                }
+                // Every property is written, so a required one must be among them.
+                if let Some(Value::Array(required)) = obj.get("required")
+                    && let Some(missing) = required
+                        .iter()
+                        .find(|r| r.as_str().is_none_or(|r| !p.contains_key(r)))
+                {
+                    return Err(invalid(&format!("required {missing} is not a property")));
+                }
                 for (i, (name, sub)) in p.iter().enumerate() {
                     let open = if i == 0 { "{" } else { "," };
                     let key = Value::String(name.clone());
@@ -208,6 +227,12 @@ enum Step {
 impl JsonConstraint {
     /// Compiles the schema in `text` (JSON).
     pub fn new(text: &str) -> Result<Self, SchemaError> {
+        if text.len() > MAX_SCHEMA_BYTES {
+            return Err(SchemaError::Invalid(
+                "$".into(),
+                format!("a schema of more than {MAX_SCHEMA_BYTES} bytes"),
+            ));
+        }
         let schema: Value =
             serde_json::from_str(text).map_err(|e| SchemaError::NotJson(e.to_string()))?;
         let root = compile(&schema, "$", 0)?;
@@ -219,6 +244,17 @@ impl JsonConstraint {
     /// Whether the text so far is a whole document (nothing more may come).
     pub fn complete(&self) -> bool {
         self.stack.iter().all(Frame::may_end)
+    }
+
+    /// Whether the document is whole and nothing may follow (a top-level number or enum
+    /// value may still grow: `1` → `10`; then end-of-sequence decides).
+    pub fn finished(&self) -> bool {
+        self.complete()
+            && self.stack.iter().all(|f| match f {
+                Frame::InNumber { .. } => false,
+                Frame::Choice(options, pos) => options.iter().all(|o| o.len() == *pos),
+                _ => true,
+            })
     }
 
     /// Takes `bytes`; false (and a state to throw away) when the schema refuses them.
@@ -520,6 +556,26 @@ mod tests {
             assert!(!c.feed(bad), "{bad:?}");
         }
         assert!(!accepts(s, "\"abcd\""));
+    }
+
+    #[test]
+    fn huge_schemas_and_required_names_outside_the_properties_are_refused() {
+        let big: Vec<_> = (0..=MAX_ENUM).collect();
+        let schema = serde_json::json!({ "enum": big }).to_string();
+        assert!(matches!(
+            JsonConstraint::new(&schema),
+            Err(SchemaError::Invalid(..))
+        ));
+        let missing =
+            r#"{"type":"object","properties":{"a":{"type":"integer"}},"required":["a","b"]}"#;
+        assert!(matches!(
+            JsonConstraint::new(missing),
+            Err(SchemaError::Invalid(..))
+        ));
+        let mut c = JsonConstraint::new(r#"{"type":"integer"}"#).unwrap();
+        assert!(c.feed(b"1") && c.complete() && !c.finished());
+        let mut c = JsonConstraint::new(r#"{"properties":{"a":{"type":"integer"}}}"#).unwrap();
+        assert!(c.feed(br#"{"a":1}"#) && c.finished());
     }
 
     #[test]

@@ -207,8 +207,13 @@ impl Decoder {
             let bytes = vocabulary.tokenizer.bytes(id);
             let _ = stops.push(&utf8.push(bytes));
             // The document continues where the lost worker left it.
-            if let Some(c) = constraint.as_mut() {
-                c.feed(bytes);
+            if let Some(c) = constraint.as_mut()
+                && !c.feed(bytes)
+            {
+                return Err(GenerationError::new(
+                    ErrorKind::InvalidRequest,
+                    "the tokens to resume after do not fit the JSON schema",
+                ));
             }
         }
         sampler.skip(resumed.len());
@@ -294,10 +299,20 @@ impl Decoder {
         self.history.push(id);
         // The mask let only tokens the schema takes through: the document is whole when
         // it says so, and ends there.
+        let mut off_schema = false;
         let document_done = self.constraint.as_mut().is_some_and(|c| {
-            c.feed(vocabulary.tokenizer.bytes(id));
-            c.complete()
+            off_schema = !c.feed(vocabulary.tokenizer.bytes(id));
+            c.finished() || (self.eos.is_empty() && c.complete())
         });
+        if off_schema {
+            return Err(engine_error(EngineError::Sampling(
+                super::sampling::SamplingError::InvalidParameter {
+                    param: "json_schema",
+                    value: format!("token {id}"),
+                    expected: "a token the schema allows (a penalty lifted a masked one)",
+                },
+            )));
+        }
         let check = self
             .stops
             .push(&self.utf8.push(vocabulary.tokenizer.bytes(id)));
