@@ -9,7 +9,7 @@ use rbee::actors::hive::cards;
 use rbee::actors::hive::hub::{Hub, HubConfig};
 use rbee::actors::hive::store::{Entry, ModelId, ModelStore};
 use rbee::actors::hive::workers::{
-    Hive, HiveArgs, HiveMsg, IdleTimeout, SpawnRequest, WorkerMode, WorkerState,
+    IdleTimeout, SpawnRequest, WorkerManager, WorkerMode, WorkerState, WorkersArgs, WorkersMsg,
 };
 use rbee::actors::models::{DEFAULT_MODEL_SHA256, DEFAULT_MODEL_SOURCE};
 use rbee::actors::supervisor::RestartPolicy;
@@ -49,7 +49,7 @@ async fn smollm2_from_its_package_source_is_spawned_and_answers() {
     );
     assert_eq!(store.list().unwrap(), vec![Entry::Ready(manifest)]);
 
-    let args = HiveArgs {
+    let args = WorkersArgs {
         store,
         policy: RestartPolicy::default(),
         memory_budget: None,
@@ -58,18 +58,18 @@ async fn smollm2_from_its_package_source_is_spawned_and_answers() {
         processes: None,
         changes: None,
     };
-    let (hive, _) = Actor::spawn(None, Hive, args).await.unwrap();
+    let (hive, _) = Actor::spawn(None, WorkerManager, args).await.unwrap();
     let request = SpawnRequest {
         model: id,
         slots: 1,
         idle_timeout: IdleTimeout::Never,
         mode: WorkerMode::InProcess,
     };
-    let worker = call_t!(hive, HiveMsg::Spawn, 5000, request)
+    let worker = call_t!(hive, WorkersMsg::Spawn, 5000, request)
         .unwrap()
         .unwrap();
     for _ in 0..600 {
-        let listed = call_t!(hive, HiveMsg::List, 5000).unwrap();
+        let listed = call_t!(hive, WorkersMsg::List, 5000).unwrap();
         if matches!(&listed[0].state, WorkerState::Running(s) if s.phase == Phase::Ready) {
             break;
         }
@@ -91,7 +91,7 @@ async fn smollm2_from_its_package_source_is_spawned_and_answers() {
         ..GenerateRequest::chat(question, 64)
     };
     let (tx, mut rx) = mpsc::channel(STREAM_CAPACITY);
-    hive.cast(HiveMsg::Generate(worker.id, generate, tx))
+    hive.cast(WorkersMsg::Generate(worker.id, generate, tx))
         .unwrap();
     let mut text = String::new();
     let mut done = None;

@@ -1,4 +1,7 @@
-//! Supervision across nodes: a lost peer becomes `ActorFailed` at the proxy's supervisor.
+//! Supervision across nodes starts here: a lost peer is reported by its link, with its
+//! cause, within the idle timeout (SIGKILL) or at once (a graceful close). The hive's
+//! worker-process proxy turns that report into its own failure, a supervision event at
+//! the worker manager (`tests/hive_processes.rs` kills worker processes for real).
 //!
 //! The killed peer is a real child process: this test binary run again with
 //! `RBEE_TEST_PEER_DIR` set, which makes the test below act as the peer instead.
@@ -11,13 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use ractor::{Actor, ActorRef};
-use rbee_actors::{
-    ChildEvent, ChildSpec, Restart, RestartPolicy, Supervisor, SupervisorArgs, SupervisorMsg,
-};
-use rbee_transport::{
-    Endpoint, LinkConfig, LinkError, NodeIdentity, PeerProxy, ProxyMsg, Role, StreamReceiver,
-};
+use rbee_transport::{Endpoint, Link, LinkConfig, LinkError, NodeIdentity, Role};
 use tokio::sync::mpsc;
 
 const PEER_DIR_ENV: &str = "RBEE_TEST_PEER_DIR";
@@ -38,58 +35,24 @@ async fn run_peer(dir: std::path::PathBuf) {
     std::future::pending::<()>().await;
 }
 
-/// A supervisor with one proxy child linked to `addr`; returns the supervisor, the proxy and
-/// the supervisor's event feed.
-async fn supervised_proxy(
+/// A link to the peer at `addr`, and a receiver of its close cause (what the hive's
+/// worker-process proxy waits on).
+async fn watched_link(
     endpoint: Arc<Endpoint<TestProtocol>>,
     addr: std::net::SocketAddr,
-) -> (
-    ActorRef<SupervisorMsg>,
-    ActorRef<ProxyMsg<TestProtocol>>,
-    mpsc::Receiver<ChildEvent>,
-) {
-    let spec = ChildSpec::new("peer", Restart::Temporary, move |supervisor| {
-        let endpoint = endpoint.clone();
-        Box::pin(async move {
-            let (link, _incoming) = endpoint.connect(addr, &[Role::Worker]).await?;
-            let (proxy, _) =
-                Actor::spawn_linked(None, PeerProxy::default(), link, supervisor).await?;
-            Ok(proxy.get_cell())
-        })
+) -> (Link<TestProtocol>, mpsc::Receiver<String>) {
+    let (link, _incoming) = endpoint.connect(addr, &[Role::Worker]).await.unwrap();
+    let (closed_tx, closed) = mpsc::channel(1);
+    let watched = link.closed();
+    tokio::spawn(async move {
+        let cause = watched.await;
+        let _ = closed_tx.send(cause.to_string()).await;
     });
-    let (events_tx, mut events) = mpsc::channel(16);
-    let args = SupervisorArgs {
-        policy: RestartPolicy::default(),
-        children: vec![spec],
-        observer: Some(events_tx),
-    };
-    let (supervisor, _) = Actor::spawn(None, Supervisor, args).await.unwrap();
-    assert!(matches!(
-        recv_within(&mut events, 5).await,
-        ChildEvent::Started { .. }
-    ));
-    let children = ractor::call_t!(supervisor, SupervisorMsg::Children, 1000).unwrap();
-    let proxy: ActorRef<ProxyMsg<TestProtocol>> = children[0].actor.clone().unwrap().into();
-    (supervisor, proxy, events)
-}
-
-async fn open_through(
-    proxy: &ActorRef<ProxyMsg<TestProtocol>>,
-    open: OpenTokens,
-) -> StreamReceiver<Token> {
-    proxy
-        .call(
-            |reply| ProxyMsg::OpenStream { open, reply },
-            Some(Duration::from_secs(5)),
-        )
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap()
+    (link, closed)
 }
 
 #[tokio::test]
-async fn a_peer_killed_with_sigkill_fails_its_proxy_within_the_idle_timeout() {
+async fn a_peer_killed_with_sigkill_closes_its_link_within_the_idle_timeout() {
     if let Some(dir) = std::env::var_os(PEER_DIR_ENV) {
         return run_peer(dir.into()).await;
     }
@@ -102,7 +65,7 @@ async fn a_peer_killed_with_sigkill_fails_its_proxy_within_the_idle_timeout() {
     let mut child = Command::new(std::env::current_exe().unwrap())
         .args([
             "--exact",
-            "a_peer_killed_with_sigkill_fails_its_proxy_within_the_idle_timeout",
+            "a_peer_killed_with_sigkill_closes_its_link_within_the_idle_timeout",
             "--nocapture",
         ])
         .env(PEER_DIR_ENV, dir.path())
@@ -123,7 +86,7 @@ async fn a_peer_killed_with_sigkill_fails_its_proxy_within_the_idle_timeout() {
         cluster.identity("queen", Role::Queen),
         config.clone(),
     ));
-    let (supervisor, proxy, mut events) = supervised_proxy(endpoint, addr).await;
+    let (link, mut closed) = watched_link(endpoint, addr).await;
 
     // A stream is in flight when the peer dies.
     let open = OpenTokens {
@@ -131,23 +94,17 @@ async fn a_peer_killed_with_sigkill_fails_its_proxy_within_the_idle_timeout() {
         pace_ms: 20,
         abandon_after: None,
     };
-    let mut stream = open_through(&proxy, open).await;
+    let mut stream = link.open_stream(open).await.unwrap();
     stream.next().await.unwrap().unwrap();
 
     child.kill().unwrap(); // SIGKILL
     let killed_at = Instant::now();
     child.wait().unwrap();
 
-    let event = recv_within(&mut events, 10).await;
+    let cause = recv_within(&mut closed, 10).await;
     let detected_after = killed_at.elapsed();
-    match event {
-        ChildEvent::Failed { child, error } => {
-            assert_eq!(child, "peer");
-            assert!(error.contains("link to worker peer-1 lost"), "{error}");
-            assert!(error.contains("idle timeout"), "{error}");
-        }
-        other => panic!("{other:?}"),
-    }
+    assert!(cause.contains("idle timeout"), "{cause}");
+    assert_eq!(link.peer().node_id.as_str(), "peer-1");
     let limit = config.idle_timeout + config.keep_alive;
     assert!(
         detected_after <= limit,
@@ -166,7 +123,6 @@ async fn a_peer_killed_with_sigkill_fails_its_proxy_within_the_idle_timeout() {
         matches!(end, Some(Err(LinkError::Closed { .. }))),
         "{end:?}"
     );
-    supervisor.stop(None);
 }
 
 #[tokio::test]
@@ -180,24 +136,19 @@ async fn a_graceful_close_is_seen_at_once() {
         cluster.identity("queen", Role::Queen),
         LinkConfig::default(),
     ));
-    let (supervisor, _proxy, mut events) = supervised_proxy(endpoint, server.addr).await;
+    let (_link, mut closed) = watched_link(endpoint, server.addr).await;
 
     server.endpoint.close("shutting down");
     let closed_at = Instant::now();
-    match recv_within(&mut events, 5).await {
-        ChildEvent::Failed { error, .. } => {
-            assert!(
-                error.contains("closed by the peer (shutting down)"),
-                "{error}"
-            );
-        }
-        other => panic!("{other:?}"),
-    }
+    let cause = recv_within(&mut closed, 5).await;
+    assert!(
+        cause.contains("closed by the peer (shutting down)"),
+        "{cause}"
+    );
     // "At once" means without waiting for any timeout: far below the 1 s keep-alive.
     let detected_after = closed_at.elapsed();
     assert!(
         detected_after < Duration::from_millis(500),
         "{detected_after:?}"
     );
-    supervisor.stop(None);
 }

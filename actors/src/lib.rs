@@ -1,5 +1,5 @@
-//! rbee's supervision tree. This crate holds the restart strategy every parent uses;
-//! the queen, hive and worker actors build on it.
+//! rbee's actors: the queen, hive and worker, their supervision (see
+//! `docs/runtime-semantics.md`), the restart strategy, and the wire protocol between them.
 
 pub mod checksum;
 pub mod hive;
@@ -9,11 +9,9 @@ pub mod paths;
 pub mod private_json;
 pub mod protocol;
 pub mod queen;
+pub mod root;
 pub mod size;
 pub mod supervisor;
 pub mod worker;
 
-pub use supervisor::{
-    ChildEvent, ChildInfo, ChildSpec, Decision, Escalated, Restart, RestartIntensity,
-    RestartPolicy, Supervisor, SupervisorArgs, SupervisorMsg,
-};
+pub use supervisor::{Decision, Restart, RestartIntensity, RestartPolicy};

@@ -18,7 +18,7 @@ use rbee::actors::hive::local_hub::{COMMIT, LocalHub};
 use rbee::actors::hive::process::{self, ProcessConfig};
 use rbee::actors::hive::store::{ModelId, ModelStore};
 use rbee::actors::hive::workers::{
-    Hive, HiveArgs, HiveMsg, IdleTimeout, SpawnRequest, WorkerMode, WorkerState,
+    IdleTimeout, SpawnRequest, WorkerManager, WorkerMode, WorkerState, WorkersArgs, WorkersMsg,
 };
 use rbee::actors::supervisor::RestartPolicy;
 use rbee::actors::worker::actor::Phase;
@@ -98,7 +98,7 @@ pub async fn run(args: HiveBenchArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn start_hive(store: &ModelStore, dir: &Path) -> anyhow::Result<ActorRef<HiveMsg>> {
+async fn start_hive(store: &ModelStore, dir: &Path) -> anyhow::Result<ActorRef<WorkersMsg>> {
     let ca = Arc::new(ClusterCa::generate("bench")?);
     let hive_identity = ca.issue(&NodeId::new("hive-bench")?, Role::Hive)?;
     let endpoint = Endpoint::client(hive_identity, "127.0.0.1:0".parse()?, LinkConfig::default())?;
@@ -108,9 +108,10 @@ async fn start_hive(store: &ModelStore, dir: &Path) -> anyhow::Result<ActorRef<H
         issuer: process::issuer_from_ca(ca),
         endpoint: Arc::new(endpoint),
         ready_timeout: Duration::from_secs(60),
+        worker_env: Vec::new(),
         worker_ip: std::net::Ipv4Addr::LOCALHOST.into(),
     };
-    let args = HiveArgs {
+    let args = WorkersArgs {
         store: store.clone(),
         policy: RestartPolicy::default(),
         memory_budget: None,
@@ -119,12 +120,12 @@ async fn start_hive(store: &ModelStore, dir: &Path) -> anyhow::Result<ActorRef<H
         processes: Some(processes),
         changes: None,
     };
-    Ok(Actor::spawn(None, Hive, args).await?.0)
+    Ok(Actor::spawn(None, WorkerManager, args).await?.0)
 }
 
 /// Spawn-to-ready times in ms: from the spawn request until the worker reports `Ready`.
 async fn spawn_times(
-    hive: &ActorRef<HiveMsg>,
+    hive: &ActorRef<WorkersMsg>,
     mode: WorkerMode,
     rounds: usize,
 ) -> anyhow::Result<Vec<f64>> {
@@ -137,10 +138,10 @@ async fn spawn_times(
             mode,
         };
         let t = Instant::now();
-        let worker =
-            call_t!(hive, HiveMsg::Spawn, 60_000, request)?.map_err(|e| anyhow::anyhow!("{e}"))?;
+        let worker = call_t!(hive, WorkersMsg::Spawn, 60_000, request)?
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
         loop {
-            let listed = call_t!(hive, HiveMsg::List, 5_000)?;
+            let listed = call_t!(hive, WorkersMsg::List, 5_000)?;
             let ready = listed.iter().any(|w| {
                 w.id == worker.id
                     && matches!(&w.state, WorkerState::Running(s) if s.phase == Phase::Ready)
@@ -152,7 +153,7 @@ async fn spawn_times(
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
         times.push(t.elapsed().as_secs_f64() * 1000.0);
-        call_t!(hive, HiveMsg::Stop, 5_000, worker.id)?.map_err(|e| anyhow::anyhow!("{e}"))?;
+        call_t!(hive, WorkersMsg::Stop, 5_000, worker.id)?.map_err(|e| anyhow::anyhow!("{e}"))?;
     }
     Ok(times)
 }

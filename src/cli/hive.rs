@@ -404,13 +404,20 @@ async fn serve(args: HiveArgsCli) -> anyhow::Result<()> {
         }
     };
     let mut running = running;
-    let interrupted = tokio::select! {
-        _ = &mut running.stopped => false,
-        () = super::stop_requested() => true,
+    // The worker manager is the top of the hive's tree: if it fails, the daemon ends
+    // non-zero with the reason (a service manager restarts it, and the new hive adopts
+    // the worker processes).
+    let ended = tokio::select! {
+        ended = &mut running.stopped => Some(ended),
+        () = super::stop_requested() => None,
     };
-    if interrupted {
-        running.stop("interrupted").await;
-    }
+    let failed = match ended {
+        Some(ended) => ended.err(),
+        None => {
+            running.stop("interrupted").await;
+            None
+        }
+    };
     // Said to the queen, which then marks the hive gone at once instead of at its idle
     // timeout (an upgrade or a rolling restart waits for that).
     let link = queen_link.and_then(|l| l.borrow().clone());
@@ -420,5 +427,8 @@ async fn serve(args: HiveArgsCli) -> anyhow::Result<()> {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
     served.abort();
-    Ok(())
+    match failed {
+        Some(reason) => anyhow::bail!("the hive's worker manager failed: {reason}"),
+        None => Ok(()),
+    }
 }

@@ -1,20 +1,32 @@
 //! `rbee worker`: one worker as its own process, serving its model over the node link.
 //!
-//! Its parent (a hive, or a test) gives it a node identity issued by the cluster CA and an
-//! address to listen on, and reads JSON lines from its stdout: loading progress, then
-//! `{"ready": ...}` with the bound address, or `{"failed": ...}` before exit code 1.
+//! Its parent gives it a node identity issued by the cluster CA and where to listen. A hive
+//! hands it a bound UDP socket (`--listen-fd`), dials it at once and asks `AwaitReady` on
+//! the link: the typed answer says what loaded or why nothing did; stdout is not read.
+//! Run by hand (`--listen ADDR`), it prints JSON lines for people and scripts: loading
+//! progress, then `{"ready": ...}` with the bound address, or `{"failed": ...}` before
+//! exit code 1. The worker actor is the top of the process's supervision tree: when it
+//! fails, the process exits non-zero with the reason.
 
-use std::net::SocketAddr;
+use std::net::{SocketAddr, UdpSocket};
+use std::os::fd::{FromRawFd, RawFd};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
 
 use clap::Args;
 use rbee::actors::worker::actor::{self, WorkerMsg};
-use rbee::actors::worker::remote::{self, WorkerProtocol};
+use rbee::actors::worker::remote::{self, Readiness, WorkerProtocol};
 use rbee::transport::{Endpoint, LinkConfig, NodeIdentity, Role};
 use serde::Serialize;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
 
 use super::ModelArgs;
+
+/// How long a failed worker keeps its links open for the error events already queued.
+const FAILURE_LINGER: Duration = Duration::from_millis(300);
 
 #[derive(Debug, Args)]
 pub struct WorkerArgs {
@@ -26,6 +38,9 @@ pub struct WorkerArgs {
     /// Address to listen on (port 0 picks a free one; the bound address is reported).
     #[arg(long, default_value = "127.0.0.1:0")]
     listen: SocketAddr,
+    /// Listen on this inherited, bound UDP socket instead (how a hive starts workers).
+    #[arg(long, conflicts_with = "listen")]
+    listen_fd: Option<RawFd>,
 }
 
 /// A line on stdout.
@@ -72,24 +87,83 @@ async fn serve(args: WorkerArgs) -> anyhow::Result<()> {
         accept_roles: vec![Role::Hive, Role::Queen, Role::Client],
         ..LinkConfig::default()
     };
-    let endpoint = Endpoint::<WorkerProtocol>::bind(identity, args.listen, config)?;
+    let socket = match args.listen_fd {
+        Some(fd) => inherited_socket(fd)?,
+        None => UdpSocket::bind(args.listen)
+            .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", args.listen))?,
+    };
+    let endpoint = Arc::new(Endpoint::<WorkerProtocol>::on_socket(
+        identity, socket, config,
+    )?);
     let listen = endpoint.local_addr()?;
     let path = args.model.path()?;
-    let started = actor::start(path, args.model.options(), |p| report(&Report::Loading(p))).await?;
-    let (worker, info, mut stopped) = (started.worker, started.info, started.stopped);
+    let loading = actor::spawn_loading(path, args.model.options()).await?;
+    let worker = loading.worker.clone();
+    // Links are served from the start: the hive that started this process learns how
+    // loading went from its first call on the link (`AwaitReady`), typed.
+    let (readiness, watched) = watch::channel(Readiness::Loading);
+    let served = tokio::spawn(remote::serve(endpoint.clone(), worker.clone(), watched));
+    let started = match loading.loaded(|p| report(&Report::Loading(p))).await {
+        Ok(started) => started,
+        Err(e) => {
+            readiness.send_replace(Readiness::Failed(e.to_string()));
+            close(&endpoint, served, true).await;
+            return Err(e.into());
+        }
+    };
+    readiness.send_replace(Readiness::Ready(Box::new(started.info.clone())));
     report(&Report::Ready {
         listen,
-        model: &info,
+        model: &started.info,
     });
-    let served = tokio::spawn(remote::serve(endpoint, worker.clone()));
-    // Runs until the worker stops (drained) or the process is interrupted, which drains it.
-    tokio::select! {
-        _ = &mut stopped => {}
+    let mut stopped = started.stopped;
+    // Runs until the worker ends (drained, or failed: then the process exits non-zero with
+    // the reason) or the process is interrupted, which drains it.
+    let ended = tokio::select! {
+        ended = &mut stopped => ended,
         () = super::stop_requested() => {
             worker.cast(WorkerMsg::Drain)?;
-            let _ = stopped.await;
+            stopped.await
         }
+    };
+    close(&endpoint, served, ended.is_err()).await;
+    ended.map_err(|reason| anyhow::anyhow!("the worker failed: {reason}"))
+}
+
+/// Closes the worker's links: peers hear it at once instead of at their idle timeout.
+/// After a failure (`linger`), the error events already queued (a failed engine ends
+/// every stream with one, a failed load answers `AwaitReady`) get a moment to go out.
+async fn close(endpoint: &Endpoint<WorkerProtocol>, served: JoinHandle<()>, linger: bool) {
+    if linger {
+        tokio::time::sleep(FAILURE_LINGER).await;
     }
     served.abort();
-    Ok(())
+    endpoint.close("worker stopping");
+    let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
+}
+
+/// The UDP socket this process inherited as file descriptor `fd` from the hive that
+/// started it (bound by the hive, which so knows the worker's address before it runs).
+fn inherited_socket(fd: RawFd) -> anyhow::Result<UdpSocket> {
+    anyhow::ensure!(fd > 2, "--listen-fd {fd}: not an inherited socket");
+    let mut kind: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `kind`, a c_int that outlives the
+    // call; on a descriptor that is not an open socket it fails and writes nothing.
+    let read = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_TYPE,
+            (&mut kind as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    anyhow::ensure!(
+        read == 0 && kind == libc::SOCK_DGRAM,
+        "--listen-fd {fd}: not an open UDP socket"
+    );
+    // SAFETY: `fd` is an open datagram socket (checked above) that the parent handed to
+    // this process for this use alone; nothing else in this process owns it.
+    Ok(unsafe { UdpSocket::from_raw_fd(fd) })
 }

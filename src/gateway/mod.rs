@@ -11,6 +11,7 @@
 //! Each request has an `x-request-id` (the client's, or a new one), returned and logged.
 
 mod completions;
+mod generation;
 pub mod metrics;
 mod ollama;
 pub mod openai;
@@ -41,6 +42,8 @@ use metrics::{ClusterGauges, Metrics};
 use openai::ApiError;
 
 /// Largest request body: prompts are bounded far below this by the worker's limit.
+use generation::{Answer, Begun, Tracker, begin, generation_error, next_generation_event};
+
 const MAX_BODY_BYTES: usize = 4 << 20;
 
 /// Errors of starting the gateway.
@@ -310,15 +313,10 @@ async fn render_metrics(State(gateway): State<Arc<Gateway>>, headers: HeaderMap)
         let mut running = std::collections::BTreeMap::<String, usize>::new();
         for w in &workers {
             *running.entry(w.info.model.to_string()).or_default() += w.in_flight;
-            let state = match &w.info.state {
-                rbee_actors::hive::workers::WorkerState::Running(s) => format!("{:?}", s.phase)
-                    .split('(')
-                    .next()
-                    .unwrap_or("")
-                    .to_lowercase(),
-                other => format!("{other:?}").to_lowercase(),
-            };
-            *gauges.workers.entry(state).or_default() += 1;
+            *gauges
+                .workers
+                .entry(w.info.state.name().to_string())
+                .or_default() += 1;
         }
         gauges.running = running.into_iter().collect();
     }
@@ -416,230 +414,5 @@ async fn embeddings(
     match answered {
         Ok(body) => with_request_id(axum::Json(body).into_response(), &request_id),
         Err(e) => error_response(&e, &request_id),
-    }
-}
-
-/// The HTTP error of a generation that failed before its first token.
-fn generation_error(e: &GenerationError) -> ApiError {
-    match e.kind {
-        ErrorKind::Overloaded { retry_after_ms } => {
-            ApiError::overloaded(retry_after_ms, e.message.clone())
-        }
-        ErrorKind::InvalidRequest | ErrorKind::ContextExceeded | ErrorKind::NoChatTemplate => {
-            ApiError::invalid(None, e.message.clone())
-        }
-        ErrorKind::Busy
-        | ErrorKind::NotReady
-        | ErrorKind::Draining
-        | ErrorKind::Unavailable
-        | ErrorKind::WorkerLost => ApiError::server(503, e.message.clone()),
-        ErrorKind::Compute | ErrorKind::Internal => ApiError::server(500, e.message.clone()),
-    }
-}
-
-/// One generation's bookkeeping for the response and the metrics.
-struct Tracker {
-    gateway: Arc<Gateway>,
-    /// The model the client named (logged escaped: it is the client's text).
-    model: String,
-    /// Its metrics label: the model, or [`metrics::UNKNOWN_MODEL`] for a name the cluster
-    /// does not know (any client could otherwise add series without bound).
-    label: String,
-    request_id: String,
-    started: Instant,
-    last_token: Option<Instant>,
-    /// Whether the request's status was counted.
-    counted: bool,
-    /// Whether this generation's end counts the HTTP request's status: of `n` choices,
-    /// only the first does (each still counts as a generation).
-    counts_request: bool,
-}
-
-impl Drop for Tracker {
-    fn drop(&mut self) {
-        if !self.counted && self.counts_request {
-            // Dropped before its end: the client went away (nginx's 499).
-            self.gateway.metrics.request(&self.label, 499);
-            tracing::info!(request_id = %self.request_id, model = ?self.model, "client disconnected; generation cancelled");
-        }
-    }
-}
-
-impl Tracker {
-    fn token(&mut self) {
-        let now = Instant::now();
-        match self.last_token {
-            None => self
-                .gateway
-                .metrics
-                .first_token(&self.label, (now - self.started).as_secs_f64()),
-            Some(last) => self
-                .gateway
-                .metrics
-                .inter_token(&self.label, (now - last).as_secs_f64()),
-        }
-        self.last_token = Some(now);
-    }
-
-    fn done(&self, stats: &GenerationStats) {
-        let reason = openai::finish_reason(stats.finish);
-        self.gateway.metrics.finished(
-            &self.label,
-            reason,
-            stats.prompt_tokens,
-            stats.completion_tokens,
-            self.started.elapsed().as_secs_f64(),
-        );
-        tracing::info!(request_id = %self.request_id, model = ?self.model, tokens = stats.completion_tokens, "done");
-    }
-
-    fn ended(&mut self, status: u16, why: &str) {
-        self.counted = true;
-        if self.counts_request {
-            self.gateway.metrics.request(&self.label, status);
-        }
-        if status >= 400 {
-            tracing::warn!(request_id = %self.request_id, model = ?self.model, status, "{why}");
-        }
-    }
-}
-
-/// A generation the queen took: its bookkeeping, its first event (not an error) and the
-/// rest.
-struct Begun {
-    tracker: Tracker,
-    first: GenerationEvent,
-    rx: mpsc::Receiver<QueenItem>,
-}
-
-/// Authorizes, checks that the cluster knows `model`, starts the generation and waits for
-/// its first event. The failure before anything was generated, with the request id, for
-/// the caller to answer in its API's shape. `counts_request`: whether its end counts as
-/// the HTTP request's (see [`Tracker`]).
-async fn begin(
-    gateway: Arc<Gateway>,
-    headers: &HeaderMap,
-    request_id: String,
-    parsed: Result<(String, rbee_actors::worker::api::GenerateRequest), ApiError>,
-    stream: bool,
-    counts_request: bool,
-) -> Result<Begun, (ApiError, String)> {
-    let fail = |e: ApiError| (e, request_id.clone());
-    gateway.authorize(headers).map_err(fail)?;
-    let (model, request) = parsed.map_err(fail)?;
-    tracing::info!(request_id = %request_id, model = ?model, stream, "generation");
-    let known = match gateway.models().await {
-        Ok(models) => models.iter().any(|(m, _)| *m == model),
-        Err(e) => return Err(fail(e)),
-    };
-    let mut tracker = Tracker {
-        gateway: gateway.clone(),
-        label: metrics::label_of(&model, known).to_string(),
-        model: model.clone(),
-        request_id: request_id.clone(),
-        started: Instant::now(),
-        last_token: None,
-        counted: false,
-        counts_request,
-    };
-    let model_id = match ModelId::new(&model) {
-        Ok(id) if known => id,
-        _ => {
-            tracker.ended(404, "unknown model");
-            return Err(fail(ApiError::not_found(&model)));
-        }
-    };
-    let (tx, mut rx) = mpsc::channel(STREAM_CAPACITY);
-    tokio::spawn(route::generate(
-        gateway.service.queen.clone(),
-        model_id,
-        request,
-        tx,
-    ));
-    // Queue and loading news are for neither API; the first generation event decides
-    // between an HTTP error (nothing was generated) and a 200.
-    let first = loop {
-        match rx.recv().await {
-            Some(QueenItem::Generation(event)) => break event,
-            Some(_) => continue,
-            None => {
-                let e = ApiError::server(503, "the queen dropped the request".into());
-                tracker.ended(503, &e.message);
-                return Err(fail(e));
-            }
-        }
-    };
-    if let GenerationEvent::Error(e) = &first {
-        let error = generation_error(e);
-        tracker.ended(error.status, &e.message);
-        return Err(fail(error));
-    }
-    Ok(Begun { tracker, first, rx })
-}
-
-/// A generation read to its end.
-struct Answer {
-    text: String,
-    stats: GenerationStats,
-    /// Each token's, when the request asked for them.
-    logprobs: Vec<rbee_actors::worker::api::TokenLogprob>,
-    /// From the request's start to its end.
-    took: std::time::Duration,
-}
-
-impl Begun {
-    /// Reads the generation to its end (a whole, not streamed, answer).
-    async fn read_whole(self) -> Result<Answer, ApiError> {
-        let Begun {
-            mut tracker,
-            first,
-            mut rx,
-        } = self;
-        let mut text = String::new();
-        let mut logprobs = Vec::new();
-        let mut event = Some(first);
-        while let Some(current) = event.take() {
-            match current {
-                GenerationEvent::Token {
-                    text: t, logprob, ..
-                } => {
-                    tracker.token();
-                    text.push_str(&t);
-                    logprobs.extend(logprob);
-                }
-                GenerationEvent::Text(t) => text.push_str(&t),
-                GenerationEvent::Done(stats) => {
-                    tracker.done(&stats);
-                    tracker.ended(200, "done");
-                    let took = tracker.started.elapsed();
-                    return Ok(Answer {
-                        text,
-                        stats,
-                        logprobs,
-                        took,
-                    });
-                }
-                GenerationEvent::Error(e) => {
-                    // Tokens were generated but cannot be delivered whole.
-                    tracker.ended(503, &e.message);
-                    return Err(ApiError::server(503, e.message));
-                }
-            }
-            event = next_generation_event(&mut rx).await;
-        }
-        tracker.ended(503, "the generation ended without a result");
-        Err(ApiError::server(
-            503,
-            "the generation ended without a result".into(),
-        ))
-    }
-}
-
-async fn next_generation_event(rx: &mut mpsc::Receiver<QueenItem>) -> Option<GenerationEvent> {
-    loop {
-        match rx.recv().await? {
-            QueenItem::Generation(event) => return Some(event),
-            _ => continue,
-        }
     }
 }

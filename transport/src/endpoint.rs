@@ -247,8 +247,22 @@ impl<P: Protocol> Endpoint<P> {
         addr: SocketAddr,
         config: LinkConfig,
     ) -> Result<Self, LinkError> {
+        let socket = std::net::UdpSocket::bind(addr)
+            .map_err(|e| LinkError::Endpoint(format!("bind {addr}: {e}")))?;
+        Self::on_socket(identity, socket, config)
+    }
+
+    /// An endpoint that listens on a socket bound already (a worker process gets one from
+    /// the hive that starts it, which so knows its address before it runs).
+    pub fn on_socket(
+        identity: NodeIdentity,
+        socket: std::net::UdpSocket,
+        config: LinkConfig,
+    ) -> Result<Self, LinkError> {
+        let addr = socket
+            .local_addr()
+            .map_err(|e| LinkError::Endpoint(format!("a socket without an address: {e}")))?;
         let bind_err = |e: std::io::Error| LinkError::Endpoint(format!("bind {addr}: {e}"));
-        let socket = std::net::UdpSocket::bind(addr).map_err(bind_err)?;
         let runtime = quinn::default_runtime()
             .ok_or_else(|| LinkError::Endpoint("no async runtime to bind in".into()))?;
         let mut endpoint = quinn::Endpoint::new(
@@ -380,6 +394,23 @@ impl<P: Protocol> Endpoint<P> {
     /// Cancel safe.
     pub async fn accept(&self) -> Option<Result<Established<P>, LinkError>> {
         self.accepted.as_ref()?.lock().await.recv().await
+    }
+
+    /// Accepts peers until the endpoint closes, each link served by `serve_link` on a task
+    /// of its own (a refused peer is logged): the accept loop of every listener.
+    pub async fn serve_each<F, Fut>(&self, serve_link: F)
+    where
+        F: Fn(Link<P>, LinkIncoming<P>) -> Fut,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        while let Some(accepted) = self.accept().await {
+            match accepted {
+                Ok((link, incoming)) => {
+                    tokio::spawn(serve_link(link, incoming));
+                }
+                Err(e) => tracing::warn!("refused a peer: {e}"),
+            }
+        }
     }
 
     /// Closes every link of this endpoint and stops listening.

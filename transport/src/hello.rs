@@ -12,8 +12,10 @@ use crate::identity::{NodeId, PeerIdentity, Role};
 /// The wire protocol version this build speaks. Bump it with any change to a message's
 /// encoding (`actors/src/protocol/` has the test that says when). 2: sampling parameters
 /// gained presence and frequency penalties and logit bias. 3: requests ask for log
-/// probabilities, and token events carry them. 4: requests carry a JSON schema.
-pub const PROTOCOL_VERSION: u32 = 4;
+/// probabilities, and token events carry them. 4: requests carry a JSON schema. 5: a
+/// worker process answers `AwaitReady` with `Ready` or `Failed` (typed start-up), and a
+/// hive's failures carry a kind (`HiveFailure`).
+pub const PROTOCOL_VERSION: u32 = 5;
 
 const MAGIC: [u8; 4] = *b"RBEE";
 const PREFIX_BYTES: usize = 8;

@@ -2,8 +2,8 @@
 //!
 //! The transport knows nothing of queens or hives. It gives each node an identity under the
 //! cluster CA ([`identity`]), an [`Endpoint`] that dials and accepts authenticated peers, and
-//! per peer a [`Link`] with `call`, `cast` and streams; a [`PeerProxy`] actor turns the loss
-//! of a link into an ordinary supervision event.
+//! per peer a [`Link`] with `call`, `cast` and streams, and a future that tells when and why
+//! the link closed (the actors above turn that into a supervision event).
 
 pub mod backoff;
 pub mod codec;
@@ -14,7 +14,6 @@ pub mod hello;
 pub mod identity;
 pub mod join;
 pub mod link;
-pub mod proxy;
 
 pub use backoff::Backoff;
 pub use config::{LinkConfig, PeerCheck};
@@ -29,4 +28,3 @@ pub use join::{JoinError, JoinListener, JoinReply, JoinRequest, JoinSecret, Join
 pub use link::{
     Incoming, Link, LinkIncoming, Protocol, Responder, StreamReceiver, StreamSender, Wire,
 };
-pub use proxy::{PeerLost, PeerProxy, ProxyMsg};

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ractor::{Actor, ActorRef};
+use ractor::ActorRef;
 use rbee_transport::{Endpoint, LinkConfig, NodeIdentity};
 use tokio::task::JoinHandle;
 
@@ -16,7 +16,7 @@ use super::process::{IdentityIssuer, ProcessConfig};
 use super::remote::HiveService;
 use super::store::ModelStore;
 use super::uplink;
-use super::workers::{Hive, HiveArgs, HiveMsg};
+use super::workers::{WorkerManager, WorkersArgs, WorkersMsg};
 use crate::supervisor::RestartPolicy;
 use crate::worker::remote::WorkerProtocol;
 
@@ -60,11 +60,12 @@ pub struct HiveDaemonConfig {
 /// A running hive.
 pub struct RunningHive {
     /// The worker manager.
-    pub hive: ActorRef<HiveMsg>,
+    pub hive: ActorRef<WorkersMsg>,
     /// What its links serve.
     pub service: HiveService,
-    /// Ends when the hive actor stops.
-    pub stopped: JoinHandle<()>,
+    /// Ends when the worker manager stops, or fails (with the reason): the top of the
+    /// hive's supervision tree.
+    pub stopped: crate::root::Ending,
 }
 
 impl RunningHive {
@@ -85,13 +86,14 @@ impl RunningHive {
                     issuer: workers.issuer.clone(),
                     endpoint: Arc::new(endpoint),
                     ready_timeout: Duration::from_secs(120),
+                    worker_env: Vec::new(),
                     worker_ip: workers.ip,
                 })
             }
             None => None,
         };
         let changes = Arc::new(tokio::sync::Notify::new());
-        let args = HiveArgs {
+        let args = WorkersArgs {
             store: store.clone(),
             policy: RestartPolicy::default(),
             memory_budget: None,
@@ -100,7 +102,7 @@ impl RunningHive {
             processes,
             changes: Some(changes.clone()),
         };
-        let (hive, stopped) = Actor::spawn(None, Hive, args)
+        let (hive, stopped) = crate::root::spawn_supervised(WorkerManager, args)
             .await
             .map_err(|e| HiveDaemonError::Actor(e.to_string()))?;
         let service = HiveService {
@@ -136,13 +138,13 @@ impl RunningHive {
         tokio::spawn(async move {
             loop {
                 let away = links.borrow_and_update().is_none();
-                if hive.cast(HiveMsg::QueenAway(away)).is_err() {
+                if hive.cast(WorkersMsg::QueenAway(away)).is_err() {
                     break;
                 }
                 if links.changed().await.is_err() {
                     // The uplink ended for good (refused): nobody will come back to use the
                     // workers, so their idle clocks run again.
-                    let _ = hive.cast(HiveMsg::QueenAway(false));
+                    let _ = hive.cast(WorkersMsg::QueenAway(false));
                     break;
                 }
             }

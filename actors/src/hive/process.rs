@@ -2,12 +2,15 @@
 //! so a restarted hive finds them again.
 //!
 //! Each child gets a node identity from the issuer the hive was given (the cluster's CA
-//! in tests and single-machine setups; the queen, once hives join one). Its record
+//! in tests and single-machine setups; the queen, once hives join one) and a UDP socket the
+//! hive bound for it; the hive dials it there at once and its first call on the link
+//! (`AwaitReady`) answers, typed, whether the model loaded. Its record
 //! (`<runtime dir>/<id>.json`: pid, the process's start time, address, model) is written
 //! once it is ready. A pid alone is not trusted: the kernel's start time of that pid must
 //! match the record, so a recycled pid is never adopted or killed.
 
 use std::net::{IpAddr, SocketAddr};
+use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,7 +18,6 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use rbee_transport::{Endpoint, NodeId, NodeIdentity, Role};
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncBufReadExt, BufReader};
 
 use super::store::ModelId;
 use super::workers::IdleTimeout;
@@ -49,6 +51,9 @@ pub struct ProcessConfig {
     pub ready_timeout: Duration,
     /// The address workers listen on: one the queen can reach, since it dials them.
     pub worker_ip: IpAddr,
+    /// Environment variables set for worker processes beyond the hive's own (`RUST_LOG`
+    /// for a worker alone, or a test's fault hook).
+    pub worker_env: Vec<(String, String)>,
 }
 
 /// What the hive remembers of a worker process across its own restarts.
@@ -98,7 +103,11 @@ fn record_path(dir: &Path, id: &str) -> PathBuf {
     dir.join(format!("{id}.json"))
 }
 
-/// Starts `rbee worker` for `spec`, waits for its ready line, dials it, records it.
+/// The file descriptor a worker process finds its listening socket at.
+const WORKER_SOCKET_FD: RawFd = 3;
+
+/// Starts `rbee worker` for `spec` on a socket the hive binds for it, dials it, waits for
+/// its typed answer to `AwaitReady` (the model loaded, or why not), records it.
 pub async fn start(config: &ProcessConfig, spec: Launch<'_>) -> Result<Started, String> {
     let node = NodeId::new(spec.id).map_err(|e| e.to_string())?;
     let identity_dir = config.runtime_dir.join(spec.id);
@@ -110,45 +119,67 @@ pub async fn start(config: &ProcessConfig, spec: Launch<'_>) -> Result<Started, 
             .save(&identity_dir)
             .map_err(|e| e.to_string())?;
     }
-    let mut child = tokio::process::Command::new(&config.program)
+    // Bound here, so the worker's address is known before it runs and nothing it prints
+    // is parsed.
+    let socket = std::net::UdpSocket::bind(SocketAddr::new(config.worker_ip, 0))
+        .map_err(|e| format!("cannot bind a socket for the worker: {e}"))?;
+    let addr = socket.local_addr().map_err(|e| e.to_string())?;
+    let mut command = tokio::process::Command::new(&config.program);
+    command
         .arg("worker")
         .arg("--model")
         .arg(spec.path)
         .arg("--identity")
         .arg(&identity_dir)
-        .arg("--listen")
-        .arg(SocketAddr::new(config.worker_ip, 0).to_string())
+        .arg("--listen-fd")
+        .arg(WORKER_SOCKET_FD.to_string())
         .arg("--slots")
         .arg(spec.slots.to_string())
         // A service's join token is the hive's alone.
         .env_remove("RBEE_JOIN_TOKEN")
+        .envs(config.worker_env.iter().map(|(k, v)| (k, v)))
         .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
         // A hive that dies must not take its workers along: they are adopted on restart.
-        .kill_on_drop(false)
+        .kill_on_drop(false);
+    let fd = socket.as_raw_fd();
+    // SAFETY: the closure runs in the child between fork and exec and makes only
+    // async-signal-safe calls (dup2, fcntl) on `fd`, which is open in the parent until
+    // `spawn` returns (`socket` lives until then).
+    unsafe {
+        command.pre_exec(move || pass_socket(fd));
+    }
+    let mut child = command
         .spawn()
         .map_err(|e| format!("cannot start {}: {e}", config.program.display()))?;
+    drop(socket);
     let pid = child.id().ok_or("the worker exited at once")?;
-    let stdout = child.stdout.take().ok_or("no stdout from the worker")?;
-    let ready = tokio::time::timeout(config.ready_timeout, ready_address(stdout)).await;
-    let addr = match ready {
-        Ok(Ok(addr)) => addr,
-        Ok(Err(e)) => {
+    let ready = async {
+        let remote = connect(config, addr).await?;
+        remote
+            .await_ready(config.ready_timeout)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok::<_, String>(remote)
+    };
+    let outcome = tokio::select! {
+        ready = tokio::time::timeout(config.ready_timeout, ready) => match ready {
+            Ok(ready) => ready,
+            Err(_) => Err(format!("the worker was not ready within {:?}", config.ready_timeout)),
+        },
+        exited = child.wait() => Err(match exited {
+            Ok(status) => format!("the worker exited before it was ready: {status}"),
+            Err(e) => format!("the worker could not be watched: {e}"),
+        }),
+    };
+    let remote = match outcome {
+        Ok(remote) => remote,
+        Err(e) => {
             let _ = child.start_kill();
             return Err(e);
         }
-        Err(_) => {
-            let _ = child.start_kill();
-            return Err(format!(
-                "the worker was not ready within {:?}",
-                config.ready_timeout
-            ));
-        }
     };
     let start_time = process_start_time(pid).ok_or("the worker exited while starting")?;
-    let remote = connect(config, addr).await.inspect_err(|_| {
-        let _ = child.start_kill();
-    })?;
     let record = ChildRecord {
         id: spec.id.into(),
         model: spec.model.clone(),
@@ -166,23 +197,23 @@ pub async fn start(config: &ProcessConfig, spec: Launch<'_>) -> Result<Started, 
     })
 }
 
-/// Reads the child's report lines until `ready` (its address) or `failed` (its error).
-async fn ready_address(stdout: tokio::process::ChildStdout) -> Result<SocketAddr, String> {
-    let mut lines = BufReader::new(stdout).lines();
-    while let Some(line) = lines.next_line().await.map_err(|e| e.to_string())? {
-        let Ok(report) = serde_json::from_str::<serde_json::Value>(&line) else {
-            continue;
-        };
-        if let Some(listen) = report.pointer("/ready/listen").and_then(|v| v.as_str()) {
-            return listen
-                .parse()
-                .map_err(|e| format!("bad address {listen}: {e}"));
+/// In the child: puts the socket at [`WORKER_SOCKET_FD`] without close-on-exec.
+fn pass_socket(fd: RawFd) -> std::io::Result<()> {
+    // SAFETY: dup2 and fcntl on descriptor numbers touch no memory of this process.
+    let done = unsafe {
+        if fd == WORKER_SOCKET_FD {
+            let flags = libc::fcntl(fd, libc::F_GETFD);
+            flags >= 0 && libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) == 0
+        } else {
+            // The copy dup2 makes does not inherit close-on-exec.
+            libc::dup2(fd, WORKER_SOCKET_FD) == WORKER_SOCKET_FD
         }
-        if let Some(failed) = report.get("failed") {
-            return Err(format!("the worker failed: {failed}"));
-        }
+    };
+    if done {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
     }
-    Err("the worker exited before it was ready".into())
 }
 
 async fn connect(config: &ProcessConfig, addr: SocketAddr) -> Result<RemoteWorker, String> {

@@ -10,8 +10,8 @@ use tokio::sync::mpsc;
 
 use super::capabilities::{self, Capabilities};
 use super::hub::{DEFAULT_GGUF_PREFERENCE, DownloadEvent, Hub};
-use super::store::{Entry, Manifest, ModelId, ModelStore};
-use super::workers::{HiveMsg, SpawnRequest, WorkerInfo};
+use super::store::{Entry, Manifest, ModelId, ModelStore, StoreError};
+use super::workers::{HiveError, SpawnRequest, WorkerInfo, WorkersMsg};
 use crate::worker::actor::{Embedded, STREAM_CAPACITY};
 use crate::worker::api::{GenerateRequest, GenerationError, GenerationEvent};
 use crate::worker::remote::{EMBED_CALL_MS, end_with_loss, forward_generation};
@@ -77,7 +77,71 @@ pub enum HiveResponse {
     /// Embeddings, or the worker's typed refusal.
     Embedded(Result<Embedded, GenerationError>),
     /// The operation failed; why.
-    Error(String),
+    Error(HiveFailure),
+}
+
+/// Why a hive refused or failed an operation: a kind callers can act on, and the
+/// hive's own message for people.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{message}")]
+pub struct HiveFailure {
+    /// What kind of failure.
+    pub kind: HiveFailureKind,
+    /// The hive's message.
+    pub message: String,
+}
+
+/// Kinds of [`HiveFailure`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HiveFailureKind {
+    /// No such model in the store, or not ready.
+    NoModel,
+    /// No worker by that id.
+    NoWorker,
+    /// The worker would not fit in the memory the hive may give.
+    DoesNotFit,
+    /// The worker did not start.
+    Start,
+    /// The request is malformed.
+    Invalid,
+    /// The store, a download or the machine failed.
+    Failed,
+    /// The hive's worker manager did not answer in time.
+    Unavailable,
+}
+
+impl HiveFailure {
+    fn new(kind: HiveFailureKind, message: impl std::fmt::Display) -> Self {
+        HiveFailure {
+            kind,
+            message: message.to_string(),
+        }
+    }
+}
+
+impl From<&StoreError> for HiveFailure {
+    fn from(e: &StoreError) -> Self {
+        let kind = match e {
+            StoreError::NotFound(_) => HiveFailureKind::NoModel,
+            StoreError::BadId(_) | StoreError::Exists(_) | StoreError::NotAModel(_) => {
+                HiveFailureKind::Invalid
+            }
+            _ => HiveFailureKind::Failed,
+        };
+        HiveFailure::new(kind, e)
+    }
+}
+
+impl From<&HiveError> for HiveFailure {
+    fn from(e: &HiveError) -> Self {
+        let kind = match e {
+            HiveError::Model(_) => HiveFailureKind::NoModel,
+            HiveError::DoesNotFit { .. } => HiveFailureKind::DoesNotFit,
+            HiveError::NoWorker(_) => HiveFailureKind::NoWorker,
+            HiveError::Start(_) => HiveFailureKind::Start,
+        };
+        HiveFailure::new(kind, e)
+    }
 }
 
 /// Streams a hive opens.
@@ -126,7 +190,7 @@ impl Protocol for HiveProtocol {
 #[derive(Clone)]
 pub struct HiveService {
     /// The worker manager.
-    pub hive: ActorRef<HiveMsg>,
+    pub hive: ActorRef<WorkersMsg>,
     /// The model store.
     pub store: ModelStore,
     /// The hub client for pulls.
@@ -165,14 +229,9 @@ const CALL_TIMEOUT_MS: u64 = 10_000;
 
 /// Serves the hive to every peer of `endpoint` until it closes.
 pub async fn serve(endpoint: Endpoint<HiveProtocol>, service: HiveService) {
-    while let Some(accepted) = endpoint.accept().await {
-        match accepted {
-            Ok((_link, incoming)) => {
-                tokio::spawn(serve_link(incoming, service.clone()));
-            }
-            Err(e) => tracing::warn!("refused a peer: {e}"),
-        }
-    }
+    endpoint
+        .serve_each(|_link, incoming| serve_link(incoming, service.clone()))
+        .await;
 }
 
 async fn serve_link(mut incoming: LinkIncoming<HiveProtocol>, service: HiveService) {
@@ -195,46 +254,49 @@ async fn serve_link(mut incoming: LinkIncoming<HiveProtocol>, service: HiveServi
 /// Answers one call (on a link a peer dialed, or on the hive's link to its queen).
 pub(crate) async fn answer(service: &HiveService, request: HiveRequest) -> HiveResponse {
     let hive = &service.hive;
-    let error = |e: &dyn std::fmt::Display| HiveResponse::Error(e.to_string());
+    use HiveFailureKind::{Failed, Invalid, NoWorker, Unavailable};
+    let error = |kind, e: &dyn std::fmt::Display| HiveResponse::Error(HiveFailure::new(kind, e));
+    let store_error = |e: &StoreError| HiveResponse::Error(e.into());
+    let worker_error = |e: &HiveError| HiveResponse::Error(e.into());
     match request {
         HiveRequest::Capabilities { refresh } => match service.capabilities(refresh).await {
             Ok(caps) => HiveResponse::Capabilities(caps),
-            Err(e) => error(&e),
+            Err(e) => error(Failed, &e),
         },
         HiveRequest::GetModel(id) => match service.store.get(&id) {
             Ok(manifest) => HiveResponse::Model(manifest),
-            Err(e) => error(&e),
+            Err(e) => store_error(&e),
         },
         HiveRequest::VerifyModel(id) => {
             let store = service.store.clone();
             match tokio::task::spawn_blocking(move || store.verify(&id)).await {
                 Ok(Ok(manifest)) => HiveResponse::Model(manifest),
-                Ok(Err(e)) => error(&e),
-                Err(e) => error(&e),
+                Ok(Err(e)) => store_error(&e),
+                Err(e) => error(Failed, &e),
             }
         }
-        HiveRequest::GetWorker(id) => match call_t!(hive, HiveMsg::List, CALL_TIMEOUT_MS) {
+        HiveRequest::GetWorker(id) => match call_t!(hive, WorkersMsg::List, CALL_TIMEOUT_MS) {
             Ok(workers) => match workers.into_iter().find(|w| w.id == id) {
                 Some(worker) => HiveResponse::Worker(Box::new(worker)),
-                None => HiveResponse::Error(format!("no worker {id}")),
+                None => error(NoWorker, &format!("no worker {id}")),
             },
-            Err(e) => error(&e),
+            Err(e) => error(Unavailable, &e),
         },
         HiveRequest::ListModels => match service.store.list() {
             Ok(models) => HiveResponse::Models(models),
-            Err(e) => error(&e),
+            Err(e) => store_error(&e),
         },
         HiveRequest::DeleteModel(id) => match service.store.delete(&id) {
             Ok(()) => {
                 service.changed();
                 HiveResponse::Done
             }
-            Err(e) => error(&e),
+            Err(e) => store_error(&e),
         },
         // A path from the wire: absolute only, and the store reads it only as a model
         // (a GGUF file, or a directory with config.json and safetensors), never runs it.
         HiveRequest::Import { path, .. } if !std::path::Path::new(&path).is_absolute() => {
-            HiveResponse::Error(format!("{path:?} is not an absolute path"))
+            error(Invalid, &format!("{path:?} is not an absolute path"))
         }
         HiveRequest::Import { path, id } => {
             let store = service.store.clone();
@@ -246,28 +308,30 @@ pub(crate) async fn answer(service: &HiveService, request: HiveRequest) -> HiveR
                     service.changed();
                     HiveResponse::Model(manifest)
                 }
-                Ok(Err(e)) => error(&e),
-                Err(e) => error(&e),
+                Ok(Err(e)) => store_error(&e),
+                Err(e) => error(Failed, &e),
             }
         }
-        HiveRequest::ListWorkers => match call_t!(hive, HiveMsg::List, CALL_TIMEOUT_MS) {
+        HiveRequest::ListWorkers => match call_t!(hive, WorkersMsg::List, CALL_TIMEOUT_MS) {
             Ok(workers) => HiveResponse::Workers(workers),
-            Err(e) => error(&e),
+            Err(e) => error(Unavailable, &e),
         },
-        HiveRequest::Spawn(spawn) => match call_t!(hive, HiveMsg::Spawn, SPAWN_TIMEOUT_MS, spawn) {
-            Ok(Ok(worker)) => HiveResponse::Worker(Box::new(worker)),
-            Ok(Err(e)) => error(&e),
-            Err(e) => error(&e),
-        },
-        HiveRequest::Stop(id) => match call_t!(hive, HiveMsg::Stop, CALL_TIMEOUT_MS, id) {
+        HiveRequest::Spawn(spawn) => {
+            match call_t!(hive, WorkersMsg::Spawn, SPAWN_TIMEOUT_MS, spawn) {
+                Ok(Ok(worker)) => HiveResponse::Worker(Box::new(worker)),
+                Ok(Err(e)) => worker_error(&e),
+                Err(e) => error(Unavailable, &e),
+            }
+        }
+        HiveRequest::Stop(id) => match call_t!(hive, WorkersMsg::Stop, CALL_TIMEOUT_MS, id) {
             Ok(Ok(())) => HiveResponse::Done,
-            Ok(Err(e)) => error(&e),
-            Err(e) => error(&e),
+            Ok(Err(e)) => worker_error(&e),
+            Err(e) => error(Unavailable, &e),
         },
         HiveRequest::Embed { worker, inputs } => {
-            match call_t!(hive, HiveMsg::Embed, EMBED_CALL_MS, worker, inputs) {
+            match call_t!(hive, WorkersMsg::Embed, EMBED_CALL_MS, worker, inputs) {
                 Ok(result) => HiveResponse::Embedded(result),
-                Err(e) => error(&e),
+                Err(e) => error(Unavailable, &e),
             }
         }
     }
@@ -310,7 +374,7 @@ pub(crate) async fn stream<T: Wire>(
         }
         HiveOpen::Generate { worker, request } => {
             let (tx, rx) = mpsc::channel(STREAM_CAPACITY);
-            match service.hive.cast(HiveMsg::Generate(worker, request, tx)) {
+            match service.hive.cast(WorkersMsg::Generate(worker, request, tx)) {
                 Ok(()) => {
                     forward_generation(rx, sender, move |e| wrap(HiveItem::Generation(e))).await
                 }

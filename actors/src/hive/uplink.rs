@@ -20,7 +20,7 @@ use tokio::sync::watch;
 
 use super::process::IdentityIssuer;
 use super::remote::{self, HiveService};
-use super::workers::{HiveMsg, WorkerInfo, WorkerState, WorkersSnapshot};
+use super::workers::{WorkerInfo, WorkerState, WorkersMsg, WorkersSnapshot};
 use crate::queen::protocol::{
     HiveEvent, HiveReport, QueenItem, QueenProtocol, QueenRequest, QueenResponse,
 };
@@ -129,7 +129,15 @@ async fn serve(mut incoming: LinkIncoming<QueenProtocol>, service: HiveService) 
 }
 
 /// Workers spawned so far, and each worker's id, pid, restarts and state.
-type WorkersShape = (u64, Vec<(String, Option<u32>, u32, String)>);
+type WorkersShape = (u64, Vec<(String, Option<u32>, u32, StateShape)>);
+
+/// A worker's state without its counters.
+#[derive(Debug, PartialEq)]
+enum StateShape {
+    Running(Phase),
+    Restarting,
+    Failed,
+}
 
 /// What of a worker list is news to the queen (not its counters). A spawn is news even
 /// when its worker is gone again: the queen may hold the spawn's answer, and only a later
@@ -140,8 +148,9 @@ fn shape(snapshot: &WorkersSnapshot) -> WorkersShape {
         .iter()
         .map(|w| {
             let state = match &w.state {
-                WorkerState::Running(s) => format!("{:?}", s.phase),
-                other => format!("{other:?}"),
+                WorkerState::Running(s) => StateShape::Running(s.phase),
+                WorkerState::Restarting => StateShape::Restarting,
+                WorkerState::Failed => StateShape::Failed,
             };
             (w.id.clone(), w.pid, w.restarts, state)
         })
@@ -213,5 +222,5 @@ async fn report(link: &Link<QueenProtocol>, service: &HiveService) -> rbee_trans
 /// The hive's workers; `None` when the worker manager did not answer (nothing is reported
 /// then: an empty list would tell the queen every worker is gone).
 async fn read_workers(service: &HiveService) -> Option<WorkersSnapshot> {
-    call_t!(service.hive, HiveMsg::Snapshot, LIST_TIMEOUT_MS).ok()
+    call_t!(service.hive, WorkersMsg::Snapshot, LIST_TIMEOUT_MS).ok()
 }

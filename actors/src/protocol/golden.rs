@@ -15,6 +15,7 @@ use super::queen::{HiveEvent, QueenItem, QueenOpen, QueenRequest, QueenResponse}
 use super::worker::{GenerateRequest, GenerationEvent, WorkerRequest, WorkerResponse};
 use crate::hive::capabilities::GpuReport;
 use crate::hive::hub::DownloadEvent;
+use crate::hive::remote::HiveFailureKind;
 use crate::hive::store::Entry;
 use crate::hive::workers::{IdleTimeout, WorkerMode, WorkerState};
 use crate::queen::protocol::{ClientRequest, ClientResponse, HiveState, QueenErrorKind};
@@ -96,7 +97,7 @@ fn current() -> Golden {
         // Enums inside them, each traced to all its variants too.
         ClientRequest, ClientResponse, HiveState, QueenErrorKind, DownloadEvent, Entry,
         GpuReport, IdleTimeout, WorkerMode, WorkerState, ErrorKind, Prompt, FinishReason,
-        LoadStep, Phase, Result<Embedded, GenerationError>, SocketAddr,
+        LoadStep, Phase, Result<Embedded, GenerationError>, SocketAddr, HiveFailureKind,
     );
     let registry = t.tracer.registry().expect("every enum traced completely");
     Golden {

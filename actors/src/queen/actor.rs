@@ -5,11 +5,11 @@
 //! hives and streaming generations run in tasks that report back with messages, so the
 //! registry answers while a hive is slow.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 use rbee_transport::{Endpoint, Link, Role};
 use tokio::sync::{mpsc, watch};
 
@@ -102,6 +102,9 @@ pub enum QueenMsg {
         link_id: u64,
         /// What it reported.
         report: HiveReport,
+        /// The proxy actor serving its link (a child of the queen, whose failure is
+        /// the hive's loss).
+        proxy: ActorId,
     },
     /// A hive cast an event.
     HiveEvent {
@@ -109,15 +112,6 @@ pub enum QueenMsg {
         id: String,
         /// The event.
         event: HiveEvent,
-    },
-    /// A hive's link closed.
-    HiveDown {
-        /// Its node id.
-        id: String,
-        /// Which link.
-        link_id: u64,
-        /// Why.
-        cause: String,
     },
     /// A hive's capabilities were read again.
     HiveCapabilities {
@@ -237,6 +231,8 @@ pub struct QueenState {
     admission: Admission<Waiter>,
     /// Models with an on-demand spawn under way.
     spawning: HashSet<ModelId>,
+    /// The proxy actors of hive links (children of the queen): which hive, which link.
+    hive_links: HashMap<ActorId, (String, u64)>,
 }
 
 impl Actor for Queen {
@@ -254,6 +250,7 @@ impl Actor for Queen {
             args,
             registry: Registry::default(),
             spawning: HashSet::new(),
+            hive_links: HashMap::new(),
         })
     }
 
@@ -269,12 +266,14 @@ impl Actor for Queen {
                 link,
                 link_id,
                 report,
+                proxy,
             } => {
                 if let Some(why) = state.args.revocations.refuses(link.peer()) {
                     link.close(&why);
                     return Ok(());
                 }
                 tracing::info!("hive {id} connected from {}", link.remote_address());
+                state.hive_links.insert(proxy, (id.clone(), link_id));
                 let dials = state.registry.hive_up(&id, link, link_id, report);
                 state.dial_all(&myself, dials);
                 state.on_registry_change(&myself);
@@ -302,12 +301,6 @@ impl Actor for Queen {
                 if let Some(link) = state.registry.remove_hive(&id) {
                     tracing::info!("hive {id} removed from the cluster");
                     link.close("this hive was removed from the cluster");
-                    state.on_registry_change(&myself);
-                }
-            }
-            QueenMsg::HiveDown { id, link_id, cause } => {
-                if state.registry.hive_down(&id, link_id, cause.clone()) {
-                    tracing::warn!("hive {id} lost: {cause}");
                     state.on_registry_change(&myself);
                 }
             }
@@ -416,6 +409,31 @@ impl Actor for Queen {
         }
         Ok(())
     }
+
+    /// A hive's link proxy ended: the hive is lost (unless a newer link of it took its
+    /// place, which the registry tells by the link's number).
+    async fn handle_supervisor_evt(
+        &self,
+        myself: ActorRef<QueenMsg>,
+        event: SupervisionEvent,
+        state: &mut QueenState,
+    ) -> Result<(), ActorProcessingErr> {
+        let (cell, cause) = match event {
+            SupervisionEvent::ActorFailed(cell, error) => (cell, error.to_string()),
+            SupervisionEvent::ActorTerminated(cell, _, reason) => {
+                (cell, reason.unwrap_or_else(|| "link closed".into()))
+            }
+            _ => return Ok(()),
+        };
+        let Some((id, link_id)) = state.hive_links.remove(&cell.get_id()) else {
+            return Ok(());
+        };
+        if state.registry.hive_down(&id, link_id, cause.clone()) {
+            tracing::warn!("hive {id} lost: {cause}");
+            state.on_registry_change(&myself);
+        }
+        Ok(())
+    }
 }
 
 fn overloaded(message: String, retry_after: Duration) -> GenerationError {
@@ -428,16 +446,6 @@ fn overloaded(message: String, retry_after: Duration) -> GenerationError {
 }
 
 impl QueenState {
-    fn dial_all(&self, myself: &ActorRef<QueenMsg>, dials: Vec<Dial>) {
-        for dial in dials {
-            let (myself, endpoint) = (myself.clone(), self.args.workers.clone());
-            tokio::spawn(async move {
-                let result = dial_worker(&endpoint, &dial).await;
-                let _ = myself.cast(QueenMsg::WorkerDialed(dial, result));
-            });
-        }
-    }
-
     /// After any change that can free or add capacity: serve the queues and tell waiters
     /// how loading goes.
     fn on_registry_change(&mut self, myself: &ActorRef<QueenMsg>) {
@@ -587,64 +595,6 @@ impl QueenState {
     }
 }
 
-/// Asks the placed hive to start the worker and records it; returns the hive's answer.
-pub async fn spawn_on_hive(
-    queen: &ActorRef<QueenMsg>,
-    placed: Placed,
-) -> Result<WorkerInfo, QueenError> {
-    let request = QueenRequest::Hive(HiveRequest::Spawn(placed.spawn));
-    let answer = placed.link.call(request, SPAWN_TIMEOUT).await;
-    let info = match answer {
-        Ok(QueenResponse::Hive(HiveResponse::Worker(info))) => *info,
-        Ok(QueenResponse::Hive(HiveResponse::Error(e))) => {
-            return Err(QueenError::new(QueenErrorKind::Hive, e));
-        }
-        Ok(other) => {
-            return Err(QueenError::new(
-                QueenErrorKind::Hive,
-                format!("the hive answered out of protocol: {other:?}"),
-            ));
-        }
-        Err(e) => return Err(QueenError::new(QueenErrorKind::HiveLost, e.to_string())),
-    };
-    let _ = queen.cast(QueenMsg::WorkerStarted {
-        hive: placed.hive,
-        info: info.clone(),
-    });
-    Ok(info)
-}
-
-/// Dials a worker process and checks it is the one its hive named.
-async fn dial_worker(
-    endpoint: &Endpoint<WorkerProtocol>,
-    dial: &Dial,
-) -> Result<RemoteWorker, String> {
-    let (link, _incoming) = endpoint
-        .connect(dial.addr, &[Role::Worker])
-        .await
-        .map_err(|e| e.to_string())?;
-    let expected = dial.key.node_id();
-    if link.peer().node_id.as_str() != expected {
-        link.close("not the worker its hive named");
-        return Err(format!(
-            "the worker at {} is {}, not {expected}",
-            dial.addr,
-            link.peer().node_id
-        ));
-    }
-    Ok(RemoteWorker::new(link))
-}
-
-/// Reports the loss of the queen's link to a worker.
-fn watch_worker_link(queen: &ActorRef<QueenMsg>, dial: &Dial, remote: &RemoteWorker) {
-    let closed = remote.link().closed();
-    let (queen, key, incarnation) = (queen.clone(), dial.key.clone(), dial.incarnation);
-    tokio::spawn(async move {
-        let cause = closed.await;
-        let _ = queen.cast(QueenMsg::WorkerLost {
-            key,
-            incarnation,
-            reason: format!("link closed: {cause}"),
-        });
-    });
-}
+mod workers_link;
+pub use workers_link::spawn_on_hive;
+use workers_link::watch_worker_link;

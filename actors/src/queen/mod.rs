@@ -10,6 +10,7 @@
 //! - [`actor`]: the queen actor that owns both and acts on what the links report.
 //! - [`route`]: one generation through the queen, with failover.
 //! - [`serve`]: the queen's side of its links.
+//! - `hive_link`: the supervised proxy of a joined hive's link (a child of the queen actor).
 //! - [`daemon`]: a queen with its CA, identity, endpoints and join listener.
 
 pub mod actor;
@@ -17,6 +18,7 @@ pub mod admission;
 pub mod affinity;
 pub mod client;
 pub mod daemon;
+mod hive_link;
 pub mod keys;
 pub mod protocol;
 pub mod registry;

@@ -207,6 +207,20 @@ impl QueenError {
             message: message.into(),
         }
     }
+
+    /// A hive's failure as the queen reports it: a missing worker or a worker that does
+    /// not fit keep their meaning; the rest is the hive's.
+    pub fn from_hive(failure: crate::hive::remote::HiveFailure) -> Self {
+        use crate::hive::remote::HiveFailureKind as Hive;
+        let kind = match failure.kind {
+            Hive::NoWorker => QueenErrorKind::NoWorker,
+            Hive::DoesNotFit => QueenErrorKind::NoPlacement,
+            Hive::NoModel | Hive::Start | Hive::Invalid | Hive::Failed | Hive::Unavailable => {
+                QueenErrorKind::Hive
+            }
+        };
+        QueenError::new(kind, failure.message)
+    }
 }
 
 /// Kinds of [`QueenError`].

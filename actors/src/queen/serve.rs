@@ -5,13 +5,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use ractor::{ActorRef, call_t};
+use ractor::{Actor, ActorRef, call_t};
 use rbee_transport::{
     ClusterCa, Endpoint, Incoming, Link, LinkIncoming, NodeId, Role, StreamSender,
 };
 use tokio::sync::mpsc;
 
 use super::actor::{QueenMsg, spawn_on_hive};
+use super::hive_link::{HiveLink, HiveLinkArgs};
 use super::protocol::{
     ClientRequest, ClientResponse, HiveEvent, HostedModel, Placement, QueenError, QueenErrorKind,
     QueenItem, QueenOpen, QueenProtocol, QueenRequest, QueenResponse, WorkerView,
@@ -50,20 +51,18 @@ static NEXT_LINK: AtomicU64 = AtomicU64::new(1);
 
 /// Serves every peer of `endpoint` until it closes.
 pub async fn serve(endpoint: Arc<Endpoint<QueenProtocol>>, service: QueenService) {
-    while let Some(accepted) = endpoint.accept().await {
-        match accepted {
-            Ok((link, incoming)) => match link.peer().role {
-                Role::Hive => {
-                    tokio::spawn(serve_hive(link, incoming, service.clone()));
+    endpoint
+        .serve_each(|link, incoming| {
+            let service = service.clone();
+            async move {
+                match link.peer().role {
+                    Role::Hive => serve_hive(link, incoming, service).await,
+                    Role::Client => serve_client(incoming, service).await,
+                    other => link.close(&format!("the queen does not take {other} links")),
                 }
-                Role::Client => {
-                    tokio::spawn(serve_client(incoming, service.clone()));
-                }
-                other => link.close(&format!("the queen does not take {other} links")),
-            },
-            Err(e) => tracing::warn!("refused a peer: {e}"),
-        }
-    }
+            }
+        })
+        .await;
 }
 
 async fn serve_hive(
@@ -85,52 +84,24 @@ async fn serve_hive(
         link.close(&why);
         return;
     }
-    let up = QueenMsg::HiveUp {
-        id: id.clone(),
+    let args = HiveLinkArgs {
+        id,
         link: link.clone(),
         link_id,
         report,
+        incoming,
+        service: service.clone(),
     };
-    if service.queen.cast(up).is_err() {
-        return;
+    if let Err(e) = Actor::spawn_linked(None, HiveLink, args, service.queen.get_cell()).await {
+        link.close(&format!("the queen is stopping: {e}"));
     }
-    while let Some(message) = incoming.next().await {
-        match message {
-            Incoming::Cast(event) => {
-                let _ = service.queen.cast(QueenMsg::HiveEvent {
-                    id: id.clone(),
-                    event,
-                });
-            }
-            Incoming::Call { request, responder } => {
-                let response = match request {
-                    QueenRequest::SignWorker {
-                        worker,
-                        public_key_der,
-                    } => sign_worker(&service.ca, &id, &worker, &public_key_der),
-                    _ => invalid("a hive may only ask the queen to sign worker certificates"),
-                };
-                tokio::spawn(async move {
-                    let _ = responder.respond(response).await;
-                });
-            }
-            // Hives open no streams to the queen; dropping the sender refuses it.
-            Incoming::Stream { .. } => {}
-        }
-    }
-    let cause = link
-        .close_cause()
-        .map_or_else(|| "link closed".to_string(), |c| c.to_string());
-    let _ = service
-        .queen
-        .cast(QueenMsg::HiveDown { id, link_id, cause });
 }
 
-fn invalid(message: &str) -> QueenResponse {
+pub(super) fn invalid(message: &str) -> QueenResponse {
     QueenResponse::Error(QueenError::new(QueenErrorKind::Invalid, message))
 }
 
-fn sign_worker(ca: &ClusterCa, hive: &str, worker: &str, spki: &[u8]) -> QueenResponse {
+pub(super) fn sign_worker(ca: &ClusterCa, hive: &str, worker: &str, spki: &[u8]) -> QueenResponse {
     let key = WorkerKey {
         hive: hive.to_string(),
         worker: worker.to_string(),
@@ -202,9 +173,7 @@ async fn call_hive(
     request: HiveRequest,
 ) -> Result<HiveResponse, QueenError> {
     match link.call(QueenRequest::Hive(request), HIVE_CALL).await {
-        Ok(QueenResponse::Hive(HiveResponse::Error(e))) => {
-            Err(QueenError::new(QueenErrorKind::Hive, e))
-        }
+        Ok(QueenResponse::Hive(HiveResponse::Error(e))) => Err(QueenError::from_hive(e)),
         Ok(QueenResponse::Hive(response)) => Ok(response),
         Ok(other) => Err(QueenError::new(
             QueenErrorKind::Hive,

@@ -356,6 +356,8 @@ impl Scheduler {
             if self.reserved() + bytes > self.gauge.budget {
                 break;
             }
+            // A test's injected generation fault fails the whole scheduler, as a bug would.
+            super::faults::at(None, super::faults::Fault::Generate);
             self.make_room(bytes);
             let mut head = self.waiting.pop_front().expect("checked above");
             self.clock += 1;

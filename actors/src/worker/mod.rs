@@ -8,9 +8,11 @@
 //!   thread, with KV memory admission and a prefix cache.
 //! - [`api`]: the request and event types a client sends and receives.
 //! - [`remote`]: the worker over the node link (process mode) and its client.
+//! - `faults`: the test hook that injects panics where a model loads or generates.
 
 pub mod actor;
 pub mod api;
 pub mod batch;
 pub mod engine;
+pub(crate) mod faults;
 pub mod remote;

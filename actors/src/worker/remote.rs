@@ -5,6 +5,7 @@
 //! consumer stops the generation before the next token, and a link that dies mid-stream
 //! ends the consumer's stream with a typed `WorkerLost` error instead of a hang.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use ractor::{ActorRef, call_t};
@@ -12,10 +13,11 @@ use rbee_transport::{
     Endpoint, Incoming, Link, LinkError, LinkIncoming, Protocol, StreamReceiver, StreamSender,
 };
 use serde::{Deserialize, Serialize};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use super::actor::{Embedded, STREAM_CAPACITY, WorkerMsg, WorkerStatus};
 use super::api::{ErrorKind, GenerateRequest, GenerationError, GenerationEvent};
+use super::engine::loader::ModelInfo;
 
 /// The worker link's messages.
 pub struct WorkerProtocol;
@@ -29,6 +31,9 @@ pub enum WorkerRequest {
     Drain,
     /// Embed these inputs (an embedding model's worker).
     Embed(Vec<String>),
+    /// Answer once the model is loaded (or failed to load): the first call of the hive
+    /// that started this worker process.
+    AwaitReady,
 }
 
 /// Answers to [`WorkerRequest`].
@@ -42,6 +47,21 @@ pub enum WorkerResponse {
     Embedded(Result<Embedded, GenerationError>),
     /// The worker actor is gone.
     Unavailable(String),
+    /// The model is loaded: what was loaded.
+    Ready(Box<ModelInfo>),
+    /// The model did not load: why (the process exits next).
+    Failed(String),
+}
+
+/// Where a worker process's loading stands, for [`WorkerRequest::AwaitReady`].
+#[derive(Debug, Clone)]
+pub enum Readiness {
+    /// Still loading.
+    Loading,
+    /// Loaded.
+    Ready(Box<ModelInfo>),
+    /// Did not load.
+    Failed(String),
 }
 
 impl Protocol for WorkerProtocol {
@@ -58,25 +78,28 @@ const ACTOR_CALL_MS: u64 = 2000;
 pub const EMBED_CALL_MS: u64 = 120_000;
 
 /// Serves `worker` to every peer that connects to `endpoint`, until the endpoint closes.
-pub async fn serve(endpoint: Endpoint<WorkerProtocol>, worker: ActorRef<WorkerMsg>) {
-    while let Some(accepted) = endpoint.accept().await {
-        match accepted {
-            Ok((_link, incoming)) => {
-                tokio::spawn(serve_link(incoming, worker.clone()));
-            }
-            Err(e) => tracing::warn!("refused a peer: {e}"),
-        }
-    }
+pub async fn serve(
+    endpoint: Arc<Endpoint<WorkerProtocol>>,
+    worker: ActorRef<WorkerMsg>,
+    readiness: watch::Receiver<Readiness>,
+) {
+    endpoint
+        .serve_each(|_link, incoming| serve_link(incoming, worker.clone(), readiness.clone()))
+        .await;
 }
 
-async fn serve_link(mut incoming: LinkIncoming<WorkerProtocol>, worker: ActorRef<WorkerMsg>) {
+async fn serve_link(
+    mut incoming: LinkIncoming<WorkerProtocol>,
+    worker: ActorRef<WorkerMsg>,
+    readiness: watch::Receiver<Readiness>,
+) {
     while let Some(message) = incoming.next().await {
         match message {
             Incoming::Cast(()) => {}
             Incoming::Call { request, responder } => {
-                let worker = worker.clone();
+                let (worker, readiness) = (worker.clone(), readiness.clone());
                 tokio::spawn(async move {
-                    let response = answer(&worker, request).await;
+                    let response = answer(&worker, readiness, request).await;
                     let _ = responder.respond(response).await;
                 });
             }
@@ -87,8 +110,25 @@ async fn serve_link(mut incoming: LinkIncoming<WorkerProtocol>, worker: ActorRef
     }
 }
 
-async fn answer(worker: &ActorRef<WorkerMsg>, request: WorkerRequest) -> WorkerResponse {
+async fn answer(
+    worker: &ActorRef<WorkerMsg>,
+    mut readiness: watch::Receiver<Readiness>,
+    request: WorkerRequest,
+) -> WorkerResponse {
     match request {
+        WorkerRequest::AwaitReady => {
+            let settled = readiness
+                .wait_for(|r| !matches!(r, Readiness::Loading))
+                .await
+                .map(|r| r.clone());
+            match settled {
+                Ok(Readiness::Ready(info)) => WorkerResponse::Ready(info),
+                Ok(Readiness::Failed(e)) => WorkerResponse::Failed(e),
+                Ok(Readiness::Loading) | Err(_) => {
+                    WorkerResponse::Unavailable("the worker stopped while loading".into())
+                }
+            }
+        }
         WorkerRequest::Status => match call_t!(worker, WorkerMsg::Status, ACTOR_CALL_MS) {
             Ok(status) => WorkerResponse::Status(status),
             Err(e) => WorkerResponse::Unavailable(e.to_string()),
@@ -185,6 +225,17 @@ impl RemoteWorker {
         }
     }
 
+    /// Waits until the worker's model is loaded: what it loaded, or why it did not.
+    pub async fn await_ready(&self, timeout: Duration) -> Result<ModelInfo, RemoteError> {
+        match self.link.call(WorkerRequest::AwaitReady, timeout).await? {
+            WorkerResponse::Ready(info) => Ok(*info),
+            WorkerResponse::Failed(e) | WorkerResponse::Unavailable(e) => {
+                Err(RemoteError::NotLoaded(e))
+            }
+            other => Err(RemoteError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
     /// Asks the worker to drain.
     pub async fn drain(&self, timeout: Duration) -> Result<(), RemoteError> {
         match self.link.call(WorkerRequest::Drain, timeout).await? {
@@ -230,6 +281,9 @@ pub enum RemoteError {
     /// The worker answered something that does not fit the call.
     #[error("the worker answered out of protocol: {0}")]
     Unexpected(String),
+    /// The worker's model did not load.
+    #[error("the worker failed: {0}")]
+    NotLoaded(String),
 }
 
 /// The events of a generation on a remote worker.
