@@ -6,7 +6,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, SpawnErr, SupervisionEvent};
 use tokio::sync::oneshot;
 
 /// How the top actor ended: `Ok` when it stopped (asked to, or drained), `Err` with the
-/// reason when it failed.
+/// reason when it failed or was killed.
 pub type Ended = Result<(), String>;
 
 /// Resolves when the top actor has ended.
@@ -58,7 +58,12 @@ impl Actor for Root {
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         let ended = match event {
-            SupervisionEvent::ActorTerminated(..) => Ok(()),
+            // ractor hands back the state of an actor that stopped; one that was killed
+            // has none.
+            SupervisionEvent::ActorTerminated(_, Some(_), _) => Ok(()),
+            SupervisionEvent::ActorTerminated(_, None, reason) => {
+                Err(reason.unwrap_or_else(|| "killed".into()))
+            }
             SupervisionEvent::ActorFailed(_, error) => Err(error.to_string()),
             _ => return Ok(()),
         };

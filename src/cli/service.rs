@@ -144,11 +144,17 @@ impl Unit {
             text.push_str(&format!("EnvironmentFile={}\n", path_value(file)?));
         }
         // SIGTERM is a graceful stop: the queen closes its links (hives wait for the next
-        // one), the hive drains and stops its workers; what is left is killed.
+        // one), the hive drains and stops its workers. A hive's worker processes are its
+        // own to stop: when it crashes they run on and the restarted hive adopts them, so
+        // systemd signals only the hive itself.
+        let kill_mode = match self.daemon {
+            Daemon::Queen => "mixed",
+            Daemon::Hive => "process",
+        };
+        text.push_str(&format!("KillMode={kill_mode}\n"));
         text.push_str(
             "Restart=on-failure\n\
              RestartSec=2\n\
-             KillMode=mixed\n\
              TimeoutStopSec=60\n\
              StandardOutput=journal\n\
              StandardError=journal\n\

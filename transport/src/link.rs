@@ -351,6 +351,32 @@ impl<P: Protocol> LinkIncoming<P> {
     pub async fn next(&mut self) -> Option<Incoming<P>> {
         self.rx.recv().await
     }
+
+    /// Serves the link until it closes: casts go to `cast`, in order; each call is
+    /// answered by `answer` and each stream served by `stream` on a task of its own, so
+    /// a slow one never holds up the rest. Dropping a stream's sender refuses it.
+    pub async fn serve<A, AF, S, SF>(mut self, mut cast: impl FnMut(P::Event), answer: A, stream: S)
+    where
+        A: Fn(P::Request) -> AF,
+        AF: std::future::Future<Output = P::Response> + Send + 'static,
+        S: Fn(P::Open, StreamSender<P::Item>) -> SF,
+        SF: std::future::Future<Output = ()> + Send + 'static,
+    {
+        while let Some(message) = self.next().await {
+            match message {
+                Incoming::Cast(event) => cast(event),
+                Incoming::Call { request, responder } => {
+                    let answered = answer(request);
+                    tokio::spawn(async move {
+                        let _ = responder.respond(answered.await).await;
+                    });
+                }
+                Incoming::Stream { open, sender } => {
+                    tokio::spawn(stream(open, sender));
+                }
+            }
+        }
+    }
 }
 
 async fn read_casts<P: Protocol>(mut control: FrameReader, tx: mpsc::Sender<Incoming<P>>) {

@@ -189,7 +189,10 @@ pub async fn start(config: &ProcessConfig, spec: Launch<'_>) -> Result<Started, 
         slots: spec.slots,
         idle_timeout: spec.idle_timeout,
     };
-    save_record(&config.runtime_dir, &record)?;
+    if let Err(e) = save_record(&config.runtime_dir, &record) {
+        let _ = child.start_kill();
+        return Err(e);
+    }
     Ok(Started {
         record,
         remote,
@@ -259,8 +262,14 @@ pub fn records(dir: &Path) -> Vec<ChildRecord> {
 
 /// Removes a worker's record and identity.
 pub fn forget(dir: &Path, id: &str) {
-    let _ = std::fs::remove_file(record_path(dir, id));
+    forget_record(dir, id);
     let _ = std::fs::remove_dir_all(dir.join(id));
+}
+
+/// Forgets the record of worker `id` but keeps its identity, for its restart (which so
+/// needs no issuer: the queen may be out of reach just then).
+pub fn forget_record(dir: &Path, id: &str) {
+    let _ = std::fs::remove_file(record_path(dir, id));
 }
 
 /// The start time of `pid` from `/proc/PID/stat`, or `None` if it does not exist.

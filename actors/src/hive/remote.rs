@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use ractor::{ActorRef, call_t};
-use rbee_transport::{Endpoint, Incoming, LinkIncoming, Protocol, StreamSender, Wire};
+use rbee_transport::{Endpoint, LinkIncoming, Protocol, StreamSender, Wire};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
@@ -234,21 +234,13 @@ pub async fn serve(endpoint: Endpoint<HiveProtocol>, service: HiveService) {
         .await;
 }
 
-async fn serve_link(mut incoming: LinkIncoming<HiveProtocol>, service: HiveService) {
-    while let Some(message) = incoming.next().await {
+async fn serve_link(incoming: LinkIncoming<HiveProtocol>, service: HiveService) {
+    let answer_with = |request| {
         let service = service.clone();
-        match message {
-            Incoming::Cast(()) => {}
-            Incoming::Call { request, responder } => {
-                tokio::spawn(async move {
-                    let _ = responder.respond(answer(&service, request).await).await;
-                });
-            }
-            Incoming::Stream { open, sender } => {
-                tokio::spawn(stream(service, open, sender, |item| item));
-            }
-        }
-    }
+        async move { answer(&service, request).await }
+    };
+    let stream_with = |open, sender| stream(service.clone(), open, sender, |item| item);
+    incoming.serve(|()| {}, answer_with, stream_with).await;
 }
 
 /// Answers one call (on a link a peer dialed, or on the hive's link to its queen).

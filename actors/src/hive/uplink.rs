@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use ractor::call_t;
 use rbee_transport::{
-    Backoff, Endpoint, Incoming, Link, LinkConfig, LinkError, LinkIncoming, NodeId, NodeIdentity,
+    Backoff, Endpoint, Link, LinkConfig, LinkError, LinkIncoming, NodeId, NodeIdentity,
     PendingIdentity, Role,
 };
 use tokio::sync::watch;
@@ -22,7 +22,8 @@ use super::process::IdentityIssuer;
 use super::remote::{self, HiveService};
 use super::workers::{WorkerInfo, WorkerState, WorkersMsg, WorkersSnapshot};
 use crate::queen::protocol::{
-    HiveEvent, HiveReport, QueenItem, QueenProtocol, QueenRequest, QueenResponse,
+    HiveEvent, HiveReport, QueenError, QueenErrorKind, QueenItem, QueenOpen, QueenProtocol,
+    QueenRequest, QueenResponse,
 };
 use crate::worker::actor::Phase;
 
@@ -100,32 +101,30 @@ pub async fn run(
 }
 
 /// Serves the queen's calls and streams until the link closes.
-async fn serve(mut incoming: LinkIncoming<QueenProtocol>, service: HiveService) {
-    while let Some(message) = incoming.next().await {
+async fn serve(incoming: LinkIncoming<QueenProtocol>, service: HiveService) {
+    let answer_with = |request| {
         let service = service.clone();
-        match message {
-            Incoming::Cast(_) => {}
-            Incoming::Call { request, responder } => {
-                tokio::spawn(async move {
-                    let response = match request {
-                        QueenRequest::Hive(request) => {
-                            QueenResponse::Hive(remote::answer(&service, request).await)
-                        }
-                        _ => QueenResponse::Error(crate::queen::protocol::QueenError::new(
-                            crate::queen::protocol::QueenErrorKind::Invalid,
-                            "a hive serves only hive requests",
-                        )),
-                    };
-                    let _ = responder.respond(response).await;
-                });
-            }
-            Incoming::Stream { open, sender } => {
-                if let crate::queen::protocol::QueenOpen::Hive(open) = open {
-                    tokio::spawn(remote::stream(service, open, sender, QueenItem::Hive));
+        async move {
+            match request {
+                QueenRequest::Hive(request) => {
+                    QueenResponse::Hive(remote::answer(&service, request).await)
                 }
+                _ => QueenResponse::Error(QueenError::new(
+                    QueenErrorKind::Invalid,
+                    "a hive serves only hive requests",
+                )),
             }
         }
-    }
+    };
+    let stream_with = |open, sender| {
+        let service = service.clone();
+        async move {
+            if let QueenOpen::Hive(open) = open {
+                remote::stream(service, open, sender, QueenItem::Hive).await;
+            }
+        }
+    };
+    incoming.serve(|_| {}, answer_with, stream_with).await;
 }
 
 /// Workers spawned so far, and each worker's id, pid, restarts and state.

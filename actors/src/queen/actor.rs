@@ -9,7 +9,9 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
+use ractor::{
+    Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent,
+};
 use rbee_transport::{Endpoint, Link, Role};
 use tokio::sync::{mpsc, watch};
 
@@ -104,7 +106,7 @@ pub enum QueenMsg {
         report: HiveReport,
         /// The proxy actor serving its link (a child of the queen, whose failure is
         /// the hive's loss).
-        proxy: ActorId,
+        proxy: ActorCell,
     },
     /// A hive cast an event.
     HiveEvent {
@@ -272,8 +274,20 @@ impl Actor for Queen {
                     link.close(&why);
                     return Ok(());
                 }
+                // Supervision events go before messages: a proxy that ended already may
+                // have been handled before this, and its link must not be taken in.
+                // (It sends `HiveUp` while it starts, so `Starting` is alive too.)
+                let ended = matches!(
+                    proxy.get_status(),
+                    ractor::ActorStatus::Stopping | ractor::ActorStatus::Stopped
+                );
+                if ended || link.close_cause().is_some() {
+                    return Ok(());
+                }
                 tracing::info!("hive {id} connected from {}", link.remote_address());
-                state.hive_links.insert(proxy, (id.clone(), link_id));
+                state
+                    .hive_links
+                    .insert(proxy.get_id(), (id.clone(), link_id));
                 let dials = state.registry.hive_up(&id, link, link_id, report);
                 state.dial_all(&myself, dials);
                 state.on_registry_change(&myself);

@@ -4,7 +4,7 @@
 //! hive.
 
 use ractor::{Actor, ActorProcessingErr, ActorRef};
-use rbee_transport::{Incoming, Link, LinkIncoming};
+use rbee_transport::{Link, LinkIncoming};
 use tokio::task::JoinHandle;
 
 use super::actor::QueenMsg;
@@ -46,7 +46,7 @@ impl Actor for HiveLink {
             link: args.link.clone(),
             link_id: args.link_id,
             report: args.report,
-            proxy: myself.get_id(),
+            proxy: myself.get_cell(),
         };
         args.service.queen.cast(up)?;
         Ok(tokio::spawn(read_link(
@@ -83,34 +83,29 @@ impl Actor for HiveLink {
 async fn read_link(
     id: String,
     link: Link<QueenProtocol>,
-    mut incoming: LinkIncoming<QueenProtocol>,
+    incoming: LinkIncoming<QueenProtocol>,
     service: QueenService,
     proxy: ActorRef<HiveLinkMsg>,
 ) {
-    while let Some(message) = incoming.next().await {
-        match message {
-            Incoming::Cast(event) => {
-                let _ = service.queen.cast(QueenMsg::HiveEvent {
-                    id: id.clone(),
-                    event,
-                });
-            }
-            Incoming::Call { request, responder } => {
-                let response = match request {
-                    QueenRequest::SignWorker {
-                        worker,
-                        public_key_der,
-                    } => sign_worker(&service.ca, &id, &worker, &public_key_der),
-                    _ => invalid("a hive may only ask the queen to sign worker certificates"),
-                };
-                tokio::spawn(async move {
-                    let _ = responder.respond(response).await;
-                });
-            }
-            // Hives open no streams to the queen; dropping the sender refuses it.
-            Incoming::Stream { .. } => {}
-        }
-    }
+    let forward = |event| {
+        let _ = service.queen.cast(QueenMsg::HiveEvent {
+            id: id.clone(),
+            event,
+        });
+    };
+    let answer_with = |request| {
+        let response = match request {
+            QueenRequest::SignWorker {
+                worker,
+                public_key_der,
+            } => sign_worker(&service.ca, &id, &worker, &public_key_der),
+            _ => invalid("a hive may only ask the queen to sign worker certificates"),
+        };
+        async move { response }
+    };
+    // Hives open no streams to the queen: dropping the sender refuses one.
+    let refuse_stream = |_, _| async {};
+    incoming.serve(forward, answer_with, refuse_stream).await;
     let cause = link
         .close_cause()
         .map_or_else(|| "link closed".to_string(), |c| c.to_string());

@@ -21,7 +21,9 @@ use super::registry::WorkerKey;
 use super::revoked::Revocations;
 use super::route;
 use super::tokens::TokenStore;
-use crate::hive::remote::{HiveItem, HiveOpen, HiveRequest, HiveResponse};
+use crate::hive::remote::{
+    HiveFailure, HiveFailureKind, HiveItem, HiveOpen, HiveRequest, HiveResponse,
+};
 use crate::hive::store::ModelId;
 use crate::worker::actor::STREAM_CAPACITY;
 
@@ -118,27 +120,20 @@ pub(super) fn sign_worker(ca: &ClusterCa, hive: &str, worker: &str, spki: &[u8])
     }
 }
 
-async fn serve_client(mut incoming: LinkIncoming<QueenProtocol>, service: QueenService) {
-    while let Some(message) = incoming.next().await {
+async fn serve_client(incoming: LinkIncoming<QueenProtocol>, service: QueenService) {
+    let answer_with = |request| {
         let service = service.clone();
-        match message {
-            Incoming::Cast(_) => {}
-            Incoming::Call { request, responder } => {
-                tokio::spawn(async move {
-                    let response = match request {
-                        QueenRequest::Client(request) => {
-                            QueenResponse::Client(answer(&service, request).await)
-                        }
-                        _ => invalid("a client may only send client requests"),
-                    };
-                    let _ = responder.respond(response).await;
-                });
-            }
-            Incoming::Stream { open, sender } => {
-                tokio::spawn(stream(service, open, sender));
+        async move {
+            match request {
+                QueenRequest::Client(request) => {
+                    QueenResponse::Client(answer(&service, request).await)
+                }
+                _ => invalid("a client may only send client requests"),
             }
         }
-    }
+    };
+    let stream_with = |open, sender| stream(service.clone(), open, sender);
+    incoming.serve(|_| {}, answer_with, stream_with).await;
 }
 
 fn error(kind: QueenErrorKind, message: impl Into<String>) -> ClientResponse {
@@ -172,9 +167,20 @@ async fn call_hive(
     link: &Link<QueenProtocol>,
     request: HiveRequest,
 ) -> Result<HiveResponse, QueenError> {
+    call_hive_answer(link, request)
+        .await?
+        .map_err(QueenError::from_hive)
+}
+
+/// Calls one of a hive's operations: its answer or its typed failure, or why the call
+/// itself failed.
+async fn call_hive_answer(
+    link: &Link<QueenProtocol>,
+    request: HiveRequest,
+) -> Result<Result<HiveResponse, HiveFailure>, QueenError> {
     match link.call(QueenRequest::Hive(request), HIVE_CALL).await {
-        Ok(QueenResponse::Hive(HiveResponse::Error(e))) => Err(QueenError::from_hive(e)),
-        Ok(QueenResponse::Hive(response)) => Ok(response),
+        Ok(QueenResponse::Hive(HiveResponse::Error(e))) => Ok(Err(e)),
+        Ok(QueenResponse::Hive(response)) => Ok(Ok(response)),
         Ok(other) => Err(QueenError::new(
             QueenErrorKind::Hive,
             format!("the hive answered out of protocol: {other:?}"),
@@ -334,11 +340,11 @@ async fn delete_model(
     let all = hive.is_none();
     let mut deleted = 0;
     for (_, link) in targets(service, hive).await? {
-        match call_hive(&link, HiveRequest::DeleteModel(model.clone())).await {
+        match call_hive_answer(&link, HiveRequest::DeleteModel(model.clone())).await? {
             Ok(_) => deleted += 1,
             // Across all hives, one that lacks the model is no failure.
-            Err(e) if all && e.kind == QueenErrorKind::Hive => {}
-            Err(e) => return Err(e),
+            Err(failure) if all && failure.kind == HiveFailureKind::NoModel => {}
+            Err(failure) => return Err(QueenError::from_hive(failure)),
         }
     }
     if deleted == 0 {

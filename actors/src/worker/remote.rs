@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use ractor::{ActorRef, call_t};
 use rbee_transport::{
-    Endpoint, Incoming, Link, LinkError, LinkIncoming, Protocol, StreamReceiver, StreamSender,
+    Endpoint, Link, LinkError, LinkIncoming, Protocol, StreamReceiver, StreamSender,
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
@@ -89,25 +89,16 @@ pub async fn serve(
 }
 
 async fn serve_link(
-    mut incoming: LinkIncoming<WorkerProtocol>,
+    incoming: LinkIncoming<WorkerProtocol>,
     worker: ActorRef<WorkerMsg>,
     readiness: watch::Receiver<Readiness>,
 ) {
-    while let Some(message) = incoming.next().await {
-        match message {
-            Incoming::Cast(()) => {}
-            Incoming::Call { request, responder } => {
-                let (worker, readiness) = (worker.clone(), readiness.clone());
-                tokio::spawn(async move {
-                    let response = answer(&worker, readiness, request).await;
-                    let _ = responder.respond(response).await;
-                });
-            }
-            Incoming::Stream { open, sender } => {
-                tokio::spawn(stream_generation(worker.clone(), open, sender));
-            }
-        }
-    }
+    let answer_with = |request| {
+        let (worker, readiness) = (worker.clone(), readiness.clone());
+        async move { answer(&worker, readiness, request).await }
+    };
+    let stream_with = |open, sender| stream_generation(worker.clone(), open, sender);
+    incoming.serve(|()| {}, answer_with, stream_with).await;
 }
 
 async fn answer(

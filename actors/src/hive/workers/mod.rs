@@ -257,12 +257,19 @@ impl Actor for WorkerManager {
             // run of one.
             return Ok(());
         };
+        let drained = matches!(
+            state.workers.get(&id).and_then(|m| m.running.as_ref()),
+            Some(running::Running::Actor(_))
+        );
         match error {
             Some(error) => restart::on_exit(&myself, state, &id, error),
-            // It stopped by itself (drained): nothing to restart.
-            None => {
+            // An in-process worker that stopped by itself drained: nothing to restart.
+            None if drained => {
                 state.workers.remove(&id);
             }
+            // A proxy stops on its own only when something is wrong with it: its process
+            // is killed and started again like after any failure.
+            None => restart::on_exit(&myself, state, &id, "its process proxy stopped".into()),
         }
         state.changed();
         Ok(())

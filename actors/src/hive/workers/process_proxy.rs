@@ -11,6 +11,7 @@
 use std::time::Duration;
 
 use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef};
+use rbee_transport::CloseCause;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -18,8 +19,12 @@ use super::running::Running;
 use crate::hive::process::{self, ChildRecord, ProcessConfig};
 use crate::worker::remote::RemoteWorker;
 
-/// How long a closed link waits for its process to exit before dialing it again.
+/// How long a link closed by an idle timeout or a reset waits for its process to exit
+/// before dialing it again.
 const EXIT_GRACE: Duration = Duration::from_millis(500);
+/// How long a worker that closed its link may take to exit (it lingers for its last
+/// error events, then waits for its links to close) before it is killed.
+const ENDING_GRACE: Duration = Duration::from_secs(5);
 /// How often an adopted process's liveness is read.
 const ADOPTED_POLL: Duration = Duration::from_millis(200);
 
@@ -32,7 +37,7 @@ pub(super) enum ProcessMsg {
     /// one, its absence from the process table).
     Exited(String),
     /// Link number `generation` closed.
-    LinkClosed { generation: u64, cause: String },
+    LinkClosed { generation: u64, cause: CloseCause },
 }
 
 pub(super) struct ProcessArgs {
@@ -48,7 +53,10 @@ pub(super) struct ProxyState {
     link: watch::Sender<RemoteWorker>,
     /// Which link is current: a late close of an earlier one means nothing.
     generation: u64,
-    watchers: Vec<JoinHandle<()>>,
+    /// Waits for the process's end.
+    exit_watcher: JoinHandle<()>,
+    /// Waits for the current link's close.
+    link_watcher: JoinHandle<()>,
 }
 
 /// Starts the proxy of a worker process under `manager`; `child` is the process when
@@ -69,7 +77,11 @@ pub(super) async fn supervise(
     };
     let (proxy, _) = Actor::spawn_linked(None, WorkerProcess, args, manager)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| {
+            // Unwatched, the process must not run on.
+            process::kill(&record);
+            e.to_string()
+        })?;
     Ok(Running::Process {
         proxy,
         link: current,
@@ -87,9 +99,8 @@ impl Actor for WorkerProcess {
         myself: ActorRef<ProcessMsg>,
         args: ProcessArgs,
     ) -> Result<ProxyState, ActorProcessingErr> {
-        let mut watchers = Vec::new();
         let (me, pid) = (myself.clone(), args.record.pid);
-        watchers.push(match args.child {
+        let exit_watcher = match args.child {
             Some(mut child) => tokio::spawn(async move {
                 let reason = match child.wait().await {
                     Ok(status) => format!("worker process {pid} exited: {status}"),
@@ -109,14 +120,15 @@ impl Actor for WorkerProcess {
                     let _ = me.cast(ProcessMsg::Exited(reason));
                 })
             }
-        });
-        watchers.push(watch_link(&myself, 0, &args.link.borrow()));
+        };
+        let link_watcher = watch_link(&myself, 0, &args.link.borrow());
         Ok(ProxyState {
             record: args.record,
             config: args.config,
             link: args.link,
             generation: 0,
-            watchers,
+            exit_watcher,
+            link_watcher,
         })
     }
 
@@ -125,9 +137,8 @@ impl Actor for WorkerProcess {
         _: ActorRef<ProcessMsg>,
         state: &mut ProxyState,
     ) -> Result<(), ActorProcessingErr> {
-        for watcher in &state.watchers {
-            watcher.abort();
-        }
+        state.exit_watcher.abort();
+        state.link_watcher.abort();
         Ok(())
     }
 
@@ -143,9 +154,19 @@ impl Actor for WorkerProcess {
             ProcessMsg::LinkClosed { cause, .. } => {
                 let (id, pid) = (&state.record.id, state.record.pid);
                 // A worker that is ending closes its links first: its exit (with its
-                // status) follows as `Exited` and says more than the closed link.
-                if exits_soon(&state.record).await {
+                // status) follows as `Exited` and says more than the closed link. Any
+                // other close (an idle timeout, a reset) may leave it alive: dial again.
+                let ending = matches!(cause, CloseCause::ByPeer(_) | CloseCause::Local(_));
+                let grace = if ending { ENDING_GRACE } else { EXIT_GRACE };
+                if exits_within(&state.record, grace).await {
                     return Ok(());
+                }
+                if ending {
+                    process::kill(&state.record);
+                    return Err(format!(
+                        "worker process {pid} closed its link ({cause}) and did not exit"
+                    )
+                    .into());
                 }
                 match process::adopt(&state.config, &state.record).await {
                     Ok(remote) => {
@@ -153,9 +174,8 @@ impl Actor for WorkerProcess {
                             "link to worker {id} (pid {pid}) closed ({cause}); dialed it again"
                         );
                         state.generation += 1;
-                        state
-                            .watchers
-                            .push(watch_link(&myself, state.generation, &remote));
+                        state.link_watcher.abort();
+                        state.link_watcher = watch_link(&myself, state.generation, &remote);
                         state.link.send_replace(remote);
                         Ok(())
                     }
@@ -172,9 +192,9 @@ impl Actor for WorkerProcess {
     }
 }
 
-/// Whether the process ends within [`EXIT_GRACE`] (its watcher then reports it).
-async fn exits_soon(record: &ChildRecord) -> bool {
-    let deadline = tokio::time::Instant::now() + EXIT_GRACE;
+/// Whether the process ends within `grace` (its watcher then reports it).
+async fn exits_within(record: &ChildRecord, grace: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + grace;
     while process::alive(record) {
         if tokio::time::Instant::now() >= deadline {
             return false;
@@ -192,7 +212,7 @@ fn watch_link(
 ) -> JoinHandle<()> {
     let (proxy, closed) = (proxy.clone(), remote.link().closed());
     tokio::spawn(async move {
-        let cause = closed.await.to_string();
+        let cause = closed.await;
         let _ = proxy.cast(ProcessMsg::LinkClosed { generation, cause });
     })
 }

@@ -27,7 +27,7 @@ pub(super) fn on_exit(
         // A proxy that failed by itself (not because its process died) must not leave
         // the process running beside the restarted one.
         process::kill(&record);
-        process::forget(&processes.runtime_dir, &record.id);
+        process::forget_record(&processes.runtime_dir, &record.id);
     }
     managed.last_status = None;
     managed.last_error = Some(error);
