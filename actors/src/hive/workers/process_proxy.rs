@@ -155,8 +155,9 @@ impl Actor for WorkerProcess {
                 let (id, pid) = (&state.record.id, state.record.pid);
                 // A worker that is ending closes its links first: its exit (with its
                 // status) follows as `Exited` and says more than the closed link. Any
-                // other close (an idle timeout, a reset) may leave it alive: dial again.
-                let ending = matches!(cause, CloseCause::ByPeer(_) | CloseCause::Local(_));
+                // other close (an idle timeout, a reset, this side's) may leave it alive:
+                // dial again.
+                let ending = matches!(cause, CloseCause::ByPeer(_));
                 let grace = if ending { ENDING_GRACE } else { EXIT_GRACE };
                 if exits_within(&state.record, grace).await {
                     return Ok(());
