@@ -167,18 +167,14 @@ impl Actor for WorkerManager {
         state: &mut WorkersState,
     ) -> Result<(), ActorProcessingErr> {
         // A hive that stops on purpose stops its workers; one that dies leaves its worker
-        // processes to be adopted when it comes back.
-        for (id, managed) in state.workers.drain() {
-            if let Some(running) = managed.running {
-                stop::stop_detached(
-                    state.args.drain_timeout,
-                    state.args.processes.clone(),
-                    &id,
-                    running,
-                )
-                .await;
-            }
-        }
+        // processes to be adopted when it comes back. They drain together: one after
+        // another, a few busy workers would outlast a service manager's stop timeout.
+        let (timeout, processes) = (state.args.drain_timeout, state.args.processes.clone());
+        let stops = state.workers.drain().filter_map(|(id, managed)| {
+            let (running, processes) = (managed.running?, processes.clone());
+            Some(async move { stop::stop_detached(timeout, processes, &id, running).await })
+        });
+        futures::future::join_all(stops).await;
         myself
             .stop_children_and_wait(Some("hive stopping".into()), Some(Duration::from_secs(10)))
             .await;
