@@ -9,18 +9,10 @@ use tokio::sync::oneshot;
 /// reason when it failed or was killed.
 pub type Ended = Result<(), String>;
 
-/// Resolves when the top actor has ended.
+/// Resolves when the top actor has ended, to how it ended (a root gone without saying
+/// counts as a failure).
 #[derive(Debug)]
 pub struct Ending(oneshot::Receiver<Ended>);
-
-impl Ending {
-    /// How the top actor ended (a root gone without saying counts as a failure).
-    pub async fn ended(self) -> Ended {
-        self.0
-            .await
-            .unwrap_or_else(|_| Err("the supervision root stopped".into()))
-    }
-}
 
 impl std::future::Future for Ending {
     type Output = Ended;
@@ -125,7 +117,7 @@ mod tests {
     async fn the_root_tells_a_failure_with_its_reason_and_a_stop_as_ok() {
         let (child, ending) = spawn_supervised(Child, ()).await.unwrap();
         child.cast(true).unwrap();
-        let ended = ending.ended().await;
+        let ended = ending.await;
         assert!(
             ended.as_ref().is_err_and(|e| e.contains("it broke")),
             "{ended:?}"

@@ -134,9 +134,9 @@ pub async fn ps(settings: &Effective, json: bool) -> anyhow::Result<ExitCode> {
     );
     for w in workers {
         // Busy slots are the queen's count (the hive reports state changes, not counters).
-        let (state, slots, idle) = match &w.info.state {
+        let state = w.info.state.name();
+        let (slots, idle) = match &w.info.state {
             WorkerState::Running(s) => (
-                s.phase.name().to_string(),
                 format!("{}/{}", w.in_flight, s.slots),
                 // The hive's idle clock runs only while the worker is ready.
                 match s.phase {
@@ -144,8 +144,7 @@ pub async fn ps(settings: &Effective, json: bool) -> anyhow::Result<ExitCode> {
                     _ => "-".into(),
                 },
             ),
-            WorkerState::Restarting => ("restarting".into(), "-".into(), "-".into()),
-            WorkerState::Failed => ("failed".into(), "-".into(), "-".into()),
+            WorkerState::Restarting | WorkerState::Failed => ("-".into(), "-".into()),
         };
         println!(
             "{:<28} {:<20} {:<8} {:<10} {:>10} {:>8} {:>7}s {:>12}",
