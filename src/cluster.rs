@@ -31,11 +31,13 @@ use rbee_actors::hive::workers::{IdleTimeout, WorkerMode};
 use rbee_actors::queen::client::{ClientError, QueenClient};
 use rbee_actors::queen::daemon::{self, QueenConfig, RunningQueen};
 use rbee_actors::queen::protocol::{
-    ClientRequest, ClientResponse, HiveView, HostedModel, Placement, QueenItem, QueenOpen,
-    WorkerView,
+    CaChange, ClientRequest, ClientResponse, HiveView, HostedModel, Placement, QueenItem,
+    QueenOpen, WorkerView,
 };
 use rbee_actors::worker::api::{GenerateRequest, GenerationEvent, GenerationStats};
-use rbee_transport::{LinkConfig, LinkError, NodeId, NodeIdentity, Role, StreamReceiver};
+use rbee_transport::{
+    Credentials, LinkConfig, LinkError, NodeId, NodeIdentity, Role, StreamReceiver,
+};
 
 /// What a stream of the cluster carries: queue and loading news, the worker it runs on,
 /// and the generation's events (exactly one terminal event ends a generation).
@@ -204,6 +206,19 @@ impl Client {
             .map(|_| ())
     }
 
+    /// Starts a rotation of the cluster CA (`retire: false`) or ends it by retiring the
+    /// previous CA (`retire: true`); connected hives renew at once. Says what each did.
+    pub async fn change_ca(&self, retire: bool) -> Result<CaChange, Error> {
+        let request = match retire {
+            false => ClientRequest::RotateCa,
+            true => ClientRequest::RetireCa,
+        };
+        match self.call(request).await? {
+            ClientResponse::CaChanged(change) => Ok(change),
+            other => Err(unexpected(other)),
+        }
+    }
+
     /// Every worker.
     pub async fn workers(&self) -> Result<Vec<WorkerView>, Error> {
         match self.call(ClientRequest::ListWorkers).await? {
@@ -356,7 +371,9 @@ impl LocalClusterBuilder {
             .map_err(setup)?;
         let hive_config = HiveDaemonConfig {
             data: self.data.clone(),
-            identity,
+            // Issued here for the life of the process: nothing to renew.
+            identity: Credentials::new(identity).map_err(setup)?,
+            identity_dir: None,
             link: LinkConfig::default(),
             processes: None,
         };

@@ -71,6 +71,7 @@ fn setup() -> Setup {
             Endpoint::client(hive_identity, "127.0.0.1:0".parse().unwrap(), config).unwrap(),
         ),
         ready_timeout: Duration::from_secs(60),
+        orphan_grace: Duration::from_secs(600),
         worker_env: Vec::new(),
         worker_ip: std::net::Ipv4Addr::LOCALHOST.into(),
     };

@@ -5,29 +5,19 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::path::Path;
 use std::process::Command;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use rbee::actors::hive::store::ModelId;
 use rbee::actors::queen::protocol::{ClientRequest, ClientResponse, Placement};
-use rbee::actors::worker::api::{GenerateRequest, SamplingParams};
 use rbee::actors::worker::engine::tiny::write_tiny_llama;
 use rbee::transport::{ClusterCa, Endpoint, NodeId, Role};
 
 use common::daemons::{
-    Daemon, Seen, client, eventually, import, link_config, processes_under, read_all, signal,
-    start_hive, start_queen, start_queen_program, token, workers,
+    Daemon, client, eventually, import, link_config, processes_under, read_all, signal, start_hive,
+    start_queen, start_queen_program, token, workers,
 };
-
-fn greedy(max_tokens: usize) -> GenerateRequest {
-    GenerateRequest {
-        sampling: SamplingParams::greedy(),
-        ..GenerateRequest::text("In the", max_tokens)
-    }
-}
+use common::traffic::{Traffic, a_worker_on_each_hive, connected, greedy, incarnations};
 
 #[tokio::test]
 async fn joining_needs_a_live_token_and_the_cluster_ca() {
@@ -193,19 +183,6 @@ async fn a_restarted_queen_adopts_the_running_workers() {
     assert!(seen.done.is_some(), "{seen:?}");
 }
 
-/// Each worker's key, pid and restart count, sorted.
-async fn incarnations(
-    client: &rbee::actors::queen::client::QueenClient,
-) -> Vec<(String, Option<u32>, u32)> {
-    let mut listed: Vec<_> = workers(client)
-        .await
-        .into_iter()
-        .map(|w| (w.key, w.info.pid, w.info.restarts))
-        .collect();
-    listed.sort();
-    listed
-}
-
 /// How long the queen stays away in the graceful-restart test (`RBEE_TEST_QUEEN_AWAY_SECS`
 /// to try a longer outage by hand).
 fn queen_away() -> Duration {
@@ -307,28 +284,6 @@ async fn a_queen_stopped_gracefully_and_started_again_keeps_every_hive_and_worke
     assert_eq!(running, expected);
 }
 
-/// Waits until hive-a and hive-b are connected, starts a worker of `model` on each and
-/// returns their incarnations.
-async fn a_worker_on_each_hive(
-    dir: &Path,
-    link: std::net::SocketAddr,
-    model: &ModelId,
-) -> Vec<(String, Option<u32>, u32)> {
-    let client = client(dir, link).await;
-    eventually(20, "both hives connected", || async {
-        connected(&client).await.len() == 2
-    })
-    .await;
-    for hive in ["hive-a", "hive-b"] {
-        let placement = Placement {
-            hive: Some(hive.into()),
-            ..Placement::of(model.clone())
-        };
-        client.call(ClientRequest::Spawn(placement)).await.unwrap();
-    }
-    incarnations(&client).await
-}
-
 /// Signals the queen and waits (at most 15 s) until it has exited on its own, cleanly.
 fn stop_gracefully(queen: &mut Daemon, stop: i32) {
     signal(queen.pid(), stop);
@@ -347,137 +302,6 @@ fn stop_gracefully(queen: &mut Daemon, stop: i32) {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-}
-
-/// What steady traffic saw.
-#[derive(Debug, Default)]
-struct TrafficOutcome {
-    done: usize,
-    /// Generations that ended with a typed error (an error event, or the link's error
-    /// when the queen went away).
-    errors: usize,
-    /// Generations whose stream ended, or hung past 30 s, without a terminal event: must
-    /// stay 0.
-    without_terminal: usize,
-}
-
-/// Clients sending greedy requests back to back, redialing the queen whenever it is away.
-struct Traffic {
-    done: Arc<AtomicUsize>,
-    halt: Arc<AtomicBool>,
-    tasks: Vec<tokio::task::JoinHandle<TrafficOutcome>>,
-}
-
-impl Traffic {
-    fn start(dir: &Path, queen: std::net::SocketAddr, model: ModelId, clients: usize) -> Self {
-        let (done, halt) = (
-            Arc::new(AtomicUsize::new(0)),
-            Arc::new(AtomicBool::new(false)),
-        );
-        let tasks = (0..clients)
-            .map(|_| {
-                let (dir, model) = (dir.to_path_buf(), model.clone());
-                let (done, halt) = (done.clone(), halt.clone());
-                tokio::spawn(async move {
-                    let mut outcome = TrafficOutcome::default();
-                    let identity =
-                        rbee::actors::queen::daemon::client_identity(&dir.join("queen"), "traffic")
-                            .unwrap();
-                    let mut client = None;
-                    while !halt.load(Ordering::Relaxed) {
-                        let Some(c) = &client else {
-                            client = rbee::actors::queen::client::QueenClient::connect(
-                                identity.clone(),
-                                queen,
-                                link_config(),
-                            )
-                            .await
-                            .ok();
-                            if client.is_none() {
-                                tokio::time::sleep(Duration::from_millis(200)).await;
-                            }
-                            continue;
-                        };
-                        let ended = match c.generate(model.clone(), greedy(16)).await {
-                            Ok(stream) => read_to_terminal(stream).await,
-                            Err(_) => Ended::LinkError,
-                        };
-                        match &ended {
-                            Ended::Done => {
-                                outcome.done += 1;
-                                done.fetch_add(1, Ordering::Relaxed);
-                            }
-                            Ended::Error => outcome.errors += 1,
-                            Ended::LinkError => {
-                                outcome.errors += 1;
-                                client = None;
-                            }
-                            Ended::WithoutTerminal => outcome.without_terminal += 1,
-                        }
-                        if !matches!(ended, Ended::Done) {
-                            // A queen that just came back has no routable worker for a moment.
-                            tokio::time::sleep(Duration::from_millis(50)).await;
-                        }
-                    }
-                    outcome
-                })
-            })
-            .collect();
-        Traffic { done, halt, tasks }
-    }
-
-    /// Waits (at most 60 s) until `more` generations have completed from now on.
-    async fn wait_for_more_done(&self, more: usize, what: &str) {
-        let target = self.done.load(Ordering::Relaxed) + more;
-        eventually(60, what, || async {
-            self.done.load(Ordering::Relaxed) >= target
-        })
-        .await;
-    }
-
-    async fn stop(self) -> TrafficOutcome {
-        self.halt.store(true, Ordering::Relaxed);
-        let mut total = TrafficOutcome::default();
-        for task in self.tasks {
-            let outcome = task.await.unwrap();
-            total.done += outcome.done;
-            total.errors += outcome.errors;
-            total.without_terminal += outcome.without_terminal;
-        }
-        total
-    }
-}
-
-enum Ended {
-    Done,
-    Error,
-    LinkError,
-    WithoutTerminal,
-}
-
-async fn read_to_terminal(
-    mut stream: rbee::transport::StreamReceiver<rbee::actors::queen::protocol::QueenItem>,
-) -> Ended {
-    let mut seen = Seen::default();
-    let read = async {
-        while let Some(item) = stream.next().await {
-            match item {
-                Ok(item) => {
-                    if seen.take(item) {
-                        return match seen.done {
-                            Some(_) => Ended::Done,
-                            None => Ended::Error,
-                        };
-                    }
-                }
-                Err(_) => return Ended::LinkError,
-            }
-        }
-        Ended::WithoutTerminal
-    };
-    tokio::time::timeout(Duration::from_secs(30), read)
-        .await
-        .unwrap_or(Ended::WithoutTerminal)
 }
 
 #[tokio::test]
@@ -528,18 +352,6 @@ async fn a_removed_hive_is_refused_at_its_next_handshake_even_after_a_queen_rest
     assert_eq!(connected(&client).await, ["hive-b"]);
 }
 
-/// The ids of the hives the queen lists, sorted.
-async fn connected(client: &rbee::actors::queen::client::QueenClient) -> Vec<String> {
-    match client.call(ClientRequest::ListHives).await {
-        Ok(ClientResponse::Hives(h)) => {
-            let mut ids: Vec<String> = h.into_iter().map(|h| h.id).collect();
-            ids.sort();
-            ids
-        }
-        _ => Vec::new(),
-    }
-}
-
 #[tokio::test]
 async fn a_queen_whose_actor_dies_ends_its_daemon_with_an_error() {
     let dir = tempfile::tempdir().unwrap();
@@ -563,4 +375,67 @@ async fn a_queen_whose_actor_dies_ends_its_daemon_with_an_error() {
         after_kill < Duration::from_secs(1),
         "ended {after_kill:?} after its actor"
     );
+}
+
+/// Whether process `pid` exists (and is not a zombie).
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .is_ok_and(|stat| !stat.rsplit(") ").next().unwrap_or("").starts_with('Z'))
+}
+
+#[tokio::test]
+async fn a_worker_whose_hive_is_gone_for_good_stops_itself_after_the_grace_period() {
+    let dir = tempfile::tempdir().unwrap();
+    let model_file = dir.path().join("tiny.gguf");
+    write_tiny_llama(&model_file, 512).unwrap();
+    let home = dir.path().join("a");
+    import(&home, &model_file, "tiny");
+    let (_queen, link) = start_queen(dir.path(), 0, &[]);
+    let token = token(dir.path(), 600);
+    let grace = 4;
+    let start_hive = || {
+        let mut args = vec!["hive", "serve", "--join", &token, "--name", "hive-a"];
+        let grace = grace.to_string();
+        args.extend(["--worker-orphan-grace-secs", &grace]);
+        args.extend(common::daemons::TIMING);
+        common::daemons::start_command(Command::new(env!("CARGO_BIN_EXE_rbee")), &home, &args)
+            .unwrap()
+    };
+    let mut hive = start_hive();
+    let client = client(dir.path(), link).await;
+    eventually(20, "hive-a connected", || async {
+        connected(&client).await == ["hive-a"]
+    })
+    .await;
+    let tiny = ModelId::new("tiny").unwrap();
+    client
+        .call(ClientRequest::Spawn(Placement::of(tiny.clone())))
+        .await
+        .unwrap();
+    let pid = workers(&client).await[0]
+        .info
+        .pid
+        .expect("a worker process");
+
+    // A hive restarted within the grace period adopts the worker, which serves on.
+    hive.kill();
+    let mut again = start_hive();
+    tokio::time::sleep(Duration::from_secs(grace + 3)).await;
+    assert!(alive(pid), "the adopted worker stopped");
+    let seen = read_all(client.generate(tiny, greedy(8)).await.unwrap(), 30).await;
+    assert!(seen.done.is_some(), "{seen:?}");
+
+    // A hive gone for good (SIGKILL of the hive alone): the worker stops itself once the
+    // grace period has passed.
+    again.kill();
+    let gone = Instant::now();
+    eventually(grace + 15, "the orphaned worker stopped", || async {
+        !alive(pid)
+    })
+    .await;
+    eprintln!(
+        "the orphaned worker stopped {:?} after its hive",
+        gone.elapsed()
+    );
+    assert!(gone.elapsed() >= Duration::from_secs(grace - 1));
 }

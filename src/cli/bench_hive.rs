@@ -108,6 +108,7 @@ async fn start_hive(store: &ModelStore, dir: &Path) -> anyhow::Result<ActorRef<W
         issuer: process::issuer_from_ca(ca),
         endpoint: Arc::new(endpoint),
         ready_timeout: Duration::from_secs(60),
+        orphan_grace: Duration::from_secs(600),
         worker_env: Vec::new(),
         worker_ip: std::net::Ipv4Addr::LOCALHOST.into(),
     };

@@ -24,7 +24,9 @@ use rbee::actors::hive::daemon::{HiveDaemonConfig, RunningHive, WorkerProcesses}
 use rbee::actors::hive::process::{self, IdentityIssuer};
 use rbee::actors::hive::remote::{self, HiveProtocol};
 use rbee::actors::hive::uplink;
-use rbee::transport::{ClusterCa, Endpoint, JoinToken, LinkConfig, NodeId, NodeIdentity, Role};
+use rbee::transport::{
+    ClusterCa, Credentials, Endpoint, JoinToken, LinkConfig, NodeId, NodeIdentity, Role,
+};
 
 use super::LinkTiming;
 use super::background::{self, DaemonFiles};
@@ -202,6 +204,10 @@ pub struct HiveArgsCli {
     /// address this machine reaches the queen from; standalone, the listen address).
     #[arg(long)]
     worker_ip: Option<IpAddr>,
+    /// Seconds a worker process serves on with no hive linked to it (this one stopped
+    /// for good, and no new one adopted it) before it stops itself.
+    #[arg(long, default_value_t = 600)]
+    worker_orphan_grace_secs: u64,
     /// Serve `GET /health` and `GET /ready` (ready while linked to the queen) on this
     /// address, for Kubernetes probes (joined hives).
     #[arg(long, conflicts_with = "identity")]
@@ -244,8 +250,8 @@ async fn joined_identity(
 ) -> anyhow::Result<(NodeIdentity, SocketAddr)> {
     let identity_dir = dir.join("identity");
     let queen_file = dir.join("queen.json");
-    if NodeIdentity::exists(&identity_dir) {
-        let identity = NodeIdentity::load(&identity_dir)?;
+    if NodeIdentity::exists(&identity_dir) || identity_dir.with_extension("old").exists() {
+        let identity = NodeIdentity::load_saved(&identity_dir)?;
         let joined: Joined = serde_json::from_slice(
             &std::fs::read(&queen_file).with_context(|| format!("{}", queen_file.display()))?,
         )
@@ -313,11 +319,11 @@ async fn serve(args: HiveArgsCli) -> anyhow::Result<()> {
     let data = rbee::actors::paths::data_dir();
     let hive_dir = data.join("hive");
     let link = args.timing.config()?;
-    let (identity, issuer, queen) = match (&args.identity, &args.worker_ca) {
+    let (identity, issuer, queen, identity_dir) = match (&args.identity, &args.worker_ca) {
         (Some(identity_dir), Some(ca_dir)) => {
             let identity = NodeIdentity::load(identity_dir)?;
             let ca = Arc::new(ClusterCa::load(ca_dir)?);
-            (identity, process::issuer_from_ca(ca), None)
+            (identity, process::issuer_from_ca(ca), None, None)
         }
         _ => {
             // From the environment only where the command line could name one too.
@@ -345,8 +351,10 @@ async fn serve(args: HiveArgsCli) -> anyhow::Result<()> {
                     .with_context(|| format!("the health endpoint on {addr}"))?;
                 tracing::info!("health endpoint on http://{bound}");
             }
-            let issuer: IdentityIssuer = uplink::issuer_from_queen(watched, &identity);
-            (identity, issuer, Some((queen, current)))
+            let issuer: IdentityIssuer = uplink::issuer_from_queen(watched);
+            // A joined hive renews its certificate where it keeps it.
+            let dir = Some(hive_dir.join("identity"));
+            (identity, issuer, Some((queen, current)), dir)
         }
     };
     anyhow::ensure!(
@@ -361,18 +369,21 @@ async fn serve(args: HiveArgsCli) -> anyhow::Result<()> {
         (None, None) if !args.listen.ip().is_unspecified() => args.listen.ip(),
         (None, None) => Ipv4Addr::LOCALHOST.into(),
     };
+    let node = identity.node_id().to_string();
+    let credentials = Credentials::new(identity)?;
     let config = HiveDaemonConfig {
         data,
-        identity: identity.clone(),
+        identity: credentials.clone(),
+        identity_dir,
         link: link.clone(),
         processes: Some(WorkerProcesses {
             program: std::env::current_exe()?,
             issuer,
             ip: worker_ip,
+            orphan_grace: std::time::Duration::from_secs(args.worker_orphan_grace_secs),
         }),
     };
     let running = RunningHive::start(&config).await?;
-    let node = identity.node_id().to_string();
     // The link to the queen, to close it when the hive stops.
     let mut queen_link = None;
     let served = match queen {
@@ -397,7 +408,7 @@ async fn serve(args: HiveArgsCli) -> anyhow::Result<()> {
                 accept_roles: vec![Role::Queen, Role::Client],
                 ..link
             };
-            let endpoint = Endpoint::<HiveProtocol>::bind(identity, args.listen, config)?;
+            let endpoint = Endpoint::<HiveProtocol>::bind(credentials, args.listen, config)?;
             let listen = endpoint.local_addr()?;
             report(&serde_json::json!({ "ready": { "id": node, "listen": listen.to_string() } }));
             tokio::spawn(remote::serve(endpoint, running.service.clone()))

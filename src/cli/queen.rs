@@ -5,9 +5,12 @@
 //! - `rbee queen serve`: runs the queen in the foreground (for systemd, or a terminal).
 //!   Creates the cluster CA in its data directory on first start. Reports
 //!   `{"ready": {"link": …, "join": …}}` on stdout.
-//! - `rbee queen token [--ttl-secs N]`: prints a join token for hives.
+//! - `rbee queen token [--ttl-secs N]`: prints a join token for hives; `rbee queen tokens`
+//!   lists the live ones by id, `rbee queen tokens revoke ID` revokes one.
 //! - `rbee queen credentials --out DIR [--name NAME]`: writes a client identity under the
 //!   cluster CA (for tools that talk to the queen).
+//! - `rbee queen ca rotate`, `rbee queen ca retire`: rotates the cluster CA of the running
+//!   queen (both CAs trusted until the previous one is retired).
 //!
 //! The data directory is `--data`, else `<RBEE_HOME>/queen`.
 
@@ -22,6 +25,7 @@ use rbee::actors::hive::workers::{IdleTimeout, WorkerMode};
 use rbee::actors::queen::admission::AdmissionLimits;
 use rbee::actors::queen::daemon::{self, QueenConfig, RunningQueen};
 use rbee::actors::queen::keys::KeyStore;
+use rbee::actors::queen::tokens::TokenStore;
 
 use super::LinkTiming;
 use super::background::{self, DaemonFiles};
@@ -82,6 +86,19 @@ pub enum QueenCommand {
         #[arg(long)]
         advertise: Option<std::net::IpAddr>,
     },
+    /// List the join tokens that have not expired (`revoke ID` revokes one).
+    Tokens {
+        #[command(subcommand)]
+        command: Option<TokensCommand>,
+        #[command(flatten)]
+        data: DataDir,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Rotate the cluster CA of the running queen.
+    #[command(subcommand)]
+    Ca(CaCommand),
     /// Write a client identity (ca.crt, node.crt, node.key) under the cluster CA.
     Credentials {
         #[command(flatten)]
@@ -92,6 +109,34 @@ pub enum QueenCommand {
         /// The client's node id.
         #[arg(long, default_value = "operator")]
         name: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokensCommand {
+    /// Revoke a join token: it admits no hive from now on (hives that joined with it stay;
+    /// `rbee hive remove` removes one).
+    Revoke {
+        /// The token's id (`rbee queen tokens`).
+        id: String,
+        #[command(flatten)]
+        data: DataDir,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CaCommand {
+    /// Start a rotation: a new CA signs every certificate from now on, both CAs are
+    /// trusted, and every connected hive renews its certificates and its workers' at once.
+    Rotate {
+        #[command(flatten)]
+        data: DataDir,
+    },
+    /// End the rotation: the previous CA is trusted no more. Nodes that have not renewed
+    /// under the new CA (hives away since the rotation) are refused and must join again.
+    Retire {
+        #[command(flatten)]
+        data: DataDir,
     },
 }
 
@@ -252,6 +297,11 @@ pub struct ServeArgs {
     /// Serve no HTTP API.
     #[arg(long)]
     no_http: bool,
+    /// Lifetime of the node certificates the queen signs, and of its own (`30d`, `12h`,
+    /// `45s`; a bare number is days). Nodes renew theirs over their link once two thirds
+    /// of it have passed.
+    #[arg(long, default_value = "30d", value_parser = parse_lifetime)]
+    cert_lifetime: Duration,
     #[command(flatten)]
     timing: LinkTiming,
 }
@@ -346,14 +396,110 @@ pub async fn run(command: QueenCommand) -> anyhow::Result<ExitCode> {
             let token =
                 daemon::create_token(&data.path(), Duration::from_secs(ttl_secs), advertise)?;
             println!("{token}");
+            eprintln!(
+                "rbee: token {} admits hives for {ttl_secs} s (`rbee queen tokens revoke {0}` \
+                 revokes it)",
+                TokenStore::id_of(&token.secret)
+            );
             Ok(ExitCode::SUCCESS)
         }
+        QueenCommand::Tokens {
+            command: Some(TokensCommand::Revoke { id, data }),
+            ..
+        } => {
+            TokenStore::new(&data.path()).revoke(&id)?;
+            println!("token {id} revoked: it admits no hive from now on");
+            Ok(ExitCode::SUCCESS)
+        }
+        QueenCommand::Tokens {
+            command: None,
+            data,
+            json,
+        } => {
+            let tokens = TokenStore::new(&data.path()).list()?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&tokens)?);
+                return Ok(ExitCode::SUCCESS);
+            }
+            println!(
+                "{:<10} {:<12} {:<12} {:<8} JOINED",
+                "ID", "CREATED", "EXPIRES", "STATE"
+            );
+            for t in tokens {
+                let state = if t.revoked { "revoked" } else { "live" };
+                println!(
+                    "{:<10} {:<12} {:<12} {:<8} {}",
+                    t.id,
+                    t.created_at,
+                    t.expires_at,
+                    state,
+                    t.joined.join(",")
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        QueenCommand::Ca(command) => change_ca(command).await,
         QueenCommand::Credentials { data, out, name } => {
             daemon::client_identity(&data.path(), &name)?.save(&out)?;
             println!("{}", out.display());
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// Rotates or retires the CA of the queen running on this machine, and says what each
+/// connected hive did.
+async fn change_ca(command: CaCommand) -> anyhow::Result<ExitCode> {
+    let (data, retire) = match command {
+        CaCommand::Rotate { data } => (data.path(), false),
+        CaCommand::Retire { data } => (data.path(), true),
+    };
+    let addrs = daemon::last_addrs(&data)?;
+    let identity = daemon::client_identity(&data, "operator")?;
+    let client = rbee::Client::connect_as(identity, addrs.link)
+        .await
+        .with_context(|| format!("the queen at {} (is it running?)", addrs.link))?;
+    let change = client.change_ca(retire).await?;
+    let what = match retire {
+        true => "the previous CA is retired; the CA",
+        false => "rotation started; the new CA",
+    };
+    println!("{what} is {}", change.fingerprint);
+    for (hive, renewed) in &change.renewed {
+        println!("  {hive}: renewed {renewed}");
+    }
+    for (hive, why) in &change.failed {
+        println!("  {hive}: NOT renewed: {why}");
+    }
+    Ok(match change.failed.is_empty() {
+        true => ExitCode::SUCCESS,
+        false => ExitCode::FAILURE,
+    })
+}
+
+/// A lifetime such as `30d`, `12h`, `90m` or `45s` (a bare number is in days).
+fn parse_lifetime(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?}: expected a number with d, h, m or s"))?;
+    let secs = match unit {
+        "" | "d" => n.checked_mul(24 * 3600),
+        "h" => n.checked_mul(3600),
+        "m" => n.checked_mul(60),
+        "s" => Some(n),
+        _ => None,
+    }
+    .ok_or_else(|| format!("{text:?}: expected a number with d, h, m or s"))?;
+    // Renewal starts at two thirds of the lifetime and retries every few seconds.
+    if secs < 15 {
+        return Err(format!("{text:?}: a certificate must live at least 15s"));
+    }
+    Ok(Duration::from_secs(secs))
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
@@ -366,6 +512,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         max_wait: Duration::from_millis(args.max_wait_ms),
     };
     config.defaults.slots = args.slots.max(1);
+    config.cert_lifetime = args.cert_lifetime;
     if args.in_process_workers {
         config.defaults.mode = WorkerMode::InProcess;
     }

@@ -27,6 +27,8 @@ use super::ModelArgs;
 
 /// How long a failed worker keeps its links open for the error events already queued.
 const FAILURE_LINGER: Duration = Duration::from_millis(300);
+/// How often the worker looks whether its hive renewed its certificate.
+const IDENTITY_CHECK: Duration = Duration::from_secs(2);
 
 #[derive(Debug, Args)]
 pub struct WorkerArgs {
@@ -41,6 +43,10 @@ pub struct WorkerArgs {
     /// Listen on this inherited, bound UDP socket instead (how a hive starts workers).
     #[arg(long, conflicts_with = "listen")]
     listen_fd: Option<RawFd>,
+    /// Stop (draining what runs) once no hive has had a link to this worker for this many
+    /// seconds: its hive is gone for good and no new one adopted it. Not set: never.
+    #[arg(long)]
+    orphan_grace_secs: Option<u64>,
 }
 
 /// A line on stdout.
@@ -96,13 +102,23 @@ async fn serve(args: WorkerArgs) -> anyhow::Result<()> {
         identity, socket, config,
     )?);
     let listen = endpoint.local_addr()?;
+    let _reloading = AbortOnDrop(tokio::spawn(follow_identity(
+        endpoint.credentials().clone(),
+        args.identity.clone(),
+    )));
     let path = args.model.path()?;
     let loading = actor::spawn_loading(path, args.model.options()).await?;
     let worker = loading.worker.clone();
     // Links are served from the start: the hive that started this process learns how
     // loading went from its first call on the link (`AwaitReady`), typed.
     let (readiness, watched) = watch::channel(Readiness::Loading);
-    let served = tokio::spawn(remote::serve(endpoint.clone(), worker.clone(), watched));
+    let (hive_links, linked) = watch::channel(0usize);
+    let served = tokio::spawn(remote::serve(
+        endpoint.clone(),
+        worker.clone(),
+        watched,
+        Arc::new(hive_links),
+    ));
     let started = match loading.loaded(|p| report(&Report::Loading(p))).await {
         Ok(started) => started,
         Err(e) => {
@@ -119,9 +135,16 @@ async fn serve(args: WorkerArgs) -> anyhow::Result<()> {
     let mut stopped = started.stopped;
     // Runs until the worker ends (drained, or failed: then the process exits non-zero with
     // the reason) or the process is interrupted, which drains it.
+    let orphaned = orphaned(linked, args.orphan_grace_secs.map(Duration::from_secs));
     let ended = tokio::select! {
         ended = &mut stopped => ended,
         () = super::stop_requested() => {
+            worker.cast(WorkerMsg::Drain)?;
+            stopped.await
+        }
+        () = orphaned => {
+            tracing::warn!("no hive has had a link to this worker for the orphan grace period: \
+                            stopping");
             worker.cast(WorkerMsg::Drain)?;
             stopped.await
         }
@@ -140,6 +163,45 @@ async fn close(endpoint: &Endpoint<WorkerProtocol>, served: JoinHandle<()>, ling
     served.abort();
     endpoint.close("worker stopping");
     let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
+}
+
+/// Completes once no hive has had a link to this worker for `grace` (never without one).
+async fn orphaned(mut hive_links: watch::Receiver<usize>, grace: Option<Duration>) {
+    let Some(grace) = grace else {
+        return std::future::pending().await;
+    };
+    loop {
+        // A watch that ends means the link server ended: nothing will ever link again.
+        if hive_links.wait_for(|n| *n == 0).await.is_err() {
+            return tokio::time::sleep(grace).await;
+        }
+        let relinked = hive_links.wait_for(|n| *n > 0);
+        if tokio::time::timeout(grace, relinked).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Presents the identity in `dir` whenever the hive renews it there (certificates are
+/// short-lived; the links already up keep running).
+async fn follow_identity(credentials: rbee::transport::Credentials, dir: PathBuf) {
+    loop {
+        tokio::time::sleep(IDENTITY_CHECK).await;
+        match credentials.reload_from(&dir) {
+            Ok(true) => tracing::info!("presenting the certificate the hive renewed"),
+            Ok(false) => {}
+            Err(e) => tracing::warn!("cannot reload the identity in {}: {e}", dir.display()),
+        }
+    }
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// The UDP socket this process inherited as file descriptor `fd` from the hive that

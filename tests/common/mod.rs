@@ -10,6 +10,7 @@ use std::time::Duration;
 pub mod daemons;
 pub mod netns;
 pub mod tmpfs;
+pub mod traffic;
 
 use rbee_transport::{
     ClusterCa, Endpoint, Incoming, Link, LinkConfig, LinkIncoming, NodeId, NodeIdentity, Protocol,

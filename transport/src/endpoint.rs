@@ -6,14 +6,13 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
-use rustls::RootCertStore;
 use rustls::pki_types::CertificateDer;
-use rustls::server::WebPkiClientVerifier;
 use tokio::sync::{Semaphore, mpsc};
 
 use crate::backoff::Backoff;
 use crate::codec::encode_frame_bytes;
 use crate::config::LinkConfig;
+use crate::credentials::{Credentials, IntoCredentials};
 use crate::error::{CloseCause, LinkError, close_code};
 use crate::hello::Hello;
 use crate::identity::{CLUSTER_SERVER_NAME, NodeIdentity, PeerIdentity, Role, peer_identity_of};
@@ -55,7 +54,7 @@ type AcceptQueue<P> = tokio::sync::Mutex<mpsc::Receiver<Result<Established<P>, L
 /// A node's QUIC endpoint: dials peers and, when bound to listen, accepts them.
 pub struct Endpoint<P: Protocol> {
     endpoint: quinn::Endpoint,
-    identity: Arc<NodeIdentity>,
+    credentials: Credentials,
     config: Arc<LinkConfig>,
     accepted: Option<AcceptQueue<P>>,
     _protocol: PhantomData<fn() -> P>,
@@ -110,14 +109,6 @@ fn transport_config(
     Ok(Arc::new(t))
 }
 
-fn roots(identity: &NodeIdentity) -> Result<Arc<RootCertStore>, LinkError> {
-    let mut roots = RootCertStore::empty();
-    roots
-        .add(identity.ca_der())
-        .map_err(|e| LinkError::Endpoint(format!("cluster CA certificate: {e}")))?;
-    Ok(Arc::new(roots))
-}
-
 /// A listening endpoint's stateless-reset key and connection-id key come from its node's
 /// private key, so a node restarted on the same address (a queen after a crash) recognises
 /// the connection ids of its previous run and resets those links at their next packet:
@@ -138,19 +129,20 @@ fn endpoint_config(identity: &NodeIdentity) -> quinn::EndpointConfig {
 }
 
 fn server_config(
-    identity: &NodeIdentity,
+    credentials: &Credentials,
     config: &LinkConfig,
 ) -> Result<quinn::ServerConfig, LinkError> {
     let tls_err = |e: rustls::Error| LinkError::Endpoint(format!("TLS server config: {e}"));
-    let verifier = WebPkiClientVerifier::builder_with_provider(roots(identity)?, crypto_provider())
-        .build()
-        .map_err(|e| LinkError::Endpoint(format!("client verifier: {e}")))?;
     let mut tls = rustls::ServerConfig::builder_with_provider(crypto_provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(tls_err)?
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(vec![identity.cert_der()], identity.key_der())
-        .map_err(tls_err)?;
+        .with_client_cert_verifier(Arc::new(credentials.clone()))
+        .with_cert_resolver(credentials.server_resolver(false));
+    // No session resumption: a resumed session skips the certificate check, so a peer's
+    // expired, renewed or retired certificate would still be taken. Links live long; a
+    // full handshake per link costs nothing that matters.
+    tls.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    tls.send_tls13_tickets = 0;
     tls.alpn_protocols = vec![ALPN.to_vec()];
     let quic = QuicServerConfig::try_from(tls).map_err(|e| LinkError::Endpoint(e.to_string()))?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(quic));
@@ -159,16 +151,17 @@ fn server_config(
 }
 
 fn client_config(
-    identity: &NodeIdentity,
+    credentials: &Credentials,
     config: &LinkConfig,
 ) -> Result<quinn::ClientConfig, LinkError> {
     let tls_err = |e: rustls::Error| LinkError::Endpoint(format!("TLS client config: {e}"));
     let mut tls = rustls::ClientConfig::builder_with_provider(crypto_provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(tls_err)?
-        .with_root_certificates(roots(identity)?)
-        .with_client_auth_cert(vec![identity.cert_der()], identity.key_der())
-        .map_err(tls_err)?;
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(credentials.clone()))
+        .with_client_cert_resolver(Arc::new(credentials.clone()));
+    tls.resumption = rustls::client::Resumption::disabled();
     tls.alpn_protocols = vec![ALPN.to_vec()];
     let quic = QuicClientConfig::try_from(tls).map_err(|e| LinkError::Endpoint(e.to_string()))?;
     let mut client = quinn::ClientConfig::new(Arc::new(quic));
@@ -223,16 +216,17 @@ impl<P: Protocol> Endpoint<P> {
     /// An endpoint that only dials, on an ephemeral port of `bind` (use `127.0.0.1:0` or
     /// `0.0.0.0:0`).
     pub fn client(
-        identity: NodeIdentity,
+        identity: impl IntoCredentials,
         bind: SocketAddr,
         config: LinkConfig,
     ) -> Result<Self, LinkError> {
+        let credentials = identity.into_credentials()?;
         let mut endpoint = quinn::Endpoint::client(bind)
             .map_err(|e| LinkError::Endpoint(format!("bind {bind}: {e}")))?;
-        endpoint.set_default_client_config(client_config(&identity, &config)?);
+        endpoint.set_default_client_config(client_config(&credentials, &config)?);
         Ok(Endpoint {
             endpoint,
-            identity: Arc::new(identity),
+            credentials,
             config: Arc::new(config),
             accepted: None,
             _protocol: PhantomData,
@@ -243,7 +237,7 @@ impl<P: Protocol> Endpoint<P> {
     /// runtime: the handshakes of incoming connections run in the background, so a slow or
     /// hostile peer never delays another.
     pub fn bind(
-        identity: NodeIdentity,
+        identity: impl IntoCredentials,
         addr: SocketAddr,
         config: LinkConfig,
     ) -> Result<Self, LinkError> {
@@ -255,10 +249,11 @@ impl<P: Protocol> Endpoint<P> {
     /// An endpoint that listens on a socket bound already (a worker process gets one from
     /// the hive that starts it, which so knows its address before it runs).
     pub fn on_socket(
-        identity: NodeIdentity,
+        identity: impl IntoCredentials,
         socket: std::net::UdpSocket,
         config: LinkConfig,
     ) -> Result<Self, LinkError> {
+        let credentials = identity.into_credentials()?;
         let addr = socket
             .local_addr()
             .map_err(|e| LinkError::Endpoint(format!("a socket without an address: {e}")))?;
@@ -266,25 +261,24 @@ impl<P: Protocol> Endpoint<P> {
         let runtime = quinn::default_runtime()
             .ok_or_else(|| LinkError::Endpoint("no async runtime to bind in".into()))?;
         let mut endpoint = quinn::Endpoint::new(
-            endpoint_config(&identity),
-            Some(server_config(&identity, &config)?),
+            endpoint_config(&credentials.identity()),
+            Some(server_config(&credentials, &config)?),
             socket,
             runtime,
         )
         .map_err(bind_err)?;
-        endpoint.set_default_client_config(client_config(&identity, &config)?);
-        let identity = Arc::new(identity);
+        endpoint.set_default_client_config(client_config(&credentials, &config)?);
         let config = Arc::new(config);
         let (tx, rx) = mpsc::channel(ACCEPT_BACKLOG);
         tokio::spawn(accept_loop::<P>(
             endpoint.clone(),
-            identity.clone(),
+            credentials.clone(),
             config.clone(),
             tx,
         ));
         Ok(Endpoint {
             endpoint,
-            identity,
+            credentials,
             config,
             accepted: Some(tokio::sync::Mutex::new(rx)),
             _protocol: PhantomData,
@@ -298,9 +292,15 @@ impl<P: Protocol> Endpoint<P> {
             .map_err(|e| LinkError::Endpoint(e.to_string()))
     }
 
-    /// This node's identity.
-    pub fn identity(&self) -> &NodeIdentity {
-        &self.identity
+    /// This node's identity (the one presented now).
+    pub fn identity(&self) -> Arc<NodeIdentity> {
+        self.credentials.identity()
+    }
+
+    /// This node's credentials, shared with its other endpoints: replacing them renews
+    /// the certificate every later handshake presents.
+    pub fn credentials(&self) -> &Credentials {
+        &self.credentials
     }
 
     /// The link settings.
@@ -326,7 +326,7 @@ impl<P: Protocol> Endpoint<P> {
             let conn = connecting.await.map_err(|e| closed_at(addr, e))?;
             let peer = verified_peer(&conn)?;
             let (mut send, recv) = conn.open_bi().await.map_err(|e| closed_at(addr, e))?;
-            let hello = encode_frame_bytes(&Hello::ours(&self.identity.peer_identity()).encode());
+            let hello = encode_frame_bytes(&Hello::ours(&self.identity().peer_identity()).encode());
             send.write_all(&hello)
                 .await
                 .map_err(|e| closed_at(addr, CloseCause::Transport(e.to_string())))?;
@@ -427,7 +427,7 @@ impl<P: Protocol> Endpoint<P> {
 
 async fn accept_loop<P: Protocol>(
     endpoint: quinn::Endpoint,
-    identity: Arc<NodeIdentity>,
+    credentials: Credentials,
     config: Arc<LinkConfig>,
     tx: mpsc::Sender<Result<Established<P>, LinkError>>,
 ) {
@@ -436,7 +436,7 @@ async fn accept_loop<P: Protocol>(
         let Ok(permit) = permits.clone().acquire_owned().await else {
             return;
         };
-        let (identity, config, tx) = (identity.clone(), config.clone(), tx.clone());
+        let (identity, config, tx) = (credentials.identity(), config.clone(), tx.clone());
         tokio::spawn(async move {
             let addr = incoming.remote_address();
             let result = tokio::time::timeout(
@@ -575,8 +575,13 @@ mod tests {
         hello: &[u8],
     ) -> (quinn::Connection, quinn::SendStream, quinn::RecvStream) {
         let mut endpoint = quinn::Endpoint::client(loopback()).unwrap();
-        endpoint
-            .set_default_client_config(client_config(identity, &LinkConfig::default()).unwrap());
+        endpoint.set_default_client_config(
+            client_config(
+                &Credentials::new(identity.clone()).unwrap(),
+                &LinkConfig::default(),
+            )
+            .unwrap(),
+        );
         let conn = endpoint
             .connect(addr, CLUSTER_SERVER_NAME)
             .unwrap()
@@ -704,8 +709,9 @@ mod tests {
     fn hold_links(endpoint: Endpoint<P>) {
         tokio::spawn(async move {
             let mut held = Vec::new();
-            while let Some(Ok(link)) = endpoint.accept().await {
-                held.push(link);
+            // A refused handshake does not end the loop.
+            while let Some(accepted) = endpoint.accept().await {
+                held.extend(accepted.ok());
             }
         });
     }
@@ -743,5 +749,65 @@ mod tests {
                 .expect("closed in time");
             assert_eq!(cause, expected, "restarted as {case}");
         }
+    }
+
+    /// A node's renewal and a CA rotation, as its links see them: replaced credentials
+    /// are presented and trusted from the next handshake on, links already up keep
+    /// running, and an expired certificate is refused.
+    #[tokio::test]
+    async fn replaced_credentials_take_effect_at_the_next_handshake_and_links_up_keep_running() {
+        let (old, new) = (
+            ClusterCa::generate("old").unwrap(),
+            ClusterCa::generate("new").unwrap(),
+        );
+        let queen = node(&old, "queen", Role::Queen);
+        let queen_credentials = Credentials::new(queen.clone()).unwrap();
+        let server =
+            Endpoint::<P>::bind(&queen_credentials, loopback(), LinkConfig::default()).unwrap();
+        let addr = server.local_addr().unwrap();
+        hold_links(server);
+        let hive = Endpoint::<P>::client(
+            node(&old, "hive", Role::Hive),
+            loopback(),
+            LinkConfig::default(),
+        )
+        .unwrap();
+        let (first, _incoming) = hive.connect(addr, &[Role::Queen]).await.unwrap();
+
+        // A hive renewed under a new CA the queen does not trust yet is refused...
+        let renewed = node(&new, "hive", Role::Hive).with_trusted(&[old.certificate_der().clone()]);
+        hive.credentials().replace(renewed).unwrap();
+        assert!(hive.connect(addr, &[Role::Queen]).await.is_err());
+        // ...and taken once the queen trusts both, while the first link stays up.
+        let both = [new.certificate_der().clone()];
+        queen_credentials
+            .replace(queen.clone().with_trusted(&both))
+            .unwrap();
+        let (second, _incoming) = hive.connect(addr, &[Role::Queen]).await.unwrap();
+        assert!(first.close_cause().is_none() && second.close_cause().is_none());
+
+        // Another node's identity is never taken as a renewal.
+        let other = node(&old, "hive-2", Role::Hive);
+        assert!(hive.credentials().replace(other).is_err());
+
+        // A certificate past its lifetime is refused at the handshake.
+        let short = ClusterCa::generate("short")
+            .unwrap()
+            .with_node_lifetime(Duration::ZERO);
+        let expired = short
+            .issue(&NodeId::new("hive").unwrap(), Role::Hive)
+            .unwrap();
+        let trusting = [
+            short.certificate_der().clone(),
+            old.certificate_der().clone(),
+        ];
+        queen_credentials
+            .replace(queen.with_trusted(&trusting))
+            .unwrap();
+        hive.credentials()
+            .replace(expired.with_trusted(&trusting))
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        assert!(hive.connect(addr, &[Role::Queen]).await.is_err());
     }
 }

@@ -14,8 +14,10 @@ use crate::identity::{NodeId, PeerIdentity, Role};
 /// gained presence and frequency penalties and logit bias. 3: requests ask for log
 /// probabilities, and token events carry them. 4: requests carry a JSON schema. 5: a
 /// worker process answers `AwaitReady` with `Ready` or `Failed` (typed start-up), and a
-/// hive's failures carry a kind (`HiveFailure`).
-pub const PROTOCOL_VERSION: u32 = 5;
+/// hive's failures carry a kind (`HiveFailure`). 6: node certificates renew over the link
+/// (`Renew`, `RenewNow`, `Signed`), the CA rotates (`RotateCa`, `RetireCa`, `CaChanged`),
+/// joins answer with every trusted CA, requests carry a deadline and can be cancelled.
+pub const PROTOCOL_VERSION: u32 = 6;
 
 const MAGIC: [u8; 4] = *b"RBEE";
 const PREFIX_BYTES: usize = 8;

@@ -10,6 +10,7 @@ use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::time::{Duration, SystemTime};
 
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
@@ -204,6 +205,7 @@ pub struct ClusterCa {
     cert_der: CertificateDer<'static>,
     cert_pem: String,
     key: KeyPair,
+    node_lifetime: Duration,
 }
 
 impl fmt::Debug for ClusterCa {
@@ -214,11 +216,20 @@ impl fmt::Debug for ClusterCa {
     }
 }
 
-fn validity(params: &mut CertificateParams, years: i64) {
+/// How long before its issue a certificate is already valid: tolerates clocks of machines
+/// that run behind the queen's.
+const CLOCK_SKEW: Duration = Duration::from_secs(24 * 3600);
+/// The lifetime of a CA certificate.
+const CA_LIFETIME: Duration = Duration::from_secs(20 * 365 * 24 * 3600);
+/// The lifetime of node certificates unless the CA is told otherwise (see
+/// [`ClusterCa::with_node_lifetime`]): long, for clusters that never renew (one process,
+/// tests); a queen issues short-lived ones and its nodes renew them.
+pub const DEFAULT_NODE_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
+fn validity(params: &mut CertificateParams, lifetime: Duration) {
     let now = time::OffsetDateTime::now_utc();
-    // A day of slack before now tolerates clock skew between machines.
-    params.not_before = now - time::Duration::days(1);
-    params.not_after = now + time::Duration::days(365 * years);
+    params.not_before = now - CLOCK_SKEW;
+    params.not_after = now + lifetime;
 }
 
 impl ClusterCa {
@@ -231,14 +242,21 @@ impl ClusterCa {
         );
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        validity(&mut params, 20);
+        validity(&mut params, CA_LIFETIME);
         let key = KeyPair::generate()?;
         let cert = params.self_signed(&key)?;
         Ok(ClusterCa {
             cert_pem: cert.pem(),
             cert_der: cert.der().clone(),
             key,
+            node_lifetime: DEFAULT_NODE_LIFETIME,
         })
+    }
+
+    /// This CA, issuing node certificates valid for `lifetime` from now on.
+    pub fn with_node_lifetime(mut self, lifetime: Duration) -> Self {
+        self.node_lifetime = lifetime;
+        self
     }
 
     /// The CA certificate (DER).
@@ -261,7 +279,26 @@ impl ClusterCa {
             cert_der,
             key_der: PrivatePkcs8KeyDer::from(key.serialize_der()),
             ca_der: self.cert_der.clone(),
+            trusted: vec![self.cert_der.clone()],
         })
+    }
+
+    /// A new certificate for the node and key of `identity`, signed by this CA, trusting
+    /// `trusted` (this CA is always among them): a node's renewal that keeps its key.
+    pub fn reissue(
+        &self,
+        identity: &NodeIdentity,
+        trusted: &[CertificateDer<'static>],
+    ) -> Result<NodeIdentity, IdentityError> {
+        let key = KeyPair::try_from(&identity.key_der)?;
+        let cert_der = self.sign(&identity.node_id, identity.role, &key)?;
+        Ok(NodeIdentity {
+            cert_der,
+            ca_der: self.cert_der.clone(),
+            trusted: vec![self.cert_der.clone()],
+            ..identity.clone()
+        }
+        .with_trusted(trusted))
     }
 
     /// Signs a certificate for `node_id` in `role` over a public key that a node generated
@@ -296,7 +333,7 @@ impl ClusterCa {
             ExtendedKeyUsagePurpose::ClientAuth,
         ];
         params.use_authority_key_identifier_extension = true;
-        validity(&mut params, 10);
+        validity(&mut params, self.node_lifetime);
         let issuer = Issuer::from_ca_cert_der(&self.cert_der, &self.key)?;
         Ok(params.signed_by(public_key, &issuer)?.der().clone())
     }
@@ -335,6 +372,7 @@ impl ClusterCa {
             cert_pem: pem_encode(&cert_der),
             cert_der,
             key,
+            node_lifetime: DEFAULT_NODE_LIFETIME,
         })
     }
 
@@ -359,13 +397,17 @@ impl ClusterCa {
     }
 }
 
-/// A node's certificate and key, with the CA certificate it trusts.
+/// A node's certificate and key, with the CA certificates it trusts.
 pub struct NodeIdentity {
     node_id: NodeId,
     role: Role,
     cert_der: CertificateDer<'static>,
     key_der: PrivatePkcs8KeyDer<'static>,
+    /// The CA that issued `cert_der`.
     ca_der: CertificateDer<'static>,
+    /// Every CA this node trusts, the issuing one first: more than one while the cluster's
+    /// CA is being rotated.
+    trusted: Vec<CertificateDer<'static>>,
 }
 
 impl Clone for NodeIdentity {
@@ -376,6 +418,7 @@ impl Clone for NodeIdentity {
             cert_der: self.cert_der.clone(),
             key_der: self.key_der.clone_key(),
             ca_der: self.ca_der.clone(),
+            trusted: self.trusted.clone(),
         }
     }
 }
@@ -409,9 +452,56 @@ impl NodeIdentity {
         }
     }
 
-    /// The fingerprint of the CA this node trusts.
+    /// The fingerprint of the CA that issued this node's certificate.
     pub fn ca_fingerprint(&self) -> Fingerprint {
         Fingerprint::of(&self.ca_der)
+    }
+
+    /// The CAs this node trusts, the issuing one first.
+    pub fn trusted(&self) -> &[CertificateDer<'static>] {
+        &self.trusted
+    }
+
+    /// This identity trusting the CAs of `trusted` as well as its issuing CA (which stays
+    /// first): how a rotation of the cluster CA reaches a node.
+    pub fn with_trusted(mut self, trusted: &[CertificateDer<'static>]) -> Self {
+        self.trusted = vec![self.ca_der.clone()];
+        for ca in trusted {
+            if !self.trusted.contains(ca) {
+                self.trusted.push(ca.clone());
+            }
+        }
+        self
+    }
+
+    /// When this node's certificate expires.
+    pub fn expires_at(&self) -> SystemTime {
+        self.validity().1
+    }
+
+    /// When this node's certificate should be renewed: once two thirds of its lifetime
+    /// have passed, which leaves a third of it for renewals that fail and are retried.
+    pub fn renew_at(&self) -> SystemTime {
+        let (not_before, not_after) = self.validity();
+        let issued = not_before + CLOCK_SKEW;
+        let lifetime = not_after.duration_since(issued).unwrap_or_default();
+        issued + lifetime * 2 / 3
+    }
+
+    /// The certificate's not-before and not-after times.
+    fn validity(&self) -> (SystemTime, SystemTime) {
+        let at = |t: x509_parser::time::ASN1Time| {
+            let secs = u64::try_from(t.timestamp()).unwrap_or(0);
+            SystemTime::UNIX_EPOCH + Duration::from_secs(secs)
+        };
+        match x509_parser::parse_x509_certificate(&self.cert_der) {
+            Ok((_, cert)) => (
+                at(cert.validity().not_before),
+                at(cert.validity().not_after),
+            ),
+            // Checked when the identity was made; unreachable, and then renew at once.
+            Err(_) => (SystemTime::UNIX_EPOCH, SystemTime::UNIX_EPOCH),
+        }
     }
 
     pub(crate) fn cert_der(&self) -> CertificateDer<'static> {
@@ -438,13 +528,11 @@ impl NodeIdentity {
         self.ca_der.clone()
     }
 
-    /// Writes `node.crt`, `node.key` (mode 0600) and `ca.crt` into `dir`, creating it.
+    /// Writes `node.crt`, `node.key` (mode 0600) and `ca.crt` (every trusted CA, the
+    /// issuing one first) into `dir`, creating it.
     pub fn save(&self, dir: &Path) -> Result<(), IdentityError> {
-        write_file(
-            &dir.join(CA_CERT_FILE),
-            pem_encode(&self.ca_der).as_bytes(),
-            false,
-        )?;
+        let cas: String = self.trusted.iter().map(|ca| pem_encode(ca)).collect();
+        write_file(&dir.join(CA_CERT_FILE), cas.as_bytes(), false)?;
         write_file(
             &dir.join(NODE_CERT_FILE),
             pem_encode(&self.cert_der).as_bytes(),
@@ -463,7 +551,7 @@ impl NodeIdentity {
         let ca_path = dir.join(CA_CERT_FILE);
         let cert_path = dir.join(NODE_CERT_FILE);
         let key_path = dir.join(NODE_KEY_FILE);
-        let ca_der = read_cert(&ca_path)?;
+        let trusted = read_certs(&ca_path)?;
         let cert_der = read_cert(&cert_path)?;
         let key_pem = read_text(&key_path)?;
         let key_der = pem::parse(&key_pem)
@@ -476,16 +564,17 @@ impl NodeIdentity {
                 reason: "expected a PEM block 'PRIVATE KEY' (PKCS#8)".into(),
             })?;
 
-        let (_, ca) =
-            x509_parser::parse_x509_certificate(&ca_der).map_err(|e| malformed(&ca_path, e))?;
         let (_, cert) =
             x509_parser::parse_x509_certificate(&cert_der).map_err(|e| malformed(&cert_path, e))?;
-        if cert.verify_signature(Some(ca.public_key())).is_err() {
-            return Err(IdentityError::Foreign {
-                path: cert_path,
-                ca: Fingerprint::of(&ca_der),
-            });
-        }
+        let ca_der = match issuer_of(&cert, &trusted) {
+            Some(ca) => ca,
+            None => {
+                return Err(IdentityError::Foreign {
+                    path: cert_path,
+                    ca: Fingerprint::of(&trusted[0]),
+                });
+            }
+        };
         let key = KeyPair::try_from(&key_der).map_err(|e| IdentityError::Malformed {
             path: key_path.clone(),
             what: "private key",
@@ -504,8 +593,42 @@ impl NodeIdentity {
             role: peer.role,
             cert_der,
             key_der,
-            ca_der,
-        })
+            ca_der: ca_der.clone(),
+            trusted: vec![ca_der],
+        }
+        .with_trusted(&trusted))
+    }
+
+    /// Replaces what `dir` holds with this identity, all at once: the files are written
+    /// beside it and swapped in, so a crash leaves the old identity or the new one, never a
+    /// certificate of one and the key of the other (a renewal).
+    pub fn save_replacing(&self, dir: &Path) -> Result<(), IdentityError> {
+        let io_err = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| IdentityError::Io { path, source }
+        };
+        let staging = sibling(dir, "new");
+        let old = sibling(dir, "old");
+        let _ = fs::remove_dir_all(&staging);
+        self.save(&staging)?;
+        let _ = fs::remove_dir_all(&old);
+        if dir.exists() {
+            fs::rename(dir, &old).map_err(io_err(dir))?;
+        }
+        fs::rename(&staging, dir).map_err(io_err(dir))?;
+        let _ = fs::remove_dir_all(&old);
+        Ok(())
+    }
+
+    /// [`NodeIdentity::load`], falling back to the identity a [`NodeIdentity::save_replacing`]
+    /// that crashed between its two renames had moved aside.
+    pub fn load_saved(dir: &Path) -> Result<Self, IdentityError> {
+        match Self::load(dir) {
+            Err(IdentityError::Missing(_)) if sibling(dir, "old").exists() => {
+                Self::load(&sibling(dir, "old"))
+            }
+            loaded => loaded,
+        }
     }
 
     /// Whether `dir` holds a saved node identity.
@@ -540,22 +663,19 @@ impl PendingIdentity {
         self.key.subject_public_key_info()
     }
 
-    /// The identity made of this key, the certificate the CA issued for it and the CA's
-    /// certificate. Refuses a certificate not signed by `ca_der`, not over this key, or not
-    /// naming a node.
+    /// The identity made of this key, the certificate the CA issued for it and the CA
+    /// certificates to trust. Refuses a certificate signed by none of `trusted`, not over
+    /// this key, or not naming a node.
     pub fn complete(
         self,
         cert_der: CertificateDer<'static>,
-        ca_der: CertificateDer<'static>,
+        trusted: &[CertificateDer<'static>],
     ) -> Result<NodeIdentity, IdentityError> {
         let refused = |reason: &str| IdentityError::NotANodeCertificate(reason.to_string());
-        let (_, ca) =
-            x509_parser::parse_x509_certificate(&ca_der).map_err(|e| refused(&e.to_string()))?;
         let (_, cert) =
             x509_parser::parse_x509_certificate(&cert_der).map_err(|e| refused(&e.to_string()))?;
-        if cert.verify_signature(Some(ca.public_key())).is_err() {
-            return Err(refused("the certificate is not signed by the cluster CA"));
-        }
+        let ca_der = issuer_of(&cert, trusted)
+            .ok_or_else(|| refused("the certificate is not signed by the cluster CA"))?;
         if cert.public_key().subject_public_key.data.as_ref() != self.key.der_bytes() {
             return Err(refused("the certificate is not over this node's key"));
         }
@@ -565,19 +685,42 @@ impl PendingIdentity {
             role: peer.role,
             cert_der,
             key_der: PrivatePkcs8KeyDer::from(self.key.serialize_der()),
-            ca_der,
-        })
+            ca_der: ca_der.clone(),
+            trusted: vec![ca_der],
+        }
+        .with_trusted(trusted))
     }
 
-    /// [`PendingIdentity::complete`] under the CA that `member` (a node of the same
+    /// [`PendingIdentity::complete`] under the CAs that `member` (a node of the same
     /// cluster) trusts.
     pub fn complete_under(
         self,
         cert_der: Vec<u8>,
         member: &NodeIdentity,
     ) -> Result<NodeIdentity, IdentityError> {
-        self.complete(CertificateDer::from(cert_der), member.ca_der())
+        self.complete(CertificateDer::from(cert_der), member.trusted())
     }
+}
+
+/// The CA of `trusted` that signed `cert`.
+fn issuer_of(
+    cert: &x509_parser::certificate::X509Certificate<'_>,
+    trusted: &[CertificateDer<'static>],
+) -> Option<CertificateDer<'static>> {
+    trusted
+        .iter()
+        .find(|ca| {
+            x509_parser::parse_x509_certificate(ca)
+                .is_ok_and(|(_, ca)| cert.verify_signature(Some(ca.public_key())).is_ok())
+        })
+        .cloned()
+}
+
+/// `dir` with `.suffix` appended to its name.
+fn sibling(dir: &Path, suffix: &str) -> PathBuf {
+    let mut name = dir.file_name().unwrap_or_default().to_os_string();
+    name.push(format!(".{suffix}"));
+    dir.with_file_name(name)
 }
 
 /// Reads the node id and role out of a node certificate (already verified by TLS).
@@ -627,6 +770,21 @@ fn read_cert(path: &Path) -> Result<CertificateDer<'static>, IdentityError> {
         .filter(|p| p.tag() == "CERTIFICATE")
         .map(|p| CertificateDer::from(p.into_contents()))
         .ok_or_else(|| malformed(path, "expected a PEM block 'CERTIFICATE'"))
+}
+
+/// Every certificate of a file of one or more PEM blocks (a node's trusted CAs).
+fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, IdentityError> {
+    let text = read_text(path)?;
+    let blocks = pem::parse_many(&text).map_err(|e| malformed(path, e))?;
+    let certs: Vec<_> = blocks
+        .into_iter()
+        .filter(|p| p.tag() == "CERTIFICATE")
+        .map(|p| CertificateDer::from(p.into_contents()))
+        .collect();
+    match certs.is_empty() {
+        true => Err(malformed(path, "expected PEM blocks 'CERTIFICATE'")),
+        false => Ok(certs),
+    }
 }
 
 /// Makes `dir` appear with every file `write` puts into it, or not at all: the files are
@@ -883,5 +1041,51 @@ mod tests {
             NodeIdentity::load(dir.path()),
             Err(IdentityError::Io { .. })
         ));
+    }
+
+    #[test]
+    fn a_renewal_keeps_the_key_trusts_both_cas_and_survives_the_disk() {
+        let old = ClusterCa::generate("old").unwrap();
+        let new = ClusterCa::generate("new")
+            .unwrap()
+            .with_node_lifetime(Duration::from_secs(3 * 3600));
+        let queen = old.issue(&id("queen"), Role::Queen).unwrap();
+        let trusted = [new.certificate_der().clone(), old.certificate_der().clone()];
+        let renewed = new.reissue(&queen, &trusted).unwrap();
+        assert_eq!(
+            renewed.key_der.secret_pkcs8_der(),
+            queen.key_der.secret_pkcs8_der()
+        );
+        assert_eq!(renewed.ca_fingerprint(), new.fingerprint());
+        assert_eq!(renewed.trusted(), &trusted[..]);
+        // Renewed at two thirds of its three hours, expiring at three.
+        let now = SystemTime::now();
+        let in_2h = now + Duration::from_secs(2 * 3600);
+        let left = |t: SystemTime| t.duration_since(now).unwrap().as_secs() as i64;
+        assert!((left(renewed.renew_at()) - left(in_2h)).abs() < 5);
+        assert!((left(renewed.expires_at()) - 3 * 3600).abs() < 5);
+
+        let dir = tempfile::tempdir().unwrap();
+        let saved = dir.path().join("identity");
+        queen.save(&saved).unwrap();
+        renewed.save_replacing(&saved).unwrap();
+        let loaded = NodeIdentity::load_saved(&saved).unwrap();
+        assert_eq!(loaded.cert_der, renewed.cert_der);
+        assert_eq!(loaded.trusted(), &trusted[..]);
+        // A crash between the swap's two renames leaves the old identity beside: loaded.
+        fs::rename(&saved, sibling(&saved, "old")).unwrap();
+        assert_eq!(
+            NodeIdentity::load_saved(&saved).unwrap().cert_der,
+            renewed.cert_der
+        );
+
+        // A pending key completes under whichever trusted CA signed its certificate.
+        let pending = PendingIdentity::generate().unwrap();
+        let cert = old
+            .sign_public_key(&id("hive"), Role::Hive, &pending.public_key_der())
+            .unwrap();
+        let hive = pending.complete(cert, &trusted).unwrap();
+        assert_eq!(hive.ca_fingerprint(), old.fingerprint());
+        assert_eq!(hive.trusted()[0], *old.certificate_der());
     }
 }

@@ -26,6 +26,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
 
 use crate::codec::encode_frame;
+use crate::credentials::IntoCredentials;
 use crate::error::close_code;
 use crate::identity::{Fingerprint, IdentityError, NodeId, NodeIdentity, PendingIdentity, Role};
 use crate::link::FrameReader;
@@ -133,12 +134,13 @@ pub struct JoinRequest {
 /// The queen's answer to a join.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum JoinReply {
-    /// Joined: the node's certificate, the CA's, and where the queen's node link listens.
+    /// Joined: the node's certificate, the CAs to trust, and where the queen's node link
+    /// listens.
     Accepted {
         /// The node certificate (DER) over the requested key.
         cert_der: Vec<u8>,
-        /// The cluster CA certificate (DER).
-        ca_der: Vec<u8>,
+        /// The cluster CA certificates (DER) to trust: one, or two while the CA rotates.
+        trusted: Vec<Vec<u8>>,
         /// The queen's node-link address.
         link: SocketAddr,
     },
@@ -180,25 +182,22 @@ pub struct JoinListener {
 }
 
 impl JoinListener {
-    /// Listens on `addr` with the queen's `identity` (its certificate is presented with the
-    /// CA's, so joiners can check the pinned fingerprint). Must be called within a tokio
-    /// runtime.
+    /// Listens on `addr` with the queen's `identity` (its certificate is presented with its
+    /// issuing CA's, so joiners can check the pinned fingerprint). Must be called within a
+    /// tokio runtime.
     pub fn bind(
-        identity: &NodeIdentity,
+        identity: impl IntoCredentials,
         addr: SocketAddr,
         decide: JoinDecider,
     ) -> Result<Self, crate::LinkError> {
         let endpoint_err = |e: String| crate::LinkError::Endpoint(e);
+        let credentials = identity.into_credentials()?;
         let mut tls =
             rustls::ServerConfig::builder_with_provider(crate::endpoint::crypto_provider())
                 .with_protocol_versions(&[&rustls::version::TLS13])
                 .map_err(|e| endpoint_err(e.to_string()))?
                 .with_no_client_auth()
-                .with_single_cert(
-                    vec![identity.cert_der(), identity.ca_der()],
-                    identity.key_der(),
-                )
-                .map_err(|e| endpoint_err(e.to_string()))?;
+                .with_cert_resolver(credentials.server_resolver(true));
         tls.alpn_protocols = vec![JOIN_ALPN.to_vec()];
         let quic = QuicServerConfig::try_from(tls).map_err(|e| endpoint_err(e.to_string()))?;
         let server = quinn::ServerConfig::with_crypto(Arc::new(quic));
@@ -339,16 +338,18 @@ async fn join_inner(
         JoinReply::Refused(reason) => Err(JoinError::Refused(reason)),
         JoinReply::Accepted {
             cert_der,
-            ca_der,
+            trusted,
             link,
         } => {
-            if Fingerprint::of(&ca_der) != token.ca {
+            // The reply came over a channel to the queen the token pins, so the CAs it
+            // names are the cluster's; the pinned one must be among them.
+            if !trusted.iter().any(|ca| Fingerprint::of(ca) == token.ca) {
                 return Err(JoinError::Protocol(
-                    "the CA certificate sent does not match the token's fingerprint".into(),
+                    "no CA certificate sent matches the token's fingerprint".into(),
                 ));
             }
-            let identity =
-                pending.complete(CertificateDer::from(cert_der), CertificateDer::from(ca_der))?;
+            let trusted: Vec<_> = trusted.into_iter().map(CertificateDer::from).collect();
+            let identity = pending.complete(CertificateDer::from(cert_der), &trusted)?;
             // A queen listening on all addresses names none: its link is where its join
             // endpoint was reached.
             let link = match link.ip().is_unspecified() {
@@ -455,13 +456,13 @@ mod tests {
             match ca.sign_public_key(&request.node_id, request.role, &request.public_key_der) {
                 Ok(cert) => JoinReply::Accepted {
                     cert_der: cert.to_vec(),
-                    ca_der: ca.certificate_der().to_vec(),
+                    trusted: vec![ca.certificate_der().to_vec()],
                     link,
                 },
                 Err(e) => JoinReply::Refused(e.to_string()),
             }
         });
-        JoinListener::bind(&queen, loopback(), decide).unwrap()
+        JoinListener::bind(queen, loopback(), decide).unwrap()
     }
 
     #[test]

@@ -8,6 +8,7 @@
 pub mod backoff;
 pub mod codec;
 pub mod config;
+pub mod credentials;
 pub mod endpoint;
 pub mod error;
 pub mod hello;
@@ -17,14 +18,16 @@ pub mod link;
 
 pub use backoff::Backoff;
 pub use config::{LinkConfig, PeerCheck};
+pub use credentials::{Credentials, IntoCredentials};
 pub use endpoint::{ALPN, Endpoint, Established, dial_from, route_source_ip};
 pub use error::{CloseCause, LinkError};
 pub use hello::PROTOCOL_VERSION;
 pub use identity::{
-    ClusterCa, Fingerprint, IdentityError, NodeId, NodeIdentity, PeerIdentity, PendingIdentity,
-    Role,
+    ClusterCa, DEFAULT_NODE_LIFETIME, Fingerprint, IdentityError, NodeId, NodeIdentity,
+    PeerIdentity, PendingIdentity, Role,
 };
 pub use join::{JoinError, JoinListener, JoinReply, JoinRequest, JoinSecret, JoinToken};
 pub use link::{
     Incoming, Link, LinkIncoming, Protocol, Responder, StreamReceiver, StreamSender, Wire,
 };
+pub use rustls::pki_types::CertificateDer;

@@ -8,12 +8,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ractor::ActorRef;
-use rbee_transport::{Endpoint, LinkConfig, NodeIdentity};
+use rbee_transport::{Credentials, Endpoint, LinkConfig};
 use tokio::task::JoinHandle;
 
 use super::hub::{Hub, HubConfig};
 use super::process::{IdentityIssuer, ProcessConfig};
 use super::remote::HiveService;
+use super::renewal::{self, Renewal};
 use super::store::ModelStore;
 use super::uplink;
 use super::workers::{WorkerManager, WorkersArgs, WorkersMsg};
@@ -31,6 +32,11 @@ pub enum HiveDaemonError {
     Actor(String),
 }
 
+/// Where worker processes' records and identities are.
+fn workers_dir(config: &HiveDaemonConfig) -> PathBuf {
+    config.data.join("hive").join("workers")
+}
+
 fn setup(e: impl std::fmt::Display) -> HiveDaemonError {
     HiveDaemonError::Setup(e.to_string())
 }
@@ -43,14 +49,18 @@ pub struct WorkerProcesses {
     pub issuer: IdentityIssuer,
     /// The address they listen on (one the queen can reach).
     pub ip: IpAddr,
+    /// How long one serves on with no hive linked to it before it stops itself.
+    pub orphan_grace: Duration,
 }
 
 /// A hive's settings.
 pub struct HiveDaemonConfig {
     /// The data directory (`RBEE_HOME`): the store, and worker records in `hive/workers`.
     pub data: PathBuf,
-    /// The hive's node identity.
-    pub identity: NodeIdentity,
+    /// The hive's node identity, shared by its endpoints.
+    pub identity: Credentials,
+    /// Where a joined hive keeps its identity: renewed there.
+    pub identity_dir: Option<PathBuf>,
     /// Link timing.
     pub link: LinkConfig,
     /// `None`: only in-process workers.
@@ -75,17 +85,18 @@ impl RunningHive {
         let processes = match &config.processes {
             Some(workers) => {
                 let endpoint = Endpoint::<WorkerProtocol>::client(
-                    config.identity.clone(),
+                    &config.identity,
                     rbee_transport::dial_from(SocketAddr::new(workers.ip, 0)),
                     config.link.clone(),
                 )
                 .map_err(setup)?;
                 Some(ProcessConfig {
                     program: workers.program.clone(),
-                    runtime_dir: config.data.join("hive").join("workers"),
+                    runtime_dir: workers_dir(config),
                     issuer: workers.issuer.clone(),
                     endpoint: Arc::new(endpoint),
                     ready_timeout: Duration::from_secs(120),
+                    orphan_grace: workers.orphan_grace,
                     worker_env: Vec::new(),
                     worker_ip: workers.ip,
                 })
@@ -120,7 +131,8 @@ impl RunningHive {
     }
 
     /// Keeps this hive connected to the queen at `queen` (redialing with backoff) and
-    /// serves it; the task ends only when the queen refuses the hive, with the reason.
+    /// serves it, and keeps its certificates renewed (when it has an identity directory);
+    /// the task ends only when the queen refuses the hive, with the reason.
     pub fn join(
         &self,
         config: &HiveDaemonConfig,
@@ -149,10 +161,24 @@ impl RunningHive {
                 }
             }
         });
+        let renewal = config.identity_dir.as_ref().map(|dir| {
+            renewal::start(Renewal {
+                credentials: config.identity.clone(),
+                dir: dir.clone(),
+                queen: current.subscribe(),
+                workers: config
+                    .processes
+                    .as_ref()
+                    .map(|p| (workers_dir(config), p.issuer.clone())),
+            })
+        });
         tokio::spawn(async move {
-            uplink::run(identity, queen, link, service, current)
-                .await
-                .to_string()
+            let (renew, renewing) = renewal.unzip();
+            let refused = uplink::run(identity, queen, link, service, current, renew).await;
+            if let Some(renewing) = renewing {
+                renewing.abort();
+            }
+            refused.to_string()
         })
     }
 

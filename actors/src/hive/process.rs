@@ -49,6 +49,9 @@ pub struct ProcessConfig {
     pub endpoint: Arc<Endpoint<WorkerProtocol>>,
     /// How long a child may take to load its model and report ready.
     pub ready_timeout: Duration,
+    /// How long a child serves on with no hive linked to it before it stops itself (its
+    /// hive is gone for good and no new one adopted it).
+    pub orphan_grace: Duration,
     /// The address workers listen on: one the queen can reach, since it dials them.
     pub worker_ip: IpAddr,
     /// Environment variables set for worker processes beyond the hive's own (`RUST_LOG`
@@ -111,13 +114,23 @@ const WORKER_SOCKET_FD: RawFd = 3;
 pub async fn start(config: &ProcessConfig, spec: Launch<'_>) -> Result<Started, String> {
     let node = NodeId::new(spec.id).map_err(|e| e.to_string())?;
     let identity_dir = config.runtime_dir.join(spec.id);
-    // A restarted worker keeps its identity: restarts need no issuer (the queen may be
-    // out of reach just then).
-    if NodeIdentity::load(&identity_dir).is_err() {
-        (config.issuer)(node)
-            .await?
-            .save(&identity_dir)
-            .map_err(|e| e.to_string())?;
+    // A restarted worker keeps its identity unless it is due for renewal: restarts need
+    // no issuer (the queen may be out of reach just then).
+    let kept = NodeIdentity::load_saved(&identity_dir);
+    if !kept
+        .as_ref()
+        .is_ok_and(|kept| kept.renew_at() > std::time::SystemTime::now())
+    {
+        match (config.issuer)(node).await {
+            Ok(issued) => issued
+                .save_replacing(&identity_dir)
+                .map_err(|e| e.to_string())?,
+            // Due, but still valid: the hive's renewal replaces it later.
+            Err(e) if kept.is_ok() => {
+                tracing::warn!("worker {}: cannot renew its certificate now: {e}", spec.id)
+            }
+            Err(e) => return Err(e),
+        }
     }
     // Bound here, so the worker's address is known before it runs and nothing it prints
     // is parsed.
@@ -135,6 +148,8 @@ pub async fn start(config: &ProcessConfig, spec: Launch<'_>) -> Result<Started, 
         .arg(WORKER_SOCKET_FD.to_string())
         .arg("--slots")
         .arg(spec.slots.to_string())
+        .arg("--orphan-grace-secs")
+        .arg(config.orphan_grace.as_secs().max(1).to_string())
         // A service's join token is the hive's alone.
         .env_remove("RBEE_JOIN_TOKEN")
         .envs(config.worker_env.iter().map(|(k, v)| (k, v)))

@@ -13,13 +13,14 @@ use std::time::Duration;
 
 use ractor::call_t;
 use rbee_transport::{
-    Backoff, Endpoint, Link, LinkConfig, LinkError, LinkIncoming, NodeId, NodeIdentity,
-    PendingIdentity, Role,
+    Backoff, CertificateDer, Credentials, Endpoint, Link, LinkConfig, LinkError, LinkIncoming,
+    NodeId, PendingIdentity, Role,
 };
 use tokio::sync::watch;
 
 use super::process::IdentityIssuer;
 use super::remote::{self, HiveService};
+use super::renewal::RenewNow;
 use super::workers::{WorkerInfo, WorkerState, WorkersMsg, WorkersSnapshot};
 use crate::queen::protocol::{
     HiveEvent, HiveReport, QueenError, QueenErrorKind, QueenItem, QueenOpen, QueenProtocol,
@@ -40,10 +41,9 @@ pub type QueenLinkSender = watch::Sender<Option<Link<QueenProtocol>>>;
 
 /// An issuer that has the queen sign each worker's certificate over a key the hive
 /// generates (the private key stays on this machine).
-pub fn issuer_from_queen(queen: QueenLink, hive: &NodeIdentity) -> IdentityIssuer {
-    let hive = Arc::new(hive.clone());
+pub fn issuer_from_queen(queen: QueenLink) -> IdentityIssuer {
     Arc::new(move |worker: NodeId| {
-        let (queen, hive) = (queen.clone(), hive.clone());
+        let queen = queen.clone();
         Box::pin(async move {
             let link = queen
                 .borrow()
@@ -55,9 +55,12 @@ pub fn issuer_from_queen(queen: QueenLink, hive: &NodeIdentity) -> IdentityIssue
                 public_key_der: pending.public_key_der(),
             };
             match link.call(request, SIGN_TIMEOUT).await {
-                Ok(QueenResponse::Certificate(cert)) => pending
-                    .complete_under(cert, &hive)
-                    .map_err(|e| e.to_string()),
+                Ok(QueenResponse::Signed { cert, trusted }) => {
+                    let trusted: Vec<_> = trusted.into_iter().map(CertificateDer::from).collect();
+                    pending
+                        .complete(CertificateDer::from(cert), &trusted)
+                        .map_err(|e| e.to_string())
+                }
                 Ok(QueenResponse::Error(e)) => Err(e.message),
                 Ok(other) => Err(format!("the queen answered out of protocol: {other:?}")),
                 Err(e) => Err(format!("the queen did not sign: {e}")),
@@ -69,11 +72,12 @@ pub fn issuer_from_queen(queen: QueenLink, hive: &NodeIdentity) -> IdentityIssue
 /// Runs the link to the queen at `queen` until a permanent refusal (returned) — a lost
 /// link is redialed with backoff.
 pub async fn run(
-    identity: NodeIdentity,
+    identity: Credentials,
     queen: SocketAddr,
     config: LinkConfig,
     service: HiveService,
     current: QueenLinkSender,
+    renew: Option<RenewNow>,
 ) -> LinkError {
     let bind = rbee_transport::dial_from(queen);
     let endpoint = match Endpoint::<QueenProtocol>::client(identity, bind, config) {
@@ -92,7 +96,7 @@ pub async fn run(
         tracing::info!("connected to the queen at {queen}");
         current.send_replace(Some(link.clone()));
         let cause = tokio::select! {
-            () = serve(incoming, service.clone()) => link.closed().await,
+            () = serve(incoming, service.clone(), renew.clone()) => link.closed().await,
             cause = report(&link, &service) => cause,
         };
         current.send_replace(None);
@@ -101,14 +105,28 @@ pub async fn run(
 }
 
 /// Serves the queen's calls and streams until the link closes.
-async fn serve(incoming: LinkIncoming<QueenProtocol>, service: HiveService) {
+async fn serve(
+    incoming: LinkIncoming<QueenProtocol>,
+    service: HiveService,
+    renew: Option<RenewNow>,
+) {
     let answer_with = |request| {
-        let service = service.clone();
+        let (service, renew) = (service.clone(), renew.clone());
         async move {
             match request {
                 QueenRequest::Hive(request) => {
                     QueenResponse::Hive(remote::answer(&service, request).await)
                 }
+                QueenRequest::RenewNow => match renew {
+                    Some(renew) => match renew.renew().await {
+                        Ok(what) => QueenResponse::Renewed(what),
+                        Err(e) => QueenResponse::Error(QueenError::new(QueenErrorKind::Invalid, e)),
+                    },
+                    None => QueenResponse::Error(QueenError::new(
+                        QueenErrorKind::Invalid,
+                        "this hive does not renew certificates",
+                    )),
+                },
                 _ => QueenResponse::Error(QueenError::new(
                     QueenErrorKind::Invalid,
                     "a hive serves only hive requests",

@@ -1,8 +1,8 @@
 //! A whole queen: the cluster CA (created on first start), the queen's identity, the node
 //! link endpoint for hives and clients, the join endpoint, and the queen actor.
 //!
-//! Its data directory holds `ca/` (the CA and its key), `identity/` (the queen's node
-//! identity), `tokens.json` and `joined.json` (see [`super::tokens`]) and `queen.json`
+//! Its data directory holds `ca/` (the CA and its key; `ca-previous/` during a rotation,
+//! see [`super::authority`]), `identity/` (the queen's node identity), `tokens.json` and `joined.json` (see [`super::tokens`]) and `queen.json`
 //! (where the running queen listens, for `rbee queen token`).
 
 use std::net::SocketAddr;
@@ -13,13 +13,14 @@ use std::time::Duration;
 use ractor::{Actor, ActorRef};
 use rbee_transport::join::JoinDecider;
 use rbee_transport::{
-    ClusterCa, Endpoint, JoinListener, JoinReply, JoinRequest, JoinToken, LinkConfig, NodeId,
-    NodeIdentity, Role,
+    ClusterCa, Endpoint, JoinListener, JoinReply, JoinRequest, JoinToken, LinkConfig, NodeIdentity,
+    Role,
 };
 use serde::{Deserialize, Serialize};
 
 use super::actor::{Queen, QueenArgs, QueenMsg};
 use super::admission::AdmissionLimits;
+use super::authority::Authority;
 use super::protocol::QueenProtocol;
 use super::registry::SpawnDefaults;
 use super::revoked::{REVOKED_FILE, Revocations};
@@ -47,7 +48,13 @@ pub struct QueenConfig {
     pub limits: AdmissionLimits,
     /// What workers the queen starts look like.
     pub defaults: SpawnDefaults,
+    /// How long the node certificates it signs (and its own) are valid; nodes renew them
+    /// over their link once two thirds of that have passed.
+    pub cert_lifetime: Duration,
 }
+
+/// How long node certificates are valid unless the queen is told otherwise.
+pub const DEFAULT_CERT_LIFETIME: Duration = Duration::from_secs(30 * 24 * 3600);
 
 impl QueenConfig {
     /// Defaults for a queen with its data in `data`: listens on 127.0.0.1 (7700 for the
@@ -64,6 +71,7 @@ impl QueenConfig {
                 mode: WorkerMode::Process,
                 idle_timeout: IdleTimeout::default(),
             },
+            cert_lifetime: DEFAULT_CERT_LIFETIME,
         }
     }
 }
@@ -108,32 +116,15 @@ pub enum QueenDaemonError {
         "the queen's join endpoint listens on {0}, which no hive can dial: pass --advertise IP, the address hives reach this queen at"
     )]
     NoAdvertisedAddress(SocketAddr),
+    /// A CA rotation cannot start or end now.
+    #[error("{0}")]
+    Rotation(String),
 }
 
 /// The CA of the queen with data directory `data`, created on first use (once, even when
 /// several processes start at the same time).
 pub fn cluster_ca(data: &Path) -> Result<ClusterCa, QueenDaemonError> {
     Ok(ClusterCa::load_or_create(&data.join("ca"), "rbee")?)
-}
-
-fn queen_identity(data: &Path, ca: &ClusterCa) -> Result<NodeIdentity, QueenDaemonError> {
-    let dir = data.join("identity");
-    if NodeIdentity::exists(&dir) {
-        let identity = NodeIdentity::load(&dir)?;
-        if identity.ca_fingerprint() == ca.fingerprint() {
-            return Ok(identity);
-        }
-    }
-    let node = NodeId::new(QUEEN_NODE_ID)?;
-    let identity = ca.issue(&node, Role::Queen)?;
-    if NodeIdentity::exists(&dir) {
-        // Issued under another CA: replaced.
-        identity.save(&dir)?;
-    } else if !identity.save_new(&dir)? {
-        // Another process starting on this data directory issued it first.
-        return Ok(NodeIdentity::load(&dir)?);
-    }
-    Ok(identity)
 }
 
 /// Where the queen with data directory `data` listened when it last started.
@@ -161,20 +152,15 @@ pub fn create_token(
         (Some(ip), true) => SocketAddr::new(ip, addrs.join.port()),
         (None, true) => return Err(QueenDaemonError::NoAdvertisedAddress(addrs.join)),
     };
-    let ca = ClusterCa::load(&data.join("ca"))?;
+    let ca = super::authority::presented_fingerprint(data)?;
     let secret = TokenStore::new(data).create(ttl)?;
-    Ok(JoinToken {
-        addr,
-        ca: ca.fingerprint(),
-        secret,
-    })
+    Ok(JoinToken { addr, ca, secret })
 }
 
 /// A client identity issued by the CA of the queen with data directory `data` (for the
 /// operator's tools on the queen's machine).
 pub fn client_identity(data: &Path, name: &str) -> Result<NodeIdentity, QueenDaemonError> {
-    let ca = ClusterCa::load(&data.join("ca"))?;
-    Ok(ca.issue(&NodeId::new(name)?, Role::Client)?)
+    super::authority::client_identity(data, name)
 }
 
 /// A running queen.
@@ -189,6 +175,7 @@ pub struct RunningQueen {
     workers: Arc<Endpoint<WorkerProtocol>>,
     _join: JoinListener,
     served: tokio::task::JoinHandle<()>,
+    renewing: tokio::task::JoinHandle<()>,
     /// Completes when the queen actor has stopped.
     actor: tokio::task::JoinHandle<()>,
     data: PathBuf,
@@ -202,14 +189,14 @@ impl RunningQueen {
             path: data.clone(),
             reason: e.to_string(),
         })?;
-        let ca = Arc::new(cluster_ca(&data)?);
-        let identity = queen_identity(&data, &ca)?;
+        let authority = Arc::new(Authority::open(&data, config.cert_lifetime)?);
+        let identity = authority.credentials();
         let revocations = Revocations::load(&data).map_err(|reason| QueenDaemonError::File {
             path: data.join(REVOKED_FILE),
             reason,
         })?;
         let workers = Arc::new(Endpoint::<WorkerProtocol>::client(
-            identity.clone(),
+            identity,
             rbee_transport::dial_from(config.listen),
             LinkConfig {
                 peer_check: revocations.peer_check(),
@@ -222,16 +209,16 @@ impl RunningQueen {
             ..config.link.clone()
         };
         let endpoint = Arc::new(Endpoint::<QueenProtocol>::bind(
-            identity.clone(),
+            identity,
             config.listen,
             link_config,
         )?);
         let link = endpoint.local_addr()?;
         let tokens = Arc::new(TokenStore::new(&data));
         let join = JoinListener::bind(
-            &identity,
+            identity,
             config.join_listen,
-            join_decider(ca.clone(), tokens.clone(), link),
+            join_decider(authority.clone(), tokens.clone(), link),
         )?;
         let addrs = QueenAddrs {
             link,
@@ -249,11 +236,12 @@ impl RunningQueen {
             .map_err(|e| QueenDaemonError::Actor(e.to_string()))?;
         let service = QueenService {
             queen: queen.clone(),
-            ca,
+            authority: authority.clone(),
             tokens,
             revocations,
         };
         let served = tokio::spawn(serve(endpoint.clone(), service.clone()));
+        let renewing = tokio::spawn(authority.keep_renewed());
         Ok(RunningQueen {
             queen,
             addrs,
@@ -262,6 +250,7 @@ impl RunningQueen {
             workers,
             _join: join,
             served,
+            renewing,
             actor,
             data,
         })
@@ -285,6 +274,7 @@ impl RunningQueen {
         self.endpoint.close("queen stopping");
         self.workers.close("queen stopping");
         self.served.abort();
+        self.renewing.abort();
         self.queen.stop(Some("queen stopping".into()));
         self.endpoint.wait_idle().await;
     }
@@ -316,7 +306,11 @@ fn write_state(data: &Path, addrs: &QueenAddrs) -> Result<(), QueenDaemonError> 
 
 /// Joins: only hives, with a live token, once per node id; the certificate is over the
 /// key the hive sent.
-fn join_decider(ca: Arc<ClusterCa>, tokens: Arc<TokenStore>, link: SocketAddr) -> JoinDecider {
+fn join_decider(
+    authority: Arc<Authority>,
+    tokens: Arc<TokenStore>,
+    link: SocketAddr,
+) -> JoinDecider {
     Arc::new(move |request: JoinRequest| {
         if request.role != Role::Hive {
             return JoinReply::Refused(format!("a {} cannot join; only hives", request.role));
@@ -328,8 +322,8 @@ fn join_decider(ca: Arc<ClusterCa>, tokens: Arc<TokenStore>, link: SocketAddr) -
                 request.node_id
             ));
         }
-        let cert = match ca.sign_public_key(&request.node_id, Role::Hive, &request.public_key_der) {
-            Ok(cert) => cert,
+        let signed = match authority.sign(&request.node_id, Role::Hive, &request.public_key_der) {
+            Ok(signed) => signed,
             Err(e) => return JoinReply::Refused(format!("the public key is unusable: {e}")),
         };
         // Checked after signing so that a bad key does not use up the node id.
@@ -338,8 +332,8 @@ fn join_decider(ca: Arc<ClusterCa>, tokens: Arc<TokenStore>, link: SocketAddr) -
         }
         tracing::info!("hive {} joined", request.node_id);
         JoinReply::Accepted {
-            cert_der: cert.to_vec(),
-            ca_der: ca.certificate_der().to_vec(),
+            cert_der: signed.cert,
+            trusted: signed.trusted,
             link,
         }
     })

@@ -4,12 +4,13 @@
 //! hive.
 
 use ractor::{Actor, ActorProcessingErr, ActorRef};
-use rbee_transport::{Link, LinkIncoming};
+use rbee_transport::{Link, LinkIncoming, Role};
 use tokio::task::JoinHandle;
 
 use super::actor::QueenMsg;
 use super::protocol::{HiveReport, QueenProtocol, QueenRequest};
-use super::serve::{QueenService, invalid, sign_worker};
+use super::registry::WorkerKey;
+use super::serve::{QueenService, invalid, sign};
 
 /// The proxy actor.
 pub(super) struct HiveLink;
@@ -98,8 +99,23 @@ async fn read_link(
             QueenRequest::SignWorker {
                 worker,
                 public_key_der,
-            } => sign_worker(&service.ca, &id, &worker, &public_key_der),
-            _ => invalid("a hive may only ask the queen to sign worker certificates"),
+            } => {
+                let worker = WorkerKey {
+                    hive: id.clone(),
+                    worker,
+                };
+                sign(
+                    &service.authority,
+                    &worker.node_id(),
+                    Role::Worker,
+                    &public_key_der,
+                )
+            }
+            // For the hive this link's certificate names, whatever the request says.
+            QueenRequest::Renew { public_key_der } => {
+                sign(&service.authority, &id, Role::Hive, &public_key_der)
+            }
+            _ => invalid("a hive may only ask the queen to sign certificates"),
         };
         async move { response }
     };

@@ -2,6 +2,7 @@
 //!
 //! - [`protocol`]: what hives and clients say on links to the queen.
 //! - [`tokens`]: join tokens and the hives that joined.
+//! - [`authority`]: the cluster CA: short-lived node certificates, their renewal, rotation.
 //! - [`registry`]: hives and workers, placement and the choice of a worker per request.
 //! - [`admission`]: the bounded per-model queues.
 //! - [`revoked`]: hives removed from the cluster, refused at every handshake.
@@ -16,6 +17,7 @@
 pub mod actor;
 pub mod admission;
 pub mod affinity;
+pub mod authority;
 pub mod client;
 pub mod daemon;
 mod hive_link;

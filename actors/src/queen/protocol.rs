@@ -44,6 +44,15 @@ pub enum QueenRequest {
         /// The worker's public key (SubjectPublicKeyInfo DER).
         public_key_der: Vec<u8>,
     },
+    /// Hive → queen: a new certificate for the hive itself (its certificate is about to
+    /// expire) over a key the hive generated. The queen signs it for the node its link's
+    /// certificate names.
+    Renew {
+        /// The hive's new public key (SubjectPublicKeyInfo DER).
+        public_key_der: Vec<u8>,
+    },
+    /// Queen → hive: renew your certificate and your workers' now (the CA rotated).
+    RenewNow,
     /// Queen → hive: one of the hive's operations.
     Hive(HiveRequest),
     /// Client → queen: an operation on the cluster.
@@ -53,8 +62,15 @@ pub enum QueenRequest {
 /// Answers to [`QueenRequest`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum QueenResponse {
-    /// The signed worker certificate (DER).
-    Certificate(Vec<u8>),
+    /// A signed certificate (DER) and the CAs to trust (DER), the signing one first.
+    Signed {
+        /// The certificate.
+        cert: Vec<u8>,
+        /// The CAs.
+        trusted: Vec<Vec<u8>>,
+    },
+    /// Renewed, with what.
+    Renewed(String),
     /// A hive's answer.
     Hive(HiveResponse),
     /// The queen's answer to a client.
@@ -126,6 +142,24 @@ pub enum ClientRequest {
     /// Removes a hive from the cluster: its certificate and its workers' are revoked (it is
     /// refused at its next handshake), its link closes and it leaves the registry.
     RemoveHive(String),
+    /// Starts a rotation of the cluster CA: a new CA signs from now on, both are trusted,
+    /// and every connected hive renews its certificates and its workers' at once.
+    RotateCa,
+    /// Ends a rotation: the previous CA is trusted no more (nodes that did not renew under
+    /// the new one are refused from then on), and every connected hive renews again.
+    RetireCa,
+}
+
+/// What a CA rotation or retirement did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CaChange {
+    /// The fingerprint of the CA that signs now.
+    pub fingerprint: String,
+    /// Hives that renewed, each with what it renewed.
+    pub renewed: Vec<(String, String)>,
+    /// Hives that did not, each with why (they renew when they next connect, or, after a
+    /// retirement, are refused and must join again).
+    pub failed: Vec<(String, String)>,
 }
 
 /// Where and how to start a worker; what is not given the queen chooses.
@@ -173,6 +207,8 @@ pub enum ClientResponse {
     Model(Manifest),
     /// Done.
     Done,
+    /// A CA rotation started or ended.
+    CaChanged(CaChange),
     /// Embeddings, or the typed reason there are none (overloaded, not an embedding
     /// model, …).
     Embedded(Result<crate::worker::actor::Embedded, crate::worker::api::GenerationError>),

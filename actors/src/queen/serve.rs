@@ -6,16 +6,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use ractor::{Actor, ActorRef, call_t};
-use rbee_transport::{
-    ClusterCa, Endpoint, Incoming, Link, LinkIncoming, NodeId, Role, StreamSender,
-};
+use rbee_transport::{Endpoint, Incoming, Link, LinkIncoming, NodeId, Role, StreamSender};
 use tokio::sync::mpsc;
 
 use super::actor::{QueenMsg, spawn_on_hive};
+use super::authority::Authority;
 use super::hive_link::{HiveLink, HiveLinkArgs};
 use super::protocol::{
-    ClientRequest, ClientResponse, HiveEvent, HostedModel, Placement, QueenError, QueenErrorKind,
-    QueenItem, QueenOpen, QueenProtocol, QueenRequest, QueenResponse, WorkerView,
+    CaChange, ClientRequest, ClientResponse, HiveEvent, HostedModel, Placement, QueenError,
+    QueenErrorKind, QueenItem, QueenOpen, QueenProtocol, QueenRequest, QueenResponse, WorkerView,
 };
 use super::registry::WorkerKey;
 use super::revoked::Revocations;
@@ -33,6 +32,8 @@ const REPORT_TIMEOUT: Duration = Duration::from_secs(10);
 const ACTOR_MS: u64 = 5_000;
 /// How long a forwarded hive operation may take.
 const HIVE_CALL: Duration = Duration::from_secs(30);
+/// How long a hive may take to renew its certificates and its workers' when told to.
+const RENEW_CALL: Duration = Duration::from_secs(60);
 /// How long an explicit spawn waits for its worker to take requests.
 const READY_TIMEOUT: Duration = Duration::from_secs(180);
 
@@ -41,8 +42,8 @@ const READY_TIMEOUT: Duration = Duration::from_secs(180);
 pub struct QueenService {
     /// The queen actor.
     pub queen: ActorRef<QueenMsg>,
-    /// The cluster CA (signs worker certificates for hives).
-    pub ca: Arc<ClusterCa>,
+    /// The cluster CA (signs hives' and their workers' certificates).
+    pub authority: Arc<Authority>,
     /// Join tokens and the hives that joined.
     pub tokens: Arc<TokenStore>,
     /// Hives removed from the cluster.
@@ -103,21 +104,56 @@ pub(super) fn invalid(message: &str) -> QueenResponse {
     QueenResponse::Error(QueenError::new(QueenErrorKind::Invalid, message))
 }
 
-pub(super) fn sign_worker(ca: &ClusterCa, hive: &str, worker: &str, spki: &[u8]) -> QueenResponse {
-    let key = WorkerKey {
-        hive: hive.to_string(),
-        worker: worker.to_string(),
-    };
-    let signed = NodeId::new(key.node_id())
+/// Signs a certificate for `node` in `role` (a hive's own, or one of its workers').
+pub(super) fn sign(authority: &Authority, node: &str, role: Role, spki: &[u8]) -> QueenResponse {
+    let signed = NodeId::new(node)
         .map_err(|e| e.to_string())
-        .and_then(|node| {
-            ca.sign_public_key(&node, Role::Worker, spki)
-                .map_err(|e| e.to_string())
-        });
+        .and_then(|node| authority.sign(&node, role, spki).map_err(|e| e.to_string()));
     match signed {
-        Ok(cert) => QueenResponse::Certificate(cert.to_vec()),
-        Err(e) => invalid(&format!("cannot sign a certificate for worker {key}: {e}")),
+        Ok(signed) => QueenResponse::Signed {
+            cert: signed.cert,
+            trusted: signed.trusted,
+        },
+        Err(e) => invalid(&format!("cannot sign a certificate for {role} {node}: {e}")),
     }
+}
+
+/// Starts or ends a CA rotation, then has every connected hive renew at once.
+async fn change_ca(service: &QueenService, rotate: bool) -> Result<ClientResponse, QueenError> {
+    let authority = service.authority.clone();
+    let changed = tokio::task::spawn_blocking(move || match rotate {
+        true => authority.rotate(),
+        false => authority.retire(),
+    })
+    .await
+    .map_err(|e| QueenError::new(QueenErrorKind::Invalid, e.to_string()))?;
+    let fingerprint = changed
+        .map_err(|e| QueenError::new(QueenErrorKind::Invalid, e.to_string()))?
+        .to_string();
+    tracing::info!(%fingerprint, rotate, "the cluster CA changed; hives renew");
+    let hives = targets(service, None).await?;
+    let renewals = hives.into_iter().map(|(id, link)| async move {
+        let answer = link.call(QueenRequest::RenewNow, RENEW_CALL).await;
+        let result = match answer {
+            Ok(QueenResponse::Renewed(what)) => Ok(what),
+            Ok(QueenResponse::Error(e)) => Err(e.message),
+            Ok(other) => Err(format!("answered out of protocol: {other:?}")),
+            Err(e) => Err(e.to_string()),
+        };
+        (id, result)
+    });
+    let mut change = CaChange {
+        fingerprint,
+        renewed: Vec::new(),
+        failed: Vec::new(),
+    };
+    for (id, result) in futures::future::join_all(renewals).await {
+        match result {
+            Ok(what) => change.renewed.push((id, what)),
+            Err(why) => change.failed.push((id, why)),
+        }
+    }
+    Ok(ClientResponse::CaChanged(change))
 }
 
 async fn serve_client(incoming: LinkIncoming<QueenProtocol>, service: QueenService) {
@@ -261,6 +297,8 @@ async fn answer_inner(
             let _ = service.queen.cast(QueenMsg::RemoveHive(hive));
             ClientResponse::Done
         }
+        ClientRequest::RotateCa => change_ca(service, true).await?,
+        ClientRequest::RetireCa => change_ca(service, false).await?,
         ClientRequest::Stop(key) => {
             let parsed = WorkerKey::parse(&key).ok_or_else(|| {
                 QueenError::new(

@@ -4,7 +4,8 @@
 //! not let anyone join. A token may be used by several hives until it expires (one token
 //! per rollout, like a kubeadm token). Each node id can join once: a hive that joined
 //! keeps its certificate and reconnects with it, and nobody can take over its name with a
-//! second join.
+//! second join. Tokens are listed and revoked by an id: the first 8 hex digits of the
+//! secret's hash, which do not let anyone join either.
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -28,6 +29,39 @@ struct StoredToken {
     sha256: String,
     /// Seconds since the Unix epoch.
     expires_at: u64,
+    /// Seconds since the Unix epoch (0 in files of older releases).
+    #[serde(default)]
+    created_at: u64,
+    /// Revoked: refuses joins until it expires (and is dropped).
+    #[serde(default)]
+    revoked: bool,
+    /// The hives that joined with it.
+    #[serde(default)]
+    joined: Vec<String>,
+}
+
+impl StoredToken {
+    fn id(&self) -> &str {
+        self.sha256.get(..TOKEN_ID_LEN).unwrap_or(&self.sha256)
+    }
+}
+
+/// Hex digits of a token's id.
+const TOKEN_ID_LEN: usize = 8;
+
+/// A join token as `rbee queen tokens` lists it (never its secret).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenInfo {
+    /// Its id: the first hex digits of the secret's SHA-256.
+    pub id: String,
+    /// When it was created (seconds since the Unix epoch; 0 if unknown).
+    pub created_at: u64,
+    /// When it expires (seconds since the Unix epoch).
+    pub expires_at: u64,
+    /// Whether it was revoked.
+    pub revoked: bool,
+    /// The hives that joined with it.
+    pub joined: Vec<String>,
 }
 
 /// Why a join was refused.
@@ -39,6 +73,12 @@ pub enum JoinRefusal {
     /// The token expired.
     #[error("the join token expired {0} s ago")]
     Expired(u64),
+    /// The token was revoked.
+    #[error("the join token was revoked")]
+    Revoked,
+    /// No live token has this id.
+    #[error("no join token has id {0:?} (`rbee queen tokens` lists them)")]
+    NoSuchToken(String),
     /// A node of that id joined already.
     #[error("node id {0} has joined already (a joined hive reconnects with its certificate)")]
     Taken(String),
@@ -83,32 +123,78 @@ impl TokenStore {
         tokens.tokens.push(StoredToken {
             sha256: hash(&secret),
             expires_at: now + ttl.as_secs().max(1),
+            created_at: now,
+            revoked: false,
+            joined: Vec::new(),
         });
         self.write(TOKENS_FILE, &tokens)?;
         Ok(secret)
+    }
+
+    /// The id of the token with `secret`.
+    pub fn id_of(secret: &JoinSecret) -> String {
+        hash(secret)[..TOKEN_ID_LEN].to_string()
+    }
+
+    /// Every token that has not expired, oldest first.
+    pub fn list(&self) -> Result<Vec<TokenInfo>, JoinRefusal> {
+        let tokens: Tokens = self.read(TOKENS_FILE)?;
+        let now = now_secs();
+        Ok(tokens
+            .tokens
+            .iter()
+            .filter(|t| t.expires_at > now)
+            .map(|t| TokenInfo {
+                id: t.id().to_string(),
+                created_at: t.created_at,
+                expires_at: t.expires_at,
+                revoked: t.revoked,
+                joined: t.joined.clone(),
+            })
+            .collect())
+    }
+
+    /// Revokes the live token with id `id`: it admits nobody from now on (the hives that
+    /// joined with it keep their certificates; `rbee hive remove` removes a hive).
+    pub fn revoke(&self, id: &str) -> Result<(), JoinRefusal> {
+        let _guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        let mut tokens: Tokens = self.read(TOKENS_FILE)?;
+        let now = now_secs();
+        let token = tokens
+            .tokens
+            .iter_mut()
+            .find(|t| t.expires_at > now && t.id() == id)
+            .ok_or_else(|| JoinRefusal::NoSuchToken(id.to_string()))?;
+        token.revoked = true;
+        self.write(TOKENS_FILE, &tokens)
     }
 
     /// Admits `node_id` with `secret` once: checks the token, then records the node as
     /// joined.
     pub fn admit(&self, secret: &JoinSecret, node_id: &str) -> Result<(), JoinRefusal> {
         let _guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
-        let tokens: Tokens = self.read(TOKENS_FILE)?;
+        let mut tokens: Tokens = self.read(TOKENS_FILE)?;
         let wanted = hash(secret);
         let token = tokens
             .tokens
-            .iter()
+            .iter_mut()
             .find(|t| t.sha256 == wanted)
             .ok_or(JoinRefusal::Unknown)?;
         let now = now_secs();
         if token.expires_at <= now {
             return Err(JoinRefusal::Expired(now - token.expires_at));
         }
+        if token.revoked {
+            return Err(JoinRefusal::Revoked);
+        }
         let mut joined: Vec<String> = self.read(JOINED_FILE)?;
         if joined.iter().any(|j| j == node_id) {
             return Err(JoinRefusal::Taken(node_id.to_string()));
         }
         joined.push(node_id.to_string());
-        self.write(JOINED_FILE, &joined)
+        self.write(JOINED_FILE, &joined)?;
+        token.joined.push(node_id.to_string());
+        self.write(TOKENS_FILE, &tokens)
     }
 
     /// Whether `node_id` ever joined.
@@ -160,5 +246,31 @@ mod tests {
         ));
         let raw = std::fs::read_to_string(dir.path().join(TOKENS_FILE)).unwrap();
         assert!(!raw.contains(&hex::encode(secret.0)), "a secret was stored");
+    }
+
+    #[test]
+    fn tokens_are_listed_by_id_and_a_revoked_one_admits_nobody() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = TokenStore::new(dir.path());
+        let first = store.create(Duration::from_secs(3600)).unwrap();
+        let second = store.create(Duration::from_secs(3600)).unwrap();
+        store.admit(&first, "hive-1").unwrap();
+        let listed = store.list().unwrap();
+        let ids: Vec<_> = listed.iter().map(|t| t.id.clone()).collect();
+        assert_eq!(ids, [TokenStore::id_of(&first), TokenStore::id_of(&second)]);
+        assert_eq!(listed[0].joined, ["hive-1"]);
+        assert!(
+            !hex::encode(first.0).contains(&listed[0].id),
+            "the id is not the secret"
+        );
+
+        store.revoke(&listed[0].id).unwrap();
+        assert_eq!(store.admit(&first, "hive-2"), Err(JoinRefusal::Revoked));
+        store.admit(&second, "hive-2").unwrap();
+        assert!(store.list().unwrap()[0].revoked);
+        assert_eq!(
+            store.revoke("00000000"),
+            Err(JoinRefusal::NoSuchToken("00000000".into()))
+        );
     }
 }

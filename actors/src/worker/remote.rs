@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use ractor::{ActorRef, call_t};
 use rbee_transport::{
-    Endpoint, Link, LinkError, LinkIncoming, Protocol, StreamReceiver, StreamSender,
+    Endpoint, Link, LinkError, LinkIncoming, Protocol, Role, StreamReceiver, StreamSender,
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
@@ -78,13 +78,29 @@ const ACTOR_CALL_MS: u64 = 2000;
 pub const EMBED_CALL_MS: u64 = 120_000;
 
 /// Serves `worker` to every peer that connects to `endpoint`, until the endpoint closes.
+/// `hive_links` counts the links from hives open now (a worker process whose hive is gone
+/// for good stops itself, see `rbee worker --orphan-grace-secs`).
 pub async fn serve(
     endpoint: Arc<Endpoint<WorkerProtocol>>,
     worker: ActorRef<WorkerMsg>,
     readiness: watch::Receiver<Readiness>,
+    hive_links: Arc<watch::Sender<usize>>,
 ) {
     endpoint
-        .serve_each(|_link, incoming| serve_link(incoming, worker.clone(), readiness.clone()))
+        .serve_each(|link, incoming| {
+            let from_hive = link.peer().role == Role::Hive;
+            let (worker, readiness, hive_links) =
+                (worker.clone(), readiness.clone(), hive_links.clone());
+            async move {
+                if from_hive {
+                    hive_links.send_modify(|n| *n += 1);
+                }
+                serve_link(incoming, worker, readiness).await;
+                if from_hive {
+                    hive_links.send_modify(|n| *n -= 1);
+                }
+            }
+        })
         .await;
 }
 
