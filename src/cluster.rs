@@ -206,6 +206,14 @@ impl Client {
             .map(|_| ())
     }
 
+    /// Cancels the running generation with `GenerateRequest::id` `id`: its stream ends with
+    /// a `Cancelled` error.
+    pub async fn cancel(&self, id: &str) -> Result<(), Error> {
+        self.call(ClientRequest::Cancel(id.to_string()))
+            .await
+            .map(|_| ())
+    }
+
     /// Starts a rotation of the cluster CA (`retire: false`) or ends it by retiring the
     /// previous CA (`retire: true`); connected hives renew at once. Says what each did.
     pub async fn change_ca(&self, retire: bool) -> Result<CaChange, Error> {

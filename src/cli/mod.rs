@@ -80,6 +80,12 @@ enum Command {
         /// `hive/worker`, or a model.
         target: String,
     },
+    /// Cancel a running generation by its request id (an HTTP request's `x-request-id`,
+    /// or the id a library client gave it): it ends with a `Cancelled` error at once.
+    Cancel {
+        /// The request id.
+        id: String,
+    },
     /// The hives, with state and capabilities.
     Hives(ops::Json),
     /// One screen of cluster overview.
@@ -246,6 +252,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Ps(json) => ops::ps(&settings()?, json.json).await,
         Command::Spawn(args) => ops::spawn(&settings()?, args).await,
         Command::Stop { target } => ops::stop(&settings()?, &target).await,
+        Command::Cancel { id } => ops::cancel(&settings()?, &id).await,
         Command::Hives(json) => ops::hives(&settings()?, json.json).await,
         Command::Status(json) => ops::status(&settings()?, json.json).await,
         Command::Config(json) => config(&settings()?, json.json),

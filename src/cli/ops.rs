@@ -216,6 +216,13 @@ pub async fn remove_hive(settings: &Effective, name: &str) -> anyhow::Result<Exi
     Ok(ExitCode::SUCCESS)
 }
 
+/// Cancels the running generation `id`.
+pub async fn cancel(settings: &Effective, id: &str) -> anyhow::Result<ExitCode> {
+    settings.client().await?.cancel(id).await?;
+    println!("cancelled {id}");
+    Ok(ExitCode::SUCCESS)
+}
+
 /// Stops one worker (`hive/worker`), or every worker of a model.
 pub async fn stop(settings: &Effective, target: &str) -> anyhow::Result<ExitCode> {
     let client = settings.client().await?;

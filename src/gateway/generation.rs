@@ -19,7 +19,30 @@ pub(super) fn generation_error(e: &GenerationError) -> ApiError {
         | ErrorKind::Unavailable
         | ErrorKind::WorkerLost => ApiError::server(503, e.message.clone()),
         ErrorKind::Compute | ErrorKind::Internal => ApiError::server(500, e.message.clone()),
+        ErrorKind::Cancelled => ApiError::server(409, e.message.clone()),
+        ErrorKind::DeadlineExceeded => ApiError::server(504, e.message.clone()),
     }
+}
+
+/// The header that bounds a request's time: milliseconds, queue included.
+pub(super) const TIMEOUT_HEADER: &str = "x-request-timeout-ms";
+
+/// The request's deadline from [`TIMEOUT_HEADER`], if it has one.
+fn timeout_ms(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
+    let Some(value) = headers.get(TIMEOUT_HEADER) else {
+        return Ok(None);
+    };
+    value
+        .to_str()
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .map(Some)
+        .ok_or_else(|| {
+            ApiError::invalid(
+                None,
+                format!("{TIMEOUT_HEADER} must be a whole number of milliseconds"),
+            )
+        })
 }
 
 /// One generation's bookkeeping for the response and the metrics.
@@ -111,7 +134,10 @@ pub(super) async fn begin(
 ) -> Result<Begun, (ApiError, String)> {
     let fail = |e: ApiError| (e, request_id.clone());
     gateway.authorize(headers).map_err(fail)?;
-    let (model, request) = parsed.map_err(fail)?;
+    let (model, mut request) = parsed.map_err(fail)?;
+    // Every request can be cancelled by its id; a deadline comes as a header.
+    request.id = Some(request_id.clone());
+    request.timeout_ms = timeout_ms(headers).map_err(fail)?;
     tracing::info!(request_id = %request_id, model = ?model, stream, "generation");
     let known = match gateway.models().await {
         Ok(models) => models.iter().any(|(m, _)| *m == model),
@@ -136,7 +162,7 @@ pub(super) async fn begin(
     };
     let (tx, mut rx) = mpsc::channel(STREAM_CAPACITY);
     tokio::spawn(route::generate(
-        gateway.service.queen.clone(),
+        gateway.service.clone(),
         model_id,
         request,
         tx,

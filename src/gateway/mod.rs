@@ -8,7 +8,9 @@
 //! client); a client that disconnects drops the stream, which cancels the generation on
 //! its worker. With API keys configured (`rbee queen keys create`), every request needs
 //! `Authorization: Bearer <key>`; the gateway refuses to listen beyond loopback without one.
-//! Each request has an `x-request-id` (the client's, or a new one), returned and logged.
+//! Each request has an `x-request-id` (the client's, or a new one), returned and logged;
+//! `POST /v1/requests/{id}/cancel` cancels a running generation by it, and a request's
+//! `x-request-timeout-ms` header bounds its time (queue included).
 
 mod completions;
 mod generation;
@@ -146,6 +148,7 @@ pub async fn start(
         .route("/v1/embeddings", post(embeddings))
         .route("/v1/models", get(list_models))
         .route("/v1/models/{id}", get(get_model))
+        .route("/v1/requests/{id}/cancel", post(cancel_request))
         .route("/metrics", get(render_metrics))
         .fallback(unknown_route)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
@@ -300,6 +303,44 @@ async fn get_model(
             with_request_id(axum::Json(model_object(&m, created)).into_response(), &id)
         }
         Err(e) => error_response(&e, &id),
+    }
+}
+
+/// Cancels the running generation whose `x-request-id` is `target`: its client gets a
+/// `Cancelled` error (409 before the first token, an error event in a stream).
+async fn cancel_request(
+    State(gateway): State<Arc<Gateway>>,
+    Path(target): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let id = request_id(&headers);
+    if let Err(e) = gateway.authorize(&headers) {
+        return error_response(&e, &id);
+    }
+    match serve::answer(&gateway.service, ClientRequest::Cancel(target.clone())).await {
+        ClientResponse::Done => {
+            tracing::info!(request_id = %id, cancelled = ?target, "request cancelled");
+            let body = serde_json::json!({ "id": target, "cancelled": true });
+            with_request_id(axum::Json(body).into_response(), &id)
+        }
+        ClientResponse::Error(e) => {
+            let error = ApiError {
+                status: 404,
+                retry_after_secs: None,
+                message: e.message,
+                kind: "invalid_request_error",
+                param: None,
+                code: Some("request_not_found".into()),
+            };
+            error_response(&error, &id)
+        }
+        other => error_response(
+            &ApiError::server(
+                500,
+                format!("the queen answered out of protocol: {other:?}"),
+            ),
+            &id,
+        ),
     }
 }
 

@@ -237,6 +237,7 @@ impl RunningQueen {
         let service = QueenService {
             queen: queen.clone(),
             authority: authority.clone(),
+            in_flight: Default::default(),
             tokens,
             revocations,
         };

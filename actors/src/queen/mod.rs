@@ -9,7 +9,8 @@
 //! - [`affinity`]: which worker likely holds a request's prompt prefix in its cache.
 //! - [`client`]: a client of the queen over the node link.
 //! - [`actor`]: the queen actor that owns both and acts on what the links report.
-//! - [`route`]: one generation through the queen, with failover.
+//! - [`route`]: one generation through the queen, with failover, deadline and cancel.
+//! - [`in_flight`]: generations running under an id, for cancels.
 //! - [`serve`]: the queen's side of its links.
 //! - `hive_link`: the supervised proxy of a joined hive's link (a child of the queen actor).
 //! - [`daemon`]: a queen with its CA, identity, endpoints and join listener.
@@ -21,6 +22,7 @@ pub mod authority;
 pub mod client;
 pub mod daemon;
 mod hive_link;
+pub mod in_flight;
 pub mod keys;
 pub mod protocol;
 pub mod registry;

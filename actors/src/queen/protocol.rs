@@ -142,6 +142,9 @@ pub enum ClientRequest {
     /// Removes a hive from the cluster: its certificate and its workers' are revoked (it is
     /// refused at its next handshake), its link closes and it leaves the registry.
     RemoveHive(String),
+    /// Cancels the running generation with this id (see `GenerateRequest::id`): it ends
+    /// with a `Cancelled` error at once, wherever it is.
+    Cancel(String),
     /// Starts a rotation of the cluster CA: a new CA signs from now on, both are trusted,
     /// and every connected hive renews its certificates and its workers' at once.
     RotateCa,
@@ -262,6 +265,8 @@ impl QueenError {
 /// Kinds of [`QueenError`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum QueenErrorKind {
+    /// No running request has that id.
+    NoRequest,
     /// No hive by that id, or it is not connected.
     NoHive,
     /// No worker by that key.

@@ -17,6 +17,7 @@ use super::actor::{ADMIT_CAPACITY, Admit, Lease, QueenMsg};
 use super::affinity;
 use super::protocol::{QueenItem, QueenOpen, QueenRequest, QueenResponse};
 use super::registry::Route;
+use super::serve::QueenService;
 use crate::hive::remote::{HiveItem, HiveOpen, HiveRequest, HiveResponse};
 use crate::hive::store::ModelId;
 use crate::worker::actor::Embedded;
@@ -32,20 +33,69 @@ pub const MAX_REFUSALS: u32 = 12;
 const FIRST_REFUSAL_PAUSE: Duration = Duration::from_millis(10);
 const LONGEST_REFUSAL_PAUSE: Duration = Duration::from_millis(500);
 
+fn end(error: GenerationError) -> QueenItem {
+    QueenItem::Generation(GenerationEvent::Error(error))
+}
+
 /// Runs `request` for `model` and sends what happens to `out` (bounded: a slow client
 /// slows the worker). Ends when the terminal event is sent or `out` is dropped, which
-/// cancels the generation on its worker and frees the slot.
+/// cancels the generation on its worker and frees the slot. A request with an id can be
+/// cancelled by it ([`super::in_flight::InFlight`]); one with a deadline ends when it passes. Either ends the
+/// attempt where it is (queued, loading or generating: dropping it frees the slot and
+/// cancels the worker's stream within a step) and sends the one terminal event.
 pub async fn generate(
+    service: QueenService,
+    model: ModelId,
+    request: GenerateRequest,
+    out: mpsc::Sender<QueenItem>,
+) {
+    if let Err(e) = request.validate() {
+        let _ = out.send(end(e)).await;
+        return;
+    }
+    let mut registered = match &request.id {
+        Some(id) => match service.in_flight.register(id) {
+            Ok(registered) => Some(registered),
+            Err(e) => {
+                let error = GenerationError::new(ErrorKind::InvalidRequest, e);
+                let _ = out.send(end(error)).await;
+                return;
+            }
+        },
+        None => None,
+    };
+    let cancelled = async {
+        match &mut registered {
+            Some(registered) => registered.cancelled().await,
+            None => std::future::pending().await,
+        }
+    };
+    let timeout = request.timeout_ms.map(Duration::from_millis);
+    let expired = async {
+        match timeout {
+            Some(timeout) => tokio::time::sleep(timeout).await,
+            None => std::future::pending().await,
+        }
+    };
+    let error = tokio::select! {
+        biased;
+        () = attempts(service.queen.clone(), model, request, out.clone()) => return,
+        () = cancelled => GenerationError::new(ErrorKind::Cancelled, "cancelled by its id"),
+        () = expired => GenerationError::new(
+            ErrorKind::DeadlineExceeded,
+            format!("not done within its deadline of {:?}", timeout.unwrap_or_default()),
+        ),
+    };
+    let _ = out.send(end(error)).await;
+}
+
+/// [`generate`]'s attempts: on workers until one ends the request.
+async fn attempts(
     queen: ActorRef<QueenMsg>,
     model: ModelId,
     mut request: GenerateRequest,
     out: mpsc::Sender<QueenItem>,
 ) {
-    let end = |error: GenerationError| QueenItem::Generation(GenerationEvent::Error(error));
-    if let Err(e) = request.validate() {
-        let _ = out.send(end(e)).await;
-        return;
-    }
     let prints = affinity::fingerprints(&request.prompt);
     // A fixed seed makes a resumed generation the same one.
     request.sampling.seed.get_or_insert_with(rand::random);

@@ -12,6 +12,7 @@ use tokio::sync::mpsc;
 use super::actor::{QueenMsg, spawn_on_hive};
 use super::authority::Authority;
 use super::hive_link::{HiveLink, HiveLinkArgs};
+use super::in_flight::InFlight;
 use super::protocol::{
     CaChange, ClientRequest, ClientResponse, HiveEvent, HostedModel, Placement, QueenError,
     QueenErrorKind, QueenItem, QueenOpen, QueenProtocol, QueenRequest, QueenResponse, WorkerView,
@@ -48,6 +49,8 @@ pub struct QueenService {
     pub tokens: Arc<TokenStore>,
     /// Hives removed from the cluster.
     pub revocations: Revocations,
+    /// Generations running under an id, for cancels.
+    pub in_flight: Arc<InFlight>,
 }
 
 static NEXT_LINK: AtomicU64 = AtomicU64::new(1);
@@ -297,6 +300,15 @@ async fn answer_inner(
             let _ = service.queen.cast(QueenMsg::RemoveHive(hive));
             ClientResponse::Done
         }
+        ClientRequest::Cancel(id) => match service.in_flight.cancel(&id) {
+            true => ClientResponse::Done,
+            false => {
+                return Err(QueenError::new(
+                    QueenErrorKind::NoRequest,
+                    format!("no request with id {id:?} is running"),
+                ));
+            }
+        },
         ClientRequest::RotateCa => change_ca(service, true).await?,
         ClientRequest::RetireCa => change_ca(service, false).await?,
         ClientRequest::Stop(key) => {
@@ -434,7 +446,7 @@ async fn stream(service: QueenService, open: QueenOpen, sender: StreamSender<Que
     match open {
         QueenOpen::Generate { model, request } => {
             let (tx, rx) = mpsc::channel(STREAM_CAPACITY);
-            tokio::spawn(route::generate(service.queen.clone(), model, request, tx));
+            tokio::spawn(route::generate(service.clone(), model, request, tx));
             forward(rx, sender).await;
         }
         QueenOpen::Pull {

@@ -51,7 +51,20 @@ pub struct GenerateRequest {
     /// (see `engine::json_schema` for what it supports).
     #[serde(default)]
     pub json_schema: Option<String>,
+    /// The caller's name for this request, unique among those running at the queen: what
+    /// a cancel names (1 to 128 printable ASCII characters). The queen's; workers ignore it.
+    #[serde(default)]
+    pub id: Option<String>,
+    /// Longest the request may take, in milliseconds from when the queen received it,
+    /// waiting in its queue included; it then ends with [`ErrorKind::DeadlineExceeded`].
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
 }
+
+/// Longest request id.
+pub const MAX_REQUEST_ID_BYTES: usize = 128;
+/// Longest request deadline: a day.
+pub const MAX_TIMEOUT_MS: u64 = 24 * 3600 * 1000;
 
 /// Most alternatives per token a request may ask log probabilities for (OpenAI's limit).
 pub const MAX_TOP_LOGPROBS: u8 = 20;
@@ -84,13 +97,7 @@ impl GenerateRequest {
     pub fn chat(messages: Vec<ChatMessage>, max_tokens: usize) -> Self {
         GenerateRequest {
             prompt: Prompt::Chat(messages),
-            sampling: SamplingParams::default(),
-            max_tokens,
-            stop: Vec::new(),
-            ignore_eos: false,
-            resume: Vec::new(),
-            logprobs: None,
-            json_schema: None,
+            ..Self::text("", max_tokens)
         }
     }
 
@@ -105,6 +112,8 @@ impl GenerateRequest {
             resume: Vec::new(),
             logprobs: None,
             json_schema: None,
+            id: None,
+            timeout_ms: None,
         }
     }
 
@@ -129,6 +138,22 @@ impl GenerateRequest {
         }
         if self.max_tokens == 0 {
             return invalid("max_tokens must be at least 1".into());
+        }
+        if let Some(id) = &self.id
+            && (id.is_empty()
+                || id.len() > MAX_REQUEST_ID_BYTES
+                || !id.bytes().all(|b| b.is_ascii_graphic()))
+        {
+            return invalid(format!(
+                "a request id is 1 to {MAX_REQUEST_ID_BYTES} printable ASCII characters"
+            ));
+        }
+        if let Some(ms) = self.timeout_ms
+            && !(1..=MAX_TIMEOUT_MS).contains(&ms)
+        {
+            return invalid(format!(
+                "timeout_ms {ms} is not between 1 and {MAX_TIMEOUT_MS}"
+            ));
         }
         if self.resume.len() > self.max_tokens {
             return invalid(format!(
@@ -251,6 +276,10 @@ pub enum ErrorKind {
     /// No worker can serve the model and none can be started (no hive has it, it fits
     /// nowhere, or every attempt to start one failed).
     Unavailable,
+    /// Somebody cancelled the request by its id.
+    Cancelled,
+    /// The request's deadline (`timeout_ms`) passed before it ended.
+    DeadlineExceeded,
 }
 
 /// A typed failure.
