@@ -421,17 +421,18 @@ pub async fn run(command: QueenCommand) -> anyhow::Result<ExitCode> {
                 println!("{}", serde_json::to_string_pretty(&tokens)?);
                 return Ok(ExitCode::SUCCESS);
             }
-            println!(
-                "{:<10} {:<12} {:<12} {:<8} JOINED",
-                "ID", "CREATED", "EXPIRES", "STATE"
-            );
+            println!("{:<10} {:<12} {:<8} JOINED", "ID", "EXPIRES IN", "STATE");
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
             for t in tokens {
                 let state = if t.revoked { "revoked" } else { "live" };
+                let left = t.expires_at.saturating_sub(now);
+                let left = format!("{}h{:02}m{:02}s", left / 3600, left / 60 % 60, left % 60);
                 println!(
-                    "{:<10} {:<12} {:<12} {:<8} {}",
+                    "{:<10} {:<12} {:<8} {}",
                     t.id,
-                    t.created_at,
-                    t.expires_at,
+                    left,
                     state,
                     t.joined.join(",")
                 );
