@@ -53,17 +53,7 @@ pub async fn generate(
         let _ = out.send(end(e)).await;
         return;
     }
-    let mut registered = match &request.id {
-        Some(id) => match service.in_flight.register(id) {
-            Ok(registered) => Some(registered),
-            Err(e) => {
-                let error = GenerationError::new(ErrorKind::InvalidRequest, e);
-                let _ = out.send(end(error)).await;
-                return;
-            }
-        },
-        None => None,
-    };
+    let mut registered = request.id.as_ref().map(|id| service.in_flight.register(id));
     let cancelled = async {
         match &mut registered {
             Some(registered) => registered.cancelled().await,

@@ -51,8 +51,9 @@ pub struct GenerateRequest {
     /// (see `engine::json_schema` for what it supports).
     #[serde(default)]
     pub json_schema: Option<String>,
-    /// The caller's name for this request, unique among those running at the queen: what
-    /// a cancel names (1 to 128 printable ASCII characters). The queen's; workers ignore it.
+    /// The caller's name for this request: what a cancel names (1 to 128 printable ASCII
+    /// characters; a cancel ends every running request of that name). The queen's;
+    /// workers ignore it.
     #[serde(default)]
     pub id: Option<String>,
     /// Longest the request may take, in milliseconds from when the queen received it,
