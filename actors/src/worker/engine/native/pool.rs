@@ -119,8 +119,13 @@ impl Pool {
         }
     }
 
-    /// Splits `0..n` into one contiguous range per thread (multiples of `align`, except
-    /// the last) and runs `job(thread, range)` on each.
+    /// Splits `0..n` into one contiguous segment per thread (multiples of `align`) and
+    /// runs `job(thread, range)` over all of it. Each thread works through its own segment
+    /// front to back, a chunk at a time; a thread done with its own takes chunks from the
+    /// back of another's. On a shared machine one core is often slower for a while (steal
+    /// time, the process's own I/O threads); with fixed segments the other core spun at
+    /// every section's end waiting for it. Each output is computed by the same code
+    /// whichever thread takes it, so results do not depend on who did.
     pub fn split(
         &self,
         n: usize,
@@ -128,14 +133,78 @@ impl Pool {
         job: &(dyn Fn(usize, std::ops::Range<usize>) + Sync),
     ) {
         let threads = self.threads();
-        let per = n.div_ceil(threads).next_multiple_of(align.max(1));
+        let align = align.max(1);
+        // Segment bounds are packed in 32 bits each: rows of one matrix, far below that.
+        debug_assert!(n <= u32::MAX as usize);
+        let per = n.div_ceil(threads).next_multiple_of(align);
+        let chunk = (per / CHUNKS_PER_SEGMENT).max(1).next_multiple_of(align);
+        let segments: Vec<Segment> = (0..threads)
+            .map(|i| Segment::new((i * per).min(n), ((i + 1) * per).min(n)))
+            .collect();
         self.run(&|i| {
-            let start = (i * per).min(n);
-            let end = ((i + 1) * per).min(n);
-            if start < end {
-                job(i, start..end);
+            while let Some(range) = segments[i].take_front(chunk) {
+                job(i, range);
+            }
+            for other in (1..threads).map(|k| (i + k) % threads) {
+                while let Some(range) = segments[other].take_back(chunk) {
+                    job(i, range);
+                }
             }
         });
+    }
+}
+
+/// Chunks a thread's segment is taken in by [`Pool::split`]: the grain of stealing.
+const CHUNKS_PER_SEGMENT: usize = 4;
+
+/// What is left of one thread's segment, `front..back` packed in one atomic word: its
+/// owner takes chunks from the front, others from the back, never the same chunk.
+struct Segment(AtomicU64);
+
+impl Segment {
+    fn new(front: usize, back: usize) -> Segment {
+        Segment(AtomicU64::new(Self::pack(front, back)))
+    }
+
+    fn pack(front: usize, back: usize) -> u64 {
+        ((front as u64) << 32) | back as u64
+    }
+
+    /// Takes up to `chunk` from the front.
+    fn take_front(&self, chunk: usize) -> Option<std::ops::Range<usize>> {
+        self.take(|front, back| {
+            let end = (front + chunk).min(back);
+            (front..end, Self::pack(end, back))
+        })
+    }
+
+    /// Takes up to `chunk` from the back.
+    fn take_back(&self, chunk: usize) -> Option<std::ops::Range<usize>> {
+        self.take(|front, back| {
+            let start = back.saturating_sub(chunk).max(front);
+            (start..back, Self::pack(front, start))
+        })
+    }
+
+    fn take(
+        &self,
+        cut: impl Fn(usize, usize) -> (std::ops::Range<usize>, u64),
+    ) -> Option<std::ops::Range<usize>> {
+        let mut now = self.0.load(Ordering::Acquire);
+        loop {
+            let (front, back) = ((now >> 32) as usize, (now & 0xFFFF_FFFF) as usize);
+            if front >= back {
+                return None;
+            }
+            let (range, next) = cut(front, back);
+            match self
+                .0
+                .compare_exchange_weak(now, next, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => return Some(range),
+                Err(seen) => now = seen,
+            }
+        }
     }
 }
 
@@ -228,6 +297,54 @@ mod tests {
             }
         });
         assert!(covered.iter().all(|c| c.load(Ordering::Relaxed) == 1));
+    }
+
+    #[test]
+    fn a_thread_done_with_its_segment_takes_the_rest_of_a_slow_one() {
+        let pool = Pool::new(2);
+        let covered: Vec<AtomicUsize> = (0..4096).map(|_| AtomicUsize::new(0)).collect();
+        let by_caller = AtomicUsize::new(0);
+        pool.split(4096, 16, &|thread, range| {
+            // The pool thread is slow: the caller takes over most of its segment.
+            if thread == 1 {
+                std::thread::sleep(Duration::from_millis(20));
+            } else {
+                by_caller.fetch_add(range.len(), Ordering::Relaxed);
+            }
+            assert!(range.start.is_multiple_of(16));
+            for i in range {
+                covered[i].fetch_add(1, Ordering::Relaxed);
+            }
+        });
+        assert!(covered.iter().all(|c| c.load(Ordering::Relaxed) == 1));
+        assert!(
+            by_caller.load(Ordering::Relaxed) > 2048,
+            "nothing was taken over"
+        );
+
+        // Racing takes from both ends of one segment hand out every index once.
+        for _ in 0..200 {
+            let segment = Segment::new(0, 1000);
+            let taken: Vec<AtomicUsize> = (0..1000).map(|_| AtomicUsize::new(0)).collect();
+            std::thread::scope(|s| {
+                for front in [true, false] {
+                    let (segment, taken) = (&segment, &taken);
+                    s.spawn(move || {
+                        loop {
+                            let range = match front {
+                                true => segment.take_front(7),
+                                false => segment.take_back(5),
+                            };
+                            let Some(range) = range else { break };
+                            for i in range {
+                                taken[i].fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                    });
+                }
+            });
+            assert!(taken.iter().all(|t| t.load(Ordering::Relaxed) == 1));
+        }
     }
 
     #[test]
