@@ -190,19 +190,27 @@ impl rustls::client::ResolvesClientCert for Credentials {
     }
 }
 
-fn tls12(message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Signed {
+pub(crate) fn tls12(
+    message: &[u8],
+    cert: &CertificateDer<'_>,
+    dss: &DigitallySignedStruct,
+) -> Signed {
     let algorithms = crypto_provider().signature_verification_algorithms;
     rustls::crypto::verify_tls12_signature(message, cert, dss, &algorithms)
 }
 
-fn tls13(message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Signed {
+pub(crate) fn tls13(
+    message: &[u8],
+    cert: &CertificateDer<'_>,
+    dss: &DigitallySignedStruct,
+) -> Signed {
     let algorithms = crypto_provider().signature_verification_algorithms;
     rustls::crypto::verify_tls13_signature(message, cert, dss, &algorithms)
 }
 
-type Signed = Result<HandshakeSignatureValid, rustls::Error>;
+pub(crate) type Signed = Result<HandshakeSignatureValid, rustls::Error>;
 
-fn schemes() -> Vec<SignatureScheme> {
+pub(crate) fn schemes() -> Vec<SignatureScheme> {
     crypto_provider()
         .signature_verification_algorithms
         .supported_schemes()

@@ -9,16 +9,14 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-use rbee_transport::{CertificateDer, Credentials, NodeId, NodeIdentity, PendingIdentity};
+use rbee_transport::{Credentials, NodeId, NodeIdentity};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use super::process::IdentityIssuer;
-use super::uplink::QueenLink;
-use crate::queen::protocol::{QueenRequest, QueenResponse};
+use super::uplink::{QueenLink, signed_by_queen};
+use crate::queen::protocol::QueenRequest;
 
-/// How long the queen may take to sign.
-const SIGN_TIMEOUT: Duration = Duration::from_secs(10);
 /// The longest the task sleeps before looking again (a worker started meanwhile has a
 /// certificate of its own to watch).
 const LOOK_AGAIN: Duration = Duration::from_secs(10);
@@ -136,26 +134,10 @@ impl Renewal {
     }
 
     async fn renew_hive(&self) -> Result<(), String> {
-        let link = self
-            .queen
-            .borrow()
-            .clone()
-            .ok_or("the hive is not connected to its queen, which signs certificates")?;
-        let pending = PendingIdentity::generate().map_err(|e| e.to_string())?;
-        let request = QueenRequest::Renew {
-            public_key_der: pending.public_key_der(),
-        };
-        let identity = match link.call(request, SIGN_TIMEOUT).await {
-            Ok(QueenResponse::Signed { cert, trusted }) => {
-                let trusted: Vec<_> = trusted.into_iter().map(CertificateDer::from).collect();
-                pending
-                    .complete(CertificateDer::from(cert), &trusted)
-                    .map_err(|e| e.to_string())?
-            }
-            Ok(QueenResponse::Error(e)) => return Err(e.message),
-            Ok(other) => return Err(format!("the queen answered out of protocol: {other:?}")),
-            Err(e) => return Err(format!("the queen did not sign: {e}")),
-        };
+        let identity = signed_by_queen(&self.queen, |public_key_der| QueenRequest::Renew {
+            public_key_der,
+        })
+        .await?;
         identity
             .save_replacing(&self.dir)
             .map_err(|e| e.to_string())?;

@@ -14,7 +14,7 @@ use std::time::Duration;
 use ractor::call_t;
 use rbee_transport::{
     Backoff, CertificateDer, Credentials, Endpoint, Link, LinkConfig, LinkError, LinkIncoming,
-    NodeId, PendingIdentity, Role,
+    NodeId, NodeIdentity, PendingIdentity, Role,
 };
 use tokio::sync::watch;
 
@@ -45,28 +45,40 @@ pub fn issuer_from_queen(queen: QueenLink) -> IdentityIssuer {
     Arc::new(move |worker: NodeId| {
         let queen = queen.clone();
         Box::pin(async move {
-            let link = queen
-                .borrow()
-                .clone()
-                .ok_or("the hive is not connected to its queen, which signs worker certificates")?;
-            let pending = PendingIdentity::generate().map_err(|e| e.to_string())?;
-            let request = QueenRequest::SignWorker {
+            signed_by_queen(&queen, |public_key_der| QueenRequest::SignWorker {
                 worker: worker.to_string(),
-                public_key_der: pending.public_key_der(),
-            };
-            match link.call(request, SIGN_TIMEOUT).await {
-                Ok(QueenResponse::Signed { cert, trusted }) => {
-                    let trusted: Vec<_> = trusted.into_iter().map(CertificateDer::from).collect();
-                    pending
-                        .complete(CertificateDer::from(cert), &trusted)
-                        .map_err(|e| e.to_string())
-                }
-                Ok(QueenResponse::Error(e)) => Err(e.message),
-                Ok(other) => Err(format!("the queen answered out of protocol: {other:?}")),
-                Err(e) => Err(format!("the queen did not sign: {e}")),
-            }
+                public_key_der,
+            })
+            .await
         })
     })
+}
+
+/// A new key generated here and the certificate the queen signs for it (`request` asks
+/// for it with the public key), trusting the CAs the queen names.
+pub async fn signed_by_queen(
+    queen: &QueenLink,
+    request: impl FnOnce(Vec<u8>) -> QueenRequest,
+) -> Result<NodeIdentity, String> {
+    let link = queen
+        .borrow()
+        .clone()
+        .ok_or("the hive is not connected to its queen, which signs certificates")?;
+    let pending = PendingIdentity::generate().map_err(|e| e.to_string())?;
+    match link
+        .call(request(pending.public_key_der()), SIGN_TIMEOUT)
+        .await
+    {
+        Ok(QueenResponse::Signed { cert, trusted }) => {
+            let trusted: Vec<_> = trusted.into_iter().map(CertificateDer::from).collect();
+            pending
+                .complete(CertificateDer::from(cert), &trusted)
+                .map_err(|e| e.to_string())
+        }
+        Ok(QueenResponse::Error(e)) => Err(e.message),
+        Ok(other) => Err(format!("the queen answered out of protocol: {other:?}")),
+        Err(e) => Err(format!("the queen did not sign: {e}")),
+    }
 }
 
 /// Runs the link to the queen at `queen` until a permanent refusal (returned) — a lost
