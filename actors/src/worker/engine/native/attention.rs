@@ -46,7 +46,7 @@ pub fn attend(
         // against their lengths at the top of each function).
         unsafe {
             x86::scores(q, cache, head_dim, scale, scores);
-            softmax_rows(scores, len);
+            softmax_rows(level, scores, len);
             x86::weighted_values(cache, head_dim, scores, out);
         }
         return;
@@ -58,7 +58,7 @@ pub fn attend(
             scores[i * len + j] = dot * scale;
         }
     }
-    softmax_rows(scores, len);
+    softmax_rows(level, scores, len);
     out.fill(0.0);
     for j in 0..len {
         let v = value(cache, j, head_dim);
@@ -81,8 +81,10 @@ fn value<'a>(cache: &Cache<'a>, j: usize, head_dim: usize) -> &'a [f16] {
 }
 
 /// Softmax of each row of `len` scores, in place.
-fn softmax_rows(scores: &mut [f32], len: usize) {
-    scores.chunks_exact_mut(len).for_each(softmax);
+fn softmax_rows(level: Level, scores: &mut [f32], len: usize) {
+    scores
+        .chunks_exact_mut(len)
+        .for_each(|row| softmax(level, row));
 }
 
 #[cfg(target_arch = "x86_64")]

@@ -201,7 +201,7 @@ fn gated(
             let at = t * width + rows.start;
             // SAFETY: this thread's rows of token t, written by nobody else.
             let (a, b) = unsafe { (a.slice(at, rows.len()), b.slice(at, rows.len())) };
-            gate_mul(gelu, a, b);
+            gate_mul(engine.level, gelu, a, b);
         }
     });
 }
