@@ -134,6 +134,7 @@ impl Batcher {
             min_reuse: if prefix_reuse { MIN_REUSE } else { usize::MAX },
             clock: 0,
             scratch: Scratch::default(),
+            logits: Vec::new(),
         };
         std::thread::Builder::new()
             .name("rbee-batch".into())
@@ -215,6 +216,8 @@ struct Scheduler {
     /// Ticks once per admission: the prefix cache's recency.
     clock: u64,
     scratch: Scratch,
+    /// The last step's logits, kept so the next step reuses the buffer.
+    logits: Vec<f32>,
 }
 
 /// Sends `event` to a stream that has room for it; false when the consumer is gone.
@@ -444,10 +447,13 @@ impl Scheduler {
                 });
             }
         }
-        let logits = self.engine.step(&mut self.scratch, &mut parts);
+        let mut logits = std::mem::take(&mut self.logits);
+        let stepped = self
+            .engine
+            .step_into(&mut self.scratch, &mut parts, &mut logits);
         drop(parts);
-        let mut logits = match logits {
-            Ok(l) => l,
+        match stepped {
+            Ok(()) => {}
             Err(e) => {
                 // Parts are checked at admission; a refusal here fails this step's
                 // sequences rather than the worker.
@@ -463,7 +469,7 @@ impl Scheduler {
                 self.publish();
                 return true;
             }
-        };
+        }
         let vocab = self.engine.vocab();
         let mut rows = logits.chunks_exact_mut(vocab);
         let mut ended = Vec::new();
@@ -517,6 +523,7 @@ impl Scheduler {
                 }
             }
         }
+        self.logits = logits;
         self.publish();
         true
     }

@@ -45,9 +45,11 @@ pub fn attend(
         // SAFETY: AVX2, FMA and F16C were detected; every read is inside the slices (checked
         // against their lengths at the top of each function).
         unsafe {
-            x86::scores(q, cache, head_dim, scale, scores);
-            softmax_rows(level, scores, len);
-            x86::weighted_values(cache, head_dim, scores, out);
+            if level >= Level::Avx512Vnni {
+                x86::attend_avx512(level, q, cache, head_dim, scale, scores, out);
+            } else {
+                x86::attend_avx2(level, q, cache, head_dim, scale, scores, out);
+            }
         }
         return;
     }
@@ -93,9 +95,9 @@ mod x86 {
 
     use half::f16;
 
-    use super::Cache;
+    use super::{Cache, Level};
 
-    /// Values of one output head summed per pass: eight registers of eight.
+    /// Values of each output head summed per pass: eight registers of eight.
     const PASS: usize = 64;
 
     /// Where this head's first attended position starts in `data` (keys or values), and
@@ -119,83 +121,168 @@ mod x86 {
         (data.as_ptr().wrapping_add(first), len)
     }
 
-    /// `scores[i·len + j] = scale · q_i · k_j`, four positions at a time per head: four
-    /// independent sums, reduced together by two horizontal adds.
+    /// Scores with up to `S` query heads per pass over the cached keys, weighted values
+    /// with up to `V` per pass over the values: each cached key and value is widened from
+    /// f16 once for all heads of a pass. AVX-512's 32 registers hold four heads' scores
+    /// and three heads' value sums; AVX2's 16 hold two and one.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn scores(
+    pub unsafe fn attend_avx2(
+        level: Level,
+        q: &[f32],
+        cache: &Cache<'_>,
+        head_dim: usize,
+        scale: f32,
+        scores: &mut [f32],
+        out: &mut [f32],
+    ) {
+        unsafe { attend_heads::<2, 1>(level, q, cache, head_dim, scale, scores, out) }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl")]
+    pub unsafe fn attend_avx512(
+        level: Level,
+        q: &[f32],
+        cache: &Cache<'_>,
+        head_dim: usize,
+        scale: f32,
+        scores: &mut [f32],
+        out: &mut [f32],
+    ) {
+        unsafe { attend_heads::<4, 3>(level, q, cache, head_dim, scale, scores, out) }
+    }
+
+    #[inline(always)]
+    unsafe fn attend_heads<const S: usize, const V: usize>(
+        level: Level,
+        q: &[f32],
+        cache: &Cache<'_>,
+        head_dim: usize,
+        scale: f32,
+        scores: &mut [f32],
+        out: &mut [f32],
+    ) {
+        let heads = q.len() / head_dim;
+        let len = cache.len - cache.start;
+        unsafe {
+            let mut h = 0;
+            while h < heads {
+                let n = (heads - h).min(S);
+                let q = &q[h * head_dim..(h + n) * head_dim];
+                let s = &mut scores[h * len..(h + n) * len];
+                match n {
+                    1 => scores_of::<1>(q, cache, head_dim, scale, s),
+                    2 => scores_of::<2>(q, cache, head_dim, scale, s),
+                    3 => scores_of::<3>(q, cache, head_dim, scale, s),
+                    _ => scores_of::<4>(q, cache, head_dim, scale, s),
+                }
+                h += n;
+            }
+            super::softmax_rows(level, &mut scores[..heads * len], len);
+            let mut h = 0;
+            while h < heads {
+                let n = (heads - h).min(V);
+                let s = &scores[h * len..(h + n) * len];
+                let o = &mut out[h * head_dim..(h + n) * head_dim];
+                match n {
+                    1 => weighted_values::<1>(cache, head_dim, s, o),
+                    2 => weighted_values::<2>(cache, head_dim, s, o),
+                    _ => weighted_values::<3>(cache, head_dim, s, o),
+                }
+                h += n;
+            }
+        }
+    }
+
+    /// `scores[i·len + j] = scale · q_i · k_j` for the `N` heads, four positions at a
+    /// time: four independent sums per head, reduced together by two horizontal adds.
+    #[inline(always)]
+    unsafe fn scores_of<const N: usize>(
         q: &[f32],
         cache: &Cache<'_>,
         head_dim: usize,
         scale: f32,
         scores: &mut [f32],
     ) {
-        let heads = q.len() / head_dim;
-        let (keys, len) = attended(cache.keys, cache, head_dim, heads, scores);
+        let (keys, len) = attended(cache.keys, cache, head_dim, N, scores);
+        assert!(q.len() >= N * head_dim);
         let stride = cache.stride;
         // SAFETY: `attended` bounds every key read and the scores; queries by their length.
         unsafe {
             let factor = _mm_set1_ps(scale);
-            for i in 0..heads {
-                let qi = q.as_ptr().add(i * head_dim);
-                let row = scores.as_mut_ptr().add(i * len);
-                let mut j = 0;
-                while j + 4 <= len {
-                    let mut acc = [_mm256_setzero_ps(); 4];
-                    for c in (0..head_dim).step_by(8) {
-                        let qv = _mm256_loadu_ps(qi.add(c));
-                        for (r, acc) in acc.iter_mut().enumerate() {
-                            let k = load(keys.add((j + r) * stride + c));
-                            *acc = _mm256_fmadd_ps(qv, k, *acc);
+            let qp = q.as_ptr();
+            let row = scores.as_mut_ptr();
+            let mut j = 0;
+            while j + 4 <= len {
+                let mut acc = [[_mm256_setzero_ps(); 4]; N];
+                for c in (0..head_dim).step_by(8) {
+                    let mut k = [_mm256_setzero_ps(); 4];
+                    for (r, k) in k.iter_mut().enumerate() {
+                        *k = load(keys.add((j + r) * stride + c));
+                    }
+                    for (i, acc) in acc.iter_mut().enumerate() {
+                        let qv = _mm256_loadu_ps(qp.add(i * head_dim + c));
+                        for (acc, k) in acc.iter_mut().zip(&k) {
+                            *acc = _mm256_fmadd_ps(qv, *k, *acc);
                         }
                     }
+                }
+                for (i, acc) in acc.iter().enumerate() {
                     // [a b c d] lanes → one lane per position.
                     let ab = _mm256_hadd_ps(acc[0], acc[1]);
                     let cd = _mm256_hadd_ps(acc[2], acc[3]);
                     let abcd = _mm256_hadd_ps(ab, cd);
                     let sum =
                         _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
-                    _mm_storeu_ps(row.add(j), _mm_mul_ps(sum, factor));
-                    j += 4;
+                    _mm_storeu_ps(row.add(i * len + j), _mm_mul_ps(sum, factor));
                 }
-                while j < len {
+                j += 4;
+            }
+            while j < len {
+                for i in 0..N {
                     let mut acc = _mm256_setzero_ps();
                     for c in (0..head_dim).step_by(8) {
                         let k = load(keys.add(j * stride + c));
-                        acc = _mm256_fmadd_ps(_mm256_loadu_ps(qi.add(c)), k, acc);
+                        acc = _mm256_fmadd_ps(_mm256_loadu_ps(qp.add(i * head_dim + c)), k, acc);
                     }
-                    *row.add(j) = hsum(acc) * scale;
-                    j += 1;
+                    *row.add(i * len + j) = hsum(acc) * scale;
                 }
+                j += 1;
             }
         }
     }
 
-    /// `out_i = Σ_j scores[i·len + j] · v_j`, each head's sum held in registers over
-    /// every position, `PASS` values at a time.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn weighted_values(
+    /// `out_i = Σ_j scores[i·len + j] · v_j` for the `N` heads, their sums held in
+    /// registers over every position, `PASS` values at a time.
+    #[inline(always)]
+    unsafe fn weighted_values<const N: usize>(
         cache: &Cache<'_>,
         head_dim: usize,
         scores: &[f32],
         out: &mut [f32],
     ) {
-        let heads = out.len() / head_dim;
-        let (values, len) = attended(cache.values, cache, head_dim, heads, scores);
+        let (values, len) = attended(cache.values, cache, head_dim, N, scores);
+        assert!(out.len() >= N * head_dim);
         let stride = cache.stride;
         // SAFETY: `attended` bounds every value read and the scores; out by its length.
         unsafe {
-            for i in 0..heads {
-                let p = scores.as_ptr().add(i * len);
-                for lo in (0..head_dim).step_by(PASS) {
-                    let width = (head_dim - lo).min(PASS) / 8;
-                    let mut acc = [_mm256_setzero_ps(); PASS / 8];
-                    for j in 0..len {
-                        let w = _mm256_set1_ps(*p.add(j));
-                        let v = values.add(j * stride + lo);
-                        for (c, acc) in acc.iter_mut().enumerate().take(width) {
-                            *acc = _mm256_fmadd_ps(w, load(v.add(8 * c)), *acc);
+            let p = scores.as_ptr();
+            for lo in (0..head_dim).step_by(PASS) {
+                let width = (head_dim - lo).min(PASS) / 8;
+                let mut acc = [[_mm256_setzero_ps(); PASS / 8]; N];
+                for j in 0..len {
+                    let v = values.add(j * stride + lo);
+                    let mut w = [_mm256_setzero_ps(); N];
+                    for (i, w) in w.iter_mut().enumerate() {
+                        *w = _mm256_set1_ps(*p.add(i * len + j));
+                    }
+                    for c in 0..width {
+                        let vs = load(v.add(8 * c));
+                        for (acc, w) in acc.iter_mut().zip(&w) {
+                            acc[c] = _mm256_fmadd_ps(*w, vs, acc[c]);
                         }
                     }
+                }
+                for (i, acc) in acc.iter().enumerate() {
                     let o = out.as_mut_ptr().add(i * head_dim + lo);
                     for (c, acc) in acc.iter().enumerate().take(width) {
                         _mm256_storeu_ps(o.add(8 * c), *acc);

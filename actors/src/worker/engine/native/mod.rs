@@ -214,13 +214,27 @@ impl Engine {
         scratch: &mut forward::Scratch,
         parts: &mut [forward::Part<'_>],
     ) -> Result<Vec<f32>, ForwardError> {
+        let mut logits = Vec::new();
+        self.step_into(scratch, parts, &mut logits)?;
+        Ok(logits)
+    }
+
+    /// [`Engine::step`] into a buffer the caller keeps from step to step (resized to the
+    /// logits wanted, its old values overwritten).
+    pub fn step_into(
+        &self,
+        scratch: &mut forward::Scratch,
+        parts: &mut [forward::Part<'_>],
+        logits: &mut Vec<f32>,
+    ) -> Result<(), ForwardError> {
         for part in parts.iter() {
             check_part(&self.weights.config, part)?;
         }
         if parts.is_empty() {
             return Err(ForwardError::Empty);
         }
-        Ok(self.forward_parts(scratch, parts))
+        self.forward_parts(scratch, parts, logits);
+        Ok(())
     }
 
     /// Size of the vocabulary (the length of one row of logits).
