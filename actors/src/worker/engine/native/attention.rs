@@ -213,6 +213,9 @@ mod x86 {
             let row = scores.as_mut_ptr();
             let mut j = 0;
             while j + 4 <= len {
+                for r in AHEAD..AHEAD + 4 {
+                    prefetch(keys.wrapping_add((j + r) * stride), head_dim);
+                }
                 let mut acc = [[_mm256_setzero_ps(); 4]; N];
                 for c in (0..head_dim).step_by(8) {
                     let mut k = [_mm256_setzero_ps(); 4];
@@ -270,6 +273,10 @@ mod x86 {
                 let width = (head_dim - lo).min(PASS) / 8;
                 let mut acc = [[_mm256_setzero_ps(); PASS / 8]; N];
                 for j in 0..len {
+                    prefetch(
+                        values.wrapping_add((j + AHEAD) * stride + lo),
+                        PASS.min(head_dim - lo),
+                    );
                     let v = values.add(j * stride + lo);
                     let mut w = [_mm256_setzero_ps(); N];
                     for (i, w) in w.iter_mut().enumerate() {
@@ -289,6 +296,22 @@ mod x86 {
                     }
                 }
             }
+        }
+    }
+
+    /// Positions ahead of the one in hand whose keys and values are fetched early: each
+    /// position's slice of a head sits `stride` apart, a pattern the hardware prefetcher
+    /// does not ramp up for within one short pass.
+    const AHEAD: usize = 8;
+
+    /// Asks for the cache lines of `count` values from `p` (a hint: never faults, so
+    /// addresses past the cache are harmless).
+    #[inline(always)]
+    fn prefetch(p: *const f16, count: usize) {
+        let bytes = count * size_of::<f16>();
+        for line in (0..bytes).step_by(64) {
+            // SAFETY: a prefetch reads nothing and cannot fault.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(p.cast::<i8>().wrapping_add(line)) };
         }
     }
 
