@@ -48,6 +48,8 @@ pub struct Scratch {
     att: Vec<f32>,
     ffn_a: Vec<f32>,
     ffn_b: Vec<f32>,
+    /// A layer's attention or FFN output, before it joins the residual stream.
+    delta: Vec<f32>,
     q8: Q8Rows,
     cos: Vec<f32>,
     sin: Vec<f32>,
@@ -89,7 +91,7 @@ const MAX_MATS: usize = 3;
 /// Quantizes the `n` rows of `x` for the quantized kernels, when any of `mats` needs it.
 fn quantize_input(engine: &Engine, mats: &[&Linear], x: &[f32], q8: &mut Q8Rows, n: usize) {
     let cols = mats[0].cols;
-    if mats.iter().any(|m| m.format != Format::F32) {
+    if quantized(mats) {
         let padded = n.next_multiple_of(TILE_TOKENS);
         // One row is quicker alone than handed out (a decode step has ~150 of these).
         if n >= 4 {
@@ -141,6 +143,18 @@ fn linears(
     outs: &mut [&mut [f32]],
 ) {
     quantize_input(engine, mats, x, q8, n);
+    products(engine, mats, x, q8, n, outs);
+}
+
+/// [`linears`] of an input already quantized into `q8` (by [`next_input`]).
+fn products(
+    engine: &Engine,
+    mats: &[&Linear],
+    x: &[f32],
+    q8: &Q8Rows,
+    n: usize,
+    outs: &mut [&mut [f32]],
+) {
     // On the stack: a decode step runs ~150 of these sections.
     let mut targets = [Out {
         ptr: std::ptr::null_mut(),
@@ -154,7 +168,6 @@ fn linears(
     }
     let targets = &targets[..mats.len()];
     let total: usize = mats.iter().map(|m| m.rows).sum();
-    let q8 = &*q8;
     engine.pool.split(total, 16, &|_, range| {
         let mut base = 0;
         for (m, out) in mats.iter().zip(targets) {
@@ -167,7 +180,8 @@ fn linears(
     });
 }
 
-/// The FFN's input half in one parallel section: `a ← act(gate·x)·(up·x)`, each thread
+/// The FFN's input half in one parallel section: `a ← act(gate·x)·(up·x)` (`x` already
+/// quantized into `q8` by [`next_input`]), each thread
 /// taking the same rows of both matrices and gating them at once (a separate gating
 /// section was one more barrier per layer for the threads to wait at).
 #[allow(clippy::too_many_arguments)]
@@ -176,12 +190,11 @@ fn gated(
     gelu: bool,
     [gate, up]: [&Linear; 2],
     x: &[f32],
-    q8: &mut Q8Rows,
+    q8: &Q8Rows,
     n: usize,
     a: &mut [f32],
     b: &mut [f32],
 ) {
-    quantize_input(engine, &[gate, up], x, q8, n);
     let width = gate.rows;
     let (a, b) = (
         Out {
@@ -193,7 +206,6 @@ fn gated(
             stride: width,
         },
     );
-    let q8 = &*q8;
     engine.pool.split(width, 16, &|_, rows| {
         product(engine, gate, rows.clone(), x, q8, n, a);
         product(engine, up, rows.clone(), x, q8, n, b);
@@ -204,6 +216,77 @@ fn gated(
             gate_mul(engine.level, gelu, a, b);
         }
     });
+}
+
+/// The input of a layer's next products: each row of the residual stream `x` takes its
+/// row of `delta` when given (through RMSNorm by `post` first: Gemma 3's post-norms),
+/// then goes RMS-normalized by `norm` into `out` and, when `quantize`, into `q8`. From
+/// four rows on this is one parallel section over the rows; it was two serial passes
+/// and a quantizing section, and the other threads spun through the serial ones.
+#[allow(clippy::too_many_arguments)]
+fn next_input(
+    engine: &Engine,
+    x: &mut [f32],
+    delta: Option<(&mut [f32], Option<&[f32]>)>,
+    norm: &[f32],
+    eps: f32,
+    out: &mut [f32],
+    q8: &mut Q8Rows,
+    quantize: bool,
+    n: usize,
+) {
+    let dim = norm.len();
+    assert!(x.len() >= n * dim && out.len() >= n * dim);
+    let row_of = |buf: &mut [f32]| Out {
+        ptr: buf.as_mut_ptr(),
+        stride: dim,
+    };
+    let (xs, outs) = (row_of(x), row_of(out));
+    let (deltas, post) = match delta {
+        Some((d, post)) => {
+            assert!(d.len() >= n * dim);
+            (Some(row_of(d)), post)
+        }
+        None => (None, None),
+    };
+    let make = |range: Range<usize>| -> &[f32] {
+        for t in range.clone() {
+            // SAFETY: every buffer holds `n` rows of `dim` (asserted above) and threads
+            // take disjoint ranges of rows.
+            let x = unsafe { xs.slice(t * dim, dim) };
+            if let Some(deltas) = deltas {
+                let d = unsafe { deltas.slice(t * dim, dim) };
+                if let Some(post) = post {
+                    rms_norm_in_place(d, post, eps);
+                }
+                x.iter_mut().zip(d.iter()).for_each(|(x, d)| *x += d);
+            }
+            let o = unsafe { outs.slice(t * dim, dim) };
+            o.copy_from_slice(x);
+            rms_norm_in_place(o, norm, eps);
+        }
+        // SAFETY: as above; the rows were just written by this thread.
+        unsafe { std::slice::from_raw_parts(outs.ptr.add(range.start * dim), range.len() * dim) }
+    };
+    let padded = n.next_multiple_of(TILE_TOKENS);
+    if n < 4 {
+        // One row is quicker alone than handed out (a decode step of one sequence).
+        let rows = make(0..n);
+        if quantize {
+            q8.quantize(rows, n, dim, padded);
+        }
+    } else if quantize {
+        q8.quantize_made_on(&engine.pool, n, dim, padded, &make);
+    } else {
+        engine.pool.split(n, 1, &|_, range| {
+            make(range);
+        });
+    }
+}
+
+/// Whether any of `mats` reads a quantized input.
+fn quantized(mats: &[&Linear]) -> bool {
+    mats.iter().any(|m| m.format != Format::F32)
 }
 
 /// Rotates each head of each row in place; `cos`/`sin` hold one row of half-widths per
@@ -319,19 +402,29 @@ impl super::Engine {
             s.scores.resize_with(self.pool.threads(), Default::default);
         }
         for (l, layer) in w.layers.iter().enumerate() {
+            // The previous layer's FFN output joins the residual stream on the way in.
+            let pending = (l > 0).then(|| {
+                let post = w.layers[l - 1].post_norms.as_ref();
+                (&mut s.delta[..n * dim], post.map(|p| &p[1][..]))
+            });
+            let qkv = [&layer.q, &layer.k, &layer.v];
             let xb = sized(&mut s.xb, n * dim);
-            rms_norm_rows(x, &layer.attn_norm, c.eps, xb);
+            let quantize = quantized(&qkv);
+            next_input(
+                self,
+                x,
+                pending,
+                &layer.attn_norm,
+                c.eps,
+                xb,
+                &mut s.q8,
+                quantize,
+                n,
+            );
             let q = sized(&mut s.q, n * q_dim);
             let k = sized(&mut s.k, n * kv_dim);
             let v = sized(&mut s.v, n * kv_dim);
-            linears(
-                self,
-                &[&layer.q, &layer.k, &layer.v],
-                xb,
-                &mut s.q8,
-                n,
-                &mut [q, k, v],
-            );
+            products(self, &qkv, &s.xb[..n * dim], &s.q8, n, &mut [q, k, v]);
             let (q, k, v) = (
                 &mut s.q[..n * q_dim],
                 &mut s.k[..n * kv_dim],
@@ -423,29 +516,42 @@ impl super::Engine {
             });
             drop(caches);
             let att = &s.att[..n * q_dim];
+            let delta = sized(&mut s.delta, n * dim);
+            linears(self, &[&layer.o], att, &mut s.q8, n, &mut [delta]);
+            let post = layer.post_norms.as_ref().map(|p| &p[0][..]);
+            let mats = [&layer.gate, &layer.up];
             let xb = sized(&mut s.xb, n * dim);
-            linears(self, &[&layer.o], att, &mut s.q8, n, &mut [xb]);
-            let post = layer.post_norms.as_ref();
-            let delta = &mut s.xb[..n * dim];
-            add_residual(x, delta, post.map(|p| &p[0][..]), c.eps);
-            let xb = sized(&mut s.xb, n * dim);
-            rms_norm_rows(x, &layer.ffn_norm, c.eps, xb);
+            let attended = Some((&mut s.delta[..n * dim], post));
+            let quantize = quantized(&mats);
+            next_input(
+                self,
+                x,
+                attended,
+                &layer.ffn_norm,
+                c.eps,
+                xb,
+                &mut s.q8,
+                quantize,
+                n,
+            );
             let ffn_a = sized(&mut s.ffn_a, n * c.ffn);
             let ffn_b = sized(&mut s.ffn_b, n * c.ffn);
             let gelu = c.arch == Arch::Gemma3;
-            let mats = [&layer.gate, &layer.up];
-            gated(self, gelu, mats, xb, &mut s.q8, n, ffn_a, ffn_b);
-            let xb = sized(&mut s.xb, n * dim);
+            let xb = &s.xb[..n * dim];
+            gated(self, gelu, mats, xb, &s.q8, n, ffn_a, ffn_b);
+            let delta = sized(&mut s.delta, n * dim);
             linears(
                 self,
                 &[&layer.down],
                 &s.ffn_a[..n * c.ffn],
                 &mut s.q8,
                 n,
-                &mut [xb],
+                &mut [delta],
             );
-            let delta = &mut s.xb[..n * dim];
-            add_residual(x, delta, post.map(|p| &p[1][..]), c.eps);
+        }
+        if let Some(last) = w.layers.last() {
+            let post = last.post_norms.as_ref().map(|p| &p[1][..]);
+            add_residual(x, &mut s.delta[..n * dim], post, c.eps);
         }
         // Only the last row of each part that asks goes through the output head.
         let mut wanted = 0;

@@ -167,6 +167,22 @@ impl Q8Rows {
         cols: usize,
         padded_rows: usize,
     ) {
+        self.quantize_made_on(pool, rows, cols, padded_rows, &|range| {
+            &x[range.start * cols..range.end * cols]
+        });
+    }
+
+    /// [`Q8Rows::quantize_on`] of rows that `make` computes in the same parallel section:
+    /// each thread makes a range of rows (`make` returns them, `cols` values each) and
+    /// quantizes them, with no serial pass or second section before.
+    pub fn quantize_made_on<'x>(
+        &mut self,
+        pool: &super::pool::Pool,
+        rows: usize,
+        cols: usize,
+        padded_rows: usize,
+        make: &(dyn Fn(std::ops::Range<usize>) -> &'x [f32] + Sync),
+    ) {
         self.prepare(rows, cols, padded_rows);
         let out = RowsOut {
             qs: self.qs.as_mut_ptr(),
@@ -175,10 +191,11 @@ impl Q8Rows {
         };
         pool.split(rows, 1, &|_, range| {
             let (a, n) = (range.start, range.len());
+            let x = make(range);
             // SAFETY: `prepare` sized the buffers for `rows` rows and the pool's ranges
             // are disjoint, so each thread writes only its own rows.
             let (qs, d, s) = unsafe { out.rows(a, n, cols) };
-            quantize_blocks(&x[a * cols..][..n * cols], qs, d, s);
+            quantize_blocks(&x[..n * cols], qs, d, s);
         });
     }
 
