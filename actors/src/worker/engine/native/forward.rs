@@ -29,12 +29,52 @@ use super::weights::{Arch, Linear, Weights};
 /// Prompt tokens processed per forward chunk (bounds the scratch buffers).
 pub const CHUNK: usize = 128;
 
-/// One sequence's keys and values per layer: `[position][kv_head][head_dim]` in f16 (see
-/// [`super::attention`]), grown as the sequence grows.
+/// One sequence's keys and values per layer, one buffer per key/value head of
+/// `[position][head_dim]` in f16 (see [`super::attention`]), grown as the sequence grows.
+/// Head by head, an attention item reads one contiguous stream (interleaved by position,
+/// it read a slice every `kv_heads` slices, unaligned to cache lines).
 #[derive(Debug, Default, Clone)]
 pub(super) struct LayerKv {
-    pub(super) k: Vec<f16>,
-    pub(super) v: Vec<f16>,
+    pub(super) k: Vec<Vec<f16>>,
+    pub(super) v: Vec<Vec<f16>>,
+}
+
+impl LayerKv {
+    /// Appends `count` positions from `pos0` on: rows of `kv_heads × head_dim` keys and
+    /// values, each head's part to its own buffer (grown by doubling up to `capacity`
+    /// positions).
+    #[allow(clippy::too_many_arguments)]
+    fn append(
+        &mut self,
+        pos0: usize,
+        count: usize,
+        capacity: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        k: &[f32],
+        v: &[f32],
+    ) {
+        if self.k.len() < kv_heads {
+            self.k.resize_with(kv_heads, Vec::new);
+            self.v.resize_with(kv_heads, Vec::new);
+        }
+        let want = (pos0 + count) * head_dim;
+        let row = kv_heads * head_dim;
+        for (g, (keys, values)) in self.k.iter_mut().zip(self.v.iter_mut()).enumerate() {
+            if keys.len() < want {
+                let cap = capacity.max(pos0 + count) * head_dim;
+                let grown = want.next_power_of_two().min(cap).max(want);
+                keys.resize(grown, f16::ZERO);
+                values.resize(grown, f16::ZERO);
+            }
+            for i in 0..count {
+                let at = (pos0 + i) * head_dim;
+                let from = i * row + g * head_dim;
+                keys[at..at + head_dim].convert_from_f32_slice(&k[from..from + head_dim]);
+                values[at..at + head_dim].convert_from_f32_slice(&v[from..from + head_dim]);
+            }
+        }
+    }
 }
 
 /// Reused buffers of a forward step, shared by whatever sequences take the step.
@@ -455,21 +495,19 @@ impl super::Engine {
             for part in parts.iter_mut() {
                 let pos0 = part.seq.len;
                 let count = part.tokens.len();
-                let kv = &mut part.seq.kv[l];
-                let want = (pos0 + count) * kv_dim;
-                if kv.k.len() < want {
-                    let cap = part.seq.capacity.max(pos0 + count) * kv_dim;
-                    let grown = want.next_power_of_two().min(cap).max(want);
-                    kv.k.resize(grown, f16::ZERO);
-                    kv.v.resize(grown, f16::ZERO);
-                }
-                kv.k[pos0 * kv_dim..want]
-                    .convert_from_f32_slice(&k[row * kv_dim..][..count * kv_dim]);
-                kv.v[pos0 * kv_dim..want]
-                    .convert_from_f32_slice(&v[row * kv_dim..][..count * kv_dim]);
+                let rows = row * kv_dim..(row + count) * kv_dim;
+                part.seq.kv[l].append(
+                    pos0,
+                    count,
+                    part.seq.capacity,
+                    c.kv_heads,
+                    hd,
+                    &k[rows.clone()],
+                    &v[rows],
+                );
                 row += count;
             }
-            let caches: Vec<(&[f16], &[f16])> = parts
+            let caches: Vec<(&[Vec<f16>], &[Vec<f16>])> = parts
                 .iter()
                 .map(|p| (&p.seq.kv[l].k[..], &p.seq.kv[l].v[..]))
                 .collect();
@@ -496,10 +534,10 @@ impl super::Engine {
                     // SAFETY: each (row, group) item's heads are written by one thread.
                     let out = unsafe { att_out.slice(heads, group * hd) };
                     let cache = Cache {
-                        keys: caches[part].0,
-                        values: caches[part].1,
-                        stride: kv_dim,
-                        offset: g * hd,
+                        keys: &caches[part].0[g],
+                        values: &caches[part].1[g],
+                        stride: hd,
+                        offset: 0,
                         start: window.map_or(0, |w| (pos + 1).saturating_sub(w)),
                         len: pos + 1,
                     };

@@ -127,8 +127,8 @@ pub struct Sequence {
     len: usize,
     /// Most tokens its cache grows to (the context, or what its owner reserved).
     capacity: usize,
-    /// Values one token takes in one layer's keys (or values).
-    per_token: usize,
+    /// Values one token takes in one key/value head's keys (or values) of a layer.
+    head_dim: usize,
 }
 
 impl Sequence {
@@ -138,7 +138,7 @@ impl Sequence {
             kv: vec![Default::default(); engine.weights.layers.len()],
             len: 0,
             capacity: capacity.min(engine.context_length()),
-            per_token: engine.weights.config.kv_heads * engine.weights.config.head_dim,
+            head_dim: engine.weights.config.head_dim,
         }
     }
 
@@ -165,7 +165,10 @@ impl Sequence {
     /// A copy of the first `len` cached tokens, growing to `capacity`.
     pub fn prefix(&self, len: usize, capacity: usize) -> Sequence {
         let len = len.min(self.len);
-        let floats = |kv: &[half::f16]| kv[..len * self.per_token].to_vec();
+        let floats = |heads: &[Vec<half::f16>]| {
+            let values = len * self.head_dim;
+            heads.iter().map(|h| h[..values].to_vec()).collect()
+        };
         Sequence {
             kv: self
                 .kv
@@ -177,7 +180,7 @@ impl Sequence {
                 .collect(),
             len,
             capacity: capacity.max(len),
-            per_token: self.per_token,
+            head_dim: self.head_dim,
         }
     }
 
@@ -185,7 +188,8 @@ impl Sequence {
     pub fn bytes(&self) -> usize {
         self.kv
             .iter()
-            .map(|kv| (kv.k.capacity() + kv.v.capacity()) * size_of::<half::f16>())
+            .flat_map(|kv| kv.k.iter().chain(&kv.v))
+            .map(|head| head.capacity() * size_of::<half::f16>())
             .sum()
     }
 }
