@@ -507,10 +507,7 @@ impl super::Engine {
                 );
                 row += count;
             }
-            let caches: Vec<(&[Vec<f16>], &[Vec<f16>])> = parts
-                .iter()
-                .map(|p| (&p.seq.kv[l].k[..], &p.seq.kv[l].v[..]))
-                .collect();
+            let caches: Vec<&LayerKv> = parts.iter().map(|p| &p.seq.kv[l]).collect();
             let att = sized(&mut s.att, n * q_dim);
             let att_out = Out {
                 ptr: att.as_mut_ptr(),
@@ -534,8 +531,8 @@ impl super::Engine {
                     // SAFETY: each (row, group) item's heads are written by one thread.
                     let out = unsafe { att_out.slice(heads, group * hd) };
                     let cache = Cache {
-                        keys: &caches[part].0[g],
-                        values: &caches[part].1[g],
+                        keys: &caches[part].k[g],
+                        values: &caches[part].v[g],
                         stride: hd,
                         offset: 0,
                         start: window.map_or(0, |w| (pos + 1).saturating_sub(w)),
