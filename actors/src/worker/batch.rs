@@ -466,6 +466,7 @@ impl Scheduler {
                         completion_tokens: r.decoder.completion_tokens(),
                     });
                 }
+                self.logits = logits;
                 self.publish();
                 return true;
             }

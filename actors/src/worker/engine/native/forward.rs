@@ -7,8 +7,8 @@
 //! and token accumulate in a fixed order; attention reads only its own sequence), so a
 //! sequence's tokens do not depend on what it was batched with.
 //!
-//! Buffers live in the caller's [`Scratch`] and only grow, so a step allocates little
-//! besides the logits it returns. Each matrix product is one parallel section over the weight rows
+//! Buffers live in the caller's [`Scratch`] (and the logits in the caller's buffer) and
+//! only grow, so a step allocates little. Each matrix product is one parallel section over the weight rows
 //! (Q, K and V together; gate and up together); attention is one section over
 //! (token, key/value head) pairs reading K and V straight from the cache: the query heads
 //! of a group read each cached key and value once, nothing is repeated or copied.

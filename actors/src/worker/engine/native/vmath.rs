@@ -107,8 +107,9 @@ mod x86 {
     const C2: u64 = 0x3f962e42ff0c52d6;
     /// 1.5 · 2^52: adding it rounds to an integer held in the low bits.
     const SHIFT: u64 = 0x4338000000000000;
-    /// The top 12 bits (less the sign) of 88.0: from there on libm takes its special cases
-    /// (overflow, underflow, infinities, NaN), and so do these lanes (by calling it).
+    /// One below the top 12 bits (less the sign) of 88.0 (0x42b): above it libm takes its
+    /// special cases (overflow, underflow, infinities, NaN), and so do these lanes (by
+    /// calling it).
     const SPECIAL: u32 = 0x42a;
 
     /// `exp` of eight floats widened to double.
